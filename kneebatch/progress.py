@@ -1,0 +1,48 @@
+"""Progress bars for long work (rich), silent when asked or when output is not a terminal."""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+@contextmanager
+def progress_bar(total: int, description: str, show: bool | None = None, unit: str = "studies"):
+    """Yields ``advance(n=1)``. Shows a rate in ``unit``/s."""
+    show = sys.stderr.isatty() if show is None else show
+    if not show:
+        yield lambda n=1: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("[cyan]{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=total, rate="")
+
+        def advance(n=1):
+            bar.advance(task, n)
+            speed = bar.tasks[task].speed
+            if speed:
+                bar.update(task, rate=f"{speed:.2f} {unit}/s")
+
+        yield advance
+
+
+def progress_map(fn, items, workers: int = 1, description: str = "", show: bool | None = None):
+    """``[fn(x) for x in items]`` over a process pool, in input order, with a bar."""
+    items = list(items)
+    results = [None] * len(items)
+    with progress_bar(len(items), description, show) as advance:
+        if workers <= 1:
+            for i, item in enumerate(items):
+                results[i] = fn(item)
+                advance()
+            return results
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                advance()
+    return results

@@ -1,0 +1,300 @@
+"""A parametric right-knee phantom in a canonical frame, as implicit shapes.
+
+Canonical frame (mm): origin on the joint line between the femoral condyles,
+``x`` towards medial, ``y`` towards posterior, ``z`` towards superior. A subject's
+pose, size and side are applied by :mod:`kneebatch.synth.render`, which evaluates
+these shapes at voxel positions.
+
+Each :class:`Structure` paints one label (or an internal render class) inside a
+canonical bounding box; structures are painted in list order, later ones win, which
+keeps contacts (cartilage on bone, menisci on the plateau) free of overlaps.
+Signed distances (negative inside) are approximate but good to a fraction of a mm
+near surfaces, which is all the shells (cartilage, fat, cortex) need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from kneebatch import labels as L
+
+# internal render classes beyond the schema; truth maps them to background
+BODY = 255  # soft tissue/fat inside the skin that no label claims (Hoffa, popliteal fat)
+
+
+# ---------------------------------------------------------------- signed distances
+def ellipsoid(x, y, z, c, r):
+    """Approximate SDF of an ellipsoid (Quilez' bound, exact on the axes)."""
+    px, py, pz = (x - c[0]) / r[0], (y - c[1]) / r[1], (z - c[2]) / r[2]
+    k0 = np.sqrt(px * px + py * py + pz * pz)
+    k1 = np.sqrt((px / r[0]) ** 2 + (py / r[1]) ** 2 + (pz / r[2]) ** 2)
+    return k0 * (k0 - 1.0) / np.maximum(k1, 1e-6)
+
+
+def capsule(x, y, z, a, b, r):
+    a = np.asarray(a, np.float32)
+    ba = np.asarray(b, np.float32) - a
+    px, py, pz = x - a[0], y - a[1], z - a[2]
+    h = np.clip((px * ba[0] + py * ba[1] + pz * ba[2]) / float(ba @ ba), 0.0, 1.0)
+    dx, dy, dz = px - ba[0] * h, py - ba[1] * h, pz - ba[2] * h
+    return np.sqrt(dx * dx + dy * dy + dz * dz) - r
+
+
+def elliptic_cylinder(x, y, z, c, r, z0, z1):
+    """Vertical elliptic cylinder between heights z0 < z1."""
+    px, py = (x - c[0]) / r[0], (y - c[1]) / r[1]
+    d2 = (np.sqrt(px * px + py * py) - 1.0) * min(r)
+    dz = np.maximum(z0 - z, z - z1)
+    return np.maximum(d2, dz)
+
+
+def smooth_union(a, b, k):
+    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
+    return b + (a - b) * h - k * h * (1.0 - h)
+
+
+def union(*sdfs):
+    out = sdfs[0]
+    for s in sdfs[1:]:
+        out = np.minimum(out, s)
+    return out
+
+
+def ellipse_radius(x, y, c, r):
+    return np.sqrt(((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2)
+
+
+# ---------------------------------------------------------------- subject anatomy
+@dataclass
+class Anatomy:
+    """Per-subject shape parameters in canonical mm (drawn by :mod:`.cohort`)."""
+
+    cart_femoral_mm: float = 2.3
+    cart_medial_tibial_mm: float = 2.0
+    cart_lateral_tibial_mm: float = 2.6
+    cart_patellar_mm: float = 3.0
+    cart_defects: list = field(default_factory=list)  # [(x, y, z, radius)]
+    effusion_scale: float = 1.0  # suprapatellar pouch thickness factor
+    osteophytes: list = field(default_factory=list)  # [(x, y, z, radius)]
+    fat_mm: float = 8.0
+    thigh_radii: tuple = (62.0, 56.0)
+    calf_radii: tuple = (52.0, 48.0)
+    muscle_scale: float = 1.0
+    meniscus_height_mm: float = 6.5
+    cortex_mm: float = 1.2
+
+
+@dataclass
+class Structure:
+    label: int
+    bbox: tuple  # ((xmin, ymin, zmin), (xmax, ymax, zmax)) canonical mm
+    inside: Callable  # (x, y, z) -> bool array
+    cortex: Callable | None = None  # bones: (x, y, z) -> bool array of the dark rim
+
+
+def femur_sdf(x, y, z, a: Anatomy):
+    shaft = capsule(x, y, z, (0, 2, 40), (0, -2, 320), 15.0)
+    meta = ellipsoid(x, y, z, (0, 0, 40), (36, 24, 28))
+    med = ellipsoid(x, y, z, (20, 6, 22.5), (14, 26, 20))
+    lat = ellipsoid(x, y, z, (-20, 6, 22.0), (14, 24, 19.5))
+    d = smooth_union(smooth_union(shaft, meta, 8.0), np.minimum(med, lat), 5.0)
+    return _with_osteophytes(d, x, y, z, a, zmin=0.0)
+
+
+def tibia_sdf(x, y, z, a: Anatomy):
+    plateau = elliptic_cylinder(x, y, z, (0, 4), (38, 26), -28.0, -2.5)
+    shaft = capsule(x, y, z, (0, 6, -22), (0, 9, -320), 16.0)
+    spines = np.minimum(
+        ellipsoid(x, y, z, (5, 4, -2.5), (3.5, 5, 4)), ellipsoid(x, y, z, (-5, 4, -2.5), (3.5, 5, 3.5))
+    )
+    tuberosity = ellipsoid(x, y, z, (0, -20, -30), (10, 6, 12))
+    d = smooth_union(plateau, shaft, 10.0)
+    d = np.minimum(np.minimum(d, spines), smooth_union(d, tuberosity, 4.0))
+    return _with_osteophytes(d, x, y, z, a, zmax=0.0)
+
+
+def fibula_sdf(x, y, z, a: Anatomy):
+    head = ellipsoid(x, y, z, (-31, 16, -26), (9, 9, 10))
+    shaft = capsule(x, y, z, (-31, 16, -28), (-29, 20, -320), 7.0)
+    return smooth_union(head, shaft, 4.0)
+
+
+def patella_sdf(x, y, z, a: Anatomy):
+    return ellipsoid(x, y, z, (0, -38, 38), (21, 8, 17))
+
+
+def _with_osteophytes(d, x, y, z, a: Anatomy, zmin=-np.inf, zmax=np.inf):
+    for ox, oy, oz, r in a.osteophytes:
+        if zmin <= oz <= zmax:
+            d = smooth_union(d, ellipsoid(x, y, z, (ox, oy, oz), (r, r, r)), 1.5)
+    return d
+
+
+def skin_sdf(x, y, z, a: Anatomy):
+    """Elliptic limb cross-section narrowing from thigh to calf across the joint."""
+    t = np.clip((z + 40.0) / 80.0, 0.0, 1.0)  # 0 in the calf, 1 in the thigh
+    rx = a.calf_radii[0] + t * (a.thigh_radii[0] - a.calf_radii[0])
+    ry = a.calf_radii[1] + t * (a.thigh_radii[1] - a.calf_radii[1])
+    return (np.sqrt((x / rx) ** 2 + ((y - 5.0) / ry) ** 2) - 1.0) * np.minimum(rx, ry)
+
+
+def _shell(sdf, thickness):
+    return (sdf > 0) & (sdf < thickness)
+
+
+def _not_in_defect(x, y, z, a: Anatomy):
+    keep = np.ones(x.shape, bool)
+    for cx, cy, cz, r in a.cart_defects:
+        keep &= (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 > r * r
+    return keep
+
+
+def _meniscus(x, y, z, a: Anatomy, cx, radii, open_halfwidth_deg):
+    u = ellipse_radius(x, y, (cx, 4.0), radii)
+    u_in = 0.55
+    h = a.meniscus_height_mm * np.clip((u - u_in) / (1.0 - u_in), 0.0, 1.0)
+    wedge = (u > u_in) & (u < 1.0) & (z > -2.5) & (z < -2.5 + h)
+    # the C opens towards the intercondylar area (towards x = 0)
+    angle = np.degrees(np.arctan2(y - 4.0, (x - cx) * -np.sign(cx)))
+    return wedge & (np.abs(angle) > open_halfwidth_deg)
+
+
+def structures(a: Anatomy) -> list[Structure]:
+    """Paint list, lowest priority first."""
+    lab = L.by_name
+    fat = a.fat_mm
+    big = (-90.0, -80.0, -400.0), (90.0, 90.0, 400.0)
+
+    def body(x, y, z):
+        return skin_sdf(x, y, z, a) < 0
+
+    def subcut(x, y, z):
+        s = skin_sdf(x, y, z, a)
+        return (s < 0) & (s > -fat)
+
+    def deep(x, y, z):
+        return skin_sdf(x, y, z, a) < -fat
+
+    ms = a.muscle_scale
+
+    def quadriceps(x, y, z):
+        return deep(x, y, z) & (ellipsoid(x, y, z, (0, -20, 125), (50 * ms, 24 * ms, 80)) < 0) & (z > 48)
+
+    def hamstrings(x, y, z):
+        m = np.minimum(
+            ellipsoid(x, y, z, (22, 32, 115), (22 * ms, 20 * ms, 80)),
+            ellipsoid(x, y, z, (-22, 32, 110), (21 * ms, 19 * ms, 80)),
+        )
+        return deep(x, y, z) & (m < 0) & (z > 30)
+
+    def gastrocnemius(x, y, z):
+        m = np.minimum(
+            ellipsoid(x, y, z, (17, 34, -60), (19 * ms, 19 * ms, 72)),
+            ellipsoid(x, y, z, (-17, 34, -62), (18 * ms, 18 * ms, 70)),
+        )
+        return deep(x, y, z) & (m < 0) & (z < 24)
+
+    def effusion(x, y, z):
+        e = a.effusion_scale
+        pouch = ellipsoid(x, y, z, (0, -28, 62), (28, 1.2 * e, 18 + 2 * e)) < 0
+        posterior = ellipsoid(x, y, z, (-14, 30, 18), (8, 1.0 * e, 10)) < 0
+        joint = (ellipse_radius(x, y, (0, 4), (36, 25)) < 1.0) & (z > -3.0) & (z < 3.0)
+        return pouch | posterior | joint
+
+    def acl(x, y, z):
+        return capsule(x, y, z, (-8, 15, 12), (-3, -6, -3), 4.0) < 0
+
+    def pcl(x, y, z):
+        return capsule(x, y, z, (8, 2, 12), (0, 22, -6), 4.8) < 0
+
+    def mcl(x, y, z):
+        return union(*(capsule(x, y, z, (38, 2 + o, 34), (39, 1 + o, -42), 1.6) for o in (-4, 0, 4))) < 0
+
+    def lcl(x, y, z):
+        return capsule(x, y, z, (-38, 6, 30), (-34, 14, -22), 2.6) < 0
+
+    def patellar_tendon(x, y, z):
+        return union(*(capsule(x, y, z, (o, -38, 22), (o * 0.8, -26, -30), 2.2) for o in (-8, -4, 0, 4, 8))) < 0
+
+    def medial_meniscus(x, y, z):
+        return _meniscus(x, y, z, a, 19.0, (16.5, 21.0), 38.0)
+
+    def lateral_meniscus(x, y, z):
+        return _meniscus(x, y, z, a, -19.0, (15.0, 19.0), 22.0)
+
+    def femoral_cartilage(x, y, z):
+        region = (z < 52) & ((y < -8) | (z < 28)) & (np.abs(x) < 34)
+        return _shell(femur_sdf(x, y, z, a), a.cart_femoral_mm) & region & _not_in_defect(x, y, z, a)
+
+    def tibial_cartilage(cx, radii, thickness):
+        def inside(x, y, z):
+            region = (z > -3.0) & (ellipse_radius(x, y, (cx, 4.0), radii) < 1.0)
+            return _shell(tibia_sdf(x, y, z, a), thickness) & region & _not_in_defect(x, y, z, a)
+
+        return inside
+
+    def patellar_cartilage(x, y, z):
+        return _shell(patella_sdf(x, y, z, a), a.cart_patellar_mm) & (y > -36) & _not_in_defect(x, y, z, a)
+
+    def bone(fn):
+        def inside(x, y, z):
+            return fn(x, y, z, a) < 0
+
+        def cortex(x, y, z):
+            d = fn(x, y, z, a)
+            return (d < 0) & (d > -a.cortex_mm)
+
+        return inside, cortex
+
+    thigh = (-75.0, -70.0, -45.0), (75.0, 80.0, 400.0)
+    calf = (-70.0, -60.0, -400.0), (70.0, 75.0, 40.0)
+    joint = (-45.0, -35.0, -12.0), (45.0, 40.0, 70.0)
+    out = [
+        Structure(BODY, big, body),
+        Structure(lab("subcutaneous_fat").id, big, subcut),
+        Structure(lab("quadriceps_muscle").id, thigh, quadriceps),
+        Structure(lab("hamstring_muscle").id, thigh, hamstrings),
+        Structure(lab("gastrocnemius_muscle").id, calf, gastrocnemius),
+        Structure(lab("effusion").id, joint, effusion),
+        Structure(lab("acl").id, ((-14, -12, -9), (3, 21, 18)), acl),
+        Structure(lab("pcl").id, ((-1, -5, -13), (15, 29, 19)), pcl),
+        Structure(lab("mcl").id, ((34, -8, -46), (43, 9, 38)), mcl),
+        Structure(lab("lcl").id, ((-43, 1, -27), (-29, 19, 35)), lcl),
+        Structure(lab("patellar_tendon").id, ((-13, -43, -35), (13, -21, 27)), patellar_tendon),
+        Structure(lab("medial_meniscus").id, ((0, -20, -3), (38, 28, 6)), medial_meniscus),
+        Structure(lab("lateral_meniscus").id, ((-36, -17, -3), (0, 25, 6)), lateral_meniscus),
+        Structure(lab("femoral_cartilage").id, ((-36, -32, -2), (36, 40, 54)), femoral_cartilage),
+        Structure(
+            lab("medial_tibial_cartilage").id,
+            ((2, -18, -4), (36, 26, 4)),
+            tibial_cartilage(19.0, (15.0, 19.0), a.cart_medial_tibial_mm),
+        ),
+        Structure(
+            lab("lateral_tibial_cartilage").id,
+            ((-36, -16, -4), (-2, 24, 4)),
+            tibial_cartilage(-19.0, (14.0, 18.0), a.cart_lateral_tibial_mm),
+        ),
+        Structure(lab("patellar_cartilage").id, ((-24, -40, 18), (24, -25, 58)), patellar_cartilage),
+    ]
+    bones = (
+        ("femur", femur_sdf, ((-45, -35, -2), (45, 45, 400))),
+        ("tibia", tibia_sdf, ((-45, -35, -400), (45, 40, 3))),
+        ("fibula", fibula_sdf, ((-42, 5, -400), (-18, 30, -14))),
+        ("patella", patella_sdf, ((-23, -48, 19), (23, -28, 57))),
+    )
+    for name, fn, box in bones:
+        inside, cortex = bone(fn)
+        out.append(Structure(lab(name).id, _grow(box, a.osteophytes), inside, cortex))
+    return out
+
+
+def _grow(box, osteophytes, margin=6.0):
+    lo, hi = np.array(box[0], float), np.array(box[1], float)
+    for ox, oy, oz, r in osteophytes:
+        p = np.array([ox, oy, oz])
+        if np.all(p >= lo - 15) and np.all(p <= hi + 15):
+            lo, hi = np.minimum(lo, p - r - margin), np.maximum(hi, p + r + margin)
+    return tuple(lo), tuple(hi)
