@@ -15,6 +15,7 @@ near surfaces, which is all the shells (cartilage, fat, cortex) need.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -23,6 +24,7 @@ from kneebatch import labels as L
 
 # internal render classes beyond the schema; truth maps them to background
 BODY = 255  # soft tissue/fat inside the skin that no label claims (Hoffa, popliteal fat)
+AIR = 254  # paints background (outside the skin) over what was painted before
 
 
 # ---------------------------------------------------------------- signed distances
@@ -89,10 +91,14 @@ class Anatomy:
 
 @dataclass
 class Structure:
+    """``paint(x, y, z)`` returns a bool mask (paint ``label`` there) or, for layered
+    structures, a uint8 array of labels (0 = leave as is, :data:`AIR` = background).
+    Bones give a signed distance instead (``sdf=True``): inside and cortex from one call."""
+
     label: int
     bbox: tuple  # ((xmin, ymin, zmin), (xmax, ymax, zmax)) canonical mm
-    inside: Callable  # (x, y, z) -> bool array
-    cortex: Callable | None = None  # bones: (x, y, z) -> bool array of the dark rim
+    paint: Callable
+    sdf: bool = False
 
 
 def femur_sdf(x, y, z, a: Anatomy):
@@ -169,39 +175,38 @@ def structures(a: Anatomy) -> list[Structure]:
     big = (-90.0, -80.0, -400.0), (90.0, 90.0, 400.0)
 
     def body(x, y, z):
-        return skin_sdf(x, y, z, a) < 0
+        return np.ones(x.shape, bool)
 
-    def subcut(x, y, z):
+    def skin_layers(x, y, z):
+        """Painted after the muscles: subcutaneous fat under the skin, air outside it."""
         s = skin_sdf(x, y, z, a)
-        return (s < 0) & (s > -fat)
+        return np.where(s >= 0, np.uint8(AIR), np.where(s > -fat, np.uint8(subcut_id), np.uint8(0)))
 
-    def deep(x, y, z):
-        return skin_sdf(x, y, z, a) < -fat
-
+    subcut_id = lab("subcutaneous_fat").id
     ms = a.muscle_scale
 
     def quadriceps(x, y, z):
-        return deep(x, y, z) & (ellipsoid(x, y, z, (0, -20, 125), (50 * ms, 24 * ms, 80)) < 0) & (z > 48)
+        return (ellipsoid(x, y, z, (0, -20, 125), (50 * ms, 24 * ms, 80)) < 0) & (z > 48)
 
     def hamstrings(x, y, z):
         m = np.minimum(
             ellipsoid(x, y, z, (22, 32, 115), (22 * ms, 20 * ms, 80)),
             ellipsoid(x, y, z, (-22, 32, 110), (21 * ms, 19 * ms, 80)),
         )
-        return deep(x, y, z) & (m < 0) & (z > 30)
+        return (m < 0) & (z > 30)
 
     def gastrocnemius(x, y, z):
         m = np.minimum(
             ellipsoid(x, y, z, (17, 34, -60), (19 * ms, 19 * ms, 72)),
             ellipsoid(x, y, z, (-17, 34, -62), (18 * ms, 18 * ms, 70)),
         )
-        return deep(x, y, z) & (m < 0) & (z < 24)
+        return (m < 0) & (z < 24)
 
     def effusion(x, y, z):
         e = a.effusion_scale
         pouch = ellipsoid(x, y, z, (0, -28, 62), (28, 1.2 * e, 18 + 2 * e)) < 0
         posterior = ellipsoid(x, y, z, (-14, 30, 18), (8, 1.0 * e, 10)) < 0
-        joint = (ellipse_radius(x, y, (0, 4), (36, 25)) < 1.0) & (z > -3.0) & (z < 3.0)
+        joint = (ellipse_radius(x, y, (0, 4), (36, 25)) < 1.0) & (z > -0.8) & (z < 0.8)
         return pouch | posterior | joint
 
     def acl(x, y, z):
@@ -239,25 +244,15 @@ def structures(a: Anatomy) -> list[Structure]:
     def patellar_cartilage(x, y, z):
         return _shell(patella_sdf(x, y, z, a), a.cart_patellar_mm) & (y > -36) & _not_in_defect(x, y, z, a)
 
-    def bone(fn):
-        def inside(x, y, z):
-            return fn(x, y, z, a) < 0
-
-        def cortex(x, y, z):
-            d = fn(x, y, z, a)
-            return (d < 0) & (d > -a.cortex_mm)
-
-        return inside, cortex
-
     thigh = (-75.0, -70.0, -45.0), (75.0, 80.0, 400.0)
     calf = (-70.0, -60.0, -400.0), (70.0, 75.0, 40.0)
     joint = (-45.0, -35.0, -12.0), (45.0, 40.0, 70.0)
     out = [
         Structure(BODY, big, body),
-        Structure(lab("subcutaneous_fat").id, big, subcut),
         Structure(lab("quadriceps_muscle").id, thigh, quadriceps),
         Structure(lab("hamstring_muscle").id, thigh, hamstrings),
         Structure(lab("gastrocnemius_muscle").id, calf, gastrocnemius),
+        Structure(subcut_id, big, skin_layers),
         Structure(lab("effusion").id, joint, effusion),
         Structure(lab("acl").id, ((-14, -12, -9), (3, 21, 18)), acl),
         Structure(lab("pcl").id, ((-1, -5, -13), (15, 29, 19)), pcl),
@@ -286,8 +281,7 @@ def structures(a: Anatomy) -> list[Structure]:
         ("patella", patella_sdf, ((-23, -48, 19), (23, -28, 57))),
     )
     for name, fn, box in bones:
-        inside, cortex = bone(fn)
-        out.append(Structure(lab(name).id, _grow(box, a.osteophytes), inside, cortex))
+        out.append(Structure(lab(name).id, _grow(box, a.osteophytes), partial(fn, a=a), sdf=True))
     return out
 
 

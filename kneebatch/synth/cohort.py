@@ -250,7 +250,7 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
 
 def _n_sub(thickness_mm: float, inplane_mm: float) -> int:
     """Planes per slice for partial volume: about one per in-plane voxel of thickness, odd."""
-    n = int(np.clip(round(thickness_mm / (2 * inplane_mm)), 1, 5))
+    n = int(np.clip(round(thickness_mm / (3 * inplane_mm)), 1, 3))
     return n if n % 2 else n + 1
 
 
@@ -287,13 +287,14 @@ def write_subject(plan: SubjectPlan, out: Path) -> dict:
     rng = np.random.default_rng([*plan.seed, 11])
     study_dir = out / "dicom" / plan.visit / plan.subject_id / plan.study_date.strftime("%Y%m%d")
     series_entries = {}
+    roles = {id(plan.t1): "t1", id(plan.t2): "t2"}
     for acq in (plan.t1, plan.t2, *plan.extras):
         folder = study_dir / f"{rng.integers(10**7, 10**8)}"
         n = acq.grid.shape[0]
         order = rng.permutation(n) if plan.shuffle_files else None
         write_series(folder, images[acq.series.uid], acq.grid, acq.series, plan.patient, plan.study, order)
         series_entries[acq.series.uid] = {
-            "role": {"T1": "t1", "T2": "t2"}.get(acq.contrast, "other") if acq in (plan.t1, plan.t2) else "other",
+            "role": roles.get(id(acq), "other"),
             "folder": str(folder.relative_to(out)),
             "shape_zyx": list(acq.grid.shape),
             "affine": acq.grid.affine.tolist(),

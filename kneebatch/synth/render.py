@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from kneebatch.geometry import Grid
-from kneebatch.synth.anatomy import BODY, Anatomy, structures
+from kneebatch.synth.anatomy import AIR, BODY, Anatomy, structures
 
 # Relative signal per tissue: T1-weighted TSE and fat-suppressed T2-weighted TSE.
 # Fluid dark on T1 / bright on T2, fat bright on T1 (suppressed on T2 FS), cortex,
@@ -88,11 +88,16 @@ def render_labels(anatomy: Anatomy, pose: Pose, grid: Grid, thickness_mm: float,
             if block is None:
                 continue
             x, y, z = _canonical_coords(m, block)
-            inside = s.inside(x, y, z)
-            labels[(k, *block)][inside] = s.label
-            if s.cortex is not None:
-                rim = s.cortex(x, y, z)
-                cortex[(k, *block)] |= rim
+            target = labels[(k, *block)]
+            painted = s.paint(x, y, z)
+            if s.sdf:
+                target[painted < 0] = s.label
+                cortex[(k, *block)] |= (painted < 0) & (painted > -anatomy.cortex_mm)
+            elif painted.dtype == bool:
+                target[painted] = s.label
+            else:
+                target[painted > 0] = painted[painted > 0]
+        labels[k][labels[k] == AIR] = 0
     return labels, cortex
 
 

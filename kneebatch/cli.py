@@ -1,0 +1,144 @@
+"""``kneebatch`` command line: a thin layer over the library (no logic of its own)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from kneebatch import __version__
+
+
+def _client(workers: int | None):
+    """A local Dask cluster for ``workers`` > 1 (default: one per core); in-process for 0 or 1."""
+    from kneebatch.distributed.cluster import dask_client, default_workers
+
+    n = default_workers() if workers is None else workers
+    return dask_client("local", n_workers=n) if n > 1 else nullcontext(None)
+
+
+def cmd_labels(args) -> int:
+    from kneebatch import labels as L
+
+    if args.json:
+        print(L.to_json())
+    else:
+        for label in L.LABELS:
+            print(f"{label.id:3d}  {label.name:26s} {label.group:10s} {label.color}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from kneebatch.distributed.cluster import default_workers
+    from kneebatch.synth.cohort import generate_cohort
+
+    out = generate_cohort(args.out, args.n, seed=args.seed, preset=args.preset,
+                          workers=args.workers or default_workers(), progress=not args.quiet)
+    print(f"wrote {args.n} synthetic studies to {out}/dicom, truth to {out}/truth, {out}/clinical.csv")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from kneebatch.ingest.convert import convert
+
+    with _client(args.workers) as client:
+        r = convert(args.src, args.store, client=client, key_file=args.key_file, show_progress=not args.quiet)
+    print(f"{r.studies_found} studies found ({r.files_scanned} files, {r.files_ignored} not DICOM images): "
+          f"{r.converted} converted, {r.already_done} already in the store, {r.failed} failed "
+          f"in {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s, {r.mb_per_s:.1f} MB/s)")
+    for reason, n in sorted(r.reasons.items()):
+        print(f"  failed: {n} x {reason}")
+    if r.failed:
+        print(f"  reasons per study: {Path(args.store) / 'failures.parquet'}")
+    return 0
+
+
+def cmd_measure(args) -> int:
+    from kneebatch.measure_store import measure_store
+
+    with _client(args.workers) as client:
+        r = measure_store(args.store, args.out, labels_dir=args.labels, client=client, show_progress=not args.quiet)
+    print(f"{r.measured} studies measured, {r.failed} failed, {r.carried_failures} failed earlier (convert) "
+          f"in {r.seconds:.1f} s -> {Path(args.out) / 'measurements.parquet'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kneebatch.demo import run_demo
+
+    return run_demo(Path(args.out), n=args.n, seed=args.seed, preset=args.preset, workers=args.workers,
+                    show_progress=not args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kneebatch",
+        description="Batch segmentation and measurement of knee MRI cohorts. "
+                    "Typical flow: synth (or your DICOM) -> convert -> measure; 'demo' runs it all.",
+    )
+    p.add_argument("--version", action="version", version=f"kneebatch {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp, workers=True):
+        if workers:
+            sp.add_argument("--workers", type=int, default=None,
+                            help="parallel worker processes (default: one per core, at most 8; 1 = in-process)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("labels", help="print the label schema")
+    s.add_argument("--json", action="store_true", help='as JSON: [{"id", "name", "group", "color"}, ...]')
+    s.set_defaults(func=cmd_labels)
+
+    s = sub.add_parser("synth", help="write a synthetic knee MRI cohort (DICOM, truth labels, clinical.csv)")
+    s.add_argument("out", type=Path, help="output folder")
+    s.add_argument("--n", type=int, default=24, help="number of studies (alternating normal / OA; default 24)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; study i is the same for any --n")
+    s.add_argument("--preset", default="clinical", choices=["clinical", "small"],
+                   help="clinical: realistic matrices and slices; small: ~1 mm in-plane, quick (tests, training)")
+    common(s)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("convert", help="DICOM tree or NIfTI files -> Zarr cohort store (resumable)")
+    s.add_argument("src", type=Path, help="folder with DICOM files (any layout) and/or <case>_T1/_T2.nii.gz")
+    s.add_argument("store", type=Path, help="cohort store folder (created if missing)")
+    s.add_argument("--key-file", type=Path, default=None,
+                   help="secret key for pseudonymous study keys (default $KNEEBATCH_KEY_FILE or "
+                        "~/.config/kneebatch/study.key, created if missing); keep it outside shared outputs")
+    common(s)
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("measure", help="volumes, cartilage thickness, intensities and QC flags -> Parquet")
+    s.add_argument("store", type=Path, help="cohort store")
+    s.add_argument("out", type=Path, help="output folder for measurements.parquet and failures.parquet")
+    s.add_argument("--labels", type=Path, default=None,
+                   help="folder of <StudyInstanceUID>.nii.gz label maps on each study's T1 grid "
+                        "(default: the label maps in the store)")
+    common(s)
+    s.set_defaults(func=cmd_measure)
+
+    s = sub.add_parser("demo", help="synthetic normal-vs-OA cohort end to end, with a group table")
+    s.add_argument("--out", type=Path, default=Path("kneebatch-demo"), help="output folder (default ./kneebatch-demo)")
+    s.add_argument("--n", type=int, default=24, help="number of studies (default 24)")
+    s.add_argument("--seed", type=int, default=2024)
+    s.add_argument("--preset", default="clinical", choices=["clinical", "small"])
+    common(s)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"kneebatch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""One factory for Dask clusters. Later backends (LocalCUDACluster, SLURM) plug in here.
+
+Per-worker state belongs in a ``WorkerPlugin``; nothing here creates globals.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+@contextmanager
+def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_worker: int = 1,
+                processes: bool = True, address: str | None = None):
+    """Yields a ``distributed.Client``; the cluster lives as long as the block.
+
+    ``kind``: ``local`` (CPU processes) or ``address`` (connect to a running scheduler).
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    if kind == "address" or address:
+        with Client(address) as client:
+            yield client
+        return
+    if kind != "local":
+        raise ValueError(f"unknown cluster kind {kind!r}; choose 'local' or give an address")
+    with dask.config.set({"distributed.worker.daemon": False, "logging.distributed": "error"}):
+        cluster = LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=threads_per_worker,
+                               processes=processes, dashboard_address=None, silence_logs=40)
+        try:
+            with Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()

@@ -1,0 +1,268 @@
+"""DICOM trees -> studies -> the sagittal T1 and T2 volumes, with their geometry.
+
+Nothing here trusts file names, file order, InstanceNumber or SliceThickness:
+slices are ordered by ImagePositionPatient projected on the slice normal, the slice
+step comes from those positions, and series roles come from geometry and TR/TE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from kneebatch.geometry import Grid
+from kneebatch.errors import StudyError
+
+HEADER_TAGS = [
+    "SpecificCharacterSet", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "ImageType", "SeriesDescription", "SeriesNumber", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "Rows", "Columns", "RepetitionTime", "EchoTime", "NumberOfFrames", "MRAcquisitionType",
+]
+MIN_SLICES = 8
+SAGITTAL_MAX_ANGLE_DEG = 30.0  # slice normal within this of left-right
+
+
+@dataclass
+class SliceHeader:
+    path: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    image_type: tuple
+    description: str
+    position: tuple | None
+    orientation: tuple | None
+    pixel_spacing: tuple | None
+    rows: int
+    columns: int
+    tr: float | None
+    te: float | None
+    frames: int
+
+
+@dataclass
+class Series:
+    uid: str
+    slices: list = field(default_factory=list)
+
+    @property
+    def first(self) -> SliceHeader:
+        return self.slices[0]
+
+
+@dataclass
+class StudyFiles:
+    """All files of one study found in the source tree, by series."""
+
+    study_uid: str
+    series: dict  # series uid -> Series
+
+    @property
+    def source_path(self) -> str:
+        paths = [s.path for series in self.series.values() for s in series.slices]
+        return os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+
+
+def _float(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(v, n):
+    try:
+        out = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def read_header(path: str) -> SliceHeader | None:
+    """Header of one file, or None for files that are not DICOM images."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError):
+        return None
+    study_uid = str(ds.get("StudyInstanceUID", "") or "")
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if not study_uid or not series_uid:
+        return None
+    image_type = tuple(str(x).upper() for x in (ds.get("ImageType") or ()))
+    return SliceHeader(
+        path=str(path),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        modality=str(ds.get("Modality", "") or ""),
+        image_type=image_type,
+        description=str(ds.get("SeriesDescription", "") or ""),
+        position=_floats(ds.get("ImagePositionPatient"), 3),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
+        rows=int(ds.get("Rows", 0) or 0),
+        columns=int(ds.get("Columns", 0) or 0),
+        tr=_float(ds.get("RepetitionTime")),
+        te=_float(ds.get("EchoTime")),
+        frames=int(_float(ds.get("NumberOfFrames")) or 1),
+    )
+
+
+def list_files(root: str | os.PathLike) -> list[str]:
+    """Every regular file below ``root`` (symbolic links to directories are not followed)."""
+    out = []
+    for dirpath, _dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.isfile(p):
+                out.append(p)
+    out.sort()
+    return out
+
+
+def group_studies(headers) -> dict[str, StudyFiles]:
+    studies: dict[str, dict[str, Series]] = defaultdict(dict)
+    for h in headers:
+        if h is None:
+            continue
+        series = studies[h.study_uid].setdefault(h.series_uid, Series(h.series_uid))
+        series.slices.append(h)
+    return {uid: StudyFiles(uid, s) for uid, s in sorted(studies.items())}
+
+
+# ------------------------------------------------------------------ series roles
+def slice_normal(orientation) -> np.ndarray:
+    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    n = np.cross(row, col)
+    return n / np.linalg.norm(n)
+
+
+def is_sagittal(orientation) -> bool:
+    if orientation is None:
+        return False
+    n = slice_normal(orientation)
+    return abs(n[0]) >= np.cos(np.radians(SAGITTAL_MAX_ANGLE_DEG))
+
+
+def weighting(tr: float | None, te: float | None, description: str = "") -> str | None:
+    """'T1', 'T2', 'PD' or None, from TR/TE (ms); the description only breaks a tie."""
+    if tr is not None and te is not None:
+        if tr < 1000 and te < 30:
+            return "T1"
+        if te >= 50 and tr >= 1000:
+            return "T2"
+        if tr >= 1000 and te < 50:
+            return "PD"
+        return None
+    d = description.lower()
+    if re.search(r"t1", d):
+        return "T1"
+    if re.search(r"t2", d):
+        return "T2"
+    return None
+
+
+def candidate_role(series: Series) -> str | None:
+    h = series.first
+    if h.modality != "MR" or "LOCALIZER" in h.image_type or h.frames > 1:
+        return None
+    if len(series.slices) < MIN_SLICES or not is_sagittal(h.orientation):
+        return None
+    w = weighting(h.tr, h.te, h.description)
+    return w if w in ("T1", "T2") else None
+
+
+def choose_series(study: StudyFiles) -> tuple[Series, Series]:
+    """The sagittal T1 and T2 series: among candidates, the one with the most voxels."""
+    best: dict[str, Series] = {}
+    for series in study.series.values():
+        role = candidate_role(series)
+        if role is None:
+            continue
+        size = len(series.slices) * series.first.rows * series.first.columns
+        cur = best.get(role)
+        if cur is None or size > len(cur.slices) * cur.first.rows * cur.first.columns:
+            best[role] = series
+    if "T1" not in best:
+        raise StudyError("missing_t1", f"{len(study.series)} series in the study")
+    if "T2" not in best:
+        raise StudyError("missing_t2", f"{len(study.series)} series in the study")
+    return best["T1"], best["T2"]
+
+
+# ------------------------------------------------------------------ stacking
+def stack_geometry(headers: list[SliceHeader]) -> tuple[list[int], Grid]:
+    """Slice order along the normal and the grid, after checking the stack is regular."""
+    if len(headers) < MIN_SLICES:
+        raise StudyError("too_few_slices", f"{len(headers)} slices")
+    first = headers[0]
+    for h in headers:
+        if h.orientation is None or h.position is None or h.pixel_spacing is None:
+            raise StudyError("bad_geometry", "ImagePositionPatient, ImageOrientationPatient or PixelSpacing missing")
+        if (h.rows, h.columns) != (first.rows, first.columns):
+            raise StudyError("inconsistent_size", f"{h.rows}x{h.columns} vs {first.rows}x{first.columns}")
+        if not np.allclose(h.orientation, first.orientation, atol=1e-4):
+            raise StudyError("inconsistent_orientation")
+        if not np.allclose(h.pixel_spacing, first.pixel_spacing, rtol=1e-4):
+            raise StudyError("inconsistent_spacing", f"{h.pixel_spacing} vs {first.pixel_spacing}")
+    row_dir = np.asarray(first.orientation[:3])
+    col_dir = np.asarray(first.orientation[3:])
+    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 or abs(row_dir @ col_dir) > 1e-3:
+        raise StudyError("bad_geometry", "ImageOrientationPatient is not two orthonormal vectors")
+    normal = slice_normal(first.orientation)
+    positions = np.array([h.position for h in headers])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    steps = np.diff(along[order])
+    step = float(np.median(steps))
+    if np.any(steps < 1e-3 * max(abs(step), 1e-3)) or step <= 0:
+        raise StudyError("duplicate_slice", f"{int(np.sum(steps < 1e-3 * max(step, 1e-3)))} duplicate position(s)")
+    tol = max(0.02 * step, 0.01)
+    bad = np.abs(steps - step) > tol
+    if np.any(bad):
+        ratios = steps[bad] / step
+        if np.all(np.abs(ratios - np.round(ratios)) * step < tol) and np.all(np.round(ratios) >= 2):
+            missing = int(np.sum(np.round(ratios) - 1))
+            raise StudyError("missing_slice", f"{missing} slice(s) missing, step {step:.3f} mm")
+        raise StudyError("irregular_spacing", f"steps from {steps.min():.3f} to {steps.max():.3f} mm")
+    # positions may drift off the normal (sheared stacks); the step vector keeps them exact
+    sorted_pos = positions[order]
+    step_vec = (sorted_pos[-1] - sorted_pos[0]) / (len(headers) - 1)
+    dy, dx = first.pixel_spacing  # DICOM: (row spacing, column spacing)
+    affine = np.eye(4)
+    affine[:3, 0] = step_vec
+    affine[:3, 1] = col_dir * dy
+    affine[:3, 2] = row_dir * dx
+    affine[:3, 3] = sorted_pos[0]
+    return [int(i) for i in order], Grid((len(headers), first.rows, first.columns), affine)
+
+
+def read_series(series: Series, hasher: "hashlib._Hash | None" = None) -> tuple[np.ndarray, Grid]:
+    """The series as a ``[Z, Y, X]`` uint16 volume (slices along the normal) and its grid."""
+    order, grid = stack_geometry(series.slices)
+    volume = np.empty(grid.shape, np.uint16)
+    for z, i in enumerate(order):
+        path = series.slices[i].path
+        data = Path(path).read_bytes()
+        if hasher is not None:
+            hasher.update(data)
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+            pixels = ds.pixel_array
+        except Exception as e:  # decoders raise many types
+            raise StudyError("unreadable_pixels", f"{type(e).__name__} in slice {z}") from e
+        if pixels.shape != grid.shape[1:]:
+            raise StudyError("unreadable_pixels", f"pixel array {pixels.shape} does not match {grid.shape[1:]}")
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        values = pixels.astype(np.float64) * slope + intercept if (slope, intercept) != (1.0, 0.0) else pixels
+        volume[z] = np.clip(np.rint(values), 0, 65535).astype(np.uint16)
+    return volume, grid
