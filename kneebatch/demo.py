@@ -56,7 +56,7 @@ def run_demo(out: Path, n: int = 24, seed: int = 2024, preset: str = "clinical",
     _write_csv(summary, results / "group_summary.csv")
 
     table = Table(title=f"Normal vs OA ({len(rows)} studies, ground-truth labels)")
-    groups = sorted({r["group"] for r in rows})
+    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "normal", g))
     table.add_column("measure")
     for g in groups:
         table.add_column(f"{g} mean ± SD (n)", justify="right")

@@ -32,7 +32,7 @@ def group_summary(rows: list[dict], columns: list[str], group: str = "group") ->
     groups = defaultdict(list)
     for r in rows:
         groups[r[group]].append(r)
-    names = sorted(groups)
+    names = sorted(groups, key=lambda g: (g != "normal", g))  # reference group first
     out = []
     for col in columns:
         entry = {"measure": col}

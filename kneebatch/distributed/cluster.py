@@ -20,8 +20,11 @@ def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_w
 
     ``kind``: ``local`` (CPU processes) or ``address`` (connect to a running scheduler).
     """
-    import dask
+    import logging
+
     from distributed import Client, LocalCluster
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # cluster chatter is not user output
 
     if kind == "address" or address:
         with Client(address) as client:
@@ -29,11 +32,11 @@ def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_w
         return
     if kind != "local":
         raise ValueError(f"unknown cluster kind {kind!r}; choose 'local' or give an address")
-    with dask.config.set({"distributed.worker.daemon": False, "logging.distributed": "error"}):
-        cluster = LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=threads_per_worker,
-                               processes=processes, dashboard_address=None, silence_logs=40)
-        try:
-            with Client(cluster) as client:
-                yield client
-        finally:
-            cluster.close()
+    cluster = LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=threads_per_worker,
+                           processes=processes, dashboard_address=None, scheduler_kwargs={"dashboard": False},
+                           silence_logs=logging.ERROR)
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()

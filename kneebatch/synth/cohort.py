@@ -312,6 +312,8 @@ def write_subject(plan: SubjectPlan, out: Path) -> dict:
         "t1_series_uid": plan.t1.series.uid,
         "t2_series_uid": plan.t2.series.uid,
         "t2_on_t1_grid": plan.t2.grid.same_as(plan.t1.grid),
+        "shuffled_files": plan.shuffle_files,
+        "group": plan.group,
         "series": series_entries,
         "anatomy": {
             "cart_femoral_mm": plan.anatomy.cart_femoral_mm,
@@ -329,21 +331,27 @@ def clinical_row(plan: SubjectPlan) -> dict:
 
 
 def _write_one(args):
-    seed, index, preset, out = args
-    plan = plan_subject(seed, index, PRESETS[preset])
+    seed, index, ranges, out = args
+    plan = plan_subject(seed, index, ranges)
     return clinical_row(plan), write_subject(plan, Path(out))
 
 
 def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", workers: int = 1,
-                    progress: bool = False) -> Path:
-    """Write ``n`` studies under ``out``: ``dicom/``, ``truth/``, ``clinical.csv``, ``manifest.json``."""
+                    progress: bool | None = False, ranges: ProtocolRanges | None = None) -> Path:
+    """Write ``n`` studies under ``out``: ``dicom/``, ``truth/``, ``clinical.csv``, ``manifest.json``.
+
+    ``ranges`` overrides the preset's protocol ranges.
+    """
     from kneebatch.progress import progress_map
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    jobs = [(seed, i, preset, str(out)) for i in range(n)]
+    if n < 1:
+        raise ValueError("--n must be at least 1")
+    ranges = ranges or PRESETS[preset]
+    jobs = [(seed, i, ranges, str(out)) for i in range(n)]
     results = progress_map(_write_one, jobs, workers=workers, description="synthesising studies",
                            show=progress)
     rows = [r[0] for r in results]
