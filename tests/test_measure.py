@@ -1,0 +1,129 @@
+import math
+
+import array_api_strict as xps
+import numpy as np
+import pytest
+import torch
+
+from kneebatch import labels as L
+from kneebatch import ops
+from kneebatch.geometry import Grid
+from kneebatch.measure import cartilage_thickness, measure_study, measurement_schema, volumes
+
+RNG = np.random.default_rng(0)
+LABELS = RNG.integers(0, L.N_CLASSES, (6, 9, 11)).astype(np.uint8)
+VALUES = RNG.random((6, 9, 11))
+
+
+def _as(ns, arr):
+    if ns == "numpy":
+        return arr
+    if ns == "torch":
+        return torch.from_numpy(arr)
+    return xps.asarray(arr)
+
+
+@pytest.mark.parametrize("ns", ["numpy", "torch", "array_api_strict"])
+def test_ops_agree_across_array_namespaces(ns):
+    lab, val = _as(ns, LABELS), _as(ns, VALUES)
+    counts = np.asarray(ops.to_numpy(ops.label_counts(lab, L.N_CLASSES)))
+    assert np.array_equal(counts, np.bincount(LABELS.ravel(), minlength=L.N_CLASSES))
+    sums = np.asarray(ops.to_numpy(ops.label_sums(lab, val, L.N_CLASSES)))
+    assert np.allclose(sums, np.bincount(LABELS.ravel(), VALUES.ravel(), minlength=L.N_CLASSES))
+    means = np.asarray(ops.to_numpy(ops.label_means(lab, val, L.N_CLASSES)))
+    assert np.allclose(means, sums / counts)
+    mask = np.zeros((6, 9, 11), bool)
+    mask[2:4, 3:7, 5] = True
+    box = ops.bounding_box(_as(ns, mask), margin=(1, 1, 1))
+    assert box == (slice(1, 5), slice(2, 8), slice(4, 7))
+    assert ops.bounding_box(_as(ns, np.zeros_like(mask))) is None
+    surf = np.asarray(ops.to_numpy(ops.surface(_as(ns, mask), _as(ns, np.zeros_like(mask)))))
+    assert surf.sum() == 8  # a 2x4x1 plate is all surface
+    block = np.zeros((5, 5, 5), bool)
+    block[1:4, 1:4, 1:4] = True
+    surf = np.asarray(ops.to_numpy(ops.surface(_as(ns, block), _as(ns, np.zeros_like(block)))))
+    assert surf.sum() == 26 and not surf[2, 2, 2]
+    assert ops.touches_border(_as(ns, mask)) is False
+    assert ops.touches_border(_as(ns, block)) is False
+
+
+def test_ops_absent_label_mean_is_nan():
+    means = ops.label_means(np.zeros((3, 3, 3), np.uint8), np.ones((3, 3, 3)), 3)
+    assert means[0] == 1.0 and math.isnan(means[1]) and math.isnan(means[2])
+
+
+def _grid(shape, spacing):
+    return Grid.from_parts(shape, spacing, (0, 0, 0), np.eye(3))
+
+
+def test_volumes_are_counts_times_voxel_volume():
+    grid = _grid(LABELS.shape, (3.3, 0.4, 0.35))
+    v = volumes(LABELS, grid)
+    counts = np.bincount(LABELS.ravel(), minlength=L.N_CLASSES)
+    for label in L.LABELS:
+        assert v[f"{label.name}_volume_mm3"] == pytest.approx(counts[label.id] * 3.3 * 0.4 * 0.35, rel=1e-12)
+        assert v[f"{label.name}_volume_ml"] == pytest.approx(v[f"{label.name}_volume_mm3"] / 1000, rel=1e-12)
+    muscles = sum(counts[lab.id] for lab in L.in_group("muscle"))
+    assert v["total_muscle_volume_mm3"] == pytest.approx(muscles * 3.3 * 0.4 * 0.35)
+
+
+@pytest.mark.parametrize("axis,spacing,k", [(1, (2.0, 0.4, 0.5), 5), (0, (0.7, 0.5, 0.5), 3), (2, (3.0, 0.3, 0.35), 6)])
+def test_thickness_of_a_flat_plate_is_exact(axis, spacing, k):
+    shape = [30, 30, 30]
+    lab = np.zeros(shape, np.uint8)
+    bone_sl = [slice(5, 25)] * 3
+    bone_sl[axis] = slice(5, 12)
+    cart_sl = list(bone_sl)
+    cart_sl[axis] = slice(12, 12 + k)
+    lab[tuple(bone_sl)] = L.by_name("tibia").id
+    lab[tuple(cart_sl)] = L.by_name("medial_tibial_cartilage").id
+    grid = _grid(shape, spacing)
+    mean, mx = cartilage_thickness(lab, grid, "medial_tibial_cartilage")
+    # the top face (20x20 voxels) is k voxels from bone; side faces taper; max is exact
+    assert mx == pytest.approx(k * spacing[axis])
+    top = k * spacing[axis]
+    assert top * 0.6 < mean <= top
+    # without side faces (plate spans the volume) the mean is exact too
+    lab2 = np.zeros(shape, np.uint8)
+    full_b, full_c = [slice(None)] * 3, [slice(None)] * 3
+    full_b[axis], full_c[axis] = slice(5, 12), slice(12, 12 + k)
+    lab2[tuple(full_b)] = L.by_name("tibia").id
+    lab2[tuple(full_c)] = L.by_name("medial_tibial_cartilage").id
+    mean2, mx2 = cartilage_thickness(lab2, grid, "medial_tibial_cartilage")
+    assert mean2 == pytest.approx(top) and mx2 == pytest.approx(top)
+
+
+def test_thickness_is_nan_for_absent_plate():
+    assert all(math.isnan(v) for v in cartilage_thickness(np.zeros((4, 4, 4), np.uint8), _grid((4, 4, 4), (1, 1, 1)), "patellar_cartilage"))
+
+
+def test_measure_row_matches_schema_and_flags_missing_tissue():
+    lab = np.zeros((20, 20, 20), np.uint8)
+    lab[2:10, 2:18, 2:18] = L.by_name("femur").id
+    lab[10:13, 2:18, 2:18] = L.by_name("femoral_cartilage").id
+    image = np.stack([np.full(lab.shape, 100.0), np.where(lab > 0, 300.0, 10.0)])
+    row = measure_study("k0", lab, image, _grid(lab.shape, (1.0, 1.0, 1.0)), ["T1", "T2"], "test")
+    schema = measurement_schema()
+    assert set(row) == set(schema.names)
+    assert row["femoral_cartilage_volume_mm3"] == 3 * 16 * 16
+    assert row["femoral_cartilage_thickness_max_mm"] == pytest.approx(3.0)
+    assert row["femoral_cartilage_t2_mean"] == 300.0 and row["femur_t1_mean"] == 100.0
+    assert math.isnan(row["effusion_t1_mean"])
+    assert "missing:tibia" in row["qc_flags"] and "missing:patella" in row["qc_flags"]
+    assert row["qc_ok"] is False
+    assert all(name.endswith(("_mm3", "_ml", "_mm", "_mean", "_flags", "_ok", "_key", "_source"))
+               for name in schema.names)
+
+
+def test_qc_flags_fragmented_bone_and_fov():
+    from kneebatch.measure import qc_flags
+
+    lab = np.zeros((20, 20, 20), np.uint8)
+    lab[2:8, 2:8, 2:8] = L.by_name("tibia").id
+    lab[12:18, 12:18, 12:18] = L.by_name("tibia").id
+    lab[0:3, 5:9, 5:9] = L.by_name("patella").id  # touches the first slice
+    grid = _grid(lab.shape, (1, 1, 1))
+    row = volumes(lab, grid)
+    row.update({f"{p.name}_thickness_mean_mm": math.nan for p in L.in_group("cartilage")})
+    flags = qc_flags(lab, row)
+    assert "fragmented:tibia" in flags and "fov_truncates:patella" in flags and "fragmented:patella" not in flags

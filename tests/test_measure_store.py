@@ -1,0 +1,100 @@
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kneebatch import labels as L
+from kneebatch.cli import main
+from kneebatch.geometry import affine_from_nifti
+from kneebatch.ingest.nifti import write_label_nifti
+from kneebatch.ingest.store import CohortStore
+from kneebatch.keys import load_or_create_key, study_key
+from kneebatch.measure_store import measure_store
+from kneebatch.outputs import FAILURE_SCHEMA, read_rows, write_rows
+
+
+def _truth(cohort, uid):
+    img = nib.load(cohort / "truth" / f"{uid}.nii.gz")
+    return np.asarray(img.dataobj).transpose(2, 1, 0), affine_from_nifti(img.affine)
+
+
+def test_measure_truth_volumes_and_every_study_in_one_table(cohort, store, manifest, key_file, tmp_path):
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    key = load_or_create_key(key_file)
+    entries = manifest["studies"]
+    # one convert failure carried over from the store
+    write_rows([{"study_key": "kdeadbeef", "stage": "convert", "reason": "missing_t2", "message": "x"}],
+               FAILURE_SCHEMA, work / "failures.parquet")
+    labels_dir = tmp_path / "labels"
+    shutil.copytree(cohort / "truth", labels_dir)
+    # one study without a label file, one whose label map is on another grid
+    (labels_dir / f"{entries[0]['study_uid']}.nii.gz").unlink()
+    lab, aff = _truth(cohort, entries[1]["study_uid"])
+    from kneebatch.geometry import Grid
+
+    write_label_nifti(labels_dir / f"{entries[1]['study_uid']}.nii.gz", lab[1:], Grid(lab[1:].shape, aff))
+    report = measure_store(work, tmp_path / "out", labels_dir=labels_dir, show_progress=False)
+    assert (report.measured, report.failed, report.carried_failures) == (4, 2, 1)
+    rows = {r["study_key"]: r for r in read_rows(tmp_path / "out" / "measurements.parquet")}
+    failures = {r["study_key"]: r for r in read_rows(tmp_path / "out" / "failures.parquet")}
+    assert failures[study_key(entries[0]["study_uid"], key)]["reason"] == "no_labels"
+    assert failures[study_key(entries[1]["study_uid"], key)]["reason"] == "label_geometry_mismatch"
+    assert failures["kdeadbeef"]["stage"] == "convert"
+    assert not set(rows) & set(failures)
+    assert set(rows) | set(failures) == set(CohortStore(work).study_keys()) | {"kdeadbeef"}
+    for e in entries[2:]:
+        lab, _ = _truth(cohort, e["study_uid"])
+        grid = CohortStore(work).grid(study_key(e["study_uid"], key))
+        row = rows[study_key(e["study_uid"], key)]
+        for name in ("effusion", "femur", "medial_meniscus", "acl"):
+            expected = np.sum(lab == L.by_name(name).id) * grid.voxel_volume_mm3
+            assert row[f"{name}_volume_mm3"] == pytest.approx(expected, rel=1e-9)
+            assert row[f"{name}_volume_ml"] == pytest.approx(expected / 1000, rel=1e-9)
+        assert row["label_source"] == "nifti"
+        # every plate measured, thickness in a plausible range for these synthetic knees
+        for plate in L.in_group("cartilage"):
+            assert 0.5 < row[f"{plate.name}_thickness_mean_mm"] < 4.5
+        assert row["effusion_t2_mean"] > 1.5 * row["femoral_cartilage_t2_mean"]
+
+
+def test_measure_store_labels_written_by_segmentation(cohort, store, manifest, key_file, tmp_path):
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    s = CohortStore(work)
+    key = load_or_create_key(key_file)
+    e = manifest["studies"][2]
+    k = study_key(e["study_uid"], key)
+    lab, _ = _truth(cohort, e["study_uid"])
+    s.write_labels(k, lab)
+    assert np.array_equal(s.read_labels(k), lab)
+    report = measure_store(work, tmp_path / "out", show_progress=False)
+    assert (report.measured, report.failed) == (1, 5)
+    failures = read_rows(tmp_path / "out" / "failures.parquet")
+    assert {f["reason"] for f in failures} == {"no_labels"}
+    row = read_rows(tmp_path / "out" / "measurements.parquet")[0]
+    assert row["study_key"] == k and row["label_source"] == "store"
+
+
+def test_cli_synth_convert_measure_on_a_dask_cluster(tmp_path, key_file, capsys):
+    assert main(["synth", str(tmp_path / "c"), "--n", "3", "--seed", "5", "--preset", "small", "--workers", "1",
+                 "-q"]) == 0
+    assert main(["convert", str(tmp_path / "c" / "dicom"), str(tmp_path / "s"), "--workers", "2", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "3 studies found" in out and "3 converted" in out
+    assert main(["measure", str(tmp_path / "s"), str(tmp_path / "m"), "--labels", str(tmp_path / "c" / "truth"),
+                 "--workers", "2", "-q"]) == 0
+    rows = read_rows(tmp_path / "m" / "measurements.parquet")
+    assert len(rows) == 3 and all(r["total_muscle_volume_ml"] > 10 for r in rows)
+    assert read_rows(tmp_path / "m" / "failures.parquet") == []
+
+
+def test_cli_help_and_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("synth", "convert", "measure", "demo", "labels"):
+        assert cmd in out
+    assert main(["measure", str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    assert "no cohort store" in capsys.readouterr().err
