@@ -9,6 +9,12 @@ import os
 from contextlib import contextmanager
 
 
+# Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in workers; setting it turns off glibc's
+# dynamic mmap threshold, so every large NumPy temporary becomes a fresh mmap and is
+# page-faulted in again: measured 1.9x slower per study in convert. Unset it.
+WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
 def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
@@ -22,6 +28,7 @@ def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_w
     """
     import logging
 
+    import dask
     from distributed import Client, LocalCluster
 
     logging.getLogger("distributed").setLevel(logging.ERROR)  # cluster chatter is not user output
@@ -32,9 +39,10 @@ def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_w
         return
     if kind != "local":
         raise ValueError(f"unknown cluster kind {kind!r}; choose 'local' or give an address")
-    cluster = LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=threads_per_worker,
-                           processes=processes, dashboard_address=None, scheduler_kwargs={"dashboard": False},
-                           silence_logs=logging.ERROR)
+    with dask.config.set(WORKER_CONFIG):
+        cluster = LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=threads_per_worker,
+                               processes=processes, dashboard_address=None, scheduler_kwargs={"dashboard": False},
+                               silence_logs=logging.ERROR)
     try:
         with Client(cluster) as client:
             yield client

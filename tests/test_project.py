@@ -1,0 +1,24 @@
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _commands():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```\n(.+?)\n```", quick, re.S)
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+    demo, tests = _commands()
+    assert "kneebatch demo" in demo and "pytest" in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests.strip() in ci.splitlines()
+
+
+def test_no_pickle_or_runtime_downloads_in_the_package():
+    for path in (ROOT / "kneebatch").rglob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "torch.load(" not in text, path
+        assert "urllib.request" not in text and "requests.get" not in text, path
