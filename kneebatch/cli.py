@@ -65,6 +65,20 @@ def cmd_measure(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from kneebatch.models.train import train
+
+    if args.labels_from is not None:
+        from kneebatch.ingest.label_import import import_labels
+
+        n, missing = import_labels(args.store, args.labels_from, name=args.label_name)
+        print(f"imported {n} label maps into the store as '{args.label_name}' ({len(missing)} studies without one)")
+    metrics = train(args.store, args.out, minutes_coarse=args.minutes_coarse, minutes_fine=args.minutes_fine,
+                    threads=args.threads, seed=args.seed, label_name=args.label_name)
+    print(f"test mean Dice {metrics['test_mean_dice']:.3f}; weights, metrics and curves in {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from kneebatch.demo import run_demo
 
@@ -118,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the label maps in the store)")
     common(s)
     s.set_defaults(func=cmd_measure)
+
+    s = sub.add_parser("train", help="coarse-to-fine training from a store with label maps (resumable)")
+    s.add_argument("store", type=Path, help="cohort store whose studies carry label maps")
+    s.add_argument("out", type=Path, help="output folder: weights (safetensors), config, metrics, log, curves")
+    s.add_argument("--labels-from", type=Path, default=None,
+                   help="first import <StudyInstanceUID>.nii.gz label maps from this folder into the store")
+    s.add_argument("--label-name", default="truth", help="label array in the store to train on (default truth)")
+    s.add_argument("--minutes-coarse", type=float, default=4.0, help="time budget of the coarse stage")
+    s.add_argument("--minutes-fine", type=float, default=40.0, help="time budget of the fine stage")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--seed", type=int, default=0, help="split and sampling seed")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("demo", help="synthetic normal-vs-OA cohort end to end, with a group table")
     s.add_argument("--out", type=Path, default=Path("kneebatch-demo"), help="output folder (default ./kneebatch-demo)")

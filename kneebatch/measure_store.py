@@ -19,7 +19,7 @@ from pathlib import Path
 from kneebatch import __version__
 from kneebatch.distributed.tasks import map_unordered
 from kneebatch.errors import StudyError
-from kneebatch.ingest.nifti import read_nifti
+from kneebatch.ingest.label_import import label_file, read_label_file
 from kneebatch.ingest.store import CohortStore
 from kneebatch.measure import measure_study, measurement_schema
 from kneebatch.outputs import FAILURE_SCHEMA, merge_rows, read_rows, write_rows
@@ -34,14 +34,6 @@ class MeasureReport:
     seconds: float = 0.0
 
 
-def _label_file(labels_dir: Path, study_uid: str) -> Path | None:
-    for suffix in (".nii.gz", ".nii"):
-        p = labels_dir / f"{study_uid}{suffix}"
-        if p.exists():
-            return p
-    return None
-
-
 def measure_one(job, store_path: str) -> dict:
     """Measure one study; never raises. Returns ``{"row": ...}`` or ``{"failure": ...}``."""
     key, label_path = job
@@ -49,10 +41,7 @@ def measure_one(job, store_path: str) -> dict:
     try:
         image, grid = store.read_image(key)
         if label_path is not None:
-            labels, label_grid = read_nifti(label_path)
-            if not label_grid.same_as(grid):
-                raise StudyError("label_geometry_mismatch",
-                                 f"labels {label_grid.shape} vs image {grid.shape}")
+            labels = read_label_file(label_path, grid)
             source = "nifti"
         else:
             labels = store.read_labels(key)
@@ -79,7 +68,7 @@ def measure_store(store_path, out, labels_dir=None, client=None, show_progress=N
     if labels_dir is not None:
         uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
         for k in keys:
-            path = _label_file(Path(labels_dir), uid_of.get(k, ""))
+            path = label_file(Path(labels_dir), uid_of.get(k, ""))
             if path is None:
                 missing_label_files.append(k)
             else:

@@ -94,13 +94,14 @@ class CohortStore:
             if partial.exists():
                 shutil.rmtree(partial, ignore_errors=True)
 
-    def write_labels(self, key: str, labels: np.ndarray, attrs: dict | None = None) -> None:
+    def write_labels(self, key: str, labels: np.ndarray, attrs: dict | None = None, name: str = "labels") -> None:
+        """A uint8 label map on the study grid; ``name`` = ``labels`` (segmentation) or ``truth``."""
         grid = self.grid(key)
         if labels.shape != grid.shape:
             raise ValueError(f"labels {labels.shape} do not match the study grid {grid.shape}")
         group = zarr.open_group(str(self.path / key), mode="a")
         chunks = tuple(min(c, s) for c, s in zip(CHUNK_ZYX, grid.shape))
-        arr = group.create_array("labels", shape=labels.shape, dtype=np.uint8, chunks=chunks,
+        arr = group.create_array(name, shape=labels.shape, dtype=np.uint8, chunks=chunks,
                                  compressors=_compressor(), dimension_names=("z", "y", "x"), overwrite=True)
         arr[...] = labels.astype(np.uint8)
         arr.attrs.update({**grid.to_attrs(), **(attrs or {})})
@@ -119,10 +120,10 @@ class CohortStore:
         arr = self._array(key, "image")
         return arr[...], Grid.from_attrs(arr.attrs)
 
-    def read_labels(self, key: str) -> np.ndarray | None:
-        if not (self.path / key / "labels" / "zarr.json").exists():
+    def read_labels(self, key: str, name: str = "labels") -> np.ndarray | None:
+        if not (self.path / key / name / "zarr.json").exists():
             return None
-        return self._array(key, "labels")[...]
+        return self._array(key, name)[...]
 
     def _array(self, key: str, name: str):
         return zarr.open_array(str(self.path / key / name), mode="r")

@@ -1,0 +1,89 @@
+"""Inference backends behind one interface: ``engine(x) -> logits``.
+
+``x`` is a float32 torch tensor ``[N, C, Z, Y, X]`` on ``engine.device``; the logits come
+back as a torch tensor on the same device, so the pipeline around an engine is the
+same for every backend. Engines are built once per worker (see
+:mod:`kneebatch.distributed.plugin`) and checked against their recorded hashes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kneebatch.models.checkpoints import load_weights, sha256_file
+from kneebatch.models.config import build_network
+
+
+class EngineHashMismatch(RuntimeError):
+    pass
+
+
+def verify_hash(path, expected: str | None) -> str:
+    actual = sha256_file(path)
+    if expected and actual != expected:
+        raise EngineHashMismatch(f"{Path(path).name}: sha256 {actual[:12]}… does not match the recorded {expected[:12]}…")
+    return actual
+
+
+class TorchEngine:
+    """Eager (or ``torch.compile``d) MONAI network from safetensors weights."""
+
+    name = "torch"
+
+    def __init__(self, net_cfg, in_channels: int, n_classes: int, weights, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, compile: bool = False, expected_sha256: str | None = None):
+        self.sha256 = verify_hash(weights, expected_sha256)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        model = build_network(net_cfg, in_channels, n_classes)
+        state, _ = load_weights(weights)
+        model.load_state_dict(state)
+        self.model = model.to(self.device, dtype).eval()
+        self.forward = torch.compile(self.model, dynamic=True) if compile else self.model
+
+    @classmethod
+    def from_module(cls, model: torch.nn.Module, device: str = "cpu") -> "TorchEngine":
+        self = cls.__new__(cls)
+        self.sha256, self.device, self.dtype = "in-memory", torch.device(device), torch.float32
+        self.model = self.forward = model.eval()
+        return self
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x.to(self.device, self.dtype)).float()
+
+
+class OnnxRuntimeEngine:
+    """ONNX Runtime session (CPU by default; CUDA provider when asked and available)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path, expected_sha256: str | None = None, threads: int | None = None,
+                 providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.sha256 = verify_hash(path, expected_sha256)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.device = torch.device("cpu")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().cpu().numpy(), np.float32)})[0]
+        return torch.from_numpy(out)
+
+
+def export_onnx(model: torch.nn.Module, path, example_shape, opset: int = 17) -> str:
+    """Legacy (TorchScript) exporter: needs no onnxscript; batch and spatial axes dynamic."""
+    model = model.eval().cpu()
+    example = torch.zeros(example_shape)
+    dyn = {0: "batch", 2: "z", 3: "y", 4: "x"}
+    torch.onnx.export(model, example, str(path), input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": dyn, "logits": dyn}, opset_version=opset, dynamo=False)
+    return sha256_file(path)

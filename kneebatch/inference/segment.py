@@ -1,0 +1,97 @@
+"""Coarse-to-fine segmentation of one study (the paper's method), on any torch device.
+
+read (uint16 [2,Z,Y,X]) -> normalize -> coarse net on the whole field of view at a
+fixed small shape -> bounding box of the coarse foreground (+ margin) -> crop at full
+resolution -> resize to the fine working spacing -> fine net -> logits resampled to
+the native crop (trilinear, in slabs to bound memory) -> argmax -> paste into the
+full volume. Everything after the read stays on the engine's device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kneebatch.geometry import Grid
+from kneebatch.models.config import ModelConfig
+from kneebatch.models.preprocess import box_from_mask, normalize, pad_to_multiple, resize, working_shape
+
+SLAB_VOXELS = 2_000_000  # native voxels per upsampling slab (x n_classes x 4 bytes of logits)
+
+
+@dataclass
+class SegmentInfo:
+    box: tuple = ()
+    working_shape: tuple = ()
+    seconds: dict = field(default_factory=dict)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
+    """argmax of ``logits [K, z, y, x]`` trilinearly resampled onto ``out_shape`` over the same box.
+
+    Voxel centres sit at (i + 0.5) / n of the box on both grids (``align_corners=False``);
+    done in slabs along z so that K x slab voxels of float32 is all that is held.
+    """
+    if tuple(logits.shape[1:]) == tuple(out_shape):
+        return logits.argmax(0).to(torch.uint8)
+    nz, ny, nx = (int(s) for s in out_shape)
+    dev = logits.device
+
+    def norm(n, start=0, stop=None):
+        stop = n if stop is None else stop
+        return ((torch.arange(start, stop, device=dev, dtype=torch.float32) + 0.5) / n) * 2 - 1
+
+    gy, gx = norm(ny), norm(nx)
+    out = torch.empty((nz, ny, nx), dtype=torch.uint8, device=dev)
+    step = max(1, SLAB_VOXELS // (ny * nx))
+    src = logits[None].float()
+    for z0 in range(0, nz, step):
+        gz = norm(nz, z0, min(z0 + step, nz))
+        grid = torch.stack(torch.meshgrid(gx, gy, gz, indexing="xy"), dim=-1)  # [y, x, z, 3] (x, y, z)
+        grid = grid.permute(2, 0, 1, 3)[None]  # [1, z, y, x, 3]
+        sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out[z0:z0 + gz.numel()] = sampled[0].argmax(0).to(torch.uint8)
+    return out
+
+
+def segment(image, grid: Grid, coarse, fine, cfg: ModelConfig) -> tuple[torch.Tensor, SegmentInfo]:
+    """Label map (uint8, on the fine engine's device) on the study grid."""
+    info = SegmentInfo()
+    device = fine.device
+    t = time.perf_counter()
+    x = torch.as_tensor(image).to(device)
+    x = normalize(x)
+    native = tuple(x.shape[1:])
+    _sync(device)
+    info.seconds["normalize"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    xc, _ = pad_to_multiple(resize(x, cfg.coarse_shape), cfg.coarse.divisor())
+    coarse_labels = coarse(xc[None])[0].argmax(0)
+    box = box_from_mask(coarse_labels > 0, native, grid.spacing, cfg.crop_margin_mm)
+    _sync(device)
+    info.seconds["coarse"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    crop = x[(slice(None), *box)]
+    wshape = working_shape(crop.shape[1:], grid.spacing, cfg.fine_spacing_mm)
+    xf, _ = pad_to_multiple(resize(crop, wshape), cfg.fine.divisor())
+    logits = fine(xf[None])[0][:, : wshape[0], : wshape[1], : wshape[2]]
+    _sync(device)
+    info.seconds["fine"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    labels = torch.zeros(native, dtype=torch.uint8, device=device)
+    labels[box] = upsample_argmax(logits, crop.shape[1:])
+    _sync(device)
+    info.seconds["paste"] = time.perf_counter() - t
+    info.box, info.working_shape = box, wshape
+    return labels, info

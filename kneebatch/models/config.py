@@ -1,0 +1,64 @@
+"""Network and preprocessing configuration (JSON), and the networks it builds.
+
+One file describes both stages of the coarse-to-fine method, so training,
+inference, ONNX export and benchmarks all build exactly the same networks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kneebatch import labels as L
+
+
+@dataclass
+class NetConfig:
+    channels: list
+    strides: list  # per level, (z, y, x) or an int
+    num_res_units: int = 1
+    norm: str = "INSTANCE"
+
+    def divisor(self) -> tuple[int, int, int]:
+        """Input sizes must be multiples of this (product of the strides per axis)."""
+        d = [1, 1, 1]
+        for s in self.strides:
+            s = (s, s, s) if isinstance(s, int) else s
+            d = [a * b for a, b in zip(d, s)]
+        return tuple(d)
+
+
+@dataclass
+class ModelConfig:
+    coarse: NetConfig = field(default_factory=lambda: NetConfig([8, 16, 32, 64], [2, 2, 2]))
+    fine: NetConfig = field(default_factory=lambda: NetConfig(
+        [16, 32, 64, 128, 128], [[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]))
+    coarse_shape: list = field(default_factory=lambda: [32, 64, 64])  # whole field of view
+    fine_spacing_mm: list = field(default_factory=lambda: [3.0, 0.5, 0.5])  # working grid of the crop
+    fine_patch: list = field(default_factory=lambda: [16, 128, 128])
+    crop_margin_mm: float = 12.0
+    in_channels: int = 2  # T1, T2
+    n_classes: int = L.N_CLASSES
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["coarse"] = NetConfig(**d["coarse"])
+        d["fine"] = NetConfig(**d["fine"])
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def build_network(net: NetConfig, in_channels: int, out_channels: int):
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, channels=list(net.channels),
+                strides=[tuple(s) if isinstance(s, list) else s for s in net.strides],
+                num_res_units=net.num_res_units, norm=net.norm)

@@ -1,0 +1,71 @@
+"""Preprocessing shared by training and inference (torch tensors, CPU or CUDA).
+
+Grids: the coarse input is the whole volume resized to a fixed shape; the fine input
+is a crop resized to about ``fine_spacing_mm``. Both resizes keep the crop's physical
+box (``align_corners=False``: voxel centres at (i + 0.5) * extent / n), so resizing
+back with the same call maps every voxel to where it came from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """Per-channel z-score over the body (voxels above 5 % of the channel's 99th percentile)."""
+    out = torch.empty_like(image, dtype=torch.float32)
+    for c in range(image.shape[0]):
+        x = image[c].float()
+        flat = x.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 200_000)]
+        body = x > 0.05 * torch.quantile(sample, 0.99)
+        vals = x[body] if bool(body.any()) else flat
+        out[c] = (x - vals.mean()) / vals.std().clamp_min(1e-6)
+    return out
+
+
+def resize(t: torch.Tensor, shape, labels: bool = False) -> torch.Tensor:
+    """``[C, Z, Y, X]`` (or ``[Z, Y, X]`` labels) resized to ``shape`` over the same box."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(t.shape[-3:]) == shape:
+        return t
+    if labels:
+        x = t[None, None].float()
+        return F.interpolate(x, size=shape, mode="nearest-exact")[0, 0].to(t.dtype)
+    return F.interpolate(t[None].float(), size=shape, mode="trilinear", align_corners=False)[0]
+
+
+def working_shape(native_shape, spacing, target_spacing) -> tuple[int, int, int]:
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(native_shape, spacing, target_spacing))
+
+
+def pad_to_multiple(t: torch.Tensor, divisor) -> tuple[torch.Tensor, tuple]:
+    """Zero-pad the last three axes at the end up to multiples of ``divisor``."""
+    shape = t.shape[-3:]
+    target = [int(math.ceil(s / d) * d) for s, d in zip(shape, divisor)]
+    pad = []
+    for s, tgt in reversed(list(zip(shape, target))):
+        pad += [0, tgt - s]
+    return (F.pad(t, pad) if any(pad) else t), tuple(shape)
+
+
+def box_from_mask(mask: torch.Tensor, native_shape, spacing, margin_mm: float):
+    """Bounding box of a (coarse-grid) foreground mask, scaled to the native grid, plus a margin.
+
+    Returns index slices on the native grid, or the whole volume if the mask is empty.
+    """
+    if not bool(mask.any()):
+        return tuple(slice(0, n) for n in native_shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = torch.nonzero(mask.any(dim=other)).flatten()
+        scale = native_shape[axis] / mask.shape[axis]
+        margin = int(math.ceil(margin_mm / spacing[axis]))
+        lo = max(int(math.floor(int(hit[0]) * scale)) - margin, 0)
+        hi = min(int(math.ceil((int(hit[-1]) + 1) * scale)) + margin, native_shape[axis])
+        box.append(slice(lo, hi))
+    return tuple(box)

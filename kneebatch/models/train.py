@@ -1,0 +1,363 @@
+"""``kneebatch train``: the paper's coarse-to-fine sequential training.
+
+1. coarse net on whole volumes resized to ``coarse_shape``;
+2. the trained coarse net predicts every training volume; its foreground box (plus the
+   crop margin and a random jitter of up to ``jitter_mm`` per side, so the fine net
+   learns to tolerate coarse errors) is cropped and resized to the fine working grid;
+3. fine net on random patches of those crops (half centred on small tissues).
+
+Subject-level split 8:1:1 (train/val/test). Validation Dice per label drives
+best-checkpoint selection (EMA weights). Everything is written under ``OUT``:
+``coarse.safetensors``, ``fine.safetensors`` (best, fp16), ``model_config.json``,
+``metrics.json``, ``train_log.csv``, ``train_curves.png``, and ``checkpoints/`` with
+the last full state of each stage, from which an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kneebatch import labels as L
+from kneebatch.models.checkpoints import load_weights, save_weights
+from kneebatch.models.config import ModelConfig, build_network
+from kneebatch.models.preprocess import box_from_mask, normalize, pad_to_multiple, resize, working_shape
+
+SMALL_TISSUES = [lab.id for lab in L.LABELS if lab.group in ("cartilage", "meniscus", "ligament", "tendon", "fluid")]
+
+
+@dataclass
+class Case:
+    key: str
+    coarse_x: torch.Tensor  # [2, *coarse_shape] float16
+    coarse_y: torch.Tensor  # [*coarse_shape] uint8
+    fine_x: torch.Tensor | None = None  # [2, *working] float16
+    fine_y: torch.Tensor | None = None  # [*working] uint8
+    native: tuple | None = None  # for test-time evaluation: (image uint16, labels uint8, grid)
+
+
+def split_keys(keys, seed: int = 0) -> dict[str, list[str]]:
+    """Deterministic subject-level 8:1:1 split by a hash of the key."""
+    ordered = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+    n = len(ordered)
+    n_val = max(1, round(n * 0.1))
+    n_test = max(1, round(n * 0.1))
+    return {"val": ordered[:n_val], "test": ordered[n_val:n_val + n_test], "train": ordered[n_val + n_test:]}
+
+
+def dice_per_label(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    out = {}
+    for lab in L.LABELS:
+        p, t = pred == lab.id, truth == lab.id
+        denom = int(p.sum()) + int(t.sum())
+        if int(t.sum()) == 0:
+            continue
+        out[lab.name] = 2.0 * int((p & t).sum()) / denom
+    return out
+
+
+def _log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+class Trainer:
+    def __init__(self, store_path, out, cfg: ModelConfig | None = None, label_name: str = "truth", seed: int = 0,
+                 jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 2e-3):
+        from kneebatch.ingest.store import CohortStore
+
+        self.store = CohortStore(store_path, create=False)
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt = self.out / "checkpoints"
+        self.cfg = cfg or ModelConfig()
+        self.label_name = label_name
+        self.seed = seed
+        self.jitter_mm = jitter_mm
+        self.batch_size = batch_size
+        self.lr = lr
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        keys = [k for k in self.store.study_keys() if self.store.read_labels(k, label_name) is not None]
+        if len(keys) < 3:
+            raise ValueError(f"need at least 3 studies with '{label_name}' label maps, found {len(keys)}")
+        self.split = split_keys(keys, seed)
+        (self.out / "model_config.json").write_text(self.cfg.to_json())
+        self.log_rows: list[dict] = []
+
+    # ------------------------------------------------------------------ data
+    def _load(self, key: str, keep_native: bool) -> Case:
+        image, grid = self.store.read_image(key)
+        labels = self.store.read_labels(key, self.label_name)
+        x = normalize(torch.from_numpy(image.astype(np.float32)))
+        y = torch.from_numpy(labels)
+        case = Case(key, resize(x, self.cfg.coarse_shape).half(), resize(y, self.cfg.coarse_shape, labels=True))
+        case.native = (image, labels, grid) if keep_native else None
+        case._x, case._y, case._grid = x, y, grid  # dropped after the fine crop is made
+        return case
+
+    def load(self) -> None:
+        t = time.perf_counter()
+        self.cases = {part: [self._load(k, part == "test") for k in keys] for part, keys in self.split.items()}
+        _log(f"loaded {sum(map(len, self.cases.values()))} studies "
+             f"({', '.join(f'{p} {len(c)}' for p, c in self.cases.items())}) in {time.perf_counter() - t:.0f} s")
+
+    def make_fine_crops(self, coarse_model) -> None:
+        coarse_model.eval()
+        for part, cases in self.cases.items():
+            for case in cases:
+                with torch.inference_mode():
+                    xc, _ = pad_to_multiple(case.coarse_x.float(), self.cfg.coarse.divisor())
+                    pred = coarse_model(xc[None])[0].argmax(0)
+                native = tuple(case._x.shape[1:])
+                jitter = self.jitter_mm if part == "train" else 0.0
+                margin = self.cfg.crop_margin_mm + float(self.rng.uniform(-jitter, jitter))
+                box = box_from_mask(pred > 0, native, case._grid.spacing, max(margin, 2.0))
+                crop_x = case._x[(slice(None), *box)]
+                wshape = working_shape(crop_x.shape[1:], case._grid.spacing, self.cfg.fine_spacing_mm)
+                case.fine_x = resize(crop_x, wshape).half()
+                case.fine_y = resize(case._y[box], wshape, labels=True)
+                del case._x, case._y
+
+    # ------------------------------------------------------------------ batches
+    def _augment(self, x: torch.Tensor, y: torch.Tensor):
+        if self.rng.random() < 0.5:  # mirror left-right: a left knee is a mirrored right knee
+            x, y = x.flip(-3), y.flip(-3)
+        scale = torch.from_numpy(self.rng.uniform(0.85, 1.15, (x.shape[0], 1, 1, 1)).astype(np.float32))
+        shift = torch.from_numpy(self.rng.uniform(-0.15, 0.15, (x.shape[0], 1, 1, 1)).astype(np.float32))
+        return x * scale + shift, y
+
+    def coarse_batch(self):
+        cases = [self.cases["train"][i] for i in self.rng.integers(0, len(self.cases["train"]), 4)]
+        xs, ys = zip(*(self._augment(c.coarse_x.float(), c.coarse_y) for c in cases))
+        return torch.stack(xs), torch.stack(ys).long()[:, None]
+
+    def fine_batch(self):
+        xs, ys = [], []
+        patch = self.cfg.fine_patch
+        for _ in range(self.batch_size):
+            case = self.cases["train"][int(self.rng.integers(0, len(self.cases["train"])))]
+            x, y = case.fine_x, case.fine_y
+            x, _ = pad_to_multiple(x, patch) if any(s < p for s, p in zip(x.shape[1:], patch)) else (x, None)
+            y = y if tuple(y.shape) == tuple(x.shape[1:]) else _pad_labels(y, x.shape[1:])
+            if self.rng.random() < 0.5:
+                small = torch.nonzero(torch.isin(y, torch.tensor(SMALL_TISSUES, dtype=y.dtype)))
+                centre = small[int(self.rng.integers(0, len(small)))].tolist() if len(small) else None
+            else:
+                centre = None
+            if centre is None:
+                centre = [int(self.rng.integers(0, s)) for s in y.shape]
+            start = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, patch, y.shape)]
+            sl = tuple(slice(a, a + p) for a, p in zip(start, patch))
+            px, py = self._augment(x[(slice(None), *sl)].float(), y[sl])
+            xs.append(px)
+            ys.append(py)
+        return torch.stack(xs), torch.stack(ys).long()[:, None]
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.inference_mode()
+    def validate_fine(self, model) -> dict[str, float]:
+        model.eval()
+        scores = []
+        for case in self.cases["val"]:
+            x, _ = pad_to_multiple(case.fine_x.float(), self.cfg.fine.divisor())
+            shape = case.fine_y.shape
+            pred = model(x[None])[0][:, : shape[0], : shape[1], : shape[2]].argmax(0)
+            scores.append(dice_per_label(pred, case.fine_y))
+        model.train()
+        return _mean_scores(scores)
+
+    @torch.inference_mode()
+    def validate_coarse(self, model) -> float:
+        model.eval()
+        scores = []
+        for case in self.cases["val"]:
+            x, _ = pad_to_multiple(case.coarse_x.float(), self.cfg.coarse.divisor())
+            fg_pred = model(x[None])[0].argmax(0) > 0
+            fg = case.coarse_y > 0
+            scores.append(2 * int((fg_pred & fg).sum()) / max(int(fg_pred.sum()) + int(fg.sum()), 1))
+        model.train()
+        return float(np.mean(scores))
+
+    # ------------------------------------------------------------------ loops
+    def run_stage(self, stage: str, minutes: float, eval_every: int) -> torch.nn.Module:
+        from monai.losses import DiceCELoss
+
+        net_cfg = self.cfg.coarse if stage == "coarse" else self.cfg.fine
+        model = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
+        ema = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=1e-4)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+        step, elapsed, best = 0, 0.0, -1.0
+        last = self.ckpt / f"{stage}_last.safetensors"
+        final = self.out / f"{stage}.safetensors"
+        if last.exists():  # resume
+            state, meta = load_weights(last)
+            model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+            ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
+            _load_optimizer(opt, state)
+            step, elapsed, best = meta["step"], meta["elapsed_s"], meta["best"]
+            self.log_rows = meta.get("log", [])
+            _log(f"{stage}: resumed at step {step}, {elapsed / 60:.1f} of {minutes} min")
+        else:
+            ema.load_state_dict(model.state_dict())
+        if meta_done(last, minutes):
+            _log(f"{stage}: already finished")
+            best_state, _ = load_weights(final)
+            model.load_state_dict(best_state)
+            return model.eval()
+        model.train()
+        budget = minutes * 60.0
+        t_start = time.perf_counter() - elapsed
+        while True:
+            elapsed = time.perf_counter() - t_start
+            if elapsed >= budget:
+                break
+            frac = elapsed / budget
+            lr = self.lr * min(1.0, (step + 1) / 30) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = self.coarse_batch() if stage == "coarse" else self.fine_batch()
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            opt.step()
+            step += 1
+            with torch.no_grad():
+                decay = min(0.99, (1 + step) / (10 + step))
+                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
+                    if pe.is_floating_point():
+                        pe.mul_(decay).add_(pm, alpha=1 - decay)
+                    else:
+                        pe.copy_(pm)
+            if step % eval_every == 0 or time.perf_counter() - t_start >= budget:
+                row = {"stage": stage, "step": step, "minutes": round((time.perf_counter() - t_start) / 60, 2),
+                       "loss": round(float(loss.detach()), 4), "lr": lr}
+                if stage == "coarse":
+                    score = self.validate_coarse(ema)
+                    row["val_foreground_dice"] = round(score, 4)
+                else:
+                    per_label = self.validate_fine(ema)
+                    score = float(np.mean(list(per_label.values())))
+                    row.update({f"val_{k}": round(v, 4) for k, v in per_label.items()})
+                row["val_score"] = round(score, 4)
+                self.log_rows.append(row)
+                if score > best:
+                    best = score
+                    save_weights(final, ema.state_dict(), {"stage": stage, "step": step, "val_score": score,
+                                                           "config": json.loads(self.cfg.to_json())},
+                                 dtype=torch.float16)
+                _log(f"{stage} step {step} loss {float(loss.detach()):.3f} val {score:.4f} best {best:.4f} lr {lr:.2e}")
+                state = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                         **{f"ema.{k}": v for k, v in ema.state_dict().items()}, **_optimizer_tensors(opt)}
+                save_weights(last, state, {"step": step, "elapsed_s": time.perf_counter() - t_start, "best": best,
+                                           "minutes": minutes, "log": self.log_rows})
+        best_state, _ = load_weights(final)
+        model.load_state_dict(best_state)
+        return model.eval()
+
+    def evaluate_test(self, coarse, fine) -> dict:
+        """Full pipeline (coarse -> crop -> fine -> native grid) on the held-out test split."""
+        from kneebatch.inference.engines import TorchEngine
+        from kneebatch.inference.segment import segment
+
+        ce, fe = TorchEngine.from_module(coarse), TorchEngine.from_module(fine)
+        scores = []
+        for case in self.cases["test"]:
+            image, labels, grid = case.native
+            pred, _ = segment(image.astype(np.float32), grid, ce, fe, self.cfg)
+            scores.append(dice_per_label(pred, torch.from_numpy(labels)))
+        return _mean_scores(scores)
+
+
+def _pad_labels(y, shape):
+    out = torch.zeros(tuple(shape), dtype=y.dtype)
+    out[: y.shape[0], : y.shape[1], : y.shape[2]] = y
+    return out
+
+
+def _mean_scores(scores: list[dict]) -> dict[str, float]:
+    names = sorted({k for s in scores for k in s})
+    return {n: float(np.mean([s[n] for s in scores if n in s])) for n in names}
+
+
+def _optimizer_tensors(opt) -> dict:
+    out = {}
+    for i, (_, st) in enumerate(opt.state_dict()["state"].items()):
+        for name, v in st.items():
+            out[f"opt.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _load_optimizer(opt, state: dict) -> None:
+    sd = opt.state_dict()
+    per = {}
+    for k, v in state.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            per.setdefault(int(i), {})[name] = v
+    sd["state"] = per
+    opt.load_state_dict(sd)
+
+
+def meta_done(last: Path, minutes: float) -> bool:
+    if not last.exists():
+        return False
+    _, meta = load_weights(last)
+    return meta["elapsed_s"] >= minutes * 60.0 - 1e-6
+
+
+def write_curves(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for stage, ax in zip(("coarse", "fine"), axes):
+        r = [x for x in rows if x["stage"] == stage]
+        if not r:
+            continue
+        ax.plot([x["minutes"] for x in r], [x["loss"] for x in r], label="train loss (Dice+CE)")
+        ax.plot([x["minutes"] for x in r], [x["val_score"] for x in r], label="validation Dice")
+        ax.set_title(f"{stage} network")
+        ax.set_xlabel("minutes")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40.0, threads: int | None = None,
+          seed: int = 0, label_name: str = "truth", eval_every_fine: int = 150) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    tr = Trainer(store_path, out, label_name=label_name, seed=seed)
+    tr.load()
+    coarse = tr.run_stage("coarse", minutes_coarse, eval_every=100)
+    tr.make_fine_crops(coarse)
+    fine = tr.run_stage("fine", minutes_fine, eval_every=eval_every_fine)
+    test = tr.evaluate_test(coarse, fine)
+    out = Path(out)
+    with open(out / "train_log.csv", "w", newline="") as f:
+        cols = sorted({k for r in tr.log_rows for k in r}, key=lambda c: (not c in ("stage", "step", "minutes"), c))
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(tr.log_rows)
+    write_curves(tr.log_rows, out / "train_curves.png")
+    metrics = {"split": {k: len(v) for k, v in tr.split.items()}, "test_dice": test,
+               "test_mean_dice": float(np.mean(list(test.values()))), "seed": seed,
+               "minutes": {"coarse": minutes_coarse, "fine": minutes_fine}}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    _log(f"test mean Dice {metrics['test_mean_dice']:.4f}")
+    return metrics
