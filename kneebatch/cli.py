@@ -65,6 +65,41 @@ def cmd_measure(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from kneebatch.inference.run import run
+
+    workers = args.workers
+    if workers is None:
+        workers = 1 if args.device == "cuda" else None
+    with _client(workers) as client:
+        r = run(args.store, args.out, engines_path=args.engines, backend=args.backend, client=client,
+                batch_size=args.batch_size, device=args.device, threads=args.threads, half=args.fp16,
+                show_progress=not args.quiet)
+    print(f"{r.studies} studies: {r.segmented} segmented, {r.already_done} already done, {r.failed} failed, "
+          f"{r.carried_failures} failed at convert; {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s)")
+    print(f"-> {Path(args.out) / 'measurements.parquet'}, {Path(args.out) / 'failures.parquet'}, "
+          f"label maps in the store")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from kneebatch.export import export_nifti
+
+    n, missing = export_nifti(args.store, args.out, show_progress=not args.quiet)
+    print(f"wrote {n} label maps to {args.out} ({len(missing)} studies have none yet), "
+          f"with ITK-SNAP and 3D Slicer colour tables")
+    return 0
+
+
+def cmd_export_engines(args) -> int:
+    from kneebatch.models.publish import publish
+
+    note = {"command": args.command_line} if args.command_line else {}
+    manifest = publish(args.train_dir, args.engines, note)
+    print(f"engines in {args.engines}: " + ", ".join(f"{s} val {manifest[s]['val_score']:.3f}" for s in ("coarse", "fine")))
+    return 0
+
+
 def cmd_train(args) -> int:
     from kneebatch.models.train import train
 
@@ -132,6 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the label maps in the store)")
     common(s)
     s.set_defaults(func=cmd_measure)
+
+    s = sub.add_parser("run", help="segment (coarse-to-fine U-Nets) and measure every study of a store (resumable)")
+    s.add_argument("store", type=Path, help="cohort store")
+    s.add_argument("out", type=Path, help="output folder: measurements.parquet, failures.parquet, provenance.json")
+    s.add_argument("--engines", type=Path, default=None, help="engines folder (default: the shipped demo engines)")
+    s.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "torch-compile", "tensorrt"],
+                   help="inference backend (default onnxruntime on CPU)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for the pipeline")
+    s.add_argument("--fp16", action="store_true", help="half precision engines (GPU backends)")
+    s.add_argument("--batch-size", type=int, default=4, help="studies per task (default 4)")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads per worker for the engines")
+    common(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("export", help="label maps from the store as NIfTI (+ ITK-SNAP / Slicer colour tables)")
+    s.add_argument("store", type=Path, help="cohort store")
+    s.add_argument("out", type=Path, help="output folder: <study_key>_labels.nii.gz")
+    s.add_argument("--format", default="nifti", choices=["nifti"], help="file format (default nifti)")
+    common(s, workers=False)
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("export-engines", help="a training run -> engines folder (safetensors, ONNX, hashes)")
+    s.add_argument("train_dir", type=Path, help="output folder of 'kneebatch train'")
+    s.add_argument("engines", type=Path, help="engines folder to write")
+    s.add_argument("--command-line", default="", help="the training command, recorded in engines.json")
+    s.set_defaults(func=cmd_export_engines)
 
     s = sub.add_parser("train", help="coarse-to-fine training from a store with label maps (resumable)")
     s.add_argument("store", type=Path, help="cohort store whose studies carry label maps")

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from kneebatch import __version__
 from kneebatch import labels as L
 from kneebatch import ops
 from kneebatch.geometry import Grid
@@ -50,6 +51,8 @@ def measurement_schema() -> pa.Schema:
         pa.field("qc_flags", pa.list_(pa.string())),
         pa.field("qc_ok", pa.bool_()),
         pa.field("label_source", pa.string()),
+        pa.field("model_hash", pa.string()),  # engines that made the labels (null for imported labels)
+        pa.field("kneebatch_version", pa.string()),
     ]
     return pa.schema(fields)
 
@@ -147,4 +150,6 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
     row["qc_flags"] = flags
     row["qc_ok"] = not flags
     row["label_source"] = label_source
+    row["model_hash"] = None
+    row["kneebatch_version"] = __version__
     return row

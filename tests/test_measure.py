@@ -111,7 +111,7 @@ def test_measure_row_matches_schema_and_flags_missing_tissue():
     assert math.isnan(row["effusion_t1_mean"])
     assert "missing:tibia" in row["qc_flags"] and "missing:patella" in row["qc_flags"]
     assert row["qc_ok"] is False
-    assert all(name.endswith(("_mm3", "_ml", "_mm", "_mean", "_flags", "_ok", "_key", "_source"))
+    assert all(name.endswith(("_mm3", "_ml", "_mm", "_mean", "_flags", "_ok", "_key", "_source", "_hash", "_version"))
                for name in schema.names)
 
 

@@ -81,9 +81,14 @@ class OnnxRuntimeEngine:
 
 def export_onnx(model: torch.nn.Module, path, example_shape, opset: int = 17) -> str:
     """Legacy (TorchScript) exporter: needs no onnxscript; batch and spatial axes dynamic."""
+    import warnings
+
     model = model.eval().cpu()
     example = torch.zeros(example_shape)
     dyn = {0: "batch", 2: "z", 3: "y", 4: "x"}
-    torch.onnx.export(model, example, str(path), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": dyn, "logits": dyn}, opset_version=opset, dynamo=False)
+    with warnings.catch_warnings():
+        # instance norm always normalises with the input's own statistics: "train=True" is right
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example, str(path), input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": dyn, "logits": dyn}, opset_version=opset, dynamo=False)
     return sha256_file(path)

@@ -1,0 +1,76 @@
+"""The engines folder: weights, ONNX exports and the manifest that names their hashes.
+
+``engines/engines.json``::
+
+    {"config": "model_config.json",
+     "coarse": {"safetensors": "coarse.safetensors", "onnx": "coarse.onnx", "sha256": {...}},
+     "fine":   {...},
+     "training": {...}}
+
+Every file is checked against its recorded sha256 before it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kneebatch.models.config import ModelConfig
+
+DEFAULT_ENGINES = Path(__file__).resolve().parents[2] / "engines"
+BACKENDS = ("onnxruntime", "torch", "torch-compile", "tensorrt")
+
+
+@dataclass
+class Engines:
+    coarse: object
+    fine: object
+    config: ModelConfig
+    backend: str
+    hashes: dict  # stage -> sha256 of the file actually loaded
+
+    @property
+    def model_hash(self) -> str:
+        return f"{self.hashes['coarse'][:12]}+{self.hashes['fine'][:12]}"
+
+
+def engines_dir(path=None) -> Path:
+    p = Path(path) if path else DEFAULT_ENGINES
+    if not (p / "engines.json").exists():
+        raise FileNotFoundError(f"no engines.json in {p}: train with 'kneebatch train' and 'kneebatch export-engines'")
+    return p
+
+
+def read_manifest(path=None) -> dict:
+    return json.loads((engines_dir(path) / "engines.json").read_text())
+
+
+def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
+                 half: bool = False) -> Engines:
+    from kneebatch.inference.engines import OnnxRuntimeEngine, TorchEngine
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    root = engines_dir(path)
+    manifest = read_manifest(root)
+    cfg = ModelConfig.load(root / manifest["config"])
+    built, hashes = {}, {}
+    for stage in ("coarse", "fine"):
+        entry = manifest[stage]
+        net = cfg.coarse if stage == "coarse" else cfg.fine
+        if backend == "onnxruntime":
+            eng = OnnxRuntimeEngine(root / entry["onnx"], expected_sha256=entry["sha256"][entry["onnx"]], threads=threads)
+        elif backend == "tensorrt":
+            from kneebatch.inference.tensorrt_engine import TensorRTEngine
+
+            eng = TensorRTEngine.from_onnx(root / entry["onnx"], expected_sha256=entry["sha256"][entry["onnx"]],
+                                           fp16=half)
+        else:
+            import torch
+
+            eng = TorchEngine(net, cfg.in_channels, cfg.n_classes, root / entry["safetensors"], device=device,
+                              dtype=torch.float16 if half else torch.float32, compile=backend == "torch-compile",
+                              expected_sha256=entry["sha256"][entry["safetensors"]])
+        built[stage], hashes[stage] = eng, eng.sha256
+    return Engines(built["coarse"], built["fine"], cfg, backend, hashes)

@@ -1,0 +1,183 @@
+"""``kneebatch run``: segment and measure every study of a cohort store on a Dask cluster.
+
+Tasks carry batches of study keys; workers hold the engines (loaded once per worker
+by :class:`kneebatch.distributed.plugin.EngineLoader`); the driver keeps a bounded
+number of batches in flight and saves each finished batch at once as
+``OUT/parts/<batch>.parquet`` (atomic), so an interrupted run loses at most the
+batches in flight and a re-run skips every study already saved. At the end the parts
+are gathered into ``measurements.parquet`` and ``failures.parquet`` (convert failures
+carried over): every study of the store is in exactly one of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from kneebatch import __version__
+from kneebatch.distributed.tasks import map_unordered
+from kneebatch.errors import StudyError
+from kneebatch.ingest.store import CohortStore
+from kneebatch.measure import measurement_schema, measure_study
+from kneebatch.outputs import FAILURE_SCHEMA, merge_rows, read_rows, write_rows
+from kneebatch.progress import progress_bar
+
+STAGES = ("read", "normalize", "coarse", "fine", "paste", "write", "measure")
+
+
+@dataclass
+class RunReport:
+    studies: int = 0
+    segmented: int = 0
+    failed: int = 0
+    already_done: int = 0
+    carried_failures: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)
+
+    @property
+    def studies_per_s(self) -> float:
+        return self.segmented / self.seconds if self.seconds else 0.0
+
+
+def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
+    """Segment, save and measure a batch of studies; never raises."""
+    import torch
+
+    from kneebatch.inference.segment import segment
+
+    if engines is None:
+        from kneebatch.distributed.plugin import worker_engines
+
+        engines = worker_engines()
+    store = CohortStore(store_path, create=False)
+    rows, failures = [], []
+    seconds = dict.fromkeys(STAGES, 0.0)
+    for key in keys:
+        try:
+            t = time.perf_counter()
+            image, grid = store.read_image(key)
+            image = image.astype(np.float32)
+            seconds["read"] += time.perf_counter() - t
+            labels, info = segment(image, grid, engines.coarse, engines.fine, engines.config)
+            for k, v in info.seconds.items():
+                seconds[k] += v
+            t = time.perf_counter()
+            store.write_labels(key, labels.cpu().numpy(), {"model_hash": engines.model_hash,
+                                                           "kneebatch_version": __version__})
+            seconds["write"] += time.perf_counter() - t
+            t = time.perf_counter()
+            row = measure_study(key, labels, torch.from_numpy(image).to(labels.device), grid, store.channels(key),
+                                "segmentation")
+            row["model_hash"] = engines.model_hash
+            rows.append(row)
+            seconds["measure"] += time.perf_counter() - t
+        except StudyError as e:
+            failures.append({"study_key": key, "stage": "run", "reason": e.reason, "message": e.message})
+        except Exception as e:  # one bad study never stops a run
+            failures.append({"study_key": key, "stage": "run", "reason": "internal_error",
+                             "message": f"{type(e).__name__}: {e}"[:500]})
+    return {"keys": list(keys), "rows": rows, "failures": failures, "seconds": seconds}
+
+
+def _part_name(keys) -> str:
+    return "part-" + hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def _saved(parts: Path) -> tuple[list[dict], list[dict]]:
+    rows, failures = [], []
+    for p in sorted(parts.glob("part-*.parquet")):
+        if p.name.endswith(".failures.parquet"):
+            failures += read_rows(p)
+        else:
+            rows += read_rows(p)
+    return rows, failures
+
+
+def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client=None, batch_size: int = 4,
+        device: str = "cpu", threads: int | None = None, half: bool = False, show_progress=None) -> RunReport:
+    t0 = time.perf_counter()
+    store = CohortStore(store_path, create=False)
+    out = Path(out)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    keys = store.study_keys()
+    saved_rows, saved_failures = _saved(parts)
+    # failed studies are tried again on a re-run; finished ones are not
+    done = {r["study_key"] for r in saved_rows}
+    todo = [k for k in keys if k not in done]
+    report = RunReport(studies=len(keys), already_done=len(keys) - len(todo))
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+
+    engines = None
+    if client is not None:
+        from kneebatch.distributed.plugin import EngineLoader
+
+        client.register_plugin(EngineLoader(str(engines_path) if engines_path else None, backend, device, threads,
+                                            half))
+    else:
+        from kneebatch.inference.engine_dir import load_engines
+
+        engines = load_engines(engines_path, backend, device, threads, half)
+    stage_seconds = dict.fromkeys(STAGES, 0.0)
+    schema = measurement_schema()
+    with progress_bar(len(todo), "segmenting studies", show_progress) as advance:
+        kwargs = {"store_path": str(store.path)} if client is not None else {"store_path": str(store.path),
+                                                                             "engines": engines}
+        for result in map_unordered(process_batch, batches, client, **kwargs):
+            name = _part_name(result["keys"])
+            write_rows(result["failures"], FAILURE_SCHEMA, parts / f"{name}.failures.parquet")
+            write_rows(result["rows"], schema, parts / f"{name}.parquet")  # last: marks the batch saved
+            for k, v in result["seconds"].items():
+                stage_seconds[k] += v
+            report.segmented += len(result["rows"])
+            advance(len(result["keys"]))
+    rows, failures = _saved(parts)
+    rows = merge_rows([], rows)
+    ok = {r["study_key"] for r in rows}
+    failures = [f for f in merge_rows([], failures) if f["study_key"] not in ok]
+    carried = [f for f in read_rows(store.failures_path) if f["study_key"] not in set(keys)]
+    write_rows(rows, schema, out / "measurements.parquet")
+    write_rows(merge_rows(carried, failures), FAILURE_SCHEMA, out / "failures.parquet")
+    report.failed = len(failures)
+    report.carried_failures = len(carried)
+    report.seconds = time.perf_counter() - t0
+    report.stage_seconds = stage_seconds
+    _write_provenance(out, report, engines_path, backend, device, batch_size)
+    return report
+
+
+def _write_provenance(out: Path, report: RunReport, engines_path, backend, device, batch_size) -> None:
+    import onnxruntime
+    import torch
+
+    from kneebatch.inference.engine_dir import engines_dir, read_manifest
+
+    manifest = read_manifest(engines_path)
+    provenance = {
+        "kneebatch_version": __version__,
+        "command": "run",
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backend": backend,
+        "device": device,
+        "batch_size": batch_size,
+        "engines": {stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
+        "model_config": json.loads((engines_dir(engines_path) / manifest["config"]).read_text()),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+        "studies": report.studies,
+        "segmented_this_run": report.segmented,
+        "failed": report.failed + report.carried_failures,
+        "seconds": round(report.seconds, 2),
+        "stage_seconds": {k: round(v, 2) for k, v in report.stage_seconds.items()},
+    }
+    tmp = out / ".provenance.json.tmp"
+    tmp.write_text(json.dumps(provenance, indent=1))
+    tmp.replace(out / "provenance.json")

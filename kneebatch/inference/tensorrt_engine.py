@@ -1,0 +1,84 @@
+"""TensorRT backend (optional; needs ``tensorrt`` >= 10 and a CUDA GPU).
+
+Builds a plan from the shipped ONNX file with a dynamic-shape optimization profile,
+caches it per (GPU, TensorRT version, ONNX sha256) next to the ONNX file (git-ignored),
+and runs it with ``execute_async_v3`` on torch CUDA tensors, so the pipeline around it
+is the same as for the other engines. TensorRT cannot be installed in the project's
+own build machines; this backend is written against the TensorRT 10 Python API and
+is not exercised by CI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kneebatch.inference.engines import verify_hash
+
+# optimization profile over [N, C, Z, Y, X]: min / opt / max
+PROFILE = ((1, 2, 4, 16, 16), (1, 2, 48, 320, 320), (4, 2, 96, 512, 512))
+
+
+class TensorRTEngine:
+    name = "tensorrt"
+
+    def __init__(self, plan_bytes: bytes, sha256: str):
+        import tensorrt as trt
+
+        self.sha256 = sha256
+        self.device = torch.device("cuda")
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(plan_bytes)
+        self.context = self.engine.create_execution_context()
+        self.input_name = self.engine.get_tensor_name(0)
+        self.output_name = self.engine.get_tensor_name(1)
+        self.stream = torch.cuda.Stream()
+
+    @classmethod
+    def from_onnx(cls, onnx_path, expected_sha256: str | None = None, fp16: bool = True,
+                  profile=PROFILE) -> "TensorRTEngine":
+        import tensorrt as trt
+
+        sha = verify_hash(onnx_path, expected_sha256)
+        gpu = torch.cuda.get_device_name().replace(" ", "_")
+        cache = Path(onnx_path).with_name(f"{Path(onnx_path).stem}.{gpu}.trt{trt.__version__}.{sha[:12]}"
+                                          f"{'.fp16' if fp16 else ''}.plan")
+        if cache.exists():
+            return cls(cache.read_bytes(), sha)
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(Path(onnx_path).read_bytes()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {Path(onnx_path).name}: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 4 << 30)
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        opt_profile = builder.create_optimization_profile()
+        opt_profile.set_shape(network.get_input(0).name, *profile)
+        config.add_optimization_profile(opt_profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise RuntimeError("TensorRT engine build failed")
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_bytes(bytes(plan))
+        tmp.replace(cache)
+        return cls(bytes(plan), sha)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, torch.float32).contiguous()
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        out = torch.empty(out_shape, device=self.device, dtype=torch.float32)
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out

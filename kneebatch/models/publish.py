@@ -1,0 +1,62 @@
+"""``kneebatch export-engines``: a training run -> the engines folder the pipeline loads.
+
+Copies the best weights (safetensors, fp16), exports both networks to ONNX (dynamic
+batch and spatial axes, opset 17, legacy exporter: no onnxscript needed), checks the
+ONNX outputs against torch, and writes ``engines.json`` with every file's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kneebatch.inference.engines import export_onnx
+from kneebatch.models.checkpoints import load_weights, sha256_file
+from kneebatch.models.config import ModelConfig, build_network
+
+
+def publish(train_dir, engines_dir, training_note: dict | None = None) -> dict:
+    import onnxruntime as ort
+
+    train_dir, engines_dir = Path(train_dir), Path(engines_dir)
+    engines_dir.mkdir(parents=True, exist_ok=True)
+    cfg = ModelConfig.load(train_dir / "model_config.json")
+    shutil.copy(train_dir / "model_config.json", engines_dir / "model_config.json")
+    manifest = {"config": "model_config.json"}
+    for stage in ("coarse", "fine"):
+        net = cfg.coarse if stage == "coarse" else cfg.fine
+        weights = engines_dir / f"{stage}.safetensors"
+        shutil.copy(train_dir / f"{stage}.safetensors", weights)
+        model = build_network(net, cfg.in_channels, cfg.n_classes)
+        state, meta = load_weights(weights)
+        model.load_state_dict(state)
+        model.eval()
+        shape = [1, cfg.in_channels, *(cfg.coarse_shape if stage == "coarse" else cfg.fine_patch)]
+        onnx_path = engines_dir / f"{stage}.onnx"
+        export_onnx(model, onnx_path, shape)
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            ref = model(x).numpy()
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"image": x.numpy()})[0]
+        max_diff = float(np.abs(ref - got).max())
+        if max_diff > 1e-2:
+            raise RuntimeError(f"ONNX export of the {stage} network differs from torch by {max_diff}")
+        manifest[stage] = {
+            "safetensors": weights.name,
+            "onnx": onnx_path.name,
+            "sha256": {weights.name: sha256_file(weights), onnx_path.name: sha256_file(onnx_path)},
+            "val_score": meta.get("val_score"),
+            "step": meta.get("step"),
+            "onnx_max_abs_diff": max_diff,
+        }
+    for extra in ("metrics.json", "train_log.csv", "train_curves.png"):
+        if (train_dir / extra).exists():
+            shutil.copy(train_dir / extra, engines_dir / extra)
+    manifest["training"] = training_note or {}
+    (engines_dir / "engines.json").write_text(json.dumps(manifest, indent=1))
+    return manifest

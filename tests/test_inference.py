@@ -1,0 +1,116 @@
+"""The segmentation pipeline's mechanics with small, randomly initialised engines
+(accuracy of the shipped engines is tested in test_accuracy.py)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kneebatch.inference.engine_dir import load_engines
+from kneebatch.inference.engines import EngineHashMismatch
+from kneebatch.inference.run import run
+from kneebatch.inference.segment import upsample_argmax
+from kneebatch.ingest.store import CohortStore
+from kneebatch.models.checkpoints import save_weights
+from kneebatch.models.config import ModelConfig, NetConfig, build_network
+from kneebatch.models.preprocess import box_from_mask, resize
+from kneebatch.models.publish import publish
+from kneebatch.outputs import read_rows
+
+TINY = ModelConfig(coarse=NetConfig([4, 8], [2]), fine=NetConfig([4, 8, 8], [[1, 2, 2], [2, 2, 2]]),
+                   coarse_shape=[16, 32, 32], fine_spacing_mm=[4.0, 2.0, 2.0], fine_patch=[8, 32, 32])
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tmp_path_factory):
+    train_dir = tmp_path_factory.mktemp("train")
+    (train_dir / "model_config.json").write_text(TINY.to_json())
+    torch.manual_seed(0)
+    for stage, net in (("coarse", TINY.coarse), ("fine", TINY.fine)):
+        model = build_network(net, 2, TINY.n_classes)
+        save_weights(train_dir / f"{stage}.safetensors", model.state_dict(), {"stage": stage, "val_score": 0.0},
+                     dtype=torch.float16)
+    out = tmp_path_factory.mktemp("engines")
+    publish(train_dir, out)
+    return out
+
+
+def test_upsample_argmax_matches_interpolate_then_argmax():
+    logits = torch.randn(5, 6, 7, 9)
+    out_shape = (13, 20, 17)
+    ref = F.interpolate(logits[None], size=out_shape, mode="trilinear", align_corners=False)[0].argmax(0)
+    import kneebatch.inference.segment as seg
+
+    old = seg.SLAB_VOXELS
+    seg.SLAB_VOXELS = 20 * 17 * 3  # force several slabs
+    try:
+        got = upsample_argmax(logits, out_shape)
+    finally:
+        seg.SLAB_VOXELS = old
+    assert got.dtype == torch.uint8 and tuple(got.shape) == out_shape
+    assert (got == ref).float().mean() > 0.999  # ties aside, identical
+
+
+def test_resize_keeps_the_box():
+    lab = torch.zeros(8, 8, 8, dtype=torch.uint8)
+    lab[2:6, 4:8, 0:2] = 3
+    up = resize(lab, (16, 16, 16), labels=True)
+    assert torch.equal(resize(up, (8, 8, 8), labels=True), lab)
+    assert int((up == 3).sum()) == 8 * int((lab == 3).sum())
+
+
+def test_box_from_mask_scales_and_pads():
+    mask = torch.zeros(10, 10, 10, dtype=torch.bool)
+    mask[2:4, 5:6, 0:10] = True
+    box = box_from_mask(mask, (20, 100, 50), (2.0, 0.5, 1.0), margin_mm=2.0)
+    assert box == (slice(3, 9), slice(46, 64), slice(0, 50))
+    assert box_from_mask(torch.zeros(4, 4, 4, dtype=torch.bool), (5, 6, 7), (1, 1, 1), 3.0) == (
+        slice(0, 5), slice(0, 6), slice(0, 7))
+
+
+def test_onnxruntime_and_torch_engines_agree(tiny_engines):
+    ort_e = load_engines(tiny_engines, "onnxruntime")
+    torch_e = load_engines(tiny_engines, "torch")
+    x = torch.randn(2, 2, 8, 32, 32)  # a batch of 2 and another shape than exported: dynamic axes
+    assert torch.allclose(ort_e.fine(x), torch_e.fine(x), atol=1e-3)
+    manifest = json.loads((tiny_engines / "engines.json").read_text())
+    assert ort_e.hashes["fine"] == manifest["fine"]["sha256"]["fine.onnx"]
+    assert torch_e.hashes["fine"] == manifest["fine"]["sha256"]["fine.safetensors"]
+
+
+def test_engine_files_are_checked_against_their_hashes(tiny_engines, tmp_path):
+    bad = tmp_path / "engines"
+    shutil.copytree(tiny_engines, bad)
+    data = bytearray((bad / "fine.onnx").read_bytes())
+    data[-100] ^= 0xFF
+    (bad / "fine.onnx").write_bytes(bytes(data))
+    with pytest.raises(EngineHashMismatch, match="fine.onnx"):
+        load_engines(bad, "onnxruntime")
+    manifest = json.loads((bad / "engines.json").read_text())
+    assert set(manifest["fine"]["sha256"]) == {"fine.safetensors", "fine.onnx"}
+
+
+def test_run_writes_labels_rows_and_resumes(store, tiny_engines, tmp_path):
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    s = CohortStore(work)
+    keys = s.study_keys()
+    r1 = run(work, tmp_path / "out", engines_path=tiny_engines, batch_size=4, show_progress=False)
+    assert (r1.studies, r1.segmented, r1.failed, r1.already_done) == (6, 6, 0, 0)
+    rows = read_rows(tmp_path / "out" / "measurements.parquet")
+    assert sorted(r["study_key"] for r in rows) == keys
+    for k in keys:
+        labels = s.read_labels(k)
+        assert labels is not None and labels.shape == s.grid(k).shape and labels.dtype == np.uint8
+    row = rows[0]
+    assert row["label_source"] == "segmentation" and len(row["model_hash"]) == 25
+    assert len(list((tmp_path / "out" / "parts").glob("part-*.failures.parquet"))) == 2  # 2 batches
+    prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert prov["backend"] == "onnxruntime" and prov["segmented_this_run"] == 6
+    # a re-run recomputes nothing and yields the same table
+    r2 = run(work, tmp_path / "out", engines_path=tiny_engines, batch_size=4, show_progress=False)
+    assert (r2.segmented, r2.already_done) == (0, 6)
+    assert read_rows(tmp_path / "out" / "measurements.parquet") == rows
