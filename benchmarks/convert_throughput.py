@@ -9,10 +9,10 @@ Writes ``benchmarks/results/convert-<date>-<host>.json``.
 
 from __future__ import annotations
 
+import machine  # benchmarks/machine.py
+
 import argparse
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -23,16 +23,6 @@ from kneebatch.distributed.cluster import dask_client
 from kneebatch.ingest.convert import convert
 from kneebatch.ingest.store import CohortStore
 from kneebatch.synth.cohort import generate_cohort
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def tree_bytes(root: Path) -> int:
@@ -91,7 +81,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     record = {
         "benchmark": "convert",
-        "device": f"CPU: {cpu_name()} ({os.cpu_count()} cores)",
+        "device": machine.device(),
         "date": date.today().isoformat(),
         "n_studies": args.n,
         "preset": args.preset,
@@ -100,7 +90,7 @@ def main() -> None:
         "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"convert-{record['date']}-{platform.node() or 'host'}.json"
+    path = args.out / f"convert-{record['date']}-{machine.host()}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
 

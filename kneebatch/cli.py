@@ -104,9 +104,10 @@ def cmd_train(args) -> int:
     from kneebatch.models.train import train
 
     if args.labels_from is not None:
-        from kneebatch.ingest.label_import import import_labels
+        from kneebatch.ingest.label_import import import_labels, parse_label_map
 
-        n, missing = import_labels(args.store, args.labels_from, name=args.label_name)
+        label_map = parse_label_map(args.label_map) if args.label_map else None
+        n, missing = import_labels(args.store, args.labels_from, name=args.label_name, label_map=label_map)
         print(f"imported {n} label maps into the store as '{args.label_name}' ({len(missing)} studies without one)")
     metrics = train(args.store, args.out, minutes_coarse=args.minutes_coarse, minutes_fine=args.minutes_fine,
                     threads=args.threads, seed=args.seed, label_name=args.label_name)
@@ -118,7 +119,7 @@ def cmd_demo(args) -> int:
     from kneebatch.demo import run_demo
 
     return run_demo(Path(args.out), n=args.n, seed=args.seed, preset=args.preset, workers=args.workers,
-                    show_progress=not args.quiet)
+                    show_progress=not args.quiet, truth=args.truth, backend=args.backend)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", type=Path, help="cohort store whose studies carry label maps")
     s.add_argument("out", type=Path, help="output folder: weights (safetensors), config, metrics, log, curves")
     s.add_argument("--labels-from", type=Path, default=None,
-                   help="first import <StudyInstanceUID>.nii.gz label maps from this folder into the store")
+                   help="first import label maps named <StudyInstanceUID or case>.nii.gz/.mhd from this folder")
+    s.add_argument("--label-map", default="",
+                   help='translate foreign label ids, e.g. OAI-ZIB: "1:femur,2:femoral_cartilage,3:tibia,'
+                        '4:medial_tibial_cartilage" (ids not listed become background)')
     s.add_argument("--label-name", default="truth", help="label array in the store to train on (default truth)")
     s.add_argument("--minutes-coarse", type=float, default=4.0, help="time budget of the coarse stage")
     s.add_argument("--minutes-fine", type=float, default=40.0, help="time budget of the fine stage")
@@ -211,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=24, help="number of studies (default 24)")
     s.add_argument("--seed", type=int, default=2024)
     s.add_argument("--preset", default="clinical", choices=["clinical", "small"])
+    s.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    s.add_argument("--truth", action="store_true", help="measure the ground-truth labels instead of segmenting")
     common(s)
     s.set_defaults(func=cmd_demo)
     return p

@@ -114,3 +114,26 @@ def test_run_writes_labels_rows_and_resumes(store, tiny_engines, tmp_path):
     r2 = run(work, tmp_path / "out", engines_path=tiny_engines, batch_size=4, show_progress=False)
     assert (r2.segmented, r2.already_done) == (0, 6)
     assert read_rows(tmp_path / "out" / "measurements.parquet") == rows
+
+
+def test_export_nifti_aligned_with_the_source(store, tiny_engines, tmp_path, key_file):
+    import nibabel as nib
+
+    from kneebatch.export import export_nifti
+    from kneebatch.geometry import affine_from_nifti
+
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    s = CohortStore(work)
+    keys = s.study_keys()
+    s.write_labels(keys[0], (np.arange(np.prod(s.grid(keys[0]).shape)) % 21).reshape(s.grid(keys[0]).shape))
+    n, missing = export_nifti(work, tmp_path / "nifti", show_progress=False)
+    assert (n, len(missing)) == (1, 5)
+    img = nib.load(tmp_path / "nifti" / f"{keys[0]}_labels.nii.gz")
+    assert np.allclose(affine_from_nifti(img.affine), s.grid(keys[0]).affine, atol=1e-4)
+    assert np.array_equal(np.asarray(img.dataobj).transpose(2, 1, 0), s.read_labels(keys[0]))
+    assert img.header.get_data_dtype() == np.uint8
+    slicer = (tmp_path / "nifti" / "kneebatch_labels.ctbl").read_text().splitlines()
+    assert len(slicer) == 22 and slicer[-1] == "20 effusion 0 191 255 255"
+    itk = (tmp_path / "nifti" / "kneebatch_labels_itksnap.txt").read_text()
+    assert '"femoral_cartilage"' in itk

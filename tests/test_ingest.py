@@ -237,3 +237,30 @@ def test_nifti_pairs_convert_with_geometry_and_reject_nan(tmp_path, key_file):
     assert grid.same_as(t1_grid, atol_mm=1e-4)
     assert np.array_equal(image[0], t1.astype(np.uint16))
     assert json.loads(json.dumps(s.study_attrs(_key("caseA", key_file))))["t2"]["resampled_to_t1_grid"] is True
+
+
+def test_metaimage_round_trip_and_training_folder_import(tmp_path, key_file):
+    from kneebatch.ingest.label_import import import_labels, parse_label_map
+    from kneebatch.ingest.metaimage import read_metaimage, write_metaimage
+
+    direction = np.linalg.qr(np.array([[0.1, 1.0, 0.2], [0.9, 0.0, 0.3], [0.2, 0.1, -1.0]]))[0]
+    grid = Grid.from_parts((7, 20, 16), (3.0, 0.5, 0.4), (10.0, -5.0, 2.5), direction)
+    rng = np.random.default_rng(3)
+    t1 = rng.integers(0, 3000, grid.shape).astype(np.uint16)
+    write_metaimage(tmp_path / "knee01_0000.mha", t1, grid)
+    data, g = read_metaimage(tmp_path / "knee01_0000.mha")
+    assert np.array_equal(data, t1) and g.same_as(grid, atol_mm=1e-6)
+    write_metaimage(tmp_path / "knee01_0001.mha", t1 // 2, grid)
+    seg = np.zeros(grid.shape, np.uint8)
+    seg[2:4, 5:9, 3:7] = 1  # OAI-ZIB: 1 femur, 2 femoral cartilage
+    seg[4, 5:9, 3:7] = 2
+    (tmp_path / "labels").mkdir()
+    write_metaimage(tmp_path / "labels" / "knee01.mha", seg, grid)
+    report = convert(tmp_path, tmp_path / "t.zarr", key_file=key_file, show_progress=False)
+    assert (report.studies_found, report.converted) == (1, 1)
+    n, missing = import_labels(tmp_path / "t.zarr", tmp_path / "labels", name="truth",
+                               label_map=parse_label_map("1:femur,2:femoral_cartilage"))
+    assert (n, missing) == (1, [])
+    s = CohortStore(tmp_path / "t.zarr")
+    truth = s.read_labels(s.study_keys()[0], "truth")
+    assert int((truth == 1).sum()) == 2 * 4 * 4 and int((truth == 5).sum()) == 16 and truth.max() == 5

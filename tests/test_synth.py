@@ -3,7 +3,6 @@ import csv
 import nibabel as nib
 import numpy as np
 import pydicom
-import pytest
 
 from kneebatch import labels as L
 from kneebatch.geometry import affine_from_nifti

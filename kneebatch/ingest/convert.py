@@ -60,7 +60,7 @@ def discover(src, client=None, show_progress=None) -> tuple[dict, int, int]:
     files = [str(src)] if src.is_file() else dicom.list_files(src)
     nifti_studies = nifti.find_nifti_studies(src) if src.is_dir() else {}
     nifti_files = {p for s in nifti_studies.values() for p in s.files.values()}
-    files = [f for f in files if f not in nifti_files and not f.endswith((".nii", ".nii.gz"))]
+    files = [f for f in files if f not in nifti_files and not f.lower().endswith(nifti.VOLUME_SUFFIXES + (".raw",))]
     chunks = [files[i:i + SCAN_CHUNK] for i in range(0, len(files), SCAN_CHUNK)]
     headers = []
     with progress_bar(len(files), "scanning headers", show_progress, unit="files") as advance:
@@ -128,7 +128,7 @@ def _nifti_volumes(study: nifti.NiftiStudy):
     vols = {}
     for role in ("T1", "T2"):
         hasher.update(Path(study.files[role]).read_bytes())
-        data, grid = nifti.read_nifti(study.files[role])
+        data, grid = nifti.read_volume(study.files[role])
         data, scaling = nifti.to_uint16(data)
         vols[role] = (data, grid, scaling)
     (t1, g1, s1), (t2, g2, s2) = vols["T1"], vols["T2"]

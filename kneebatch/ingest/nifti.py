@@ -1,5 +1,6 @@
-"""NIfTI inputs: ``<case>_T1.nii[.gz]`` + ``<case>_T2.nii[.gz]`` (or nnU-Net's
-``<case>_0000`` / ``<case>_0001``). The case name stands in for the StudyInstanceUID.
+"""Volume files: ``<case>_T1`` + ``<case>_T2`` (or nnU-Net's ``<case>_0000`` /
+``<case>_0001``) as NIfTI (``.nii``, ``.nii.gz``) or MetaImage (``.mhd``, ``.mha``).
+The case name stands in for the StudyInstanceUID.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 from kneebatch.geometry import Grid, affine_from_nifti, affine_to_nifti
 from kneebatch.errors import StudyError
 
-_PATTERN = re.compile(r"^(?P<case>.+?)_(?P<role>t1|t2|0000|0001)\.nii(\.gz)?$", re.IGNORECASE)
+_PATTERN = re.compile(r"^(?P<case>.+?)_(?P<role>t1|t2|0000|0001)\.(nii|nii\.gz|mhd|mha)$", re.IGNORECASE)
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha")
 _ROLE = {"t1": "T1", "0000": "T1", "t2": "T2", "0001": "T2"}
 
 
@@ -31,11 +33,20 @@ class NiftiStudy:
 
 def find_nifti_studies(root) -> dict[str, NiftiStudy]:
     cases: dict[str, dict] = defaultdict(dict)
-    for path in sorted(Path(root).rglob("*.nii*")):
+    for path in sorted(p for p in Path(root).rglob("*") if p.name.lower().endswith(VOLUME_SUFFIXES)):
         m = _PATTERN.match(path.name)
         if m and path.is_file():
             cases[m["case"]][_ROLE[m["role"].lower()]] = str(path)
     return {case: NiftiStudy(case, files) for case, files in sorted(cases.items())}
+
+
+def read_volume(path) -> tuple[np.ndarray, Grid]:
+    """NIfTI or MetaImage, by suffix."""
+    if str(path).lower().endswith((".mhd", ".mha")):
+        from kneebatch.ingest.metaimage import read_metaimage
+
+        return read_metaimage(path)
+    return read_nifti(path)
 
 
 def read_nifti(path) -> tuple[np.ndarray, Grid]:

@@ -1,0 +1,160 @@
+"""Segmentation throughput: ``kneebatch run`` end to end against a per-study baseline.
+
+    python benchmarks/run_throughput.py --n 8
+
+On the same studies, in one run:
+
+* **baseline** — what one-study-at-a-time tools do: MONAI ``sliding_window_inference``
+  with the same fine network over the whole full-resolution volume (torch eager,
+  fp32, MONAI defaults: overlap 0.25, constant blending), per study, plus argmax;
+* **kneebatch run** — coarse -> crop -> fine on the working grid -> paste, with label
+  writing and all measurements, for each backend/worker setting given;
+* **read ceiling** — reading the studies from the store and nothing else.
+
+Each setting runs in its own process (peak RSS is its own). Writes
+``benchmarks/results/run-<date>-<host>.json``.
+"""
+
+from __future__ import annotations
+
+import machine  # benchmarks/machine.py
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import shutil
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _peak_rss_mb() -> float:
+    """Largest resident set of this process or any finished child (Dask workers), in MB."""
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024.0
+
+
+def _baseline(store_path, engines, keys, q):
+    import numpy as np
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from kneebatch.inference.engine_dir import load_engines
+    from kneebatch.ingest.store import CohortStore
+    from kneebatch.models.preprocess import normalize
+
+    eng = load_engines(engines, "torch")
+    store = CohortStore(store_path, create=False)
+    roi = tuple(eng.config.fine_patch)
+    t0 = time.perf_counter()
+    for key in keys:
+        image, _ = store.read_image(key)
+        x = normalize(torch.from_numpy(image.astype(np.float32)))
+        with torch.inference_mode():
+            logits = sliding_window_inference(x[None], roi, sw_batch_size=2, predictor=eng.fine.model)
+        logits[0].argmax(0).to(torch.uint8)
+    q.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()})
+
+
+def _kneebatch(store_path, engines, out, backend, workers, q):
+    from kneebatch.distributed.cluster import dask_client
+    from kneebatch.inference.run import run
+
+    t0 = time.perf_counter()
+    if workers > 1:
+        with dask_client("local", n_workers=workers) as client:
+            r = run(store_path, out, engines_path=engines, backend=backend, client=client, show_progress=False)
+    else:
+        r = run(store_path, out, engines_path=engines, backend=backend, show_progress=False)
+    q.put({"seconds": time.perf_counter() - t0, "segmented": r.segmented, "stage_seconds": r.stage_seconds,
+           "peak_rss_mb": _peak_rss_mb()})
+
+
+def _read(store_path, keys, q):
+    from kneebatch.ingest.store import CohortStore
+
+    store = CohortStore(store_path, create=False)
+    t0 = time.perf_counter()
+    for k in keys:
+        store.read_image(k)
+    q.put({"seconds": time.perf_counter() - t0})
+
+
+def _in_process(fn, *args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=fn, args=(*args, q))
+    p.start()
+    result = q.get()
+    p.join()
+    return result
+
+
+def main() -> None:
+    from kneebatch.ingest.convert import convert
+    from kneebatch.ingest.store import CohortStore
+    from kneebatch.synth.cohort import generate_cohort
+    from kneebatch.inference.engine_dir import DEFAULT_ENGINES
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=91)
+    ap.add_argument("--engines", type=Path, default=DEFAULT_ENGINES)
+    ap.add_argument("--settings", nargs="+", default=["onnxruntime:1", "onnxruntime:2", "torch:1"],
+                    help="backend:workers for kneebatch run")
+    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="kneebatch-run-bench-"))
+    try:
+        generate_cohort(work / "cohort", args.n, seed=args.seed, workers=2)
+        store = work / "store.zarr"
+        convert(work / "cohort" / "dicom", store, key_file=work / "k.key", show_progress=False)
+        s = CohortStore(store)
+        keys = s.study_keys()
+        shapes = [list(s.grid(k).shape) for k in keys]
+        read = _in_process(_read, str(store), keys)
+        base = _in_process(_baseline, str(store), str(args.engines), keys)
+        base_sps = len(keys) / base["seconds"]
+        print(f"baseline: {base_sps:.3f} studies/s; read ceiling {len(keys) / read['seconds']:.2f} studies/s")
+        records = []
+        for setting in args.settings:
+            backend, workers = setting.split(":")
+            out = work / f"out-{backend}-{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            work_store = work / f"store-{backend}-{workers}.zarr"
+            shutil.copytree(store, work_store)
+            r = _in_process(_kneebatch, str(work_store), str(args.engines), str(out), backend, int(workers))
+            sps = r["segmented"] / r["seconds"]
+            record = {
+                "device": machine.device(),
+                "date": date.today().isoformat(),
+                "n_studies": len(keys),
+                "shape": shapes,
+                "backend": backend,
+                "workers": int(workers),
+                "precision": "fp32",
+                "studies_per_s": round(sps, 4),
+                "speedup_vs_baseline": round(sps / base_sps, 2),
+                "baseline": {"name": "MONAI sliding_window_inference, fine net, whole full-res volume, torch eager "
+                                     "fp32, overlap 0.25, per study", "studies_per_s": round(base_sps, 4),
+                             "peak_rss_mb": round(base["peak_rss_mb"])},
+                "read_ceiling_studies_per_s": round(len(keys) / read["seconds"], 2),
+                "stage_seconds": {k: round(v, 2) for k, v in r["stage_seconds"].items()},
+                "peak_rss_mb": round(r["peak_rss_mb"]),
+            }
+            print(json.dumps({k: record[k] for k in ("backend", "workers", "studies_per_s", "speedup_vs_baseline")}))
+            records.append(record)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"run-{date.today().isoformat()}-{machine.host()}.json"
+        path.write_text(json.dumps(records, indent=1))
+        print(f"wrote {path}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
