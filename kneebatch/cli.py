@@ -45,7 +45,7 @@ def cmd_convert(args) -> int:
 
     with _client(args.workers) as client:
         r = convert(args.src, args.store, client=client, key_file=args.key_file, show_progress=not args.quiet)
-    print(f"{r.studies_found} studies found ({r.files_scanned} files, {r.files_ignored} not DICOM images): "
+    print(f"{r.studies_found} studies found ({r.files_scanned} files, {r.files_rejected} not usable DICOM images): "
           f"{r.converted} converted, {r.already_done} already in the store, {r.failed} failed "
           f"in {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s, {r.mb_per_s:.1f} MB/s)")
     for reason, n in sorted(r.reasons.items()):
@@ -94,8 +94,8 @@ def cmd_export(args) -> int:
 def cmd_export_engines(args) -> int:
     from kneebatch.models.publish import publish
 
-    note = {"command": args.command_line} if args.command_line else {}
-    manifest = publish(args.train_dir, args.engines, note)
+    note = {"commands": args.commands, "data": args.data, "machine": args.machine}
+    manifest = publish(args.train_dir, args.engines, {k: v for k, v in note.items() if v})
     print(f"engines in {args.engines}: " + ", ".join(f"{s} val {manifest[s]['val_score']:.3f}" for s in ("coarse", "fine")))
     return 0
 
@@ -192,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export-engines", help="a training run -> engines folder (safetensors, ONNX, hashes)")
     s.add_argument("train_dir", type=Path, help="output folder of 'kneebatch train'")
     s.add_argument("engines", type=Path, help="engines folder to write")
-    s.add_argument("--command-line", default="", help="the training command, recorded in engines.json")
+    s.add_argument("--commands", nargs="*", default=[], help="the commands that made the data and the training run")
+    s.add_argument("--data", default="", help="what the training data was (recorded in engines.json)")
+    s.add_argument("--machine", default="", help="where it was trained")
     s.set_defaults(func=cmd_export_engines)
 
     s = sub.add_parser("train", help="coarse-to-fine training from a store with label maps (resumable)")

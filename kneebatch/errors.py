@@ -6,6 +6,16 @@ Every failure row (convert, measure, run) carries one of these codes.
 from __future__ import annotations
 
 REASONS = {
+    # files (stage "scan": a row per file that is not a usable DICOM image)
+    "not_dicom": "not a DICOM file",
+    "unreadable_file": "the file could not be read",
+    "missing_uid": "DICOM file without StudyInstanceUID or SeriesInstanceUID",
+    "not_an_image": "DICOM object without pixel data (report, plan, ...)",
+    # studies
+    "not_mr": "the study has no MR image series",
+    "not_sagittal": "the study's MR series are not sagittal (axial/coronal/oblique are refused)",
+    "multiframe_unsupported": "enhanced (multi-frame) MR objects are not supported yet",
+    "too_large": "the image dimensions are implausibly large; refused before reading pixels",
     "missing_t1": "no sagittal T1-weighted series was found",
     "missing_t2": "no sagittal T2-weighted series was found",
     "missing_slice": "a slice is missing from the stack (a gap of a whole slice step)",

@@ -115,7 +115,9 @@ def test_flat_shuffled_tree_with_mixed_studies(cohort, manifest, key_file, store
         shutil.copy(p, flat / f"IM{n:05d}")
     (flat / "README.txt").write_text("not dicom")
     report = convert(flat, tmp_path / "flat.zarr", key_file=key_file, show_progress=False)
-    assert (report.studies_found, report.converted, report.failed, report.files_ignored) == (3, 3, 0, 1)
+    assert (report.studies_found, report.converted, report.failed, report.files_rejected) == (3, 3, 0, 1)
+    scan = [f for f in read_rows(tmp_path / "flat.zarr" / "failures.parquet") if f["stage"] == "scan"]
+    assert [f["reason"] for f in scan] == ["not_dicom"] and "README" not in scan[0]["message"]
     ref, new = CohortStore(store), CohortStore(tmp_path / "flat.zarr")
     for e in manifest["studies"][:3]:
         k = _key(e["study_uid"], key_file)

@@ -18,7 +18,10 @@ from pathlib import Path
 
 from kneebatch.models.config import ModelConfig
 
-DEFAULT_ENGINES = Path(__file__).resolve().parents[2] / "engines"
+import os
+
+# the repository's engines/ (editable installs); $KNEEBATCH_ENGINES points elsewhere
+DEFAULT_ENGINES = Path(os.environ.get("KNEEBATCH_ENGINES") or Path(__file__).resolve().parents[2] / "engines")
 BACKENDS = ("onnxruntime", "torch", "torch-compile", "tensorrt")
 
 

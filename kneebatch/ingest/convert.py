@@ -18,7 +18,7 @@ import numpy as np
 
 from kneebatch.geometry import resample
 from kneebatch.ingest import dicom, nifti
-from kneebatch.errors import StudyError
+from kneebatch.errors import REASONS, StudyError
 from kneebatch.ingest.store import CohortStore
 from kneebatch.keys import load_or_create_key, study_key
 from kneebatch.outputs import FAILURE_SCHEMA, KEYMAP_SCHEMA, merge_rows, read_rows, write_rows
@@ -31,12 +31,13 @@ SCAN_CHUNK = 256  # files per header-scan task
 
 @dataclass
 class ConvertReport:
+    store_path: str = ""
     studies_found: int = 0
     converted: int = 0
     already_done: int = 0
     failed: int = 0
     files_scanned: int = 0
-    files_ignored: int = 0  # not DICOM images (reports, hidden files, ...)
+    files_rejected: int = 0  # not usable DICOM images: a failure row each (stage "scan")
     seconds: float = 0.0
     image_bytes: int = 0  # uncompressed bytes written this run
     reasons: dict = field(default_factory=dict)
@@ -54,8 +55,9 @@ def _scan(paths: list[str]) -> list:
     return [dicom.read_header(p) for p in paths]
 
 
-def discover(src, client=None, show_progress=None) -> tuple[dict, int, int]:
-    """Studies under ``src`` keyed by StudyInstanceUID (DICOM) or case name (NIfTI)."""
+def discover(src, client=None, show_progress=None) -> tuple[dict, int, list]:
+    """Studies under ``src`` keyed by StudyInstanceUID (DICOM) or case name (NIfTI),
+    the number of files looked at, and the files that are not usable DICOM images."""
     src = Path(src)
     files = [str(src)] if src.is_file() else dicom.list_files(src)
     nifti_studies = nifti.find_nifti_studies(src) if src.is_dir() else {}
@@ -67,14 +69,15 @@ def discover(src, client=None, show_progress=None) -> tuple[dict, int, int]:
         for part in map_unordered(_scan, chunks, client):
             headers.extend(part)
             advance(len(part))
-    found = [h for h in headers if h is not None]
+    found = [h for h in headers if isinstance(h, dicom.SliceHeader)]
+    problems = [h for h in headers if isinstance(h, dicom.FileProblem)]
     studies: dict = dict(dicom.group_studies(found))
     for uid, s in nifti_studies.items():
         if uid in studies:
             log.warning("a NIfTI case and a DICOM study share the name %s; the DICOM study wins", uid)
             continue
         studies[uid] = s
-    return studies, len(files) + len(nifti_files), len(files) - len(found)
+    return studies, len(files) + len(nifti_files), problems
 
 
 def convert_study(source, store_path: str, key: str) -> dict:
@@ -154,10 +157,17 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None) -> 
     t0 = time.perf_counter()
     store = CohortStore(store_path)
     key = load_or_create_key(key_file)
-    report = ConvertReport()
-    studies, report.files_scanned, report.files_ignored = discover(src, client, show_progress)
+    report = ConvertReport(store_path=str(store.path))
+    studies, report.files_scanned, problems = discover(src, client, show_progress)
     report.studies_found = len(studies)
+    report.files_rejected = len(problems)
     keymap, todo = [], []
+    file_failures = []
+    for problem in problems:
+        k = "f" + study_key(problem.path, key)[1:]  # a keyed hash of the path: no path in the table
+        keymap.append({"study_key": k, "study_uid": "", "source_path": problem.path})
+        file_failures.append({"study_key": k, "stage": "scan", "reason": problem.reason,
+                              "message": REASONS[problem.reason] + (f": {problem.detail}" if problem.detail else "")})
     for uid, source in studies.items():
         k = study_key(uid, key)
         keymap.append({"study_key": k, "study_uid": uid, "source_path": source.source_path})
@@ -167,7 +177,7 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None) -> 
             todo.append((source, k))
     write_rows(merge_rows(read_rows(store.keymap_path), keymap), KEYMAP_SCHEMA, store.keymap_path)
 
-    failures = []
+    failures = list(file_failures)
     with progress_bar(len(todo), "converting studies", show_progress) as advance:
         for r in map_unordered(_convert_pair, todo, client, store_path=str(store.path)):
             if r["status"] == "converted":
@@ -180,7 +190,7 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None) -> 
                                  "message": r["message"]})
             advance()
     done = set(store.study_keys())
-    old = [f for f in read_rows(store.failures_path) if f["stage"] != "convert" or f["study_key"] not in done]
+    old = [f for f in read_rows(store.failures_path) if f["study_key"] not in done]
     write_rows(merge_rows(old, failures, drop_keys=done), FAILURE_SCHEMA, store.failures_path)
     report.seconds = time.perf_counter() - t0
     return report

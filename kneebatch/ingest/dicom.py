@@ -29,6 +29,18 @@ HEADER_TAGS = [
 ]
 MIN_SLICES = 8
 SAGITTAL_MAX_ANGLE_DEG = 30.0  # slice normal within this of left-right
+MAX_MATRIX = 4096  # rows or columns
+MAX_SLICES = 2048
+MAX_VOXELS = 400_000_000  # per series, checked from headers before any pixel is read
+
+
+@dataclass
+class FileProblem:
+    """A file that is not a usable DICOM image, with a reason code from :mod:`kneebatch.errors`."""
+
+    path: str
+    reason: str
+    detail: str = ""
 
 
 @dataclass
@@ -87,16 +99,28 @@ def _floats(v, n):
     return out if len(out) == n else None
 
 
-def read_header(path: str) -> SliceHeader | None:
-    """Header of one file, or None for files that are not DICOM images."""
+def read_header(path: str) -> SliceHeader | FileProblem:
+    """Header of one file, or why it is not a usable DICOM image."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError):
-        return None
+        if os.path.getsize(path) == 0:
+            return FileProblem(path, "not_dicom", "empty file")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        except InvalidDicomError:
+            # datasets written without preamble and file meta: read them as raw datasets
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS, force=True)
+            if "SOPClassUID" not in ds and "StudyInstanceUID" not in ds:
+                return FileProblem(path, "not_dicom", "no DICOM preamble, meta header or dataset")
+    except OSError as e:
+        return FileProblem(path, "unreadable_file", e.strerror or type(e).__name__)
+    except Exception as e:  # pydicom raises many types on damaged files
+        return FileProblem(path, "not_dicom", f"{type(e).__name__} while parsing")
     study_uid = str(ds.get("StudyInstanceUID", "") or "")
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     if not study_uid or not series_uid:
-        return None
+        return FileProblem(path, "missing_uid")
+    if not ds.get("Rows") or not ds.get("Columns"):
+        return FileProblem(path, "not_an_image", str(ds.get("Modality", "") or "no modality"))
     image_type = tuple(str(x).upper() for x in (ds.get("ImageType") or ()))
     return SliceHeader(
         path=str(path),
@@ -117,12 +141,15 @@ def read_header(path: str) -> SliceHeader | None:
 
 
 def list_files(root: str | os.PathLike) -> list[str]:
-    """Every regular file below ``root`` (symbolic links to directories are not followed)."""
+    """Every file below ``root``, dangling links included (they become 'unreadable_file' rows).
+
+    Symbolic links to directories are not followed, so link loops cannot trap the walk.
+    """
     out = []
     for dirpath, _dirs, files in os.walk(root, followlinks=False):
         for name in files:
             p = os.path.join(dirpath, name)
-            if os.path.isfile(p):
+            if os.path.isfile(p) or os.path.islink(p):
                 out.append(p)
     out.sort()
     return out
@@ -131,8 +158,6 @@ def list_files(root: str | os.PathLike) -> list[str]:
 def group_studies(headers) -> dict[str, StudyFiles]:
     studies: dict[str, dict[str, Series]] = defaultdict(dict)
     for h in headers:
-        if h is None:
-            continue
         series = studies[h.study_uid].setdefault(h.series_uid, Series(h.series_uid))
         series.slices.append(h)
     return {uid: StudyFiles(uid, s) for uid, s in sorted(studies.items())}
@@ -170,31 +195,48 @@ def weighting(tr: float | None, te: float | None, description: str = "") -> str 
     return None
 
 
-def candidate_role(series: Series) -> str | None:
+def classify(series: Series) -> tuple[str | None, str]:
+    """(role, why): role 'T1'/'T2' for a usable sagittal series, else None and the reason code."""
     h = series.first
-    if h.modality != "MR" or "LOCALIZER" in h.image_type or h.frames > 1:
-        return None
-    if len(series.slices) < MIN_SLICES or not is_sagittal(h.orientation):
-        return None
+    if h.modality != "MR":
+        return None, "not_mr"
+    if "LOCALIZER" in h.image_type:
+        return None, "localizer"
+    if h.frames > 1:
+        return None, "multiframe_unsupported"
+    if not is_sagittal(h.orientation):
+        return None, "not_sagittal"
+    if len(series.slices) < MIN_SLICES:
+        return None, "too_few_slices"
     w = weighting(h.tr, h.te, h.description)
-    return w if w in ("T1", "T2") else None
+    return (w, "") if w in ("T1", "T2") else (None, f"weighting {w or 'unknown'}")
+
+
+# when no sagittal MR series is usable at all, the most telling cause names the failure
+_STUDY_CAUSES = ("multiframe_unsupported", "too_few_slices", "not_sagittal", "not_mr")
 
 
 def choose_series(study: StudyFiles) -> tuple[Series, Series]:
     """The sagittal T1 and T2 series: among candidates, the one with the most voxels."""
     best: dict[str, Series] = {}
+    rejected = []
     for series in study.series.values():
-        role = candidate_role(series)
+        role, why = classify(series)
         if role is None:
+            rejected.append(why)
             continue
         size = len(series.slices) * series.first.rows * series.first.columns
         cur = best.get(role)
         if cur is None or size > len(cur.slices) * cur.first.rows * cur.first.columns:
             best[role] = series
-    if "T1" not in best:
-        raise StudyError("missing_t1", f"{len(study.series)} series in the study")
-    if "T2" not in best:
-        raise StudyError("missing_t2", f"{len(study.series)} series in the study")
+    detail = f"{len(study.series)} series; rejected: " + (", ".join(sorted(rejected)) or "none")
+    if not best:
+        for cause in _STUDY_CAUSES:
+            if cause in rejected:
+                raise StudyError(cause, detail)
+    for role in ("T1", "T2"):
+        if role not in best:
+            raise StudyError(f"missing_{role.lower()}", detail)
     return best["T1"], best["T2"]
 
 
@@ -204,6 +246,9 @@ def stack_geometry(headers: list[SliceHeader]) -> tuple[list[int], Grid]:
     if len(headers) < MIN_SLICES:
         raise StudyError("too_few_slices", f"{len(headers)} slices")
     first = headers[0]
+    voxels = len(headers) * first.rows * first.columns
+    if first.rows > MAX_MATRIX or first.columns > MAX_MATRIX or len(headers) > MAX_SLICES or voxels > MAX_VOXELS:
+        raise StudyError("too_large", f"{len(headers)} x {first.rows} x {first.columns}")
     for h in headers:
         if h.orientation is None or h.position is None or h.pixel_spacing is None:
             raise StudyError("bad_geometry", "ImagePositionPatient, ImageOrientationPatient or PixelSpacing missing")
@@ -255,10 +300,16 @@ def read_series(series: Series, hasher: "hashlib._Hash | None" = None) -> tuple[
         if hasher is not None:
             hasher.update(data)
         try:
-            ds = pydicom.dcmread(io.BytesIO(data))
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception as e:  # pydicom raises many types on damaged files
+            raise StudyError("unreadable_pixels", f"{type(e).__name__} parsing slice {z}") from e
+        try:
             pixels = ds.pixel_array
         except Exception as e:  # decoders raise many types
-            raise StudyError("unreadable_pixels", f"{type(e).__name__} in slice {z}") from e
+            syntax = pydicom.uid.UID(str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or ""))
+            hint = (f"; {syntax.name} needs a decoder: pip install 'kneebatch[dicom-codecs]'"
+                    if syntax and syntax.is_compressed else "")
+            raise StudyError("unreadable_pixels", f"{type(e).__name__} in slice {z}{hint}") from e
         if pixels.shape != grid.shape[1:]:
             raise StudyError("unreadable_pixels", f"pixel array {pixels.shape} does not match {grid.shape[1:]}")
         slope = float(ds.get("RescaleSlope", 1) or 1)

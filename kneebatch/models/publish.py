@@ -59,4 +59,29 @@ def publish(train_dir, engines_dir, training_note: dict | None = None) -> dict:
             shutil.copy(train_dir / extra, engines_dir / extra)
     manifest["training"] = training_note or {}
     (engines_dir / "engines.json").write_text(json.dumps(manifest, indent=1))
+    _write_training_card(engines_dir, manifest)
     return manifest
+
+
+def _write_training_card(engines_dir: Path, manifest: dict) -> None:
+    """``TRAINING.md``: how the engines were made and how well they do on held-out studies."""
+    metrics_path = engines_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    note = manifest.get("training", {})
+    lines = ["# Engines", "", "Made by kneebatch's own training; reproduce with:", "", "```"]
+    lines += note.get("commands", [note["command"]] if "command" in note else [])
+    lines += ["```", ""]
+    for key in ("data", "machine"):
+        if key in note:
+            lines += [f"- {key}: {note[key]}"]
+    if metrics:
+        lines += [f"- split (studies): {metrics['split']}", f"- seed: {metrics['seed']}",
+                  f"- time budget (minutes): {metrics['minutes']}", ""]
+        lines += ["Test-split Dice (full pipeline, native grid):", "", "| label | Dice |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in metrics["test_dice"].items()]
+        lines += [f"| **mean** | **{metrics['test_mean_dice']:.3f}** |", ""]
+    for stage in ("coarse", "fine"):
+        e = manifest[stage]
+        lines += [f"- {stage}: best validation score {e['val_score']:.3f} at step {e['step']}; "
+                  f"ONNX vs torch max abs diff {e['onnx_max_abs_diff']:.1e}"]
+    (engines_dir / "TRAINING.md").write_text("\n".join(lines) + "\n")
