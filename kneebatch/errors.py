@@ -30,6 +30,8 @@ REASONS = {
     "bad_geometry": "the image geometry is missing or degenerate",
     "no_labels": "the study has no label map to measure",
     "label_geometry_mismatch": "the label map's grid differs from the study's image grid",
+    "worker_died": "the worker processing this study died every time it was tried (out of memory, crash); "
+                   "recorded as poison and not retried in this run",
     "internal_error": "an unexpected error; the message says which",
 }
 

@@ -8,7 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from kneebatch.models.checkpoints import save_weights
+from kneebatch.models.config import ModelConfig, NetConfig, build_network
+from kneebatch.models.publish import publish
 from kneebatch.synth.cohort import PRESETS, generate_cohort
 
 SEED = 11
@@ -44,3 +48,22 @@ def store(cohort, key_file, tmp_path_factory) -> Path:
     report = convert(cohort / "dicom", path, key_file=key_file, show_progress=False)
     assert report.converted == 6 and report.failed == 0, report
     return path
+
+
+TINY = ModelConfig(coarse=NetConfig([4, 8], [2]), fine=NetConfig([4, 8, 8], [[1, 2, 2], [2, 2, 2]]),
+                   coarse_shape=[16, 32, 32], fine_spacing_mm=[4.0, 2.0, 2.0], fine_patch=[8, 32, 32])
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tmp_path_factory):
+    """Small randomly initialised engines: the pipeline's mechanics, not its accuracy."""
+    train_dir = tmp_path_factory.mktemp("train")
+    (train_dir / "model_config.json").write_text(TINY.to_json())
+    torch.manual_seed(0)
+    for stage, net in (("coarse", TINY.coarse), ("fine", TINY.fine)):
+        model = build_network(net, 2, TINY.n_classes)
+        save_weights(train_dir / f"{stage}.safetensors", model.state_dict(), {"stage": stage, "val_score": 0.0},
+                     dtype=torch.float16)
+    out = tmp_path_factory.mktemp("engines")
+    publish(train_dir, out)
+    return out

@@ -14,28 +14,8 @@ from kneebatch.inference.engines import EngineHashMismatch
 from kneebatch.inference.run import run
 from kneebatch.inference.segment import upsample_argmax
 from kneebatch.ingest.store import CohortStore
-from kneebatch.models.checkpoints import save_weights
-from kneebatch.models.config import ModelConfig, NetConfig, build_network
 from kneebatch.models.preprocess import box_from_mask, resize
-from kneebatch.models.publish import publish
 from kneebatch.outputs import read_rows
-
-TINY = ModelConfig(coarse=NetConfig([4, 8], [2]), fine=NetConfig([4, 8, 8], [[1, 2, 2], [2, 2, 2]]),
-                   coarse_shape=[16, 32, 32], fine_spacing_mm=[4.0, 2.0, 2.0], fine_patch=[8, 32, 32])
-
-
-@pytest.fixture(scope="module")
-def tiny_engines(tmp_path_factory):
-    train_dir = tmp_path_factory.mktemp("train")
-    (train_dir / "model_config.json").write_text(TINY.to_json())
-    torch.manual_seed(0)
-    for stage, net in (("coarse", TINY.coarse), ("fine", TINY.fine)):
-        model = build_network(net, 2, TINY.n_classes)
-        save_weights(train_dir / f"{stage}.safetensors", model.state_dict(), {"stage": stage, "val_score": 0.0},
-                     dtype=torch.float16)
-    out = tmp_path_factory.mktemp("engines")
-    publish(train_dir, out)
-    return out
 
 
 def test_upsample_argmax_matches_interpolate_then_argmax():

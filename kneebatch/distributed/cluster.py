@@ -12,7 +12,9 @@ from contextlib import contextmanager
 # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in workers; setting it turns off glibc's
 # dynamic mmap threshold, so every large NumPy temporary becomes a fresh mmap and is
 # page-faulted in again: measured 1.9x slower per study in convert. Unset it.
-WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                 # a task whose worker dies 3 times is handed back (KilledWorker) and split or recorded
+                 "distributed.scheduler.allowed-failures": 2}
 
 
 def default_workers() -> int:

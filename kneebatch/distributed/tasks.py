@@ -2,40 +2,64 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, Iterable, Iterator
 
 
 def map_unordered(fn: Callable, items: Iterable, client=None, max_in_flight: int | None = None,
-                  **kwargs) -> Iterator:
+                  on_error: Callable | None = None, **kwargs) -> Iterator:
     """Yield ``fn(item, **kwargs)`` results as they finish.
 
     With a client, at most ``max_in_flight`` tasks are submitted at once (default:
     2 per worker thread), so a cohort of 50,000 studies never floods the scheduler
     and results are handed back (and can be saved) while the rest still runs.
+
+    ``on_error(item, exc) -> (result or None, [new items])`` handles a task that failed
+    as a whole (with Dask: its worker died ``allowed-failures`` times): a result to
+    yield in its place and/or smaller items to run instead. Without it, errors raise.
     """
-    items = list(items)
+    queue = deque(items)
     if client is None:
-        for item in items:
-            yield fn(item, **kwargs)
+        while queue:
+            item = queue.popleft()
+            try:
+                result = fn(item, **kwargs)
+            except Exception as e:
+                if on_error is None:
+                    raise
+                result, more = on_error(item, e)
+                queue.extend(more)
+                if result is None:
+                    continue
+            yield result
         return
     from distributed import as_completed
 
     if max_in_flight is None:
         threads = sum(client.nthreads().values()) or 1
         max_in_flight = 2 * threads
-    it = iter(items)
     pending = as_completed()
-    for item in it:
-        pending.add(client.submit(fn, item, pure=False, **kwargs))
-        if pending.count() >= max_in_flight:
-            break
+    items_of = {}
+
+    def submit():
+        while queue and pending.count() < max_in_flight:
+            item = queue.popleft()
+            fut = client.submit(fn, item, pure=False, **kwargs)
+            items_of[fut.key] = item
+            pending.add(fut)
+
+    submit()
     for fut in pending:
-        result = fut.result()
-        fut.release()
-        nxt = next(it, _END)
-        if nxt is not _END:
-            pending.add(client.submit(fn, nxt, pure=False, **kwargs))
-        yield result
-
-
-_END = object()
+        item = items_of.pop(fut.key)
+        try:
+            result = fut.result()
+        except Exception as e:
+            if on_error is None:
+                raise
+            result, more = on_error(item, e)
+            queue.extend(more)
+        finally:
+            fut.release()
+        submit()
+        if result is not None:
+            yield result

@@ -101,8 +101,20 @@ def _saved(parts: Path) -> tuple[list[dict], list[dict]]:
     return rows, failures
 
 
+def _split_or_record(keys, exc):
+    """A batch that killed its worker: try its studies one by one; a lone study is poison."""
+    if len(keys) > 1:
+        return None, [[k] for k in keys]
+    detail = f"{type(exc).__name__}"
+    return {"keys": list(keys), "rows": [], "seconds": {},
+            "failures": [{"study_key": keys[0], "stage": "run", "reason": "worker_died",
+                          "message": f"the worker died on every try ({detail})"}]}, []
+
+
 def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client=None, batch_size: int = 4,
-        device: str = "cpu", threads: int | None = None, half: bool = False, show_progress=None) -> RunReport:
+        device: str = "cpu", threads: int | None = None, half: bool = False, show_progress=None,
+        batch_fn=process_batch) -> RunReport:
+    """Segment and measure every study of the store. ``batch_fn`` is for fault injection in tests."""
     t0 = time.perf_counter()
     store = CohortStore(store_path, create=False)
     out = Path(out)
@@ -131,7 +143,7 @@ def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client
     with progress_bar(len(todo), "segmenting studies", show_progress) as advance:
         kwargs = {"store_path": str(store.path)} if client is not None else {"store_path": str(store.path),
                                                                              "engines": engines}
-        for result in map_unordered(process_batch, batches, client, **kwargs):
+        for result in map_unordered(batch_fn, batches, client, on_error=_split_or_record, **kwargs):
             name = _part_name(result["keys"])
             write_rows(result["failures"], FAILURE_SCHEMA, parts / f"{name}.failures.parquet")
             write_rows(result["rows"], schema, parts / f"{name}.parquet")  # last: marks the batch saved

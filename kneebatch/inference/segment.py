@@ -62,6 +62,23 @@ def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
     return out
 
 
+def fine_logits(fine, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Fine-net logits ``[K, z, y, x]`` for a working-grid crop ``x [C, z, y, x]``.
+
+    The net runs on windows of its training patch size (MONAI's sliding window, overlap
+    ``cfg.sw_overlap``), as nnU-Net does: instance normalisation then sees the same
+    amount of context as in training.
+    """
+    from monai.inferers import sliding_window_inference
+
+    patch = tuple(cfg.fine_patch)
+    xp, shape = pad_to_multiple(x, cfg.fine.divisor())
+    if any(s < p for s, p in zip(xp.shape[1:], patch)):  # smaller than a window: pad up to one
+        xp, _ = pad_to_multiple(xp, patch)
+    logits = sliding_window_inference(xp[None], patch, sw_batch_size=2, predictor=fine, overlap=cfg.sw_overlap)
+    return logits[0][:, : shape[0], : shape[1], : shape[2]]
+
+
 def segment(image, grid: Grid, coarse, fine, cfg: ModelConfig) -> tuple[torch.Tensor, SegmentInfo]:
     """Label map (uint8, on the fine engine's device) on the study grid."""
     info = SegmentInfo()
@@ -83,8 +100,7 @@ def segment(image, grid: Grid, coarse, fine, cfg: ModelConfig) -> tuple[torch.Te
     t = time.perf_counter()
     crop = x[(slice(None), *box)]
     wshape = working_shape(crop.shape[1:], grid.spacing, cfg.fine_spacing_mm)
-    xf, _ = pad_to_multiple(resize(crop, wshape), cfg.fine.divisor())
-    logits = fine(xf[None])[0][:, : wshape[0], : wshape[1], : wshape[2]]
+    logits = fine_logits(fine, resize(crop, wshape), cfg)
     _sync(device)
     info.seconds["fine"] = time.perf_counter() - t
 

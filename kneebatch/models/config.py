@@ -35,9 +35,10 @@ class ModelConfig:
     fine: NetConfig = field(default_factory=lambda: NetConfig(
         [16, 32, 64, 128, 128], [[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]))
     coarse_shape: list = field(default_factory=lambda: [32, 64, 64])  # whole field of view
-    fine_spacing_mm: list = field(default_factory=lambda: [3.0, 0.5, 0.5])  # working grid of the crop
+    fine_spacing_mm: list = field(default_factory=lambda: [3.0, 0.7, 0.7])  # working grid of the crop
     fine_patch: list = field(default_factory=lambda: [16, 128, 128])
     crop_margin_mm: float = 12.0
+    sw_overlap: float = 0.25  # fine net runs on patch-sized windows, as trained (instance norm statistics)
     in_channels: int = 2  # T1, T2
     n_classes: int = L.N_CLASSES
 

@@ -164,12 +164,12 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.inference_mode()
     def validate_fine(self, model) -> dict[str, float]:
+        from kneebatch.inference.segment import fine_logits
+
         model.eval()
         scores = []
         for case in self.cases["val"]:
-            x, _ = pad_to_multiple(case.fine_x.float(), self.cfg.fine.divisor())
-            shape = case.fine_y.shape
-            pred = model(x[None])[0][:, : shape[0], : shape[1], : shape[2]].argmax(0)
+            pred = fine_logits(model, case.fine_x.float(), self.cfg).argmax(0)
             scores.append(dice_per_label(pred, case.fine_y))
         model.train()
         return _mean_scores(scores)

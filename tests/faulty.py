@@ -1,0 +1,23 @@
+"""Fault injection for tests: batch functions that kill the worker process running them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kneebatch.inference.run import process_batch
+
+
+def crash_on(keys, store_path, engines=None, poison: str = ""):
+    """Dies (like an out-of-memory kill) whenever its batch holds the poison study."""
+    if poison in keys:
+        os._exit(137)
+    return process_batch(keys, store_path, engines)
+
+
+def crash_once(keys, store_path, engines=None, victim: str = "", marker: str = ""):
+    """Dies the first time it meets ``victim`` (a worker lost mid-batch), then works."""
+    if victim in keys and not Path(marker).exists():
+        Path(marker).write_text("crashed")
+        os._exit(137)
+    return process_batch(keys, store_path, engines)
