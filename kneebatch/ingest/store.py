@@ -29,7 +29,10 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from kneebatch import __version__
 from kneebatch.geometry import Grid
 
+import re
+
 FORMAT = "kneebatch-cohort-store"
+_KEY = re.compile(r"^[a-z][0-9a-f]{8,64}$")  # study keys are hex digests: never a path
 FORMAT_VERSION = 1
 CHUNK_ZYX = (32, 128, 128)
 PARTIAL = ".partial"
@@ -69,14 +72,20 @@ class CohortStore:
         )
 
     def has_study(self, key: str) -> bool:
-        return (self.path / key / "image" / "zarr.json").exists()
+        return (self._dir(key) / "image" / "zarr.json").exists()
+
+    def _dir(self, key: str) -> Path:
+        """The study's folder; refuses anything but a study key, so nothing lands outside the store."""
+        if not _KEY.match(key):
+            raise ValueError(f"not a study key: {key!r}")
+        return self.path / key
 
     # ---------------------------------------------------------------- writing
     def write_study(self, key: str, image: np.ndarray, grid: Grid, channels: list[str], attrs: dict) -> None:
         """Write a whole study atomically (temp group + rename)."""
         if image.ndim != 4 or image.shape[1:] != grid.shape or image.shape[0] != len(channels):
             raise ValueError(f"image {image.shape} does not match grid {grid.shape} and channels {channels}")
-        partial = self.path / PARTIAL / f"{key}-{uuid.uuid4().hex[:8]}"
+        partial = self.path / PARTIAL / f"{self._dir(key).name}-{uuid.uuid4().hex[:8]}"
         partial.parent.mkdir(parents=True, exist_ok=True)
         try:
             group = zarr.open_group(str(partial), mode="w")
@@ -86,7 +95,7 @@ class CohortStore:
                                      compressors=_compressor(), dimension_names=("c", "z", "y", "x"))
             arr[...] = image
             arr.attrs.update({**grid.to_attrs(), "channels": list(channels)})
-            target = self.path / key
+            target = self._dir(key)
             if target.exists():  # a half-removed or stale copy: the new one wins
                 shutil.rmtree(target)
             os.replace(partial, target)
@@ -99,7 +108,7 @@ class CohortStore:
         grid = self.grid(key)
         if labels.shape != grid.shape:
             raise ValueError(f"labels {labels.shape} do not match the study grid {grid.shape}")
-        group = zarr.open_group(str(self.path / key), mode="a")
+        group = zarr.open_group(str(self._dir(key)), mode="a")
         chunks = tuple(min(c, s) for c, s in zip(CHUNK_ZYX, grid.shape))
         arr = group.create_array(name, shape=labels.shape, dtype=np.uint8, chunks=chunks,
                                  compressors=_compressor(), dimension_names=("z", "y", "x"), overwrite=True)
@@ -108,7 +117,7 @@ class CohortStore:
 
     # ---------------------------------------------------------------- reading
     def study_attrs(self, key: str) -> dict:
-        return dict(zarr.open_group(str(self.path / key), mode="r").attrs)
+        return dict(zarr.open_group(str(self._dir(key)), mode="r").attrs)
 
     def grid(self, key: str) -> Grid:
         return Grid.from_attrs(self._array(key, "image").attrs)
@@ -121,9 +130,9 @@ class CohortStore:
         return arr[...], Grid.from_attrs(arr.attrs)
 
     def read_labels(self, key: str, name: str = "labels") -> np.ndarray | None:
-        if not (self.path / key / name / "zarr.json").exists():
+        if not (self._dir(key) / name / "zarr.json").exists():
             return None
         return self._array(key, name)[...]
 
     def _array(self, key: str, name: str):
-        return zarr.open_array(str(self.path / key / name), mode="r")
+        return zarr.open_array(str(self._dir(key) / name), mode="r")
