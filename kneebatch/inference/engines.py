@@ -42,7 +42,8 @@ class TorchEngine:
         state, _ = load_weights(weights)
         model.load_state_dict(state)
         self.model = model.to(self.device, dtype).eval()
-        self.forward = torch.compile(self.model, dynamic=True) if compile else self.model
+        # windows have fixed shapes (patch, coarse grid): static shapes compile best
+        self.forward = torch.compile(self.model, dynamic=False) if compile else self.model
 
     @classmethod
     def from_module(cls, model: torch.nn.Module, device: str = "cpu") -> "TorchEngine":

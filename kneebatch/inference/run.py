@@ -130,8 +130,12 @@ def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client
 
     engines = None
     if client is not None:
+        import os
+
         from kneebatch.distributed.plugin import EngineLoader
 
+        if threads is None and device == "cpu":  # share the cores between workers, no oversubscription
+            threads = max(1, (os.cpu_count() or 1) // max(1, len(client.nthreads())))
         client.register_plugin(EngineLoader(str(engines_path) if engines_path else None, backend, device, threads,
                                             half))
     else:

@@ -156,6 +156,7 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None) -> 
     """Convert every study under ``src`` into the store at ``store_path`` (resumable)."""
     t0 = time.perf_counter()
     store = CohortStore(store_path)
+    store.clear_partial()
     key = load_or_create_key(key_file)
     report = ConvertReport(store_path=str(store.path))
     studies, report.files_scanned, problems = discover(src, client, show_progress)

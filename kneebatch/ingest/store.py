@@ -56,6 +56,16 @@ class CohortStore:
         else:
             raise FileNotFoundError(f"no cohort store at {self.path}")
 
+    def clear_partial(self) -> int:
+        """Remove half-written studies left by a killed writer (one writer per store at a time)."""
+        partial = self.path / PARTIAL
+        n = 0
+        if partial.exists():
+            for p in partial.iterdir():
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+        return n
+
     # ---------------------------------------------------------------- listing
     @property
     def keymap_path(self) -> Path:
