@@ -117,3 +117,19 @@ def test_export_nifti_aligned_with_the_source(store, tiny_engines, tmp_path, key
     assert len(slicer) == 22 and slicer[-1] == "20 effusion 0 191 255 255"
     itk = (tmp_path / "nifti" / "kneebatch_labels_itksnap.txt").read_text()
     assert '"femoral_cartilage"' in itk
+
+
+def test_torch_and_onnxruntime_pipelines_give_the_same_labels(store, tiny_engines, tmp_path):
+    from kneebatch.inference.segment import segment
+
+    s = CohortStore(store)
+    key = s.study_keys()[0]
+    image, grid = s.read_image(key)
+    image = image.astype(np.float32)
+    labels = {}
+    for backend in ("onnxruntime", "torch"):
+        e = load_engines(tiny_engines, backend)
+        labels[backend], info = segment(image, grid, e.coarse, e.fine, e.config)
+        assert tuple(labels[backend].shape) == grid.shape and set(info.seconds) == {"normalize", "coarse", "fine", "paste"}
+    agree = (labels["onnxruntime"] == labels["torch"]).float().mean()
+    assert agree > 0.999

@@ -62,6 +62,7 @@ def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
     return out
 
 
+@torch.inference_mode()
 def fine_logits(fine, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Fine-net logits ``[K, z, y, x]`` for a working-grid crop ``x [C, z, y, x]``.
 
@@ -79,6 +80,7 @@ def fine_logits(fine, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return logits[0][:, : shape[0], : shape[1], : shape[2]]
 
 
+@torch.inference_mode()
 def segment(image, grid: Grid, coarse, fine, cfg: ModelConfig) -> tuple[torch.Tensor, SegmentInfo]:
     """Label map (uint8, on the fine engine's device) on the study grid."""
     info = SegmentInfo()

@@ -339,10 +339,10 @@ def write_curves(rows: list[dict], path: Path) -> None:
 
 
 def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40.0, threads: int | None = None,
-          seed: int = 0, label_name: str = "truth", eval_every_fine: int = 150) -> dict:
+          seed: int = 0, label_name: str = "truth", eval_every_fine: int = 150, cfg: ModelConfig | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    tr = Trainer(store_path, out, label_name=label_name, seed=seed)
+    tr = Trainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed)
     tr.load()
     coarse = tr.run_stage("coarse", minutes_coarse, eval_every=100)
     tr.make_fine_crops(coarse)
@@ -350,7 +350,8 @@ def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40
     test = tr.evaluate_test(coarse, fine)
     out = Path(out)
     with open(out / "train_log.csv", "w", newline="") as f:
-        cols = sorted({k for r in tr.log_rows for k in r}, key=lambda c: (not c in ("stage", "step", "minutes"), c))
+        first = ["stage", "step", "minutes", "loss", "lr", "val_score"]
+        cols = first + sorted({k for r in tr.log_rows for k in r} - set(first))
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(tr.log_rows)

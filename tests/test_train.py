@@ -1,0 +1,52 @@
+"""Coarse-to-fine training mechanics on a few small studies with tiny networks (seconds)."""
+
+import json
+import shutil
+
+import pytest
+from safetensors import safe_open
+
+from kneebatch.ingest.label_import import import_labels
+from kneebatch.models.train import dice_per_label, split_keys, train
+from tests.conftest import TINY
+
+
+def test_split_is_8_1_1_by_subject_and_stable():
+    keys = [f"k{i:020x}" for i in range(50)]
+    split = split_keys(keys, seed=0)
+    assert [len(split[p]) for p in ("train", "val", "test")] == [40, 5, 5]
+    assert set().union(*split.values()) == set(keys)
+    assert split == split_keys(list(reversed(keys)), seed=0)
+
+
+def test_dice_per_label_exact():
+    import torch
+
+    a = torch.zeros(4, 4, 4, dtype=torch.uint8)
+    b = torch.zeros(4, 4, 4, dtype=torch.uint8)
+    a[0:2] = 1  # 32 voxels
+    b[1:3] = 1  # 32 voxels, 16 shared
+    assert dice_per_label(a, b) == {"femur": pytest.approx(0.5)}
+
+
+def test_train_writes_safetensors_log_metrics_and_resumes(cohort, store, tmp_path):
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    assert import_labels(work, cohort / "truth", name="truth") == (6, [])
+    out = tmp_path / "run"
+    m1 = train(work, out, minutes_coarse=0.05, minutes_fine=0.05, cfg=TINY, eval_every_fine=5)
+    assert m1["split"] == {"val": 1, "test": 1, "train": 4}
+    assert 0.0 <= m1["test_mean_dice"] <= 1.0 and len(m1["test_dice"]) >= 15
+    for name in ("coarse.safetensors", "fine.safetensors", "model_config.json", "metrics.json", "train_log.csv",
+                 "train_curves.png", "checkpoints/fine_last.safetensors"):
+        assert (out / name).exists(), name
+    with safe_open(str(out / "checkpoints" / "fine_last.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["kneebatch"])
+        assert any(k.startswith("opt.") for k in f.keys())  # optimizer state resumes too
+    step = meta["step"]
+    # a longer budget resumes from the checkpoint instead of starting again
+    train(work, out, minutes_coarse=0.05, minutes_fine=meta["elapsed_s"] / 60 + 0.1, cfg=TINY, eval_every_fine=5)
+    with safe_open(str(out / "checkpoints" / "fine_last.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["kneebatch"])["step"] > step
+    header = (out / "train_log.csv").read_text().splitlines()[0]
+    assert header.startswith("stage,step,minutes") and "val_femur" in header
