@@ -37,28 +37,28 @@ def _sync(device):
 def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
     """argmax of ``logits [K, z, y, x]`` trilinearly resampled onto ``out_shape`` over the same box.
 
-    Voxel centres sit at (i + 0.5) / n of the box on both grids (``align_corners=False``);
-    done in slabs along z so that K x slab voxels of float32 is all that is held.
+    Voxel centres sit at (i + 0.5) / n of the box on both grids (``align_corners=False``).
+    Trilinear is separable: each slab of output slices is first interpolated along z
+    from its two neighbouring input slices, then bilinearly in-plane, so only
+    K x slab voxels of float32 are held at a time.
     """
     if tuple(logits.shape[1:]) == tuple(out_shape):
         return logits.argmax(0).to(torch.uint8)
     nz, ny, nx = (int(s) for s in out_shape)
+    wz = logits.shape[1]
     dev = logits.device
-
-    def norm(n, start=0, stop=None):
-        stop = n if stop is None else stop
-        return ((torch.arange(start, stop, device=dev, dtype=torch.float32) + 0.5) / n) * 2 - 1
-
-    gy, gx = norm(ny), norm(nx)
+    src = ((torch.arange(nz, device=dev, dtype=torch.float32) + 0.5) * (wz / nz) - 0.5).clamp(0, wz - 1)
+    i0 = src.floor().long()
+    i1 = (i0 + 1).clamp(max=wz - 1)
+    w = (src - i0.float())[None, :, None, None]
     out = torch.empty((nz, ny, nx), dtype=torch.uint8, device=dev)
     step = max(1, SLAB_VOXELS // (ny * nx))
-    src = logits[None].float()
+    x = logits.float()
     for z0 in range(0, nz, step):
-        gz = norm(nz, z0, min(z0 + step, nz))
-        grid = torch.stack(torch.meshgrid(gx, gy, gz, indexing="xy"), dim=-1)  # [y, x, z, 3] (x, y, z)
-        grid = grid.permute(2, 0, 1, 3)[None]  # [1, z, y, x, 3]
-        sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out[z0:z0 + gz.numel()] = sampled[0].argmax(0).to(torch.uint8)
+        z1 = min(z0 + step, nz)
+        slab = x[:, i0[z0:z1]] * (1 - w[:, z0:z1]) + x[:, i1[z0:z1]] * w[:, z0:z1]  # [K, s, y, x]
+        up = F.interpolate(slab.permute(1, 0, 2, 3), size=(ny, nx), mode="bilinear", align_corners=False)
+        out[z0:z1] = up.argmax(1).to(torch.uint8)
     return out
 
 
