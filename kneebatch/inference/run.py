@@ -172,7 +172,10 @@ def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client
 
 def _write_provenance(out: Path, report: RunReport, engines_path, backend, device, batch_size) -> None:
     import onnxruntime
+    import pyarrow.parquet as pq
     import torch
+
+    from kneebatch.models.checkpoints import sha256_file
 
     from kneebatch.inference.engine_dir import engines_dir, read_manifest
 
@@ -193,6 +196,11 @@ def _write_provenance(out: Path, report: RunReport, engines_path, backend, devic
         "failed": report.failed + report.carried_failures,
         "seconds": round(report.seconds, 2),
         "stage_seconds": {k: round(v, 2) for k, v in report.stage_seconds.items()},
+        # the manifest: what a complete run wrote; a table not listed here is not final
+        "outputs": {name: {"rows": pq.ParquetFile(out / name).metadata.num_rows,
+                           "sha256": sha256_file(out / name)}
+                    for name in ("measurements.parquet", "failures.parquet")},
+        "parts": sorted(p.name for p in (out / "parts").glob("part-*.parquet")),
     }
     tmp = out / ".provenance.json.tmp"
     tmp.write_text(json.dumps(provenance, indent=1))
