@@ -93,6 +93,7 @@ def _dice_against_truth(store_path: Path, truth_dir: Path) -> dict[str, float]:
     from kneebatch import labels as L
     from kneebatch.ingest.label_import import label_file, read_label_file
     from kneebatch.ingest.store import CohortStore
+    from kneebatch.measure import dice_per_label
 
     store = CohortStore(store_path, create=False)
     uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
@@ -103,10 +104,8 @@ def _dice_against_truth(store_path: Path, truth_dir: Path) -> dict[str, float]:
         if pred is None or path is None:
             continue
         truth = read_label_file(path, store.grid(key))
-        for label in L.LABELS:
-            t, p = truth == label.id, pred == label.id
-            if t.any():
-                groups.setdefault(label.group, []).append(2 * np.sum(t & p) / (t.sum() + p.sum()))
+        for name, dice in dice_per_label(pred, truth).items():
+            groups.setdefault(L.by_name(name).group, []).append(dice)
     return {g: float(np.mean(v)) for g, v in groups.items()}
 
 

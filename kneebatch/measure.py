@@ -57,6 +57,17 @@ def measurement_schema() -> pa.Schema:
     return pa.schema(fields)
 
 
+def dice_per_label(pred, truth) -> dict[str, float]:
+    """Dice of ``pred`` against ``truth`` for every label present in ``truth`` (NumPy or torch)."""
+    out = {}
+    for label in L.LABELS:
+        p, t = pred == label.id, truth == label.id
+        n_truth = int(t.sum())
+        if n_truth:
+            out[label.name] = 2.0 * int((p & t).sum()) / (int(p.sum()) + n_truth)
+    return out
+
+
 def volumes(labels, grid: Grid) -> dict:
     """``<label>_volume_mm3`` / ``_ml`` for every label and group totals."""
     counts = ops.to_numpy(ops.label_counts(labels, L.N_CLASSES)).astype(np.float64)
@@ -105,7 +116,6 @@ def intensity_means(labels, image, channels) -> dict:
 def qc_flags(labels, row: dict) -> list[str]:
     from scipy import ndimage
 
-    xp = ops.namespace(labels)
     flags = []
     for name in EXPECTED:
         if row[f"{name}_volume_mm3"] == 0:
@@ -128,7 +138,6 @@ def qc_flags(labels, row: dict) -> list[str]:
             sizes = np.bincount(comp.ravel())[1:]
             if sizes.max() < 0.95 * sizes.sum():
                 flags.append(f"fragmented:{name}")
-    del xp
     return flags
 
 

@@ -14,6 +14,7 @@ from kneebatch.inference.run import run
 from kneebatch.ingest.convert import convert
 from kneebatch.ingest.label_import import label_file, read_label_file
 from kneebatch.ingest.store import CohortStore
+from kneebatch.measure import dice_per_label
 from kneebatch.outputs import read_rows
 from kneebatch.synth.cohort import generate_cohort
 
@@ -51,10 +52,8 @@ def _dice_table(root):
     for key in store.study_keys():
         truth = read_label_file(label_file(root / "cohort" / "truth", uid_of[key]), store.grid(key))
         pred = store.read_labels(key)
-        for label in L.LABELS:
-            t, p = truth == label.id, pred == label.id
-            if t.sum() > 0:
-                per_label.setdefault(label.name, []).append(2 * np.sum(t & p) / (t.sum() + p.sum()))
+        for name, dice in dice_per_label(pred, truth).items():
+            per_label.setdefault(name, []).append(dice)
         eff = L.by_name("effusion").id
         effusion_err.append(abs(np.sum(pred == eff) - np.sum(truth == eff)) / np.sum(truth == eff) * 100)
     return {k: float(np.mean(v)) for k, v in per_label.items()}, effusion_err

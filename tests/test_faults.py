@@ -1,7 +1,6 @@
 """Exactly-once results under real process kills: workers dying mid-batch, a poison study
 that kills every worker it meets, and the driver itself killed with SIGKILL."""
 
-import os
 import shutil
 import signal
 import subprocess

@@ -7,7 +7,8 @@ import pytest
 from safetensors import safe_open
 
 from kneebatch.ingest.label_import import import_labels
-from kneebatch.models.train import dice_per_label, split_keys, train
+from kneebatch.measure import dice_per_label
+from kneebatch.models.train import split_keys, train
 from tests.conftest import TINY
 
 

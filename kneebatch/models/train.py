@@ -28,6 +28,7 @@ import torch
 
 from kneebatch import labels as L
 from kneebatch.models.checkpoints import load_weights, save_weights
+from kneebatch.measure import dice_per_label
 from kneebatch.models.config import ModelConfig, build_network
 from kneebatch.models.preprocess import box_from_mask, normalize, pad_to_multiple, resize, working_shape
 
@@ -51,17 +52,6 @@ def split_keys(keys, seed: int = 0) -> dict[str, list[str]]:
     n_val = max(1, round(n * 0.1))
     n_test = max(1, round(n * 0.1))
     return {"val": ordered[:n_val], "test": ordered[n_val:n_val + n_test], "train": ordered[n_val + n_test:]}
-
-
-def dice_per_label(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    out = {}
-    for lab in L.LABELS:
-        p, t = pred == lab.id, truth == lab.id
-        denom = int(p.sum()) + int(t.sum())
-        if int(t.sum()) == 0:
-            continue
-        out[lab.name] = 2.0 * int((p & t).sum()) / denom
-    return out
 
 
 def _log(msg: str) -> None:

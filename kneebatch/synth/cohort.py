@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from pydicom.uid import generate_uid
 
-from kneebatch.geometry import Grid, affine_to_nifti
+from kneebatch.geometry import Grid
+from kneebatch.ingest.nifti import write_label_nifti
 from kneebatch.synth.anatomy import BODY, Anatomy
 from kneebatch.synth.dicom_writer import UID_ROOT, SeriesInfo, write_series
 from kneebatch.synth.render import Pose, render_image, render_labels
@@ -302,10 +302,7 @@ def write_subject(plan: SubjectPlan, out: Path) -> dict:
         }
     truth_dir = out / "truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(truth.transpose(2, 1, 0), affine_to_nifti(plan.t1.grid.affine))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    nib.save(img, truth_dir / f"{plan.study_uid}.nii.gz")
+    write_label_nifti(truth_dir / f"{plan.study_uid}.nii.gz", truth, plan.t1.grid)
     return {
         "study_uid": plan.study_uid,
         "index": plan.index,
