@@ -4,7 +4,8 @@ Volumes are voxel counts (one ``bincount``) times the voxel volume in mm³; ``_m
 columns are the same numbers / 1000. Cartilage thickness is measured per plate
 from the articular surface to the nearest voxel of the bone the plate sits on
 (Euclidean distance between voxel centres, anisotropic spacing), which equals
-the slab thickness for voxel-aligned plates.
+the slab thickness for voxel-aligned plates; plate voxels farther than 8 mm from
+their bone (segmentation strays) are left out.
 """
 
 from __future__ import annotations
@@ -100,8 +101,14 @@ def cartilage_thickness(labels, grid: Grid, plate: str) -> tuple[float, float]:
         return math.nan, math.nan
     articular = ops.surface(cart, exclude=bone)
     dist = ops.distance_to(bone, grid.spacing)
-    samples = ops.to_numpy(dist[articular]) if bool(xp.any(articular)) else ops.to_numpy(dist[cart])
-    return float(np.mean(samples)), float(np.max(samples))
+    # plate voxels farther from their bone than any cartilage is thick are segmentation
+    # strays (a few voxels of the wrong plate), not thickness
+    near = dist <= THICKNESS_PLAUSIBLE_MM[1]
+    for part in (articular & near, cart & near):
+        if bool(xp.any(part)):
+            samples = ops.to_numpy(dist[part])
+            return float(np.mean(samples)), float(np.max(samples))
+    return math.nan, math.nan
 
 
 def intensity_means(labels, image, channels) -> dict:
@@ -132,7 +139,8 @@ def qc_flags(labels, row: dict) -> list[str]:
     for name in FRAGMENT_CHECKED:
         if row[f"{name}_volume_mm3"] == 0:
             continue
-        mask = np.asarray(ops.to_numpy(labels == L.by_name(name).id))
+        mask = labels == L.by_name(name).id
+        mask = np.asarray(ops.to_numpy(mask[ops.bounding_box(mask)]))  # components only inside its box
         comp, n = ndimage.label(mask)
         if n > 1:
             sizes = np.bincount(comp.ravel())[1:]

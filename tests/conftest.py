@@ -1,8 +1,9 @@
-"""Shared fixtures: one small synthetic cohort and its store, built once per test session."""
+"""Shared fixtures (one small synthetic cohort and its store, built once per test session) and helpers."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -50,7 +51,12 @@ def store(cohort, key_file, tmp_path_factory) -> Path:
     return path
 
 
-TINY = ModelConfig(coarse=NetConfig([4, 8], [2]), fine=NetConfig([4, 8, 8], [[1, 2, 2], [2, 2, 2]]),
+def comparable(rows):
+    """Table rows comparable with ==: NaN (an absent tissue's thickness) never equals itself."""
+    return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+
+
+TINY = ModelConfig(coarse=NetConfig([4, 8], [2]), fine=NetConfig([4, 8, 8], [[1, 2, 2], [2, 2, 2]], norm="BATCH"),
                    coarse_shape=[16, 32, 32], fine_spacing_mm=[4.0, 2.0, 2.0], fine_patch=[8, 32, 32])
 
 

@@ -93,6 +93,17 @@ def test_thickness_of_a_flat_plate_is_exact(axis, spacing, k):
     assert mean2 == pytest.approx(top) and mx2 == pytest.approx(top)
 
 
+def test_stray_plate_voxels_far_from_bone_do_not_change_thickness():
+    shape, spacing = (20, 40, 40), (3.0, 0.5, 0.5)
+    lab = np.zeros(shape, np.uint8)
+    lab[:, 20:26, :] = L.by_name("tibia").id
+    lab[:, 26:30, :] = L.by_name("medial_tibial_cartilage").id  # 4 voxels = 2.0 mm
+    clean = cartilage_thickness(lab, _grid(shape, spacing), "medial_tibial_cartilage")
+    lab[10, 2:4, 5:7] = L.by_name("medial_tibial_cartilage").id  # 8.5-9 mm from the tibia: a stray
+    stray = cartilage_thickness(lab, _grid(shape, spacing), "medial_tibial_cartilage")
+    assert clean == pytest.approx((2.0, 2.0)) and stray == pytest.approx(clean)
+
+
 def test_thickness_is_nan_for_absent_plate():
     assert all(math.isnan(v) for v in cartilage_thickness(np.zeros((4, 4, 4), np.uint8), _grid((4, 4, 4), (1, 1, 1)), "patellar_cartilage"))
 

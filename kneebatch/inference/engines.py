@@ -42,8 +42,9 @@ class TorchEngine:
         state, _ = load_weights(weights)
         model.load_state_dict(state)
         self.model = model.to(self.device, dtype).eval()
-        # windows have fixed shapes (patch, coarse grid): static shapes compile best
-        self.forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        # the coarse grid is fixed but every fine crop has its own shape: let dynamo mark
+        # the spatial sizes dynamic after the first recompile instead of compiling per study
+        self.forward = torch.compile(self.model, dynamic=None) if compile else self.model
 
     @classmethod
     def from_module(cls, model: torch.nn.Module, device: str = "cpu") -> "TorchEngine":

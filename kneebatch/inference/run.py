@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -129,13 +130,13 @@ def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
 
     engines = None
+    n_workers = len(client.nthreads()) if client is not None else 1
+    if threads is None and device == "cpu":  # share the cores between workers, no oversubscription;
+        # explicit in every setting, as the thread count can change the last bits of the logits
+        threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
     if client is not None:
-        import os
-
         from kneebatch.distributed.plugin import EngineLoader
 
-        if threads is None and device == "cpu":  # share the cores between workers, no oversubscription
-            threads = max(1, (os.cpu_count() or 1) // max(1, len(client.nthreads())))
         client.register_plugin(EngineLoader(str(engines_path) if engines_path else None, backend, device, threads,
                                             half))
     else:

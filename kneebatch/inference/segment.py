@@ -2,13 +2,15 @@
 
 read (uint16 [2,Z,Y,X]) -> normalize -> coarse net on the whole field of view at a
 fixed small shape -> bounding box of the coarse foreground (+ margin) -> crop at full
-resolution -> resize to the fine working spacing -> fine net -> logits resampled to
+resolution -> resize axes finer than the fine working spacing -> fine net (whole crop
+in one call) -> logits resampled to
 the native crop (trilinear, in slabs to bound memory) -> argmax -> paste into the
 full volume. Everything after the read stays on the engine's device.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +22,7 @@ from kneebatch.models.config import ModelConfig
 from kneebatch.models.preprocess import box_from_mask, normalize, pad_to_multiple, resize, working_shape
 
 SLAB_VOXELS = 2_000_000  # native voxels per upsampling slab (x n_classes x 4 bytes of logits)
+WHOLE_CROP_VOXELS = 6_000_000  # working voxels run in one call; larger crops go in windows of this size
 
 
 @dataclass
@@ -34,31 +37,57 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _linear_taps(n_out: int, n_in: int, device):
+    """Source indices and weights of linear resampling ``n_in -> n_out`` (align_corners=False)."""
+    src = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp(0, n_in - 1)
+    i0 = src.floor().long()
+    return i0, (i0 + 1).clamp(max=n_in - 1), src - i0.float()
+
+
 def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
     """argmax of ``logits [K, z, y, x]`` trilinearly resampled onto ``out_shape`` over the same box.
 
-    Voxel centres sit at (i + 0.5) / n of the box on both grids (``align_corners=False``).
-    Trilinear is separable: each slab of output slices is first interpolated along z
-    from its two neighbouring input slices, then bilinearly in-plane, so only
-    K x slab voxels of float32 are held at a time.
+    Exact without resampling all K channels everywhere: a trilinear value is a convex
+    combination of its 8 source voxels, so where those share one argmax, so does the
+    interpolated vector. Only output voxels whose sources disagree (tissue boundaries)
+    have their K logits interpolated, from a channels-last copy.
     """
-    if tuple(logits.shape[1:]) == tuple(out_shape):
+    out_shape = tuple(int(s) for s in out_shape)
+    if tuple(logits.shape[1:]) == out_shape:
         return logits.argmax(0).to(torch.uint8)
-    nz, ny, nx = (int(s) for s in out_shape)
-    wz = logits.shape[1]
     dev = logits.device
-    src = ((torch.arange(nz, device=dev, dtype=torch.float32) + 0.5) * (wz / nz) - 0.5).clamp(0, wz - 1)
-    i0 = src.floor().long()
-    i1 = (i0 + 1).clamp(max=wz - 1)
-    w = (src - i0.float())[None, :, None, None]
-    out = torch.empty((nz, ny, nx), dtype=torch.uint8, device=dev)
-    step = max(1, SLAB_VOXELS // (ny * nx))
-    x = logits.float()
-    for z0 in range(0, nz, step):
-        z1 = min(z0 + step, nz)
-        slab = x[:, i0[z0:z1]] * (1 - w[:, z0:z1]) + x[:, i1[z0:z1]] * w[:, z0:z1]  # [K, s, y, x]
-        up = F.interpolate(slab.permute(1, 0, 2, 3), size=(ny, nx), mode="bilinear", align_corners=False)
-        out[z0:z1] = up.argmax(1).to(torch.uint8)
+    wz, wy, wx = logits.shape[1:]
+    channels_last = logits.float().reshape(logits.shape[0], -1).t().contiguous()  # [z*y*x, K]
+    work = channels_last.argmax(1).view(wz, wy, wx)
+    taps = [_linear_taps(n, w, dev) for n, w in zip(out_shape, logits.shape[1:])]
+    # a working voxel is "uniform" when its forward neighbourhood (2 along each resampled
+    # axis; kept axes, e.g. native slices, have weight 0 on the next voxel) has one label
+    moved = [a for a in range(3) if out_shape[a] != logits.shape[1 + a]]
+    kernel = tuple(2 if a in moved else 1 for a in range(3))
+    pad = [p for a in (2, 1, 0) for p in (0, kernel[a] - 1)]
+    lab = F.pad(work[None, None].float(), pad, mode="replicate")
+    hi = F.max_pool3d(lab, kernel, stride=1)[0, 0]
+    lo = -F.max_pool3d(-lab, kernel, stride=1)[0, 0]
+    strides = (wy * wx, wx, 1)
+    corner0 = sum(t[0].view([-1 if a == axis else 1 for a in range(3)]) * st
+                  for axis, (t, st) in enumerate(zip(taps, strides)))  # [nz, ny, nx] source of corner 0
+    out = work.to(torch.uint8).view(-1)[corner0]
+    todo = torch.nonzero((hi != lo).view(-1)[corner0].view(-1)).flatten()
+    ny, nx = out_shape[1:]
+    flat_out = out.view(-1)
+    for c0 in range(0, todo.numel(), SLAB_VOXELS // 8):
+        idx = todo[c0: c0 + SLAB_VOXELS // 8]
+        coords = (idx // (ny * nx), (idx // nx) % ny, idx % nx)
+        picks = [(t[0][c], t[1][c], t[2][c][:, None]) for t, c in zip(taps, coords)]  # i0, i1, weight
+        acc = 0
+        for corner in range(2 ** len(moved)):
+            src, weight = 0, 1.0
+            for axis, (i0, i1, w) in enumerate(picks):
+                upper = axis in moved and (corner >> moved.index(axis)) & 1
+                src = src + (i1 if upper else i0) * strides[axis]
+                weight = weight * (w if upper else 1 - w)
+            acc = acc + channels_last[src] * weight
+        flat_out[idx] = acc.argmax(1).to(torch.uint8)
     return out
 
 
@@ -66,18 +95,34 @@ def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
 def fine_logits(fine, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Fine-net logits ``[K, z, y, x]`` for a working-grid crop ``x [C, z, y, x]``.
 
-    The net runs on windows of its training patch size (MONAI's sliding window, overlap
-    ``cfg.sw_overlap``), as nnU-Net does: instance normalisation then sees the same
-    amount of context as in training.
+    A batch-norm net runs on the whole crop in one call (padded to its stride); only
+    crops above ``WHOLE_CROP_VOXELS`` are split, into large windows with little overlap.
+    An instance-norm net runs on windows of its training patch size, as nnU-Net does, so
+    that its normalisation sees the context it was trained with.
     """
     from monai.inferers import sliding_window_inference
 
-    patch = tuple(cfg.fine_patch)
     xp, shape = pad_to_multiple(x, cfg.fine.divisor())
+    if cfg.fine_whole_crop:
+        if xp[0].numel() <= WHOLE_CROP_VOXELS:
+            return fine(xp[None])[0][:, : shape[0], : shape[1], : shape[2]]
+        patch, overlap = _large_window(xp.shape[1:], cfg.fine.divisor()), 0.1
+    else:
+        patch, overlap = tuple(cfg.fine_patch), cfg.sw_overlap
     if any(s < p for s, p in zip(xp.shape[1:], patch)):  # smaller than a window: pad up to one
         xp, _ = pad_to_multiple(xp, patch)
-    logits = sliding_window_inference(xp[None], patch, sw_batch_size=2, predictor=fine, overlap=cfg.sw_overlap)
+    logits = sliding_window_inference(xp[None], patch, sw_batch_size=1 if cfg.fine_whole_crop else 2,
+                                      predictor=fine, overlap=overlap)
     return logits[0][:, : shape[0], : shape[1], : shape[2]]
+
+
+def _large_window(shape, divisor) -> tuple[int, int, int]:
+    """A window of at most ``WHOLE_CROP_VOXELS``: the crop halved along its longest axes until it fits."""
+    win = list(shape)
+    while win[0] * win[1] * win[2] > WHOLE_CROP_VOXELS:
+        a = max(range(3), key=lambda i: win[i] / divisor[i])
+        win[a] = max(divisor[a], int(math.ceil(win[a] / 2 / divisor[a]) * divisor[a]))
+    return tuple(win)
 
 
 @torch.inference_mode()

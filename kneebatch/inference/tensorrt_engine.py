@@ -16,8 +16,9 @@ import torch
 
 from kneebatch.inference.engines import verify_hash
 
-# optimization profile over [N, C, Z, Y, X]: min / opt / max
-PROFILE = ((1, 2, 4, 16, 16), (1, 2, 48, 320, 320), (4, 2, 96, 512, 512))
+# optimization profile over [N, C, Z, Y, X]: min / opt (a typical fine crop on the working
+# grid) / max (above segment.WHOLE_CROP_VOXELS the crop goes in windows anyway)
+PROFILE = ((1, 2, 4, 16, 16), (1, 2, 40, 208, 208), (4, 2, 96, 512, 512))
 
 
 class TensorRTEngine:

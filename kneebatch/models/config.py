@@ -32,15 +32,22 @@ class NetConfig:
 @dataclass
 class ModelConfig:
     coarse: NetConfig = field(default_factory=lambda: NetConfig([8, 16, 32, 64], [2, 2, 2]))
+    # batch norm: its statistics do not depend on the input's extent, so the fine net runs on
+    # the whole crop in one call (no overlapping windows) and folds into the convolutions
     fine: NetConfig = field(default_factory=lambda: NetConfig(
-        [16, 32, 64, 128, 128], [[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]))
+        [16, 32, 64, 128, 128], [[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], norm="BATCH"))
     coarse_shape: list = field(default_factory=lambda: [32, 64, 64])  # whole field of view
-    fine_spacing_mm: list = field(default_factory=lambda: [3.0, 0.7, 0.7])  # working grid of the crop
-    fine_patch: list = field(default_factory=lambda: [16, 128, 128])
+    fine_spacing_mm: list = field(default_factory=lambda: [2.0, 0.7, 0.7])  # working grid: finest spacing kept
+    fine_patch: list = field(default_factory=lambda: [16, 128, 128])  # training patch
     crop_margin_mm: float = 12.0
-    sw_overlap: float = 0.25  # fine net runs on patch-sized windows, as trained (instance norm statistics)
+    sw_overlap: float = 0.25  # windows of instance-norm nets (same context as in training) overlap this much
     in_channels: int = 2  # T1, T2
     n_classes: int = L.N_CLASSES
+
+    @property
+    def fine_whole_crop(self) -> bool:
+        """Whether the fine net may see a whole crop at once (statistics independent of extent)."""
+        return self.fine.norm.upper().startswith("BATCH")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

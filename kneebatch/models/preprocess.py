@@ -1,7 +1,7 @@
 """Preprocessing shared by training and inference (torch tensors, CPU or CUDA).
 
 Grids: the coarse input is the whole volume resized to a fixed shape; the fine input
-is a crop resized to about ``fine_spacing_mm``. Both resizes keep the crop's physical
+is a crop whose axes finer than ``fine_spacing_mm`` are resized to about it. Both resizes keep the crop's physical
 box (``align_corners=False``: voxel centres at (i + 0.5) * extent / n), so resizing
 back with the same call maps every voxel to where it came from.
 """
@@ -22,8 +22,8 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1)
         sample = flat[:: max(1, flat.numel() // 200_000)]
         body = x > 0.05 * torch.quantile(sample, 0.99)
-        vals = x[body] if bool(body.any()) else flat
-        out[c] = (x - vals.mean()) / vals.std().clamp_min(1e-6)
+        vals = (x[body] if bool(body.any()) else flat).double()  # float64: no thread-count-dependent ulps
+        out[c] = (x - vals.mean().float()) / vals.std().float().clamp_min(1e-6)
     return out
 
 
@@ -39,7 +39,11 @@ def resize(t: torch.Tensor, shape, labels: bool = False) -> torch.Tensor:
 
 
 def working_shape(native_shape, spacing, target_spacing) -> tuple[int, int, int]:
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(native_shape, spacing, target_spacing))
+    """Shape of the working grid: axes finer than the target are resampled to it, coarser
+    axes keep their native spacing (interpolating across thick slices invents nothing and
+    costs thin structures: resampling 3.6 mm slices to 3.0 mm and back keeps an MCL at
+    Dice 0.71 even for a perfect prediction, keeping them keeps it at 0.96)."""
+    return tuple(max(1, int(round(n * s / max(s, t)))) for n, s, t in zip(native_shape, spacing, target_spacing))
 
 
 def pad_to_multiple(t: torch.Tensor, divisor) -> tuple[torch.Tensor, tuple]:

@@ -60,7 +60,7 @@ def _log(msg: str) -> None:
 
 class Trainer:
     def __init__(self, store_path, out, cfg: ModelConfig | None = None, label_name: str = "truth", seed: int = 0,
-                 jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 2e-3):
+                 jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 2e-3, init_from=None):
         from kneebatch.ingest.store import CohortStore
 
         self.store = CohortStore(store_path, create=False)
@@ -73,6 +73,7 @@ class Trainer:
         self.jitter_mm = jitter_mm
         self.batch_size = batch_size
         self.lr = lr
+        self.init_from = Path(init_from) if init_from else None
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         keys = [k for k in self.store.study_keys() if self.store.read_labels(k, label_name) is not None]
@@ -197,6 +198,8 @@ class Trainer:
             self.log_rows = meta.get("log", [])
             _log(f"{stage}: resumed at step {step}, {elapsed / 60:.1f} of {minutes} min")
         else:
+            if self.init_from is not None:
+                self._initialise(model, self.init_from / f"{stage}.safetensors")
             ema.load_state_dict(model.state_dict())
         if meta_done(last, minutes):
             _log(f"{stage}: already finished")
@@ -253,6 +256,17 @@ class Trainer:
         best_state, _ = load_weights(final)
         model.load_state_dict(best_state)
         return model.eval()
+
+    @staticmethod
+    def _initialise(model: torch.nn.Module, path: Path) -> None:
+        """Start from another run's weights (fine-tuning): every tensor whose name and shape match."""
+        if not path.exists():
+            raise FileNotFoundError(f"--init: no {path.name} in {path.parent}")
+        state, _ = load_weights(path)
+        own = model.state_dict()
+        match = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(match, strict=False)
+        _log(f"initialised {len(match)} of {len(own)} tensors from {path}")
 
     def evaluate_test(self, coarse, fine) -> dict:
         """Full pipeline (coarse -> crop -> fine -> native grid) on the held-out test split."""
@@ -329,10 +343,11 @@ def write_curves(rows: list[dict], path: Path) -> None:
 
 
 def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40.0, threads: int | None = None,
-          seed: int = 0, label_name: str = "truth", eval_every_fine: int = 150, cfg: ModelConfig | None = None) -> dict:
+          seed: int = 0, label_name: str = "truth", eval_every_fine: int = 150, cfg: ModelConfig | None = None,
+          init_from=None) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    tr = Trainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed)
+    tr = Trainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed, init_from=init_from)
     tr.load()
     coarse = tr.run_stage("coarse", minutes_coarse, eval_every=100)
     tr.make_fine_crops(coarse)
