@@ -14,7 +14,7 @@ from kneebatch.inference.engines import EngineHashMismatch
 from kneebatch.inference.run import run
 from kneebatch.inference.segment import upsample_argmax
 from kneebatch.ingest.store import CohortStore
-from kneebatch.models.preprocess import box_from_mask, resize, working_shape
+from kneebatch.models.preprocess import box_from_mask, normalize, resize, working_shape
 from kneebatch.outputs import read_rows
 from tests.conftest import comparable
 
@@ -62,6 +62,18 @@ def test_fine_logits_whole_crop_or_windows(norm, whole, monkeypatch):
         assert len(calls) > 1 and all(a * b * c <= 10_000 and b % 4 == 0 and c % 4 == 0 for a, b, c in calls)
     else:  # windows of the training patch
         assert len(calls) > 1 and set(calls) == {(8, 32, 32)}
+
+
+def test_normalize_is_a_z_score_over_the_body():
+    g = torch.Generator().manual_seed(0)
+    image = torch.zeros(2, 20, 64, 64)
+    image[:, :, 16:48, 8:56] = torch.rand(2, 20, 32, 48, generator=g) * torch.tensor([300.0, 80.0])[:, None, None, None] + 100
+    out = normalize(image.to(torch.int32).to(torch.uint16))
+    body = image[0] > 0
+    for c in range(2):
+        vals = out[c][body]
+        assert abs(float(vals.mean())) < 0.02 and abs(float(vals.std()) - 1) < 0.02
+        assert float(out[c][~body].max()) < -1.0  # air far below the body
 
 
 def test_resize_keeps_the_box():

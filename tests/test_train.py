@@ -51,3 +51,29 @@ def test_train_writes_safetensors_log_metrics_and_resumes(cohort, store, tmp_pat
         assert json.loads(f.metadata()["kneebatch"])["step"] > step
     header = (out / "train_log.csv").read_text().splitlines()[0]
     assert header.startswith("stage,step,minutes") and "val_femur" in header
+
+
+def test_init_copies_every_tensor_whose_name_and_shape_match(tmp_path):
+    """Fine-tuning from an instance-norm net into a batch-norm one: convolutions carry over, norms start fresh."""
+    import torch
+    from dataclasses import replace
+
+    from kneebatch.models.checkpoints import save_weights
+    from kneebatch.models.config import build_network
+    from kneebatch.models.train import Trainer
+
+    torch.manual_seed(0)
+    source = build_network(replace(TINY.fine, norm="INSTANCE"), 2, TINY.n_classes)
+    save_weights(tmp_path / "fine.safetensors", source.state_dict(), dtype=torch.float16)
+    target = build_network(TINY.fine, 2, TINY.n_classes)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    Trainer._initialise(target, tmp_path / "fine.safetensors")
+    after = target.state_dict()
+    copied = [k for k in source.state_dict() if k in after]
+    assert copied and len(copied) < len(after)  # batch-norm tensors have no source
+    for k in copied:
+        assert torch.equal(after[k], source.state_dict()[k].half().float())
+    for k in set(after) - set(copied):
+        assert torch.equal(after[k], before[k])
+    with pytest.raises(FileNotFoundError, match="--init"):
+        Trainer._initialise(target, tmp_path / "coarse.safetensors")
