@@ -77,3 +77,21 @@ def test_init_copies_every_tensor_whose_name_and_shape_match(tmp_path):
         assert torch.equal(after[k], before[k])
     with pytest.raises(FileNotFoundError, match="--init"):
         Trainer._initialise(target, tmp_path / "coarse.safetensors")
+
+
+def test_half_precision_weights_keep_out_of_range_tensors_exact(tmp_path):
+    """A batch norm's running variance can exceed float16's range (65504): it must not become inf."""
+    import torch
+
+    from kneebatch.models.checkpoints import load_weights, save_weights
+
+    state = {"conv.weight": torch.randn(4, 4) * 0.1, "bn.running_var": torch.tensor([0.5, 1.2e5, 3.0e6]),
+             "bn.num_batches_tracked": torch.tensor(7)}
+    save_weights(tmp_path / "w.safetensors", state, {"step": 1}, dtype=torch.float16)
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        assert f.get_tensor("conv.weight").dtype == torch.float16
+        assert f.get_tensor("bn.running_var").dtype == torch.float32
+    loaded, meta = load_weights(tmp_path / "w.safetensors")
+    assert torch.equal(loaded["bn.running_var"], state["bn.running_var"]) and meta == {"step": 1}
+    assert torch.allclose(loaded["conv.weight"], state["conv.weight"], atol=1e-3)
+    assert int(loaded["bn.num_batches_tracked"]) == 7

@@ -25,8 +25,8 @@ def save_weights(path, state: dict, metadata: dict | None = None, dtype: torch.d
     tensors = {}
     for k, v in state.items():
         v = v.detach().cpu().contiguous()
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
+        if dtype is not None and v.is_floating_point() and bool(torch.isfinite(v.to(dtype)).all()):
+            v = v.to(dtype)  # tensors outside the range of dtype (a batch norm's running variance) stay as they are
         tensors[k] = v
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"kneebatch": json.dumps(metadata or {})})
