@@ -17,7 +17,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def device() -> str:
+def device(kind: str = "cpu") -> str:
+    if kind.startswith("cuda"):
+        import torch
+
+        return f"GPU: {torch.cuda.get_device_name()} (+ CPU: {cpu_name()}, {os.cpu_count()} cores)"
     return f"CPU: {cpu_name()} ({os.cpu_count()} cores)"
 
 

@@ -1,6 +1,7 @@
 """Segmentation throughput: ``kneebatch run`` end to end against a per-study baseline.
 
     python benchmarks/run_throughput.py --n 8
+    python benchmarks/run_throughput.py --n 32 --device cuda --fp16 --settings torch-compile:1 tensorrt:1
 
 On the same studies, in one run:
 
@@ -37,7 +38,7 @@ def _peak_rss_mb() -> float:
     return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024.0
 
 
-def _baseline(store_path, engines, keys, q):
+def _baseline(store_path, engines, keys, device, q):
     import numpy as np
     import torch
     from monai.inferers import sliding_window_inference
@@ -46,29 +47,30 @@ def _baseline(store_path, engines, keys, q):
     from kneebatch.ingest.store import CohortStore
     from kneebatch.models.preprocess import normalize
 
-    eng = load_engines(engines, "torch")
+    eng = load_engines(engines, "torch", device=device)
     store = CohortStore(store_path, create=False)
     roi = tuple(eng.config.fine_patch)
     t0 = time.perf_counter()
     for key in keys:
         image, _ = store.read_image(key)
-        x = normalize(torch.from_numpy(image.astype(np.float32)))
+        x = normalize(torch.from_numpy(image.astype(np.float32)).to(device))
         with torch.inference_mode():
             logits = sliding_window_inference(x[None], roi, sw_batch_size=2, predictor=eng.fine.model)
-        logits[0].argmax(0).to(torch.uint8)
+        logits[0].argmax(0).to(torch.uint8).cpu()
     q.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()})
 
 
-def _kneebatch(store_path, engines, out, backend, workers, q):
+def _kneebatch(store_path, engines, out, backend, workers, device, half, q):
     from kneebatch.distributed.cluster import dask_client
     from kneebatch.inference.run import run
 
     t0 = time.perf_counter()
     if workers > 1:
         with dask_client("local", n_workers=workers) as client:
-            r = run(store_path, out, engines_path=engines, backend=backend, client=client, show_progress=False)
+            r = run(store_path, out, engines_path=engines, backend=backend, client=client, device=device, half=half,
+                    show_progress=False)
     else:
-        r = run(store_path, out, engines_path=engines, backend=backend, show_progress=False)
+        r = run(store_path, out, engines_path=engines, backend=backend, device=device, half=half, show_progress=False)
     q.put({"seconds": time.perf_counter() - t0, "segmented": r.segmented, "stage_seconds": r.stage_seconds,
            "peak_rss_mb": _peak_rss_mb()})
 
@@ -105,6 +107,8 @@ def main() -> None:
     ap.add_argument("--engines", type=Path, default=DEFAULT_ENGINES)
     ap.add_argument("--settings", nargs="+", default=["onnxruntime:1", "onnxruntime:2", "torch:1"],
                     help="backend:workers for kneebatch run")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (baseline and the torch backends)")
+    ap.add_argument("--fp16", action="store_true", help="half-precision engines (torch backends on cuda, TensorRT)")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args()
 
@@ -117,7 +121,7 @@ def main() -> None:
         keys = s.study_keys()
         shapes = [list(s.grid(k).shape) for k in keys]
         read = _in_process(_read, str(store), keys)
-        base = _in_process(_baseline, str(store), str(args.engines), keys)
+        base = _in_process(_baseline, str(store), str(args.engines), keys, args.device)
         base_sps = len(keys) / base["seconds"]
         print(f"baseline: {base_sps:.3f} studies/s; read ceiling {len(keys) / read['seconds']:.2f} studies/s")
         records = []
@@ -127,20 +131,21 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             work_store = work / f"store-{backend}-{workers}.zarr"
             shutil.copytree(store, work_store)
-            r = _in_process(_kneebatch, str(work_store), str(args.engines), str(out), backend, int(workers))
+            r = _in_process(_kneebatch, str(work_store), str(args.engines), str(out), backend, int(workers),
+                            args.device, args.fp16)
             sps = r["segmented"] / r["seconds"]
             record = {
-                "device": machine.device(),
+                "device": machine.device(args.device),
                 "date": date.today().isoformat(),
                 "n_studies": len(keys),
                 "shape": shapes,
                 "backend": backend,
                 "workers": int(workers),
-                "precision": "fp32",
+                "precision": "fp16" if args.fp16 else "fp32",
                 "studies_per_s": round(sps, 4),
                 "speedup_vs_baseline": round(sps / base_sps, 2),
-                "baseline": {"name": "MONAI sliding_window_inference, fine net, whole full-res volume, torch eager "
-                                     "fp32, overlap 0.25, per study", "studies_per_s": round(base_sps, 4),
+                "baseline": {"name": f"MONAI sliding_window_inference, fine net, whole full-res volume, torch eager "
+                                     f"fp32 on {args.device}, overlap 0.25, per study", "studies_per_s": round(base_sps, 4),
                              "peak_rss_mb": round(base["peak_rss_mb"])},
                 "read_ceiling_studies_per_s": round(len(keys) / read["seconds"], 2),
                 "stage_seconds": {k: round(v, 2) for k, v in r["stage_seconds"].items()},
