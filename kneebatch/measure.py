@@ -26,8 +26,9 @@ EXPECTED = ("femur", "tibia", "patella", "femoral_cartilage", "medial_tibial_car
 FOV_CHECKED = ("patella", "femoral_cartilage", "medial_meniscus", "lateral_meniscus")
 THICKNESS_PLAUSIBLE_MM = (0.3, 8.0)
 FRAGMENT_CHECKED = ("femur", "tibia", "patella")
-THICKNESS_MARGIN_MM = THICKNESS_PLAUSIBLE_MM[1]  # crop around a plate for its distance transform: farther
-# bone cannot be the nearest bone of a voxel that counts
+# crop around a plate for its distance transform: bone farther than the thickest
+# plausible cartilage cannot be the nearest bone of a voxel that counts
+THICKNESS_MARGIN_MM = THICKNESS_PLAUSIBLE_MM[1]
 
 
 def _cartilage_plates():

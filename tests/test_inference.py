@@ -29,7 +29,7 @@ def test_upsample_argmax_matches_interpolate_then_argmax(smooth, out_shape, monk
     ref = F.interpolate(logits[None], size=out_shape, mode="trilinear", align_corners=False)[0].argmax(0)
     import kneebatch.inference.segment as seg
 
-    monkeypatch.setattr(seg, "SLAB_VOXELS", 8 * 50)  # several chunks of boundary voxels
+    monkeypatch.setattr(seg, "BOUNDARY_CHUNK", 50)  # several chunks of boundary voxels
     got = upsample_argmax(logits, out_shape)
     assert got.dtype == torch.uint8 and tuple(got.shape) == out_shape
     assert torch.equal(got, ref.to(torch.uint8))

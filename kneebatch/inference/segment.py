@@ -3,9 +3,9 @@
 read (uint16 [2,Z,Y,X]) -> normalize -> coarse net on the whole field of view at a
 fixed small shape -> bounding box of the coarse foreground (+ margin) -> crop at full
 resolution -> resize axes finer than the fine working spacing -> fine net (whole crop
-in one call) -> logits resampled to
-the native crop (trilinear, in slabs to bound memory) -> argmax -> paste into the
-full volume. Everything after the read stays on the engine's device.
+in one call) -> argmax of the logits trilinearly resampled to the native crop
+(interpolated only at tissue boundaries) -> paste into the full volume. Everything
+after the read stays on the engine's device.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from kneebatch.geometry import Grid
 from kneebatch.models.config import ModelConfig
 from kneebatch.models.preprocess import box_from_mask, normalize, pad_to_multiple, resize, working_shape
 
-SLAB_VOXELS = 2_000_000  # native voxels per upsampling slab (x n_classes x 4 bytes of logits)
+BOUNDARY_CHUNK = 250_000  # boundary voxels interpolated at a time (x n_classes x 4 bytes per corner)
 WHOLE_CROP_VOXELS = 6_000_000  # working voxels run in one call; larger crops go in windows of this size
 
 
@@ -74,10 +74,10 @@ def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
     flat = logits.float().reshape(logits.shape[0], -1)
     flat_out = out.view(-1)
     ny, nx = out_shape[1:]
-    for c0 in range(0, todo.numel(), SLAB_VOXELS // 8):
-        idx = todo[c0: c0 + SLAB_VOXELS // 8]
+    for c0 in range(0, todo.numel(), BOUNDARY_CHUNK):
+        idx = todo[c0: c0 + BOUNDARY_CHUNK]
         coords = (idx // (ny * nx), (idx // nx) % ny, idx % nx)
-        base = sum(taps[a][0][coords[a]] * strides[a] for a in range(3))  # corner 0
+        base = corner0.view(-1)[idx]
         step = [(taps[a][1][coords[a]] - taps[a][0][coords[a]]) * strides[a] for a in moved]
         frac = [taps[a][2][coords[a]] for a in moved]
         acc = 0

@@ -25,8 +25,10 @@ def save_weights(path, state: dict, metadata: dict | None = None, dtype: torch.d
     tensors = {}
     for k, v in state.items():
         v = v.detach().cpu().contiguous()
-        if dtype is not None and v.is_floating_point() and bool(torch.isfinite(v.to(dtype)).all()):
-            v = v.to(dtype)  # tensors outside the range of dtype (a batch norm's running variance) stay as they are
+        if dtype is not None and v.is_floating_point():
+            cast = v.to(dtype)
+            if bool(torch.isfinite(cast).all()):  # outside dtype's range (a batch norm's running variance): kept
+                v = cast
         tensors[k] = v
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"kneebatch": json.dumps(metadata or {})})

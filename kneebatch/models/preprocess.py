@@ -1,9 +1,10 @@
 """Preprocessing shared by training and inference (torch tensors, CPU or CUDA).
 
 Grids: the coarse input is the whole volume resized to a fixed shape; the fine input
-is a crop whose axes finer than ``fine_spacing_mm`` are resized to about it. Both resizes keep the crop's physical
-box (``align_corners=False``: voxel centres at (i + 0.5) * extent / n), so resizing
-back with the same call maps every voxel to where it came from.
+is a crop whose axes finer than ``fine_spacing_mm`` are resized to about it. Both
+resizes keep the crop's physical box (``align_corners=False``: voxel centres at
+(i + 0.5) * extent / n), so resizing back with the same call maps every voxel to where
+it came from.
 """
 
 from __future__ import annotations
