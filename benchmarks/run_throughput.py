@@ -61,6 +61,9 @@ def _baseline(store_path, engines, keys, device, q):
 
 
 def _kneebatch(store_path, engines, out, backend, workers, device, half, q):
+    import onnxruntime  # noqa: F401  library imports are process start-up, outside both timings
+    import torch  # noqa: F401
+
     from kneebatch.distributed.cluster import dask_client
     from kneebatch.inference.run import run
 

@@ -110,7 +110,8 @@ def cmd_train(args) -> int:
         n, missing = import_labels(args.store, args.labels_from, name=args.label_name, label_map=label_map)
         print(f"imported {n} label maps into the store as '{args.label_name}' ({len(missing)} studies without one)")
     metrics = train(args.store, args.out, minutes_coarse=args.minutes_coarse, minutes_fine=args.minutes_fine,
-                    threads=args.threads, seed=args.seed, label_name=args.label_name, init_from=args.init)
+                    threads=args.threads, seed=args.seed, label_name=args.label_name, init_from=args.init,
+                    lr=args.lr)
     print(f"test mean Dice {metrics['test_mean_dice']:.3f}; weights, metrics and curves in {args.out}")
     return 0
 
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--minutes-fine", type=float, default=40.0, help="time budget of the fine stage")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--seed", type=int, default=0, help="split and sampling seed")
+    s.add_argument("--lr", type=float, default=2e-3,
+                   help="peak learning rate (cosine schedule over each stage's budget); lower it when fine-tuning with --init")
     s.add_argument("--init", type=Path, default=None,
                    help="fine-tune: start both nets from the weights in this engines or training folder "
                         "(tensors whose names and shapes match)")

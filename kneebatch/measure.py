@@ -71,9 +71,10 @@ def dice_per_label(pred, truth) -> dict[str, float]:
     return out
 
 
-def volumes(labels, grid: Grid) -> dict:
-    """``<label>_volume_mm3`` / ``_ml`` for every label and group totals."""
-    counts = ops.to_numpy(ops.label_counts(labels, L.N_CLASSES)).astype(np.float64)
+def volumes(labels, grid: Grid, counts=None) -> dict:
+    """``<label>_volume_mm3`` / ``_ml`` for every label and group totals (``counts``: reuse ``label_counts``)."""
+    counts = ops.label_counts(labels, L.N_CLASSES) if counts is None else counts
+    counts = np.asarray(ops.to_numpy(counts)).astype(np.float64)
     vv = grid.voxel_volume_mm3
     out = {}
     for label in L.LABELS:
@@ -102,21 +103,21 @@ def cartilage_thickness(labels, grid: Grid, plate: str) -> tuple[float, float]:
     if not bool(xp.any(bone)):
         return math.nan, math.nan
     articular = ops.surface(cart, exclude=bone)
-    dist = ops.distance_to(bone, grid.spacing)
     # plate voxels farther from their bone than any cartilage is thick are segmentation
     # strays (a few voxels of the wrong plate), not thickness
-    near = dist <= THICKNESS_PLAUSIBLE_MM[1]
-    for part in (articular & near, cart & near):
+    for part in (articular, cart):
         if bool(xp.any(part)):
-            samples = ops.to_numpy(dist[part])
-            return float(np.mean(samples)), float(np.max(samples))
+            dist = ops.distances_to(bone, part, grid.spacing)
+            samples = dist[dist <= THICKNESS_PLAUSIBLE_MM[1]]
+            if samples.size:
+                return float(np.mean(samples)), float(np.max(samples))
     return math.nan, math.nan
 
 
-def intensity_means(labels, image, channels) -> dict:
+def intensity_means(labels, image, channels, counts=None) -> dict:
     out = {}
     for c, name in enumerate(channels):
-        means = ops.to_numpy(ops.label_means(labels, image[c], L.N_CLASSES))
+        means = ops.to_numpy(ops.label_means(labels, image[c], L.N_CLASSES, counts))
         for label in L.LABELS:
             out[f"{label.name}_{name.lower()}_mean"] = float(means[label.id])
     return out
@@ -156,13 +157,14 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
     if tuple(labels.shape) != grid.shape:
         raise ValueError(f"labels {tuple(labels.shape)} do not match grid {grid.shape}")
     row = {"study_key": key}
-    row.update(volumes(labels, grid))
+    counts = ops.label_counts(labels, L.N_CLASSES)
+    row.update(volumes(labels, grid, counts))
     for plate in _cartilage_plates():
         mean, mx = cartilage_thickness(labels, grid, plate.name)
         row[f"{plate.name}_thickness_mean_mm"] = mean
         row[f"{plate.name}_thickness_max_mm"] = mx
     if image is not None:
-        row.update(intensity_means(labels, image, channels))
+        row.update(intensity_means(labels, image, channels, counts))
     row["voxel_volume_mm3"] = grid.voxel_volume_mm3
     row["spacing_z_mm"], row["spacing_y_mm"], row["spacing_x_mm"] = grid.spacing
     flags = qc_flags(labels, row)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from kneebatch.inference.engine_dir import load_engines
 from kneebatch.inference.engines import EngineHashMismatch
 from kneebatch.inference.run import run
-from kneebatch.inference.segment import upsample_argmax
+from kneebatch.inference.segment import channel_argmax, upsample_argmax
 from kneebatch.ingest.store import CohortStore
 from kneebatch.models.preprocess import box_from_mask, normalize, resize, working_shape
 from kneebatch.outputs import read_rows
@@ -21,11 +21,16 @@ from tests.conftest import comparable
 
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("out_shape", [(13, 20, 17), (6, 20, 17), (4, 5, 6)])
-def test_upsample_argmax_matches_interpolate_then_argmax(smooth, out_shape, monkeypatch):
+@pytest.mark.parametrize("cropped", [False, True])
+def test_upsample_argmax_matches_interpolate_then_argmax(smooth, out_shape, cropped, monkeypatch):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(5, 6, 7, 9, generator=g)
     if smooth:  # large regions of one label, as in real logits: the shortcut path
         logits = F.interpolate(torch.randn(1, 5, 2, 2, 3, generator=g), size=(6, 7, 9), mode="trilinear")[0]
+    if cropped:  # a view into a padded network output, as fine_logits returns it
+        padded = torch.randn(5, 8, 12, 16, generator=g)
+        padded[:, :6, :7, :9] = logits
+        logits = padded[:, :6, :7, :9]
     ref = F.interpolate(logits[None], size=out_shape, mode="trilinear", align_corners=False)[0].argmax(0)
     import kneebatch.inference.segment as seg
 
@@ -35,10 +40,21 @@ def test_upsample_argmax_matches_interpolate_then_argmax(smooth, out_shape, monk
     assert torch.equal(got, ref.to(torch.uint8))
 
 
+def test_channel_argmax_is_argmax_with_first_maximum_on_ties():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 3, (7, 4, 5, 6), generator=g).float()  # many ties
+    assert torch.equal(channel_argmax(x), x.argmax(0).to(torch.uint8))
+
+
 def test_working_grid_keeps_thick_slices_and_resamples_fine_axes():
     # 3.6 mm slices stay as they are; 0.5 mm in-plane goes to 0.7 mm; 1.1 mm slices go to 2.0 mm
     assert working_shape((30, 256, 256), (3.6, 0.5, 0.5), (2.0, 0.7, 0.7)) == (30, 183, 183)
     assert working_shape((100, 300, 200), (1.1, 0.7, 0.9), (2.0, 0.7, 0.7)) == (55, 300, 200)
+    # resampled axes snap to the nearest multiple of the net's divisor (no stride padding);
+    # kept axes (thick slices, coarse in-plane) stay as acquired
+    assert working_shape((30, 256, 256), (3.6, 0.5, 0.5), (2.0, 0.8, 0.8), (4, 16, 16)) == (30, 160, 160)
+    assert working_shape((30, 292, 230), (3.6, 0.4, 0.45), (2.0, 0.8, 0.8), (4, 16, 16)) == (30, 144, 128)
+    assert working_shape((101, 300, 20), (1.1, 0.9, 0.3), (2.0, 0.8, 0.8), (4, 16, 16)) == (56, 300, 16)
 
 
 @pytest.mark.parametrize("norm,whole", [("BATCH", True), ("INSTANCE", False)])

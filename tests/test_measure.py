@@ -47,6 +47,21 @@ def test_ops_agree_across_array_namespaces(ns):
     assert ops.touches_border(_as(ns, block)) is False
 
 
+@pytest.mark.parametrize("ns", ["numpy", "torch", "array_api_strict"])
+def test_distances_to_equal_the_distance_transform(ns):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    smooth = ndimage.gaussian_filter(rng.random((14, 30, 26)), 2.5)
+    bone = smooth > np.quantile(smooth, 0.7)  # blobs, with pockets and box-edge contact
+    query = ~bone & (rng.random(bone.shape) < 0.3)
+    spacing = (3.1, 0.45, 0.6)
+    want = ndimage.distance_transform_edt(~bone, sampling=spacing)[query]
+    got = ops.distances_to(_as(ns, bone), _as(ns, query), spacing)
+    assert got.shape == want.shape and np.allclose(got, want, rtol=0, atol=1e-9)
+    assert np.isinf(ops.distances_to(_as(ns, np.zeros_like(bone)), _as(ns, query), spacing)).all()
+
+
 def test_ops_absent_label_mean_is_nan():
     means = ops.label_means(np.zeros((3, 3, 3), np.uint8), np.ones((3, 3, 3)), 3)
     assert means[0] == 1.0 and math.isnan(means[1]) and math.isnan(means[2])

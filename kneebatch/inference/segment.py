@@ -44,6 +44,37 @@ def _linear_taps(n_out: int, n_in: int, device):
     return i0, (i0 + 1).clamp(max=n_in - 1), src - i0.float()
 
 
+def channel_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(0)`` as uint8 (first maximum on ties), by a running maximum over channels.
+
+    torch's argmax over the outer axis of ``[K, ...]`` reads K strided values per voxel
+    and ran 3x slower on the fine logits than these K contiguous passes.
+    """
+    best = x[0].clone()
+    index = torch.zeros(x.shape[1:], dtype=torch.uint8, device=x.device)
+    for k in range(1, x.shape[0]):
+        higher = x[k] > best
+        torch.maximum(best, x[k], out=best)
+        index.masked_fill_(higher, k)
+    return index
+
+
+def _channel_rows(logits: torch.Tensor):
+    """Contiguous ``[K, n]`` rows over each channel's memory and the spatial strides to index them.
+
+    The fine logits are usually a crop of the padded network output: indexing that
+    memory with its own strides spares a copy of all K channels. (The rows must be
+    contiguous: ``index_select`` on a strided matrix took 4x as long.)
+    """
+    st = logits.stride()
+    extent = sum((n - 1) * s for n, s in zip(logits.shape[1:], st[1:])) + 1
+    storage = logits.untyped_storage().nbytes() // logits.element_size()
+    if st[3] != 1 or st[0] < extent or min(st[1:]) < 0 or logits.storage_offset() + logits.shape[0] * st[0] > storage:
+        logits = logits.contiguous()
+        st = logits.stride()
+    return logits.as_strided((logits.shape[0], st[0]), (st[0], 1)), st[1:]
+
+
 def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
     """argmax of ``logits [K, z, y, x]`` trilinearly resampled onto ``out_shape`` over the same box.
 
@@ -53,11 +84,10 @@ def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
     ~10 % of a knee) have their K logits interpolated.
     """
     out_shape = tuple(int(s) for s in out_shape)
-    work = logits.argmax(0)
+    work = channel_argmax(logits)
     if tuple(logits.shape[1:]) == out_shape:
-        return work.to(torch.uint8)
+        return work
     dev = logits.device
-    wz, wy, wx = logits.shape[1:]
     taps = [_linear_taps(n, w, dev) for n, w in zip(out_shape, logits.shape[1:])]
     # a working voxel is "uniform" when its forward neighbourhood (2 along each resampled
     # axis; kept axes, e.g. native slices, have weight 0 on the next voxel) has one label
@@ -66,29 +96,33 @@ def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
     pad = [p for a in (2, 1, 0) for p in (0, kernel[a] - 1)]
     lab = F.pad(work[None, None].float(), pad, mode="replicate")
     mixed = (F.max_pool3d(lab, kernel, stride=1) != -F.max_pool3d(-lab, kernel, stride=1))[0, 0]
-    strides = (wy * wx, wx, 1)
-    corner0 = sum(t[0].view([-1 if a == axis else 1 for a in range(3)]) * st
-                  for axis, (t, st) in enumerate(zip(taps, strides)))  # [nz, ny, nx] source of corner 0
-    out = work.to(torch.uint8).view(-1)[corner0]
-    todo = torch.nonzero(mixed.view(-1)[corner0].view(-1)).flatten()
-    flat = logits.float().reshape(logits.shape[0], -1)
+
+    def at_corner0(v):  # v[i0z][:, i0y][:, :, i0x]: one contiguous gather per axis
+        for axis in range(3):
+            v = v.index_select(axis, taps[axis][0])
+        return v
+
+    out = at_corner0(work)
+    todo = torch.nonzero(at_corner0(mixed).view(-1)).flatten()
+    flat, strides = _channel_rows(logits.float())
     flat_out = out.view(-1)
     ny, nx = out_shape[1:]
     for c0 in range(0, todo.numel(), BOUNDARY_CHUNK):
         idx = todo[c0: c0 + BOUNDARY_CHUNK]
         coords = (idx // (ny * nx), (idx // nx) % ny, idx % nx)
-        base = corner0.view(-1)[idx]
+        base = sum(taps[a][0][coords[a]] * strides[a] for a in range(3))
         step = [(taps[a][1][coords[a]] - taps[a][0][coords[a]]) * strides[a] for a in moved]
         frac = [taps[a][2][coords[a]] for a in moved]
-        acc = 0
+        acc = torch.zeros(flat.shape[0], idx.numel(), device=dev)
         for corner in range(2 ** len(moved)):
-            src, weight = base, 1.0
+            src, weight = base, None
             for j in range(len(moved)):
                 upper = (corner >> j) & 1
                 src = src + step[j] if upper else src
-                weight = weight * (frac[j] if upper else 1 - frac[j])
-            acc = acc + flat.index_select(1, src) * weight
-        flat_out[idx] = acc.argmax(0).to(torch.uint8)
+                w = frac[j] if upper else 1 - frac[j]
+                weight = w if weight is None else weight * w
+            acc.addcmul_(flat.index_select(1, src), weight)
+        flat_out[idx] = channel_argmax(acc)
     return out
 
 
@@ -101,8 +135,6 @@ def fine_logits(fine, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     An instance-norm net runs on windows of its training patch size, as nnU-Net does, so
     that its normalisation sees the context it was trained with.
     """
-    from monai.inferers import sliding_window_inference
-
     xp, shape = pad_to_multiple(x, cfg.fine.divisor())
     if cfg.fine_whole_crop:
         if xp[0].numel() <= WHOLE_CROP_VOXELS:
@@ -110,6 +142,8 @@ def fine_logits(fine, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         patch, overlap = _large_window(xp.shape[1:], cfg.fine.divisor()), 0.1
     else:
         patch, overlap = tuple(cfg.fine_patch), cfg.sw_overlap
+    from monai.inferers import sliding_window_inference  # imported only here: it costs seconds
+
     if any(s < p for s, p in zip(xp.shape[1:], patch)):  # smaller than a window: pad up to one
         xp, _ = pad_to_multiple(xp, patch)
     logits = sliding_window_inference(xp[None], patch, sw_batch_size=1 if cfg.fine_whole_crop else 2,
@@ -140,14 +174,14 @@ def segment(image, grid: Grid, coarse, fine, cfg: ModelConfig) -> tuple[torch.Te
 
     t = time.perf_counter()
     xc, _ = pad_to_multiple(resize(x, cfg.coarse_shape), cfg.coarse.divisor())
-    coarse_labels = coarse(xc[None])[0].argmax(0)
+    coarse_labels = channel_argmax(coarse(xc[None])[0])
     box = box_from_mask(coarse_labels > 0, native, grid.spacing, cfg.crop_margin_mm)
     _sync(device)
     info.seconds["coarse"] = time.perf_counter() - t
 
     t = time.perf_counter()
     crop = x[(slice(None), *box)]
-    wshape = working_shape(crop.shape[1:], grid.spacing, cfg.fine_spacing_mm)
+    wshape = working_shape(crop.shape[1:], grid.spacing, cfg.fine_spacing_mm, cfg.fine.divisor())
     logits = fine_logits(fine, resize(crop, wshape), cfg)
     _sync(device)
     info.seconds["fine"] = time.perf_counter() - t

@@ -37,7 +37,7 @@ class ModelConfig:
     fine: NetConfig = field(default_factory=lambda: NetConfig(
         [16, 32, 64, 128, 128], [[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], norm="BATCH"))
     coarse_shape: list = field(default_factory=lambda: [32, 64, 64])  # whole field of view
-    fine_spacing_mm: list = field(default_factory=lambda: [2.0, 0.7, 0.7])  # working grid: finest spacing kept
+    fine_spacing_mm: list = field(default_factory=lambda: [2.0, 0.8, 0.8])  # working grid: finest spacing kept
     fine_patch: list = field(default_factory=lambda: [16, 128, 128])  # training patch
     crop_margin_mm: float = 12.0
     sw_overlap: float = 0.25  # windows of instance-norm nets (same context as in training) overlap this much

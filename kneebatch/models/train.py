@@ -112,7 +112,8 @@ class Trainer:
                 margin = self.cfg.crop_margin_mm + float(self.rng.uniform(-jitter, jitter))
                 box = box_from_mask(pred > 0, native, case._grid.spacing, max(margin, 2.0))
                 crop_x = case._x[(slice(None), *box)]
-                wshape = working_shape(crop_x.shape[1:], case._grid.spacing, self.cfg.fine_spacing_mm)
+                wshape = working_shape(crop_x.shape[1:], case._grid.spacing, self.cfg.fine_spacing_mm,
+                                       self.cfg.fine.divisor())
                 case.fine_x = resize(crop_x, wshape).half()
                 case.fine_y = resize(case._y[box], wshape, labels=True)
                 del case._x, case._y
@@ -344,10 +345,10 @@ def write_curves(rows: list[dict], path: Path) -> None:
 
 def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40.0, threads: int | None = None,
           seed: int = 0, label_name: str = "truth", eval_every_fine: int = 150, cfg: ModelConfig | None = None,
-          init_from=None) -> dict:
+          init_from=None, lr: float = 2e-3) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    tr = Trainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed, init_from=init_from)
+    tr = Trainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed, init_from=init_from, lr=lr)
     tr.load()
     coarse = tr.run_stage("coarse", minutes_coarse, eval_every=100)
     tr.make_fine_crops(coarse)
