@@ -135,7 +135,9 @@ def fine_logits(fine, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     An instance-norm net runs on windows of its training patch size, as nnU-Net does, so
     that its normalisation sees the context it was trained with.
     """
-    xp, shape = pad_to_multiple(x, cfg.fine.divisor())
+    # replicated edges, not zeros: a band of z-score 0 (mean tissue) at the crop's far
+    # ends is nothing the net saw in training, and its context reaches far into the knee
+    xp, shape = pad_to_multiple(x, cfg.fine.divisor(), mode="replicate")
     if cfg.fine_whole_crop:
         if xp[0].numel() <= WHOLE_CROP_VOXELS:
             return fine(xp[None])[0][:, : shape[0], : shape[1], : shape[2]]
@@ -145,7 +147,7 @@ def fine_logits(fine, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     from monai.inferers import sliding_window_inference  # imported only here: it costs seconds
 
     if any(s < p for s, p in zip(xp.shape[1:], patch)):  # smaller than a window: pad up to one
-        xp, _ = pad_to_multiple(xp, patch)
+        xp, _ = pad_to_multiple(xp, patch, mode="replicate")
     logits = sliding_window_inference(xp[None], patch, sw_batch_size=1 if cfg.fine_whole_crop else 2,
                                       predictor=fine, overlap=overlap)
     return logits[0][:, : shape[0], : shape[1], : shape[2]]

@@ -62,14 +62,21 @@ def working_shape(native_shape, spacing, target_spacing, divisor=(1, 1, 1)) -> t
     return tuple(out)
 
 
-def pad_to_multiple(t: torch.Tensor, divisor) -> tuple[torch.Tensor, tuple]:
-    """Zero-pad the last three axes at the end up to multiples of ``divisor``."""
+def pad_to_multiple(t: torch.Tensor, divisor, mode: str = "constant") -> tuple[torch.Tensor, tuple]:
+    """Pad the last three axes at the end up to multiples of ``divisor`` (zeros, or
+    ``mode="replicate"``: copies of the last slice/row/column)."""
     shape = t.shape[-3:]
     target = [int(math.ceil(s / d) * d) for s, d in zip(shape, divisor)]
     pad = []
     for s, tgt in reversed(list(zip(shape, target))):
         pad += [0, tgt - s]
-    return (F.pad(t, pad) if any(pad) else t), tuple(shape)
+    if not any(pad):
+        return t, tuple(shape)
+    if mode == "constant":
+        return F.pad(t, pad), tuple(shape)
+    batched = t if t.dim() == 5 else t[None]  # torch pads 3-D replicate only on [N, C, Z, Y, X]
+    out = F.pad(batched, pad, mode=mode)
+    return (out if t.dim() == 5 else out[0]), tuple(shape)
 
 
 def box_from_mask(mask: torch.Tensor, native_shape, spacing, margin_mm: float):
