@@ -20,19 +20,18 @@ from kneebatch.synth.cohort import generate_cohort
 
 HELD_OUT_SEED = 424242
 N = 4
-# The product targets (issue 4); the shipped demo engines reach them for the femur, patella,
-# femoral and patellar cartilage, medial meniscus, PCL, muscles and effusion Dice, not yet for
-# the tibia, fibula, tibial cartilage, lateral meniscus and the other ligaments, nor the
-# effusion volume error (see README, "Accuracy").
+# The product targets (issue 4); the shipped demo engines reach them on these studies for
+# every tissue but the fibula (0.93, often cut by the field of view), the medial tibial
+# cartilage (0.83) and the lateral meniscus (0.77), and for the effusion volume error
+# (see README, "Accuracy").
 TARGETS = {"bone": 0.95, "cartilage": 0.85, "meniscus": 0.80, "ligament": 0.80, "muscle": 0.90, "fluid": 0.85}
-MEDIAN_EFFUSION_ERROR_PCT = 5.0  # the target of issue 4; these 4 studies: 5.5 %
-EFFUSION_ERROR_FLOOR_PCT = 8.0  # regression floor
+MEDIAN_EFFUSION_ERROR_PCT = 5.0  # the target of issue 4; these 4 studies: 3.8 %
 # Regression floors: what the shipped engines do on these held-out studies, less a margin.
-FLOORS = {"femur": 0.95, "tibia": 0.90, "patella": 0.95, "fibula": 0.80, "femoral_cartilage": 0.87,
-          "medial_tibial_cartilage": 0.77, "lateral_tibial_cartilage": 0.71, "patellar_cartilage": 0.91,
-          "medial_meniscus": 0.77, "lateral_meniscus": 0.68, "acl": 0.60, "pcl": 0.87, "mcl": 0.49, "lcl": 0.59,
-          "patellar_tendon": 0.67, "quadriceps_muscle": 0.92, "hamstring_muscle": 0.91,
-          "gastrocnemius_muscle": 0.90, "subcutaneous_fat": 0.89, "effusion": 0.87}
+FLOORS = {"femur": 0.97, "tibia": 0.96, "patella": 0.96, "fibula": 0.90, "femoral_cartilage": 0.90,
+          "medial_tibial_cartilage": 0.81, "lateral_tibial_cartilage": 0.86, "patellar_cartilage": 0.92,
+          "medial_meniscus": 0.82, "lateral_meniscus": 0.74, "acl": 0.90, "pcl": 0.91, "mcl": 0.84, "lcl": 0.84,
+          "patellar_tendon": 0.90, "quadriceps_muscle": 0.95, "hamstring_muscle": 0.97,
+          "gastrocnemius_muscle": 0.96, "subcutaneous_fat": 0.93, "effusion": 0.88}
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_ENGINES / "engines.json").exists(), reason="no shipped engines")
 
@@ -69,14 +68,13 @@ def test_dice_per_tissue_on_held_out_studies(segmented):
         if label.name in dice:
             assert dice[label.name] >= FLOORS[label.name], (label.name, dice[label.name])
     met = [g for g, t in TARGETS.items() if all(dice[lab.name] >= t for lab in L.in_group(g) if lab.name in dice)]
-    assert {"muscle", "fluid"} <= set(met)
+    assert {"ligament", "muscle", "fluid"} <= set(met)
 
 
 def test_effusion_volume_error(segmented):
     _, errors = _dice_table(segmented)
-    print("effusion volume error %:", [round(e, 2) for e in errors])
-    assert np.median(errors) <= EFFUSION_ERROR_FLOOR_PCT, errors
-    print(f"median {np.median(errors):.1f} % (target {MEDIAN_EFFUSION_ERROR_PCT} %)")
+    print("effusion volume error %:", [round(float(e), 2) for e in errors])
+    assert np.median(errors) <= MEDIAN_EFFUSION_ERROR_PCT, errors
 
 
 def test_measurements_come_from_the_segmentation(segmented):

@@ -176,6 +176,29 @@ def test_run_writes_labels_rows_and_resumes(store, tiny_engines, tmp_path):
     assert comparable(read_rows(tmp_path / "out" / "measurements.parquet")) == comparable(rows)
 
 
+def test_a_study_failing_while_measured_becomes_a_failure_row(store, tiny_engines, tmp_path, monkeypatch):
+    # saving and measuring run on a second thread beside the next study's segmentation:
+    # an error there is still that study's failure row, and the other studies go on
+    import kneebatch.inference.run as run_module
+    from kneebatch.inference.engine_dir import load_engines
+
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    keys = CohortStore(work).study_keys()
+    real = run_module.measure_study
+
+    def measure_or_fail(key, *args):
+        if key == keys[1]:
+            raise ValueError("measurement exploded")
+        return real(key, *args)
+
+    monkeypatch.setattr(run_module, "measure_study", measure_or_fail)
+    out = run_module.process_batch(keys[:4], str(work), load_engines(tiny_engines, "onnxruntime", threads=1))
+    assert [r["study_key"] for r in out["rows"]] == [keys[0], keys[2], keys[3]]
+    assert [(f["study_key"], f["reason"]) for f in out["failures"]] == [(keys[1], "internal_error")]
+    assert "measurement exploded" in out["failures"][0]["message"]
+
+
 def test_export_nifti_aligned_with_the_source(store, tiny_engines, tmp_path, key_file):
     import nibabel as nib
 

@@ -49,7 +49,14 @@ class RunReport:
 
 
 def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
-    """Segment, save and measure a batch of studies; never raises."""
+    """Segment, save and measure a batch of studies; never raises.
+
+    Saving and measuring study *i* (single-threaded NumPy/SciPy work for the most part)
+    runs on a second thread while study *i+1* is segmented, so the engine's cores do not
+    wait for it; at most one study is being finished at a time.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from kneebatch.inference.segment import segment
@@ -61,30 +68,54 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
     store = CohortStore(store_path, create=False)
     rows, failures = [], []
     seconds = dict.fromkeys(STAGES, 0.0)
-    for key in keys:
-        try:
-            t = time.perf_counter()
-            image, grid = store.read_image(key)
-            image = image.astype(np.float32)
-            seconds["read"] += time.perf_counter() - t
-            labels, info = segment(image, grid, engines.coarse, engines.fine, engines.config)
-            for k, v in info.seconds.items():
-                seconds[k] += v
-            t = time.perf_counter()
-            store.write_labels(key, labels.cpu().numpy(), {"model_hash": engines.model_hash,
-                                                           "kneebatch_version": __version__})
-            seconds["write"] += time.perf_counter() - t
-            t = time.perf_counter()
-            row = measure_study(key, labels, torch.from_numpy(image).to(labels.device), grid, store.channels(key),
-                                "segmentation")
-            row["model_hash"] = engines.model_hash
-            rows.append(row)
-            seconds["measure"] += time.perf_counter() - t
-        except StudyError as e:
-            failures.append({"study_key": key, "stage": "run", "reason": e.reason, "message": e.message})
-        except Exception as e:  # one bad study never stops a run
+
+    def fail(key, exc):
+        if isinstance(exc, StudyError):
+            failures.append({"study_key": key, "stage": "run", "reason": exc.reason, "message": exc.message})
+        else:  # one bad study never stops a run
             failures.append({"study_key": key, "stage": "run", "reason": "internal_error",
-                             "message": f"{type(e).__name__}: {e}"[:500]})
+                             "message": f"{type(exc).__name__}: {exc}"[:500]})
+
+    def finish(key, labels, image, grid):
+        t = time.perf_counter()
+        store.write_labels(key, labels.cpu().numpy(), {"model_hash": engines.model_hash,
+                                                       "kneebatch_version": __version__})
+        t_write = time.perf_counter() - t
+        t = time.perf_counter()
+        row = measure_study(key, labels, image, grid, store.channels(key), "segmentation")
+        row["model_hash"] = engines.model_hash
+        return row, t_write, time.perf_counter() - t
+
+    def collect(key, future):
+        try:
+            row, t_write, t_measure = future.result()
+        except Exception as e:
+            fail(key, e)
+            return
+        rows.append(row)
+        seconds["write"] += t_write
+        seconds["measure"] += t_measure
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
+        pending = None
+        for key in keys:
+            try:
+                t = time.perf_counter()
+                image, grid = store.read_image(key)
+                image = image.astype(np.float32)
+                seconds["read"] += time.perf_counter() - t
+                labels, info = segment(image, grid, engines.coarse, engines.fine, engines.config)
+                for k, v in info.seconds.items():
+                    seconds[k] += v
+                image = torch.from_numpy(image).to(labels.device)  # measured beside the labels
+            except Exception as e:
+                fail(key, e)
+                continue
+            if pending is not None:
+                collect(*pending)
+            pending = key, finisher.submit(finish, key, labels, image, grid)
+        if pending is not None:
+            collect(*pending)
     return {"keys": list(keys), "rows": rows, "failures": failures, "seconds": seconds}
 
 
