@@ -26,7 +26,7 @@ EXPECTED = ("femur", "tibia", "patella", "femoral_cartilage", "medial_tibial_car
 FOV_CHECKED = ("patella", "femoral_cartilage", "medial_meniscus", "lateral_meniscus")
 THICKNESS_PLAUSIBLE_MM = (0.3, 8.0)
 FRAGMENT_CHECKED = ("femur", "tibia", "patella")
-# crop around a plate for its distance transform: bone farther than the thickest
+# crop around a plate for its distances: bone farther than the thickest
 # plausible cartilage cannot be the nearest bone of a voxel that counts
 THICKNESS_MARGIN_MM = THICKNESS_PLAUSIBLE_MM[1]
 

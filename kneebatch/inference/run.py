@@ -51,15 +51,15 @@ class RunReport:
 def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
     """Segment, save and measure a batch of studies; never raises.
 
-    Saving and measuring study *i* (single-threaded NumPy/SciPy work for the most part)
-    runs on a second thread while study *i+1* is segmented, so the engine's cores do not
-    wait for it; at most one study is being finished at a time.
+    Pasting, saving and measuring study *i* run on a second thread while the engines
+    work on study *i+1*, so the engines' cores do not wait for that (mostly
+    single-threaded) work; at most one study is being finished at a time.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from kneebatch.inference.segment import segment
+    from kneebatch.inference.segment import SegmentInfo, fine_stage, paste
 
     if engines is None:
         from kneebatch.distributed.plugin import worker_engines
@@ -76,7 +76,9 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
             failures.append({"study_key": key, "stage": "run", "reason": "internal_error",
                              "message": f"{type(exc).__name__}: {exc}"[:500]})
 
-    def finish(key, labels, image, grid):
+    def finish(key, result, info, image, grid):
+        labels = paste(result, info)
+        image = torch.from_numpy(image).to(labels.device)  # measured beside the labels
         t = time.perf_counter()
         store.write_labels(key, labels.cpu().numpy(), {"model_hash": engines.model_hash,
                                                        "kneebatch_version": __version__})
@@ -86,13 +88,14 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
         row["model_hash"] = engines.model_hash
         return row, t_write, time.perf_counter() - t
 
-    def collect(key, future):
+    def collect(key, future, info):
         try:
             row, t_write, t_measure = future.result()
         except Exception as e:
             fail(key, e)
             return
         rows.append(row)
+        seconds["paste"] += info.seconds["paste"]
         seconds["write"] += t_write
         seconds["measure"] += t_measure
 
@@ -104,16 +107,16 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
                 image, grid = store.read_image(key)
                 image = image.astype(np.float32)
                 seconds["read"] += time.perf_counter() - t
-                labels, info = segment(image, grid, engines.coarse, engines.fine, engines.config)
+                info = SegmentInfo()
+                result = fine_stage(image, grid, engines.coarse, engines.fine, engines.config, info)
                 for k, v in info.seconds.items():
                     seconds[k] += v
-                image = torch.from_numpy(image).to(labels.device)  # measured beside the labels
             except Exception as e:
                 fail(key, e)
                 continue
             if pending is not None:
                 collect(*pending)
-            pending = key, finisher.submit(finish, key, labels, image, grid)
+            pending = key, finisher.submit(finish, key, result, info, image, grid), info
         if pending is not None:
             collect(*pending)
     return {"keys": list(keys), "rows": rows, "failures": failures, "seconds": seconds}

@@ -166,6 +166,22 @@ def _large_window(shape, divisor) -> tuple[int, int, int]:
 def segment(image, grid: Grid, coarse, fine, cfg: ModelConfig) -> tuple[torch.Tensor, SegmentInfo]:
     """Label map (uint8, on the fine engine's device) on the study grid."""
     info = SegmentInfo()
+    return paste(fine_stage(image, grid, coarse, fine, cfg, info), info), info
+
+
+@dataclass
+class FineResult:
+    """The fine net's logits on the working grid, and where they go on the study grid."""
+
+    logits: torch.Tensor
+    box: tuple
+    crop_shape: tuple
+    native_shape: tuple
+
+
+@torch.inference_mode()
+def fine_stage(image, grid: Grid, coarse, fine, cfg: ModelConfig, info: SegmentInfo) -> FineResult:
+    """normalize -> coarse -> box -> crop -> fine logits (the engines' part of ``segment``)."""
     device = fine.device
     t = time.perf_counter()
     x = torch.as_tensor(image).to(device)
@@ -187,11 +203,17 @@ def segment(image, grid: Grid, coarse, fine, cfg: ModelConfig) -> tuple[torch.Te
     logits = fine_logits(fine, resize(crop, wshape), cfg)
     _sync(device)
     info.seconds["fine"] = time.perf_counter() - t
+    info.box, info.working_shape = box, wshape
+    return FineResult(logits, box, tuple(crop.shape[1:]), native)
 
+
+@torch.inference_mode()
+def paste(result: FineResult, info: SegmentInfo) -> torch.Tensor:
+    """The label map on the study grid: logits resampled to the crop, argmax, pasted."""
+    device = result.logits.device
     t = time.perf_counter()
-    labels = torch.zeros(native, dtype=torch.uint8, device=device)
-    labels[box] = upsample_argmax(logits, crop.shape[1:])
+    labels = torch.zeros(result.native_shape, dtype=torch.uint8, device=device)
+    labels[result.box] = upsample_argmax(result.logits, result.crop_shape)
     _sync(device)
     info.seconds["paste"] = time.perf_counter() - t
-    info.box, info.working_shape = box, wshape
-    return labels, info
+    return labels
