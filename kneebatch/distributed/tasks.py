@@ -6,6 +6,11 @@ from collections import deque
 from typing import Callable, Iterable, Iterator
 
 
+class Solo(list):
+    """An item (a list) that runs with nothing else in flight: a worker death during it
+    can then only be its own doing, not that of a task sharing the worker."""
+
+
 def map_unordered(fn: Callable, items: Iterable, client=None, max_in_flight: int | None = None,
                   on_error: Callable | None = None, **kwargs) -> Iterator:
     """Yield ``fn(item, **kwargs)`` results as they finish.
@@ -43,6 +48,10 @@ def map_unordered(fn: Callable, items: Iterable, client=None, max_in_flight: int
 
     def submit():
         while queue and pending.count() < max_in_flight:
+            if any(isinstance(i, Solo) for i in items_of.values()):
+                return  # nothing beside a solo item
+            if isinstance(queue[0], Solo) and pending.count():
+                return  # a solo item waits until the rest has finished
             item = queue.popleft()
             fut = client.submit(fn, item, pure=False, **kwargs)
             items_of[fut.key] = item

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from kneebatch import __version__
-from kneebatch.distributed.tasks import map_unordered
+from kneebatch.distributed.tasks import Solo, map_unordered
 from kneebatch.errors import StudyError
 from kneebatch.ingest.store import CohortStore
 from kneebatch.measure import measurement_schema, measure_study
@@ -137,9 +137,13 @@ def _saved(parts: Path) -> tuple[list[dict], list[dict]]:
 
 
 def _split_or_record(keys, exc):
-    """A batch that killed its worker: try its studies one by one; a lone study is poison."""
+    """A batch that killed its worker: try its studies one by one, then a lone study once
+    more with nothing else in flight (it may only have shared a worker with the real
+    culprit); a study that kills its worker even alone is poison."""
     if len(keys) > 1:
         return None, [[k] for k in keys]
+    if not isinstance(keys, Solo):
+        return None, [Solo(keys)]
     detail = f"{type(exc).__name__}"
     return {"keys": list(keys), "rows": [], "seconds": {},
             "failures": [{"study_key": keys[0], "stage": "run", "reason": "worker_died",
