@@ -137,14 +137,3 @@ def to_numpy(x):
     if array_api_compat.is_cupy_array(x):
         return x.get()
     return np.asarray(x)
-
-
-def from_numpy(arr, like):
-    xp = namespace(like)
-    if array_api_compat.is_numpy_namespace(xp):
-        return arr
-    if array_api_compat.is_torch_namespace(xp):
-        import torch
-
-        return torch.from_numpy(arr).to(like.device)
-    return xp.asarray(arr)
