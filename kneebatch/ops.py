@@ -127,6 +127,40 @@ def distances_to(mask, query, sampling):
     return np.where(host_mask[host_query], 0.0, dist)
 
 
+def largest_component(mask):
+    """The largest face-connected component of a 3-D boolean ``mask`` (all False if empty).
+
+    CuPy arrays and CUDA tensors are labelled on the device (``cupyx.scipy.ndimage``),
+    others on the host with SciPy; the result is in the namespace and on the device of ``mask``.
+    """
+    import numpy as np
+
+    xp = namespace(mask)
+    on_cuda = array_api_compat.is_cupy_namespace(xp) or (
+        array_api_compat.is_torch_namespace(xp) and mask.is_cuda)
+    if on_cuda:
+        import cupy
+        from cupyx.scipy import ndimage as nd
+
+        lib, host = cupy, cupy.asarray(mask)
+    else:
+        from scipy import ndimage as nd
+
+        lib, host = np, np.asarray(to_numpy(mask), dtype=bool)
+    comp, n = nd.label(host)
+    if n == 0:
+        out = lib.zeros(host.shape, dtype=bool)
+    else:
+        sizes = lib.bincount(comp.ravel())
+        sizes[0] = 0
+        out = comp == int(sizes.argmax())
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return torch.as_tensor(out, device=mask.device)
+    return out if on_cuda or array_api_compat.is_numpy_namespace(xp) else xp.asarray(out)
+
+
 def to_numpy(x):
     import numpy as np
 

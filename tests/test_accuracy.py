@@ -21,15 +21,14 @@ from kneebatch.synth.cohort import generate_cohort
 HELD_OUT_SEED = 424242
 N = 4
 # The product targets (issue 4); the shipped demo engines reach them on these studies for
-# every tissue but the fibula (0.93, often cut by the field of view), the medial tibial
-# cartilage (0.83) and the lateral meniscus (0.77), and for the effusion volume error
-# (see README, "Accuracy").
+# every tissue but the fibula (0.93: an extra partial-volume slice on thick-slice studies)
+# and the lateral meniscus (0.796), and for the effusion volume error (see README, "Accuracy").
 TARGETS = {"bone": 0.95, "cartilage": 0.85, "meniscus": 0.80, "ligament": 0.80, "muscle": 0.90, "fluid": 0.85}
-MEDIAN_EFFUSION_ERROR_PCT = 5.0  # the target of issue 4; these 4 studies: 3.8 %
+MEDIAN_EFFUSION_ERROR_PCT = 5.0  # the target of issue 4; these 4 studies: 4.1 %
 # Regression floors: what the shipped engines do on these held-out studies, less a margin.
 FLOORS = {"femur": 0.97, "tibia": 0.96, "patella": 0.96, "fibula": 0.90, "femoral_cartilage": 0.90,
-          "medial_tibial_cartilage": 0.81, "lateral_tibial_cartilage": 0.86, "patellar_cartilage": 0.92,
-          "medial_meniscus": 0.82, "lateral_meniscus": 0.74, "acl": 0.90, "pcl": 0.91, "mcl": 0.84, "lcl": 0.84,
+          "medial_tibial_cartilage": 0.84, "lateral_tibial_cartilage": 0.86, "patellar_cartilage": 0.92,
+          "medial_meniscus": 0.84, "lateral_meniscus": 0.77, "acl": 0.90, "pcl": 0.91, "mcl": 0.85, "lcl": 0.85,
           "patellar_tendon": 0.90, "quadriceps_muscle": 0.95, "hamstring_muscle": 0.97,
           "gastrocnemius_muscle": 0.96, "subcutaneous_fat": 0.93, "effusion": 0.88}
 
@@ -68,7 +67,7 @@ def test_dice_per_tissue_on_held_out_studies(segmented):
         if label.name in dice:
             assert dice[label.name] >= FLOORS[label.name], (label.name, dice[label.name])
     met = [g for g, t in TARGETS.items() if all(dice[lab.name] >= t for lab in L.in_group(g) if lab.name in dice)]
-    assert {"ligament", "muscle", "fluid"} <= set(met)
+    assert {"cartilage", "ligament", "muscle", "fluid"} <= set(met)
 
 
 def test_effusion_volume_error(segmented):

@@ -199,6 +199,26 @@ def test_a_study_failing_while_measured_becomes_a_failure_row(store, tiny_engine
     assert "measurement exploded" in out["failures"][0]["message"]
 
 
+def test_a_study_whose_sides_could_not_be_told_is_flagged(store, tiny_engines, tmp_path, monkeypatch):
+    import kneebatch.inference.segment as segment_module
+    from kneebatch.inference.engine_dir import load_engines
+    from kneebatch.inference.run import process_batch
+
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    keys = CohortStore(work).study_keys()[:2]
+    engines = load_engines(tiny_engines, "onnxruntime", threads=1)
+    for found in (True, False):
+        monkeypatch.setattr(segment_module, "keep_sides", lambda *a, found=found: found)
+        rows = process_batch(keys, str(work), engines)["rows"]
+        assert len(rows) == 2
+        assert all(("sides_unresolved" in r["qc_flags"]) is not found for r in rows)
+        assert all(not r["qc_ok"] for r in rows if not found)
+    engines.config.keep_sides = False  # switched off: not flagged either
+    rows = process_batch(keys, str(work), engines)["rows"]
+    assert not any("sides_unresolved" in r["qc_flags"] for r in rows)
+
+
 def test_export_nifti_aligned_with_the_source(store, tiny_engines, tmp_path, key_file):
     import nibabel as nib
 

@@ -3,8 +3,9 @@
 read (uint16 [2,Z,Y,X]) -> normalize -> coarse net on the whole field of view at a
 fixed small shape -> bounding box of the coarse foreground (+ margin) -> crop at full
 resolution -> resize axes finer than the fine working spacing -> fine net (whole crop
-in one call) -> argmax of the logits trilinearly resampled to the native crop
-(interpolated only at tissue boundaries) -> paste into the full volume. Everything
+in one call) -> medial/lateral labels kept on their side (:mod:`.laterality`) ->
+argmax of the logits trilinearly resampled to the native crop (interpolated only at
+tissue boundaries) -> paste into the full volume. Everything
 after the read stays on the engine's device.
 """
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kneebatch.geometry import Grid
+from kneebatch.inference.laterality import keep_sides, left_right_axis
 from kneebatch.models.config import ModelConfig
 from kneebatch.models.preprocess import box_from_mask, normalize, pad_to_multiple, resize, working_shape
 
@@ -29,6 +31,7 @@ WHOLE_CROP_VOXELS = 6_000_000  # working voxels run in one call; larger crops go
 class SegmentInfo:
     box: tuple = ()
     working_shape: tuple = ()
+    sides_found: bool | None = None  # medial/lateral rule applied (None: switched off)
     seconds: dict = field(default_factory=dict)
 
 
@@ -177,6 +180,7 @@ class FineResult:
     box: tuple
     crop_shape: tuple
     native_shape: tuple
+    left_right: tuple | None = None  # (axis, working spacing mm) when side labels are kept on their side
 
 
 @torch.inference_mode()
@@ -204,7 +208,11 @@ def fine_stage(image, grid: Grid, coarse, fine, cfg: ModelConfig, info: SegmentI
     _sync(device)
     info.seconds["fine"] = time.perf_counter() - t
     info.box, info.working_shape = box, wshape
-    return FineResult(logits, box, tuple(crop.shape[1:]), native)
+    left_right = None
+    if cfg.keep_sides:
+        axis = left_right_axis(grid.direction)
+        left_right = axis, crop.shape[1 + axis] * grid.spacing[axis] / wshape[axis]
+    return FineResult(logits, box, tuple(crop.shape[1:]), native, left_right)
 
 
 @torch.inference_mode()
@@ -212,6 +220,8 @@ def paste(result: FineResult, info: SegmentInfo) -> torch.Tensor:
     """The label map on the study grid: logits resampled to the crop, argmax, pasted."""
     device = result.logits.device
     t = time.perf_counter()
+    if result.left_right is not None:
+        info.sides_found = keep_sides(result.logits, channel_argmax(result.logits), *result.left_right)
     labels = torch.zeros(result.native_shape, dtype=torch.uint8, device=device)
     labels[result.box] = upsample_argmax(result.logits, result.crop_shape)
     _sync(device)

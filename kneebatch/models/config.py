@@ -41,6 +41,7 @@ class ModelConfig:
     fine_patch: list = field(default_factory=lambda: [16, 128, 128])  # training patch
     crop_margin_mm: float = 12.0
     sw_overlap: float = 0.25  # windows of instance-norm nets (same context as in training) overlap this much
+    keep_sides: bool = True  # medial/lateral labels only on their side (inference/laterality.py)
     in_channels: int = 2  # T1, T2
     n_classes: int = L.N_CLASSES
 

@@ -4,7 +4,7 @@
 2. the trained coarse net predicts every training volume; its foreground box (plus the
    crop margin and a random jitter of up to ``jitter_mm`` per side, so the fine net
    learns to tolerate coarse errors) is cropped and resized to the fine working grid;
-3. fine net on random patches of those crops (half centred on small tissues).
+3. fine net on random patches of those crops (half centred on thin tissues and the fibula).
 
 Subject-level split 8:1:1 (train/val/test). Validation Dice per label drives
 best-checkpoint selection (EMA weights). Everything is written under ``OUT``:
@@ -32,7 +32,10 @@ from kneebatch.measure import dice_per_label
 from kneebatch.models.config import ModelConfig, build_network
 from kneebatch.models.preprocess import box_from_mask, normalize, pad_to_multiple, resize, working_shape
 
-SMALL_TISSUES = [lab.id for lab in L.LABELS if lab.group in ("cartilage", "meniscus", "ligament", "tendon", "fluid")]
+# Half the fine patches are centred on these: the thin tissues, and the fibula, a few
+# sagittal slices wide, whose edge slices are mostly partial volume.
+CENTRED_TISSUES = [lab.id for lab in L.LABELS
+                   if lab.group in ("cartilage", "meniscus", "ligament", "tendon", "fluid") or lab.name == "fibula"]
 
 
 @dataclass
@@ -140,7 +143,7 @@ class Trainer:
             x, _ = pad_to_multiple(x, patch) if any(s < p for s, p in zip(x.shape[1:], patch)) else (x, None)
             y = y if tuple(y.shape) == tuple(x.shape[1:]) else _pad_labels(y, x.shape[1:])
             if self.rng.random() < 0.5:
-                small = torch.nonzero(torch.isin(y, torch.tensor(SMALL_TISSUES, dtype=y.dtype)))
+                small = torch.nonzero(torch.isin(y, torch.tensor(CENTRED_TISSUES, dtype=y.dtype)))
                 centre = small[int(self.rng.integers(0, len(small)))].tolist() if len(small) else None
             else:
                 centre = None

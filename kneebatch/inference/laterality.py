@@ -1,0 +1,79 @@
+"""Medial and lateral labels kept on their own side of the knee.
+
+The fine net judges each voxel from a window a few centimetres wide along left-right.
+The medial and lateral menisci, tibial plates and collateral ligaments look alike in
+such a window, and a left knee is a mirrored right knee, so some of one compartment
+gets the other's label (on held-out studies: up to a fifth of a meniscus). The whole
+crop settles it: the fibula is lateral, and the cruciates run between the compartments.
+
+So, on the working grid's logits (before they are resampled and argmaxed): each side
+label is forbidden beyond the cruciates' plane on the wrong side, where its runner-up,
+usually its counterpart, takes over; and the fibula keeps only its largest piece, on
+the lateral side. A crop whose fibula does not tell the side (none found, or less than
+``MIN_FIBULA_OFFSET_MM`` from the cruciates) is left as the net gave it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kneebatch import labels as L
+from kneebatch import ops
+
+SIDE_PAIRS = (("medial_meniscus", "lateral_meniscus"),
+              ("medial_tibial_cartilage", "lateral_tibial_cartilage"),
+              ("mcl", "lcl"))
+MIN_FIBULA_OFFSET_MM = 10.0  # the fibula's axis lies 25-40 mm lateral of the notch
+FORBIDDEN = -1.0e4  # far below any logit, and finite in float16, so resampling stays finite
+
+
+def left_right_axis(direction) -> int:
+    """Index axis (0, 1, 2 for z, y, x) closest to patient left-right (LPS x)."""
+    return int(np.argmax(np.abs(np.asarray(direction, dtype=np.float64)[0])))
+
+
+def _centre(mask: torch.Tensor, axis: int) -> float | None:
+    """Centroid index of ``mask`` along ``axis``; None when empty."""
+    others = tuple(a for a in range(mask.ndim) if a != axis)
+    profile = mask.sum(dim=others, dtype=torch.float64)
+    total = float(profile.sum())
+    if total == 0:
+        return None
+    index = torch.arange(profile.shape[0], dtype=torch.float64, device=profile.device)
+    return float((profile * index).sum()) / total
+
+
+def lateral_side(labels: torch.Tensor, axis: int, spacing_mm: float) -> torch.Tensor | None:
+    """Bool per index along ``axis``, True on the lateral side of the cruciates (the side of
+    the fibula's largest piece); None when the fibula does not tell the side."""
+    fibula = ops.largest_component(labels == L.by_name("fibula").id)
+    at_fibula = _centre(fibula, axis)
+    cruciates = (labels == L.by_name("acl").id) | (labels == L.by_name("pcl").id)
+    at_notch = _centre(cruciates, axis)
+    if at_notch is None:  # no cruciates: the tibia's centre is close to the notch
+        at_notch = _centre(labels == L.by_name("tibia").id, axis)
+    if at_fibula is None or at_notch is None or abs(at_fibula - at_notch) * spacing_mm < MIN_FIBULA_OFFSET_MM:
+        return None
+    index = torch.arange(labels.shape[axis], device=labels.device)
+    return index > at_notch if at_fibula > at_notch else index < at_notch
+
+
+def keep_sides(logits: torch.Tensor, labels: torch.Tensor, axis: int, spacing_mm: float) -> bool:
+    """Forbid, in place, side labels on the wrong side (``logits [K, z, y, x]``, ``labels``
+    their argmax). Returns whether the side was found (the logits are untouched if not)."""
+    lateral = lateral_side(labels, axis, spacing_mm)
+    if lateral is None:
+        return False
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    lateral = lateral.reshape(shape)
+    fibula = labels == L.by_name("fibula").id
+    stray = fibula & ~ops.largest_component(fibula & lateral)
+    for medial_name, lateral_name in SIDE_PAIRS:
+        logits[L.by_name(medial_name).id].masked_fill_(lateral, FORBIDDEN)
+        logits[L.by_name(lateral_name).id].masked_fill_(~lateral, FORBIDDEN)
+    # stray pieces only: forbidding the fibula around its kept piece would bend the
+    # interpolated logits there and shrink it
+    logits[L.by_name("fibula").id].masked_fill_(stray | ~lateral, FORBIDDEN)
+    return True
