@@ -63,6 +63,18 @@ def _baseline(store_path, engines, keys, device, q):
     q.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()})
 
 
+def _setting(setting: str, half_everywhere: bool) -> tuple[str, int, bool]:
+    """``BACKEND:WORKERS`` or ``BACKEND:WORKERS:half``."""
+    backend, workers, *flags = setting.split(":")
+    return backend, int(workers), half_everywhere or "half" in flags
+
+
+def _precision(backend: str, device: str, half: bool) -> str:
+    if not half or backend == "onnxruntime":  # ONNX Runtime runs the float32 ONNX files
+        return "fp32"
+    return "bf16" if device == "cpu" and backend != "tensorrt" else "fp16"
+
+
 def _kneebatch(store_path, engines, out, backend, workers, device, half, q):
     import onnxruntime  # noqa: F401  library imports are process start-up, outside both timings
     import torch  # noqa: F401
@@ -112,9 +124,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=91)
     ap.add_argument("--engines", type=Path, default=DEFAULT_ENGINES)
     ap.add_argument("--settings", nargs="+", default=["onnxruntime:1", "onnxruntime:2", "torch:1"],
-                    help="backend:workers for kneebatch run")
+                    help="BACKEND:WORKERS[:half] for kneebatch run (half: bfloat16 on the CPU, float16 on a GPU)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (baseline and the torch backends)")
-    ap.add_argument("--fp16", action="store_true", help="half-precision engines (torch backends on cuda, TensorRT)")
+    ap.add_argument("--fp16", action="store_true", help="half precision for every setting (see BACKEND:WORKERS:half)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds of (baseline, every setting), interleaved; medians are reported")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
@@ -133,13 +145,13 @@ def main() -> None:
         base_runs, runs = [], {setting: [] for setting in args.settings}
         for round_ in range(args.repeat):
             base_runs.append(_in_process(_baseline, str(store), str(args.engines), keys, args.device))
-            for setting in args.settings:
-                backend, workers = setting.split(":")
-                out = work / f"out-{backend}-{workers}-{round_}"
-                work_store = work / f"store-{backend}-{workers}-{round_}.zarr"
+            for i, setting in enumerate(args.settings):
+                backend, workers, half = _setting(setting, args.fp16)
+                out = work / f"out-{i}-{round_}"
+                work_store = work / f"store-{i}-{round_}.zarr"
                 shutil.copytree(store, work_store)
                 runs[setting].append(_in_process(_kneebatch, str(work_store), str(args.engines), str(out), backend,
-                                                 int(workers), args.device, args.fp16))
+                                                 workers, args.device, half))
                 shutil.rmtree(work_store)
         base = sorted(base_runs, key=lambda r: r["seconds"])[len(base_runs) // 2]
         base_sps = len(keys) / base["seconds"]
@@ -147,7 +159,7 @@ def main() -> None:
               f"read ceiling {len(keys) / read['seconds']:.2f} studies/s")
         records = []
         for setting in args.settings:
-            backend, workers = setting.split(":")
+            backend, workers, half = _setting(setting, args.fp16)
             r = sorted(runs[setting], key=lambda r: r["seconds"])[len(runs[setting]) // 2]
             sps = r["segmented"] / r["seconds"]
             record = {
@@ -156,8 +168,8 @@ def main() -> None:
                 "n_studies": len(keys),
                 "shape": shapes,
                 "backend": backend,
-                "workers": int(workers),
-                "precision": "fp16" if args.fp16 else "fp32",
+                "workers": workers,
+                "precision": _precision(backend, args.device, half),
                 "studies_per_s": round(sps, 4),
                 "speedup_vs_baseline": round(sps / base_sps, 2),
                 "baseline": {"name": f"MONAI sliding_window_inference, fine net, whole full-res volume, torch eager "

@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "torch-compile", "tensorrt"],
                    help="inference backend (default onnxruntime on CPU)")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for the pipeline")
-    s.add_argument("--fp16", action="store_true", help="half precision engines (GPU backends)")
+    s.add_argument("--half", "--fp16", dest="fp16", action="store_true",
+                   help="half precision engines: float16 on a GPU (torch backends, TensorRT), bfloat16 on the "
+                        "CPU (torch backends; fast on CPUs with AMX or AVX-512 BF16); ONNX Runtime stays float32")
     s.add_argument("--batch-size", type=int, default=4, help="studies per task (default 4)")
     s.add_argument("--threads", type=int, default=None, help="CPU threads per worker for the engines")
     common(s)

@@ -5,8 +5,11 @@ studies come from seed 424242, rendered at clinical resolution, converted from D
 and segmented by ``kneebatch run`` exactly as a user would.
 """
 
+import shutil
+
 import numpy as np
 import pytest
+import torch
 
 from kneebatch import labels as L
 from kneebatch.inference.engine_dir import DEFAULT_ENGINES
@@ -45,8 +48,8 @@ def segmented(tmp_path_factory, key_file):
     return root
 
 
-def _dice_table(root):
-    store = CohortStore(root / "store.zarr")
+def _dice_table(root, store_name="store.zarr"):
+    store = CohortStore(root / store_name)
     uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
     per_label, effusion_err = {}, []
     for key in store.study_keys():
@@ -85,3 +88,18 @@ def test_measurements_come_from_the_segmentation(segmented):
         vv = store.grid(row["study_key"]).voxel_volume_mm3
         assert row["effusion_volume_mm3"] == pytest.approx(np.sum(labels == L.by_name("effusion").id) * vv)
         assert row["label_source"] == "segmentation"
+
+
+def test_bfloat16_engines_on_the_cpu_keep_the_accuracy(segmented):
+    """``--backend torch --half`` on the CPU (bfloat16) scores as the float32 ONNX engines do."""
+    shutil.copytree(segmented / "store.zarr", segmented / "store-bf16.zarr", dirs_exist_ok=True)
+    report = run(segmented / "store-bf16.zarr", segmented / "out-bf16", backend="torch", half=True,
+                 show_progress=False)
+    assert report.segmented == N
+    full, _ = _dice_table(segmented)
+    half, _ = _dice_table(segmented, "store-bf16.zarr")
+    print("bf16 - fp32 Dice:", {k: round(half[k] - full[k], 4) for k in full})
+    assert set(half) == set(full)
+    assert abs(np.mean(list(half.values())) - np.mean(list(full.values()))) < 0.003
+    assert all(abs(half[k] - full[k]) < 0.01 for k in full)
+    assert torch.get_default_dtype() == torch.float32

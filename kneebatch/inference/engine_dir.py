@@ -49,6 +49,15 @@ def read_manifest(path=None) -> dict:
     return json.loads((engines_dir(path) / "engines.json").read_text())
 
 
+def half_dtype(device: str):
+    """The half precision the torch backends use: float16 on GPUs; bfloat16 on the CPU,
+    whose float16 convolutions are slow but whose bfloat16 ones run on AMX / AVX-512 BF16
+    units where the CPU has them (about 3x a float32 pass of the fine net on a Xeon with AMX)."""
+    import torch
+
+    return torch.bfloat16 if torch.device(device).type == "cpu" else torch.float16
+
+
 def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
                  half: bool = False) -> Engines:
     from kneebatch.inference.engines import OnnxRuntimeEngine, TorchEngine
@@ -73,7 +82,7 @@ def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", t
             import torch
 
             eng = TorchEngine(net, cfg.in_channels, cfg.n_classes, root / entry["safetensors"], device=device,
-                              dtype=torch.float16 if half else torch.float32, compile=backend == "torch-compile",
+                              dtype=half_dtype(device) if half else torch.float32, compile=backend == "torch-compile",
                               expected_sha256=entry["sha256"][entry["safetensors"]])
         built[stage], hashes[stage] = eng, eng.sha256
     return Engines(built["coarse"], built["fine"], cfg, backend, hashes)

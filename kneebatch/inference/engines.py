@@ -82,10 +82,16 @@ class OnnxRuntimeEngine:
 
 
 def export_onnx(model: torch.nn.Module, path, example_shape, opset: int = 17) -> str:
-    """Legacy (TorchScript) exporter: needs no onnxscript; batch and spatial axes dynamic."""
+    """Legacy (TorchScript) exporter: needs no onnxscript; batch and spatial axes dynamic.
+
+    Transposed convolutions go out as sub-pixel convolutions (same output; ONNX
+    Runtime's 3-D ``ConvTranspose`` is slow on the CPU, see :mod:`kneebatch.models.subpixel`).
+    """
     import warnings
 
-    model = model.eval().cpu()
+    from kneebatch.models.subpixel import without_transposed_convs
+
+    model = without_transposed_convs(model.eval().cpu())
     example = torch.zeros(example_shape)
     dyn = {0: "batch", 2: "z", 3: "y", 4: "x"}
     with warnings.catch_warnings():
