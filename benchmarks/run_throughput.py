@@ -63,10 +63,10 @@ def _baseline(store_path, engines, keys, device, q):
     q.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()})
 
 
-def _setting(setting: str, half_everywhere: bool) -> tuple[str, int, bool]:
-    """``BACKEND:WORKERS`` or ``BACKEND:WORKERS:half``."""
+def _setting(setting: str, half_everywhere: bool) -> tuple[str, int, bool, bool]:
+    """``BACKEND:WORKERS[:half][:tta]`` -> backend, workers, half, tta."""
     backend, workers, *flags = setting.split(":")
-    return backend, int(workers), half_everywhere or "half" in flags
+    return backend, int(workers), half_everywhere or "half" in flags, "tta" in flags
 
 
 def _precision(backend: str, device: str, half: bool) -> str:
@@ -75,7 +75,7 @@ def _precision(backend: str, device: str, half: bool) -> str:
     return "bf16" if device == "cpu" and backend != "tensorrt" else "fp16"
 
 
-def _kneebatch(store_path, engines, out, backend, workers, device, half, q):
+def _kneebatch(store_path, engines, out, backend, workers, device, half, tta, q):
     import onnxruntime  # noqa: F401  library imports are process start-up, outside both timings
     import torch  # noqa: F401
 
@@ -86,9 +86,10 @@ def _kneebatch(store_path, engines, out, backend, workers, device, half, q):
     if workers > 1:
         with dask_client("local", n_workers=workers) as client:
             r = run(store_path, out, engines_path=engines, backend=backend, client=client, device=device, half=half,
-                    show_progress=False)
+                    tta=tta, show_progress=False)
     else:
-        r = run(store_path, out, engines_path=engines, backend=backend, device=device, half=half, show_progress=False)
+        r = run(store_path, out, engines_path=engines, backend=backend, device=device, half=half, tta=tta,
+                show_progress=False)
     q.put({"seconds": time.perf_counter() - t0, "segmented": r.segmented, "stage_seconds": r.stage_seconds,
            "peak_rss_mb": _peak_rss_mb()})
 
@@ -124,7 +125,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=91)
     ap.add_argument("--engines", type=Path, default=DEFAULT_ENGINES)
     ap.add_argument("--settings", nargs="+", default=["onnxruntime:1", "onnxruntime:2", "torch:1"],
-                    help="BACKEND:WORKERS[:half] for kneebatch run (half: bfloat16 on the CPU, float16 on a GPU)")
+                    help="BACKEND:WORKERS[:half][:tta] for kneebatch run (half: bfloat16 on the CPU, float16 on a "
+                         "GPU; tta: mirror test-time augmentation)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (baseline and the torch backends)")
     ap.add_argument("--fp16", action="store_true", help="half precision for every setting (see BACKEND:WORKERS:half)")
     ap.add_argument("--repeat", type=int, default=3,
@@ -146,12 +148,12 @@ def main() -> None:
         for round_ in range(args.repeat):
             base_runs.append(_in_process(_baseline, str(store), str(args.engines), keys, args.device))
             for i, setting in enumerate(args.settings):
-                backend, workers, half = _setting(setting, args.fp16)
+                backend, workers, half, tta = _setting(setting, args.fp16)
                 out = work / f"out-{i}-{round_}"
                 work_store = work / f"store-{i}-{round_}.zarr"
                 shutil.copytree(store, work_store)
                 runs[setting].append(_in_process(_kneebatch, str(work_store), str(args.engines), str(out), backend,
-                                                 workers, args.device, half))
+                                                 workers, args.device, half, tta))
                 shutil.rmtree(work_store)
         base = sorted(base_runs, key=lambda r: r["seconds"])[len(base_runs) // 2]
         base_sps = len(keys) / base["seconds"]
@@ -159,7 +161,7 @@ def main() -> None:
               f"read ceiling {len(keys) / read['seconds']:.2f} studies/s")
         records = []
         for setting in args.settings:
-            backend, workers, half = _setting(setting, args.fp16)
+            backend, workers, half, tta = _setting(setting, args.fp16)
             r = sorted(runs[setting], key=lambda r: r["seconds"])[len(runs[setting]) // 2]
             sps = r["segmented"] / r["seconds"]
             record = {
@@ -170,6 +172,7 @@ def main() -> None:
                 "backend": backend,
                 "workers": workers,
                 "precision": _precision(backend, args.device, half),
+                "mirror_tta": tta,
                 "studies_per_s": round(sps, 4),
                 "speedup_vs_baseline": round(sps / base_sps, 2),
                 "baseline": {"name": f"MONAI sliding_window_inference, fine net, whole full-res volume, torch eager "
@@ -184,8 +187,8 @@ def main() -> None:
                 "stage_seconds": {k: round(v, 2) for k, v in r["stage_seconds"].items()},
                 "peak_rss_mb": round(r["peak_rss_mb"]),
             }
-            print(json.dumps({k: record[k] for k in ("backend", "workers", "studies_per_s", "speedup_vs_baseline",
-                                                     "speedup_per_round")}))
+            print(json.dumps({k: record[k] for k in ("backend", "workers", "precision", "mirror_tta", "studies_per_s",
+                                                     "speedup_vs_baseline", "speedup_per_round")}))
             records.append(record)
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"run-{date.today().isoformat()}-{machine.host()}.json"

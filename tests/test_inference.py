@@ -169,6 +169,7 @@ def test_run_writes_labels_rows_and_resumes(store, tiny_engines, tmp_path):
     assert len(list((tmp_path / "out" / "parts").glob("part-*.failures.parquet"))) == 2  # 2 batches
     prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert prov["backend"] == "onnxruntime" and prov["segmented_this_run"] == 6
+    assert prov["half_precision"] is False and prov["mirror_tta"] is False
     assert prov["outputs"]["measurements.parquet"]["rows"] == 6 and len(prov["parts"]) == 4
     # a re-run recomputes nothing and yields the same table
     r2 = run(work, tmp_path / "out", engines_path=tiny_engines, batch_size=4, show_progress=False)
@@ -256,3 +257,17 @@ def test_torch_and_onnxruntime_pipelines_give_the_same_labels(store, tiny_engine
         assert tuple(labels[backend].shape) == grid.shape and set(info.seconds) == {"normalize", "coarse", "fine", "paste"}
     agree = (labels["onnxruntime"] == labels["torch"]).float().mean()
     assert agree > 0.999
+
+
+def test_mirror_tta_makes_the_fine_logits_mirror_symmetric(tiny_engines):
+    from kneebatch.inference.segment import fine_logits
+
+    engines = load_engines(tiny_engines, "torch")
+    x = torch.randn(2, 9, 32, 48)  # z is not a multiple of the stride: padded, then cut
+    plain = fine_logits(engines.fine, x, engines.config)
+    assert not torch.allclose(fine_logits(engines.fine, x.flip(1), engines.config).flip(1), plain, atol=1e-3)
+    engines.config.mirror_tta = True
+    tta = fine_logits(engines.fine, x, engines.config)
+    assert torch.allclose(fine_logits(engines.fine, x.flip(1), engines.config).flip(1), tta, atol=1e-5)
+    assert tta.shape == plain.shape and not torch.allclose(tta, plain, atol=1e-3)
+    assert load_engines(tiny_engines, "torch", tta=True).config.mirror_tta

@@ -11,9 +11,9 @@ class EngineLoader(WorkerPlugin):
     name = "kneebatch-engines"
 
     def __init__(self, engines_path: str | None, backend: str, device: str = "cpu", threads: int | None = None,
-                 half: bool = False):
+                 half: bool = False, tta: bool = False):
         self.engines_path, self.backend, self.device = engines_path, backend, device
-        self.threads, self.half = threads, half
+        self.threads, self.half, self.tta = threads, half, tta
 
     def setup(self, worker):
         import torch
@@ -22,7 +22,8 @@ class EngineLoader(WorkerPlugin):
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        setattr(worker, ATTR, load_engines(self.engines_path, self.backend, self.device, self.threads, self.half))
+        setattr(worker, ATTR, load_engines(self.engines_path, self.backend, self.device, self.threads, self.half,
+                                             self.tta))
 
     def teardown(self, worker):
         if hasattr(worker, ATTR):

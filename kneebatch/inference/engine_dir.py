@@ -59,7 +59,7 @@ def half_dtype(device: str):
 
 
 def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
-                 half: bool = False) -> Engines:
+                 half: bool = False, tta: bool = False) -> Engines:
     from kneebatch.inference.engines import OnnxRuntimeEngine, TorchEngine
 
     if backend not in BACKENDS:
@@ -67,6 +67,7 @@ def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", t
     root = engines_dir(path)
     manifest = read_manifest(root)
     cfg = ModelConfig.load(root / manifest["config"])
+    cfg.mirror_tta = cfg.mirror_tta or tta
     built, hashes = {}, {}
     for stage in ("coarse", "fine"):
         entry = manifest[stage]

@@ -154,7 +154,7 @@ def _split_or_record(keys, exc):
 
 
 def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client=None, batch_size: int = 4,
-        device: str = "cpu", threads: int | None = None, half: bool = False, show_progress=None,
+        device: str = "cpu", threads: int | None = None, half: bool = False, tta: bool = False, show_progress=None,
         batch_fn=process_batch) -> RunReport:
     """Segment and measure every study of the store. ``batch_fn`` is for fault injection in tests."""
     t0 = time.perf_counter()
@@ -179,11 +179,11 @@ def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client
         from kneebatch.distributed.plugin import EngineLoader
 
         client.register_plugin(EngineLoader(str(engines_path) if engines_path else None, backend, device, threads,
-                                            half))
+                                            half, tta))
     else:
         from kneebatch.inference.engine_dir import load_engines
 
-        engines = load_engines(engines_path, backend, device, threads, half)
+        engines = load_engines(engines_path, backend, device, threads, half, tta)
     stage_seconds = dict.fromkeys(STAGES, 0.0)
     schema = measurement_schema()
     with progress_bar(len(todo), "segmenting studies", show_progress) as advance:
@@ -208,11 +208,11 @@ def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client
     report.carried_failures = len(carried)
     report.seconds = time.perf_counter() - t0
     report.stage_seconds = stage_seconds
-    _write_provenance(out, report, engines_path, backend, device, batch_size)
+    _write_provenance(out, report, engines_path, backend, device, batch_size, half, tta)
     return report
 
 
-def _write_provenance(out: Path, report: RunReport, engines_path, backend, device, batch_size) -> None:
+def _write_provenance(out: Path, report: RunReport, engines_path, backend, device, batch_size, half, tta) -> None:
     import onnxruntime
     import pyarrow.parquet as pq
     import torch
@@ -228,6 +228,8 @@ def _write_provenance(out: Path, report: RunReport, engines_path, backend, devic
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backend": backend,
         "device": device,
+        "half_precision": half,
+        "mirror_tta": tta,
         "batch_size": batch_size,
         "engines": {stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
         "model_config": json.loads((engines_dir(engines_path) / manifest["config"]).read_text()),

@@ -131,6 +131,16 @@ def upsample_argmax(logits: torch.Tensor, out_shape) -> torch.Tensor:
 
 @torch.inference_mode()
 def fine_logits(fine, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Fine-net logits ``[K, z, y, x]`` for a working-grid crop ``x [C, z, y, x]``; with
+    ``cfg.mirror_tta``, averaged with those of the crop mirrored along z (the slice axis,
+    left-right in a sagittal study: the mirroring the net was trained with), as nnU-Net does."""
+    logits = _fine_logits_once(fine, x, cfg)
+    if cfg.mirror_tta:
+        logits = (logits + _fine_logits_once(fine, x.flip(1), cfg).flip(1)) * 0.5
+    return logits
+
+
+def _fine_logits_once(fine, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Fine-net logits ``[K, z, y, x]`` for a working-grid crop ``x [C, z, y, x]``.
 
     A batch-norm net runs on the whole crop in one call (padded to its stride); only

@@ -42,6 +42,7 @@ class ModelConfig:
     crop_margin_mm: float = 12.0
     sw_overlap: float = 0.25  # windows of instance-norm nets (same context as in training) overlap this much
     keep_sides: bool = True  # medial/lateral labels only on their side (inference/laterality.py)
+    mirror_tta: bool = False  # fine logits averaged with the left-right mirrored crop's (2x the fine net)
     in_channels: int = 2  # T1, T2
     n_classes: int = L.N_CLASSES
 
