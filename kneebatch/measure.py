@@ -124,8 +124,6 @@ def intensity_means(labels, image, channels, counts=None) -> dict:
 
 
 def qc_flags(labels, row: dict) -> list[str]:
-    from scipy import ndimage
-
     flags = []
     for name in EXPECTED:
         if row[f"{name}_volume_mm3"] == 0:
@@ -143,17 +141,16 @@ def qc_flags(labels, row: dict) -> list[str]:
         if row[f"{name}_volume_mm3"] == 0:
             continue
         mask = labels == L.by_name(name).id
-        mask = np.asarray(ops.to_numpy(mask[ops.bounding_box(mask)]))  # components only inside its box
-        comp, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())[1:]
-            if sizes.max() < 0.95 * sizes.sum():
-                flags.append(f"fragmented:{name}")
+        mask = mask[ops.bounding_box(mask)]  # components only inside its box
+        largest = np.count_nonzero(ops.to_numpy(ops.largest_component(mask)))
+        if largest < 0.95 * np.count_nonzero(ops.to_numpy(mask)):
+            flags.append(f"fragmented:{name}")
     return flags
 
 
-def measure_study(key: str, labels, image, grid: Grid, channels, label_source: str) -> dict:
-    """One row of ``measurements.parquet``. ``labels``/``image`` may live on any xp device."""
+def measure_study(key: str, labels, image, grid: Grid, channels, label_source: str, extra_flags=()) -> dict:
+    """One row of ``measurements.parquet``. ``labels``/``image`` may live on any xp device;
+    ``extra_flags``: QC flags known from how the labels were made (segmentation)."""
     if tuple(labels.shape) != grid.shape:
         raise ValueError(f"labels {tuple(labels.shape)} do not match grid {grid.shape}")
     row = {"study_key": key}
@@ -167,7 +164,7 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
         row.update(intensity_means(labels, image, channels, counts))
     row["voxel_volume_mm3"] = grid.voxel_volume_mm3
     row["spacing_z_mm"], row["spacing_y_mm"], row["spacing_x_mm"] = grid.spacing
-    flags = qc_flags(labels, row)
+    flags = [*qc_flags(labels, row), *extra_flags]
     row["qc_flags"] = flags
     row["qc_ok"] = not flags
     row["label_source"] = label_source

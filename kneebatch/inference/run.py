@@ -84,11 +84,10 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
                                                        "kneebatch_version": __version__})
         t_write = time.perf_counter() - t
         t = time.perf_counter()
-        row = measure_study(key, labels, image, grid, store.channels(key), "segmentation")
+        # sides_unresolved: medial/lateral labels as the net gave them
+        flags = ["sides_unresolved"] if info.sides_found is False else []
+        row = measure_study(key, labels, image, grid, store.channels(key), "segmentation", flags)
         row["model_hash"] = engines.model_hash
-        if info.sides_found is False:  # medial/lateral labels as the net gave them
-            row["qc_flags"] = [*row["qc_flags"], "sides_unresolved"]
-            row["qc_ok"] = False
         return row, t_write, time.perf_counter() - t
 
     def collect(key, future, info):
