@@ -55,7 +55,7 @@ def _baseline(store_path, engines, keys, device, q):
     roi = tuple(eng.config.fine_patch)
     t0 = time.perf_counter()
     for key in keys:
-        image, _ = store.read_image(key)
+        image, _ = store.read_image(key, eng.config.input_channels(store.channels(key)))
         x = normalize(torch.from_numpy(image.astype(np.float32)).to(device))
         with torch.inference_mode():
             logits = sliding_window_inference(x[None], roi, sw_batch_size=2, predictor=eng.fine.model)

@@ -42,10 +42,14 @@ def cmd_synth(args) -> int:
 
 def cmd_convert(args) -> int:
     from kneebatch.ingest.convert import convert
+    from kneebatch.ingest.nifti import parse_channels
+
+    channels = parse_channels(args.channels) if args.channels else None
 
     with _client(args.workers) as client:
-        r = convert(args.src, args.store, client=client, key_file=args.key_file, show_progress=not args.quiet)
-    print(f"{r.studies_found} studies found ({r.files_scanned} files, {r.files_rejected} not usable DICOM images): "
+        r = convert(args.src, args.store, client=client, key_file=args.key_file, show_progress=not args.quiet,
+                    channels=channels)
+    print(f"{r.studies_found} studies found ({r.files_scanned} files, {r.files_rejected} not usable images): "
           f"{r.converted} converted, {r.already_done} already in the store, {r.failed} failed "
           f"in {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s, {r.mb_per_s:.1f} MB/s)")
     for reason, n in sorted(r.reasons.items()):
@@ -56,12 +60,17 @@ def cmd_convert(args) -> int:
 
 
 def cmd_measure(args) -> int:
+    from kneebatch.ingest.label_import import parse_label_map
     from kneebatch.measure_store import measure_store
 
+    label_map = parse_label_map(args.label_map) if args.label_map else None
     with _client(args.workers) as client:
-        r = measure_store(args.store, args.out, labels_dir=args.labels, client=client, show_progress=not args.quiet)
-    print(f"{r.measured} studies measured, {r.failed} failed, {r.carried_failures} failed earlier (convert) "
-          f"in {r.seconds:.1f} s -> {Path(args.out) / 'measurements.parquet'}")
+        r = measure_store(args.store, args.out, labels_dir=args.labels, client=client, show_progress=not args.quiet,
+                          label_map=label_map, model=args.model, label_name=args.label_name)
+    source = (f"label files in {args.labels}" if args.labels else f"label map '{args.label_name}'" if args.label_name
+              else "segmentations of " + (", ".join(r.models) or "no model"))
+    print(f"{r.measured} studies measured from {source}, {r.failed} failed, {r.carried_failures} failed earlier "
+          f"(convert) in {r.seconds:.1f} s -> {Path(args.out) / 'measurements.parquet'}")
     return 0
 
 
@@ -74,7 +83,7 @@ def cmd_run(args) -> int:
     with _client(workers) as client:
         r = run(args.store, args.out, engines_path=args.engines, backend=args.backend, client=client,
                 batch_size=args.batch_size, device=args.device, threads=args.threads, half=args.fp16, tta=args.tta,
-                show_progress=not args.quiet)
+                show_progress=not args.quiet, force=args.force)
     print(f"{r.studies} studies: {r.segmented} segmented, {r.already_done} already done, {r.failed} failed, "
           f"{r.carried_failures} failed at convert; {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s)")
     print(f"-> {Path(args.out) / 'measurements.parquet'}, {Path(args.out) / 'failures.parquet'}, "
@@ -85,8 +94,10 @@ def cmd_run(args) -> int:
 def cmd_export(args) -> int:
     from kneebatch.export import export_nifti
 
-    n, missing = export_nifti(args.store, args.out, show_progress=not args.quiet)
-    print(f"wrote {n} label maps to {args.out} ({len(missing)} studies have none yet), "
+    n, missing, used = export_nifti(args.store, args.out, name=args.label_name, model=args.model, names=args.names,
+                                    images=args.images, show_progress=not args.quiet)
+    print(f"wrote {n} label maps ({', '.join(used) or 'none'}){' and their images' if args.images else ''} to "
+          f"{args.out} in each source's voxel order ({len(missing)} studies have none), "
           f"with ITK-SNAP and 3D Slicer colour tables")
     return 0
 
@@ -135,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, workers=True):
         if workers:
-            sp.add_argument("--workers", type=int, default=None,
+            sp.add_argument("--workers", type=_whole(0), default=None,
                             help="parallel worker processes (default: one per core, at most 8; 1 = in-process)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -145,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic knee MRI cohort (DICOM, truth labels, clinical.csv)")
     s.add_argument("out", type=Path, help="output folder")
-    s.add_argument("--n", type=int, default=24, help="number of studies (alternating normal / OA; default 24)")
+    s.add_argument("--n", type=_positive, default=24, help="number of studies (alternating normal / OA; default 24)")
     s.add_argument("--seed", type=int, default=0, help="random seed; study i is the same for any --n")
     s.add_argument("--preset", default="clinical", choices=["clinical", "small"],
                    help="clinical: realistic matrices and slices; small: ~1 mm in-plane, quick (tests, training)")
@@ -153,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("convert", help="DICOM tree or NIfTI files -> Zarr cohort store (resumable)")
-    s.add_argument("src", type=Path, help="folder with DICOM files (any layout) and/or <case>_T1/_T2.nii.gz")
+    s.add_argument("src", type=Path, help="folder with DICOM files (any layout) and/or <case>_<ROLE>.nii.gz / .mhd "
+                                          "volume files (ROLE: T1, T2, T2FS, PD, PDFS, DESS, GRE3D, other)")
+    s.add_argument("--channels", default="",
+                   help='nnU-Net style <case>_0000.nii.gz files: suffix -> role, e.g. "0000:DESS,0001:PDFS" '
+                        '(default "0000:T1,0001:T2")')
     s.add_argument("store", type=Path, help="cohort store folder (created if missing)")
     s.add_argument("--key-file", type=Path, default=None,
                    help="secret key for pseudonymous study keys (default $KNEEBATCH_KEY_FILE or "
@@ -165,8 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", type=Path, help="cohort store")
     s.add_argument("out", type=Path, help="output folder for measurements.parquet and failures.parquet")
     s.add_argument("--labels", type=Path, default=None,
-                   help="folder of <StudyInstanceUID>.nii.gz label maps on each study's T1 grid "
+                   help="folder of label maps named <study_key>_labels.nii.gz (as 'export' writes them) or "
+                        "<StudyInstanceUID or case>.nii.gz/.mhd, on any grid covering the study "
                         "(default: the label maps in the store)")
+    s.add_argument("--label-map", default="",
+                   help='translate foreign label ids of --labels files, e.g. "1:femur,2:femoral_cartilage" '
+                        "(ids not listed become background; without it, ids outside the schema are an error)")
+    s.add_argument("--model", default=None,
+                   help="measure the segmentation of these engines (a model hash prefix; default: the newest)")
+    s.add_argument("--label-name", default=None, help="measure another label map of the store, e.g. truth")
     common(s)
     s.set_defaults(func=cmd_measure)
 
@@ -183,15 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", action="store_true",
                    help="mirror test-time augmentation: the fine net also sees each crop mirrored left-right and "
                         "the logits are averaged (as nnU-Net does; more accurate, twice the fine net's time)")
-    s.add_argument("--batch-size", type=int, default=4, help="studies per task (default 4)")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads per worker for the engines")
+    s.add_argument("--batch-size", type=_positive, default=4, help="studies per task (default 4)")
+    s.add_argument("--force", action="store_true",
+                   help="OUT was made with other engines or settings: start it clean (only kneebatch's files go)")
+    s.add_argument("--threads", type=_positive, default=None, help="CPU threads per worker for the engines")
     common(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("export", help="label maps from the store as NIfTI (+ ITK-SNAP / Slicer colour tables)")
     s.add_argument("store", type=Path, help="cohort store")
-    s.add_argument("out", type=Path, help="output folder: <study_key>_labels.nii.gz")
+    s.add_argument("out", type=Path, help="output folder: <name>_labels.nii.gz in each source's voxel order")
     s.add_argument("--format", default="nifti", choices=["nifti"], help="file format (default nifti)")
+    s.add_argument("--names", default="key", choices=["key", "uid"],
+                   help="file names: the pseudonymous study key (default) or the StudyInstanceUID / case name "
+                        "(identifiers: keep such exports private)")
+    s.add_argument("--images", action="store_true",
+                   help="also write each image channel as <name>_<ROLE>.nii.gz (convertible again)")
+    s.add_argument("--model", default=None, help="the segmentation of these engines (model hash prefix; default newest)")
+    s.add_argument("--label-name", default=None, help="another label map of the store, e.g. truth")
     common(s, workers=False)
     s.set_defaults(func=cmd_export)
 
@@ -214,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-name", default="truth", help="label array in the store to train on (default truth)")
     s.add_argument("--minutes-coarse", type=float, default=4.0, help="time budget of the coarse stage")
     s.add_argument("--minutes-fine", type=float, default=40.0, help="time budget of the fine stage")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     s.add_argument("--seed", type=int, default=0, help="split and sampling seed")
     s.add_argument("--lr", type=float, default=2e-3,
                    help="peak learning rate (cosine schedule over each stage's budget); lower it when fine-tuning with --init")
@@ -225,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="synthetic normal-vs-OA cohort end to end, with a group table")
     s.add_argument("--out", type=Path, default=Path("kneebatch-demo"), help="output folder (default ./kneebatch-demo)")
-    s.add_argument("--n", type=int, default=24, help="number of studies (default 24)")
+    s.add_argument("--n", type=_positive, default=24, help="number of studies (default 24)")
     s.add_argument("--seed", type=int, default=2024)
     s.add_argument("--preset", default="clinical", choices=["clinical", "small"])
     s.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
@@ -235,15 +266,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _whole(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+    return parse
+
+
+_positive = _whole(1)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _quiet_pydicom()
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"kneebatch {args.command}: error: {e}", file=sys.stderr)
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"kneebatch {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nkneebatch {args.command}: interrupted — rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _quiet_pydicom() -> None:
+    """pydicom's warnings quote header values (descriptions, UIDs): keep them off the console."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

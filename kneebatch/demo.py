@@ -35,7 +35,8 @@ def run_demo(out: Path, n: int = 24, seed: int = 2024, preset: str = "clinical",
 
     console = Console()
     workers = workers or default_workers()
-    cohort, store, results = out / "cohort", out / "store", out / "results"
+    cohort, store = out / "cohort", out / "store"
+    results = out / ("results-truth" if truth else f"results-{backend}")
     t0 = time.perf_counter()
     if not (cohort / "manifest.json").exists():
         console.print(f"[bold]1/3[/] synthesising {n} studies ({preset}) -> {cohort}")
@@ -91,19 +92,18 @@ def _dice_against_truth(store_path: Path, truth_dir: Path) -> dict[str, float]:
     import numpy as np
 
     from kneebatch import labels as L
-    from kneebatch.ingest.label_import import label_file, read_label_file
+    from kneebatch.ingest.label_import import label_file, read_label_file, study_names
     from kneebatch.ingest.store import CohortStore
     from kneebatch.measure import dice_per_label
 
     store = CohortStore(store_path, create=False)
-    uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
     groups: dict[str, list[float]] = {}
-    for key in store.study_keys():
+    for key, names in study_names(store).items():
         pred = store.read_labels(key)
-        path = label_file(truth_dir, uid_of.get(key, ""))
+        path = label_file(truth_dir, names)
         if pred is None or path is None:
             continue
-        truth = read_label_file(path, store.grid(key))
+        truth, _ = read_label_file(path, store.grid(key))
         for name, dice in dice_per_label(pred, truth).items():
             groups.setdefault(L.by_name(name).group, []).append(dice)
     return {g: float(np.mean(v)) for g, v in groups.items()}

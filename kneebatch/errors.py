@@ -11,13 +11,13 @@ REASONS = {
     "unreadable_file": "the file could not be read",
     "missing_uid": "DICOM file without StudyInstanceUID or SeriesInstanceUID",
     "not_an_image": "DICOM object without pixel data (report, plan, ...)",
+    "unnamed_volume": "a NIfTI/MetaImage file whose name does not give its contrast: name it <case>_<ROLE>.nii.gz "
+                      "(ROLE: T1, T2, T2FS, PD, PDFS, DESS, GRE3D, other) or map nnU-Net suffixes with --channels",
     # studies
     "not_mr": "the study has no MR image series",
     "not_sagittal": "the study's MR series are not sagittal (axial/coronal/oblique are refused)",
-    "multiframe_unsupported": "enhanced (multi-frame) MR objects are not supported yet",
     "too_large": "the image dimensions are implausibly large; refused before reading pixels",
-    "missing_t1": "no sagittal T1-weighted series was found",
-    "missing_t2": "no sagittal T2-weighted series was found",
+    "no_usable_series": "the study has no usable sagittal MR series",
     "missing_slice": "a slice is missing from the stack (a gap of a whole slice step)",
     "duplicate_slice": "two slices share one position",
     "irregular_spacing": "slice positions are not evenly spaced",
@@ -27,9 +27,14 @@ REASONS = {
     "too_few_slices": "the series has too few slices to be a volume",
     "unreadable_pixels": "pixel data could not be decoded",
     "non_finite_values": "the image holds NaN or infinite values",
+    "constant_image": "every voxel of the image has the same value",
+    "bad_scaling": "the intensity scaling (RescaleSlope, scl_slope) is zero or not finite",
+    "bad_dtype": "the voxel type is not a real number type kneebatch can store",
     "bad_geometry": "the image geometry is missing or degenerate",
     "no_labels": "the study has no label map to measure",
-    "label_geometry_mismatch": "the label map's grid differs from the study's image grid",
+    "label_geometry_mismatch": "the label map's grid does not cover the study's image grid",
+    "unknown_label_ids": "the label map holds ids that are not in kneebatch's schema and not mapped (--label-map)",
+    "unsupported_contrast": "the engines need contrasts this study does not have",
     "worker_died": "the worker processing this study died every time it was tried (out of memory, crash); "
                    "recorded as poison and not retried in this run",
     "internal_error": "an unexpected error; the message says which",
@@ -48,3 +53,17 @@ class StudyError(Exception):
     def message(self) -> str:
         return REASONS[self.reason] + (f": {self.detail}" if self.detail else "")
 
+
+
+def internal_message(exc: BaseException) -> str:
+    """The message of a failure row for an unexpected error: its type only. Exception texts
+    (nibabel's, zarr's, OS errors) carry file paths, and paths carry identifiers."""
+    return f"{type(exc).__name__} (details withheld: they may name files)"
+
+
+def failure_row(study_key: str, stage: str, exc: BaseException) -> dict:
+    """The one way to make a failure row: a reason code and a message that names no file and
+    no identifier (a StudyError's own message, or only the type of an unexpected error)."""
+    if isinstance(exc, StudyError):
+        return {"study_key": study_key, "stage": stage, "reason": exc.reason, "message": exc.message}
+    return {"study_key": study_key, "stage": stage, "reason": "internal_error", "message": internal_message(exc)}

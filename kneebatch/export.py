@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from kneebatch import labels as L
-from kneebatch.ingest.nifti import write_label_nifti
+from kneebatch.geometry import Grid, Reorientation
+from kneebatch.ingest.label_import import study_names
+from kneebatch.ingest.nifti import write_image_nifti, write_label_nifti
 from kneebatch.ingest.store import CohortStore
 from kneebatch.progress import progress_bar
 
@@ -29,21 +33,56 @@ def write_colour_tables(out: Path) -> list[Path]:
     return paths
 
 
-def export_nifti(store_path, out, name: str = "labels", show_progress=None) -> tuple[int, list[str]]:
-    """``OUT/<study_key>_labels.nii.gz`` for every study with a label map; returns (written, keys without)."""
+def source_order(store: CohortStore, key: str) -> tuple[Reorientation, Grid]:
+    """How a study's stored (canonical) arrays map back to its source's voxel order, and that grid."""
+    attrs = store.study_attrs(key)
+    if "source_grid" not in attrs:  # stores written before orientation was canonical
+        return Reorientation((0, 1, 2), (False, False, False)), store.grid(key)
+    source = Grid(tuple(attrs["source_grid"]["shape_zyx"]), np.asarray(attrs["source_grid"]["affine"]))
+    return Reorientation.from_attrs(attrs["to_canonical"]), source
+
+
+def export_nifti(store_path, out, name: str | None = None, model: str | None = None, names: str = "key",
+                 images: bool = False, show_progress=None) -> tuple[int, list[str], list[str]]:
+    """``OUT/<name>_labels.nii.gz`` (and with ``images``, ``OUT/<name>_<ROLE>.nii.gz`` per channel)
+    for every study with a label map, in the voxel order of the study's source (the reference
+    series) so they open aligned with it. ``<name>`` is the study key, or with
+    ``names="uid"`` the StudyInstanceUID / case name (identifiers: for the user's own use).
+    The label map is ``name`` (e.g. ``truth``), else the segmentation of ``model``, else the
+    newest. Returns (written, keys without a label map, the label map names used)."""
+    if names not in ("key", "uid"):
+        raise ValueError(f"--names must be key or uid, not {names!r}")
     store = CohortStore(store_path, create=False)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     keys = store.study_keys()
-    written, missing = 0, []
+    file_name = {k: n[0] for k, n in study_names(store).items()}
+    if names == "uid":
+        file_name = {k: n[1] or k for k, n in study_names(store).items()}
+    written, missing, used = 0, [], set()
     with progress_bar(len(keys), "exporting label maps", show_progress) as advance:
         for key in keys:
-            labels = store.read_labels(key, name)
+            label_name = name or store.segmentation(key, model)
+            labels = store.read_labels(key, label_name) if label_name else None
             if labels is None:
                 missing.append(key)
-            else:
-                write_label_nifti(out / f"{key}_{name}.nii.gz", labels, store.grid(key))
-                written += 1
+                advance()
+                continue
+            reorientation, source = source_order(store, key)
+            stem = _safe_name(file_name[key])
+            write_label_nifti(out / f"{stem}_labels.nii.gz", reorientation.invert(labels, source), source)
+            if images:
+                image, _ = store.read_image(key)
+                back = reorientation.invert(image, source)
+                for role, channel in zip(store.channels(key), back):
+                    write_image_nifti(out / f"{stem}_{role}.nii.gz", channel, source)
+            used.add(label_name)
+            written += 1
             advance()
     write_colour_tables(out)
-    return written, missing
+    return written, missing, sorted(used)
+
+
+def _safe_name(name: str) -> str:
+    """A study's name as a file name: UIDs and case names never become paths."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".") or "study"

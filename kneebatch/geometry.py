@@ -127,3 +127,74 @@ def resample(array: np.ndarray, src: Grid, dst: Grid, order: int = 1, cval: floa
         prefilter=False,
     )
     return out
+
+
+# ------------------------------------------------------------------ canonical voxel order
+# The store's one voxel order, whatever the source: z runs to the patient's right, y to inferior,
+# x to posterior (LPS unit vectors), i.e. sagittal slices shown as a radiologist reads them. The
+# shipped nets were trained on this order.
+CANONICAL_LPS = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]).T  # columns: z, y, x
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """An exact change of voxel order: canonical axis ``i`` is source axis ``permutation[i]``,
+    reversed where ``flip[i]``. No resampling; :meth:`apply` and :meth:`invert` are inverses."""
+
+    permutation: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.permutation == (0, 1, 2) and not any(self.flip)
+
+    def apply(self, array, source: Grid):
+        """``array`` (``[..., z, y, x]`` on ``source``) and its grid in the canonical order."""
+        lead = array.ndim - 3
+        out = np.transpose(array, (*range(lead), *(lead + p for p in self.permutation)))
+        flips = tuple(lead + i for i in range(3) if self.flip[i])
+        out = np.flip(out, flips) if flips else out
+        return np.ascontiguousarray(out), self.grid(source)
+
+    def grid(self, source: Grid) -> Grid:
+        a = np.eye(4)
+        start = np.zeros(3)
+        for i, (p, f) in enumerate(zip(self.permutation, self.flip)):
+            a[:3, i] = source.affine[:3, p] * (-1.0 if f else 1.0)
+            start[p] = source.shape[p] - 1 if f else 0
+        a[:3, 3] = source.index_to_world(start)
+        return Grid(tuple(source.shape[p] for p in self.permutation), a)
+
+    def invert(self, array, source: Grid) -> np.ndarray:
+        """A canonical-order ``array`` back in the voxel order of ``source``."""
+        lead = array.ndim - 3
+        flips = tuple(lead + i for i in range(3) if self.flip[i])
+        out = np.flip(array, flips) if flips else array
+        inverse = np.argsort(self.permutation)
+        return np.ascontiguousarray(np.transpose(out, (*range(lead), *(lead + int(p) for p in inverse))))
+
+    def to_attrs(self) -> dict:
+        return {"permutation": list(self.permutation), "flip": list(self.flip)}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "Reorientation":
+        return cls(tuple(int(p) for p in attrs["permutation"]), tuple(bool(f) for f in attrs["flip"]))
+
+
+def to_canonical(grid: Grid) -> Reorientation:
+    """The axis permutation and flips that bring ``grid`` nearest to the canonical order.
+
+    Each canonical axis takes the source axis best aligned with it (the assignment with the
+    largest total alignment among the six permutations), so oblique grids stay oblique.
+    """
+    from itertools import permutations
+
+    cos = CANONICAL_LPS.T @ grid.direction  # [canonical axis, source axis]
+    best = max(permutations(range(3)), key=lambda p: sum(abs(cos[i, p[i]]) for i in range(3)))
+    return Reorientation(tuple(int(p) for p in best), tuple(bool(cos[i, best[i]] < 0) for i in range(3)))
+
+
+def obliquity_deg(grid: Grid) -> float:
+    """Largest angle between an index axis and its nearest patient axis (0 for a true sagittal grid)."""
+    cos = np.clip(np.max(np.abs(grid.direction), axis=0), -1.0, 1.0)
+    return float(np.degrees(np.arccos(cos.min())))

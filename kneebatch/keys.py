@@ -38,3 +38,8 @@ def load_or_create_key(path: str | os.PathLike | None = None) -> bytes:
 def study_key(study_uid: str, key: bytes) -> str:
     """Stable, non-reversible study name: ``k`` + 20 hex digits (80 bits)."""
     return "k" + hmac.new(key, study_uid.encode(), hashlib.sha256).hexdigest()[:20]
+
+
+def key_fingerprint(key: bytes) -> str:
+    """Names a secret without revealing it (recorded in a store so another key is refused)."""
+    return hmac.new(key, b"kneebatch key fingerprint", hashlib.sha256).hexdigest()[:16]

@@ -19,12 +19,14 @@ from kneebatch import __version__
 from kneebatch import labels as L
 from kneebatch import ops
 from kneebatch.geometry import Grid
+from kneebatch.ingest.roles import ROLES
 
 GROUP_TOTALS = ("bone", "cartilage", "meniscus", "ligament", "muscle")
 EXPECTED = ("femur", "tibia", "patella", "femoral_cartilage", "medial_tibial_cartilage",
             "lateral_tibial_cartilage", "patellar_cartilage", "medial_meniscus", "lateral_meniscus")
 FOV_CHECKED = ("patella", "femoral_cartilage", "medial_meniscus", "lateral_meniscus")
 THICKNESS_PLAUSIBLE_MM = (0.3, 8.0)
+THICKNESS_HIGH_PERCENTILE = 95  # the "thick end" of a plate: robust, unlike the maximum
 FRAGMENT_CHECKED = ("femur", "tibia", "patella")
 # crop around a plate for its distances: bone farther than the thickest
 # plausible cartilage cannot be the nearest bone of a voxel that counts
@@ -43,9 +45,9 @@ def measurement_schema() -> pa.Schema:
         fields += [pa.field(f"total_{group}_volume_mm3", pa.float64()), pa.field(f"total_{group}_volume_ml", pa.float64())]
     for plate in _cartilage_plates():
         fields += [pa.field(f"{plate.name}_thickness_mean_mm", pa.float64()),
-                   pa.field(f"{plate.name}_thickness_max_mm", pa.float64())]
+                   pa.field(f"{plate.name}_thickness_p95_mm", pa.float64())]
     for label in L.LABELS:
-        fields += [pa.field(f"{label.name}_t1_mean", pa.float64()), pa.field(f"{label.name}_t2_mean", pa.float64())]
+        fields += [pa.field(f"{label.name}_{role.lower()}_mean", pa.float64()) for role in ROLES]
     fields += [
         pa.field("voxel_volume_mm3", pa.float64()),
         pa.field("spacing_z_mm", pa.float64()),
@@ -53,7 +55,11 @@ def measurement_schema() -> pa.Schema:
         pa.field("spacing_x_mm", pa.float64()),
         pa.field("qc_flags", pa.list_(pa.string())),
         pa.field("qc_ok", pa.bool_()),
-        pa.field("label_source", pa.string()),
+        pa.field("knee_side", pa.string()),  # left / right, from the DICOM headers or the fibula
+        pa.field("knee_side_source", pa.string()),  # dicom, anatomy or null (undetermined)
+        pa.field("label_source", pa.string()),  # segmentation (run), store (measure) or file (--labels)
+        pa.field("label_name", pa.string()),  # the label map's name in the store (or the file's stem)
+        pa.field("label_grid", pa.string()),  # same_grid, reoriented (exact) or resampled (nearest)
         pa.field("model_hash", pa.string()),  # engines that made the labels (null for imported labels)
         pa.field("kneebatch_version", pa.string()),
     ]
@@ -89,7 +95,11 @@ def volumes(labels, grid: Grid, counts=None) -> dict:
 
 
 def cartilage_thickness(labels, grid: Grid, plate: str) -> tuple[float, float]:
-    """(mean, max) thickness in mm of one plate; NaN when the plate is absent."""
+    """(mean, 95th percentile) thickness in mm of one plate; NaN when the plate is absent.
+
+    Not the maximum: where a plate curves away from the slice plane (thick 2-D slices) or
+    meets the bone at a margin, a few surface voxels see their bone across a whole slice
+    or along the plate, and the maximum measured 2-2.5 times the true thickness."""
     xp = ops.namespace(labels)
     label = L.by_name(plate)
     cart = labels == label.id
@@ -110,7 +120,7 @@ def cartilage_thickness(labels, grid: Grid, plate: str) -> tuple[float, float]:
             dist = ops.distances_to(bone, part, grid.spacing)
             samples = dist[dist <= THICKNESS_PLAUSIBLE_MM[1]]
             if samples.size:
-                return float(np.mean(samples)), float(np.max(samples))
+                return float(np.mean(samples)), float(np.percentile(samples, THICKNESS_HIGH_PERCENTILE))
     return math.nan, math.nan
 
 
@@ -148,9 +158,30 @@ def qc_flags(labels, row: dict) -> list[str]:
     return flags
 
 
-def measure_study(key: str, labels, image, grid: Grid, channels, label_source: str, extra_flags=()) -> dict:
+SIDE_MIN_OFFSET_MM = 10.0  # the fibula's centre lies 25-40 mm lateral of the tibia's
+
+
+def knee_side_from_anatomy(labels, grid: Grid) -> str | None:
+    """'left' or 'right': the fibula is lateral, so the side of the patient it lies on
+    relative to the tibia names the knee; None when either is missing or too close."""
+    xp = ops.namespace(labels)
+    centres = []
+    for name in ("fibula", "tibia"):
+        idx = xp.nonzero(labels == L.by_name(name).id)
+        if int(idx[0].shape[0]) == 0:
+            return None
+        centres.append(grid.index_to_world([float(xp.mean(xp.astype(i, xp.float64))) for i in idx]))
+    left_of_tibia_mm = centres[0][0] - centres[1][0]  # LPS x grows to the patient's left
+    if abs(left_of_tibia_mm) < SIDE_MIN_OFFSET_MM:
+        return None
+    return "left" if left_of_tibia_mm > 0 else "right"
+
+
+def measure_study(key: str, labels, image, grid: Grid, channels, label_source: str, extra_flags=(),
+                  knee_side: str | None = None) -> dict:
     """One row of ``measurements.parquet``. ``labels``/``image`` may live on any xp device;
-    ``extra_flags``: QC flags known from how the labels were made (segmentation)."""
+    ``extra_flags``: QC flags known from how the labels were made (segmentation);
+    ``knee_side``: from the DICOM headers when they said, else found from the anatomy."""
     if tuple(labels.shape) != grid.shape:
         raise ValueError(f"labels {tuple(labels.shape)} do not match grid {grid.shape}")
     row = {"study_key": key}
@@ -159,7 +190,7 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
     for plate in _cartilage_plates():
         mean, mx = cartilage_thickness(labels, grid, plate.name)
         row[f"{plate.name}_thickness_mean_mm"] = mean
-        row[f"{plate.name}_thickness_max_mm"] = mx
+        row[f"{plate.name}_thickness_p95_mm"] = mx
     if image is not None:
         row.update(intensity_means(labels, image, channels, counts))
     row["voxel_volume_mm3"] = grid.voxel_volume_mm3
@@ -167,7 +198,12 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
     flags = [*qc_flags(labels, row), *extra_flags]
     row["qc_flags"] = flags
     row["qc_ok"] = not flags
+    side = knee_side or knee_side_from_anatomy(labels, grid)
+    row["knee_side"] = side
+    row["knee_side_source"] = None if side is None else "dicom" if knee_side else "anatomy"
     row["label_source"] = label_source
+    row["label_name"] = None
+    row["label_grid"] = None
     row["model_hash"] = None
     row["kneebatch_version"] = __version__
     return row

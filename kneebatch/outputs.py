@@ -6,6 +6,7 @@ place, so a reader never sees a half-written table.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -59,3 +60,54 @@ def merge_rows(old: list[dict], new: list[dict], drop_keys=(), key: str = "study
     for k in drop_keys:
         merged.pop(k, None)
     return [merged[k] for k in sorted(merged)]
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """A text file (JSON manifests) written under a temporary name and renamed into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+MARKER = ".kneebatch.json"  # in every output folder kneebatch made: which command, with which settings
+
+
+def claim_output_dir(out, command: str, settings: dict, force: bool = False,
+                     owned: tuple[str, ...] = ()) -> Path:
+    """Make ``out`` this command's output folder, or refuse.
+
+    A new or empty folder is claimed (a marker file records the command and settings). A
+    folder with the same command and settings is resumed. Anything else is refused, so
+    outputs never mix rows of two settings: a folder kneebatch did not make is never written
+    into; one made with other settings is started clean only with ``force``, and then only
+    the files kneebatch writes (``owned`` globs) are removed."""
+    out = Path(out)
+    marker = out / MARKER
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        raise ValueError(f"{out} is not empty and was not made by kneebatch; choose a new or empty folder")
+    wanted = {"command": command, "settings": settings}
+    if marker.exists():
+        found = json.loads(marker.read_text())
+        if found != wanted:
+            if not force:
+                differ = sorted(k for k in {*settings, *found.get("settings", {})}
+                                if settings.get(k) != found.get("settings", {}).get(k))
+                what = f"'kneebatch {found.get('command')}'" + (f" with other {', '.join(differ)}" if differ else "")
+                raise ValueError(f"{out} was made by {what}; rerun with the same settings to resume, choose another "
+                                 "folder, or add --force to start it clean")
+            for pattern in owned:
+                for p in out.glob(pattern):
+                    if p.is_file():
+                        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(marker, json.dumps(wanted, indent=1, sort_keys=True))
+    return out

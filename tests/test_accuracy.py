@@ -66,7 +66,7 @@ def _dice_table(root, store_name="store.zarr"):
     uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
     per_label, effusion_err = {}, []
     for key in store.study_keys():
-        truth = read_label_file(label_file(root / "cohort" / "truth", uid_of[key]), store.grid(key))
+        truth, _ = read_label_file(label_file(root / "cohort" / "truth", [uid_of[key]]), store.grid(key))
         pred = store.read_labels(key)
         for name, dice in dice_per_label(pred, truth).items():
             per_label.setdefault(name, []).append(dice)

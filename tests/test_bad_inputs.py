@@ -89,7 +89,9 @@ def corpus(cohort, manifest, key_file, tmp_path_factory):
     ds.NumberOfFrames = 12
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
     ds.save_as(root / "enhanced")
-    expect_studies[ds.StudyInstanceUID] = "multiframe_unsupported"
+    # its frames carry no position (no functional groups): the series is refused
+    # (classify: multiframe_no_positions) and the study has no other
+    expect_studies[ds.StudyInstanceUID] = "no_usable_series"
     # a single sagittal slice
     ds.StudyInstanceUID = ds.SeriesInstanceUID = pydicom.uid.generate_uid()
     ds.NumberOfFrames = 1

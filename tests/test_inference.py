@@ -230,9 +230,10 @@ def test_export_nifti_aligned_with_the_source(store, tiny_engines, tmp_path, key
     shutil.copytree(store, work)
     s = CohortStore(work)
     keys = s.study_keys()
-    s.write_labels(keys[0], (np.arange(np.prod(s.grid(keys[0]).shape)) % 21).reshape(s.grid(keys[0]).shape))
-    n, missing = export_nifti(work, tmp_path / "nifti", show_progress=False)
-    assert (n, len(missing)) == (1, 5)
+    s.write_labels(keys[0], (np.arange(np.prod(s.grid(keys[0]).shape)) % 21).reshape(s.grid(keys[0]).shape),
+                   name="labels-aaaa-bbbb")
+    n, missing, used = export_nifti(work, tmp_path / "nifti", show_progress=False)
+    assert (n, len(missing), used) == (1, 5, ["labels-aaaa-bbbb"])
     img = nib.load(tmp_path / "nifti" / f"{keys[0]}_labels.nii.gz")
     assert np.allclose(affine_from_nifti(img.affine), s.grid(keys[0]).affine, atol=1e-4)
     assert np.array_equal(np.asarray(img.dataobj).transpose(2, 1, 0), s.read_labels(keys[0]))

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from kneebatch.geometry import Grid, resample
+from kneebatch.geometry import CANONICAL_LPS, Grid, resample, to_canonical
 from kneebatch.ingest.convert import convert
 from kneebatch.ingest.store import CohortStore
 from kneebatch.keys import load_or_create_key, study_key
@@ -21,6 +21,11 @@ from tests.conftest import HARD, SEED
 
 def _key(uid, key_file):
     return study_key(uid, load_or_create_key(key_file))
+
+
+def _series_attrs(store, key, role):
+    (record,) = [r for r in store.study_attrs(key)["series"] if r["role"] == role]
+    return record
 
 
 def _rendered(entry):
@@ -39,7 +44,8 @@ def test_store_geometry_is_exact(store, manifest, key_file):
         assert grid.shape == tuple(t1["shape_zyx"])
         # DICOM DS strings carry 10 significant digits: sub-micrometre agreement
         assert np.abs(grid.affine - np.array(t1["affine"])).max() < 1e-5
-        assert s.channels(key) == ["T1", "T2"]
+        assert s.channels(key) == ["T1", "T2FS"]  # the synthetic T2 is fat-suppressed (ScanOptions FS)
+        assert s.study_attrs(key)["reference_role"] == "T1"
 
 
 def test_slices_ordered_by_position_not_files(store, manifest, key_file):
@@ -64,8 +70,9 @@ def test_t2_on_another_grid_is_resampled_onto_t1(store, manifest, key_file):
         image, grid = s.read_image(key)
         expected = np.clip(np.rint(resample(images[plan.t2.series.uid], plan.t2.grid, grid)), 0, 65535)
         assert np.array_equal(image[1], expected.astype(np.uint16))
-        assert s.study_attrs(key)["t2"]["resampled_to_t1_grid"] is True
-        assert s.study_attrs(key)["t2"]["shape_zyx"] == list(plan.t2.grid.shape)
+        t2 = _series_attrs(s, key, "T2FS")
+        assert t2["resampled_to_reference"] is True and t2["overlap_fraction"] > 0.5
+        assert t2["shape_zyx"] == list(plan.t2.grid.shape)
     for entry in same:
         plan, images = _rendered(entry)
         image, _ = s.read_image(_key(entry["study_uid"], key_file))
@@ -144,7 +151,7 @@ def test_broken_studies_fail_with_reasons_and_the_rest_converts(cohort, manifest
     ds = pydicom.dcmread(files[3])
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(files[3].parent / "dup")
-    # 2: no T2 series
+    # 2: no T2 series: stored with its T1 alone (run then records unsupported_contrast)
     shutil.rmtree(_series_files(roots[2], entries[2], "t2")[0].parent)
     # 3: one slice with another matrix size
     files = _series_files(roots[3], entries[3], "t1")
@@ -154,14 +161,15 @@ def test_broken_studies_fail_with_reasons_and_the_rest_converts(cohort, manifest
     ds.save_as(files[2])
     # 4: intact
     report = convert(src, tmp_path / "s.zarr", key_file=key_file, show_progress=False)
-    assert (report.studies_found, report.converted, report.failed) == (5, 1, 4)
+    assert (report.studies_found, report.converted, report.failed) == (5, 2, 3)
     failures = {f["study_key"]: f for f in read_rows(tmp_path / "s.zarr" / "failures.parquet")}
-    expected = {0: "missing_slice", 1: "duplicate_slice", 2: "missing_t2", 3: "inconsistent_size"}
+    expected = {0: "missing_slice", 1: "duplicate_slice", 3: "inconsistent_size"}
     for i, reason in expected.items():
         f = failures[_key(entries[i]["study_uid"], key_file)]
         assert f["reason"] == reason and f["stage"] == "convert" and f["message"]
     s = CohortStore(tmp_path / "s.zarr")
-    assert s.study_keys() == [_key(entries[4]["study_uid"], key_file)]
+    assert s.study_keys() == sorted(_key(entries[i]["study_uid"], key_file) for i in (2, 4))
+    assert s.channels(_key(entries[2]["study_uid"], key_file)) == ["T1"]
     assert "1 slice(s) missing" in failures[_key(entries[0]["study_uid"], key_file)]["message"]
     # every study found is in the keymap and in exactly one of store / failures
     keymap = read_rows(tmp_path / "s.zarr" / "keymap.parquet")
@@ -175,9 +183,12 @@ def test_mixed_series_pick_the_sagittal_t1_and_t2(store, manifest, key_file):
     for entry in manifest["studies"]:
         roles = sorted(v["role"] for v in entry["series"].values())
         assert roles == ["other", "other", "t1", "t2"]  # an axial PD and a localizer besides
-        attrs = s.study_attrs(_key(entry["study_uid"], key_file))
+        key = _key(entry["study_uid"], key_file)
+        attrs = s.study_attrs(key)
         assert attrs["n_series_in_study"] == 4
-        assert attrs["t1"]["repetition_time_ms"] < 1000 and attrs["t2"]["echo_time_ms"] >= 50
+        assert [r["role"] for r in attrs["series"]] == ["T1", "T2FS"]  # axial PD and localizer left out
+        assert _series_attrs(s, key, "T1")["repetition_time_ms"] < 1000
+        assert _series_attrs(s, key, "T2FS")["echo_time_ms"] >= 50
 
 
 def test_rerun_resumes_and_changes_nothing(cohort, store, key_file):
@@ -214,7 +225,8 @@ def test_study_keys_depend_on_the_secret(tmp_path):
 
 def test_nifti_pairs_convert_with_geometry_and_reject_nan(tmp_path, key_file):
     rng = np.random.default_rng(0)
-    direction = np.array([[0, 0, 1.0], [0, 1.0, 0], [-1.0, 0, 0]])
+    # sagittal slices, every axis reversed against the store's order (z to the left, y superior, x anterior)
+    direction = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]]).T
     t1_grid = Grid.from_parts((12, 40, 36), (3.0, 0.5, 0.5), (30.0, -20.0, 40.0), direction)
     t2_grid = Grid.from_parts((10, 30, 30), (3.5, 0.6, 0.6), (29.0, -19.0, 39.0), direction)
     t1 = rng.integers(0, 4000, t1_grid.shape).astype(np.int16)
@@ -232,20 +244,24 @@ def test_nifti_pairs_convert_with_geometry_and_reject_nan(tmp_path, key_file):
     save(bad, t2_grid, "caseB_0001.nii.gz")
     save(t1, t1_grid, "caseC_T1.nii.gz")
     report = convert(tmp_path, tmp_path / "n.zarr", key_file=key_file, show_progress=False)
-    assert (report.studies_found, report.converted, report.failed) == (3, 1, 2)
-    assert report.reasons == {"non_finite_values": 1, "missing_t2": 1}
+    assert (report.studies_found, report.converted, report.failed) == (3, 2, 1)
+    assert report.reasons == {"non_finite_values": 1}
     s = CohortStore(tmp_path / "n.zarr")
     image, grid = s.read_image(_key("caseA", key_file))
-    assert grid.same_as(t1_grid, atol_mm=1e-4)
-    assert np.array_equal(image[0], t1.astype(np.uint16))
-    assert json.loads(json.dumps(s.study_attrs(_key("caseA", key_file))))["t2"]["resampled_to_t1_grid"] is True
+    expected, expected_grid = to_canonical(t1_grid).apply(t1.astype(np.uint16), t1_grid)
+    assert to_canonical(t1_grid).flip == (True, True, True)
+    assert grid.same_as(expected_grid, atol_mm=1e-4) and np.allclose(grid.direction, CANONICAL_LPS)
+    assert np.array_equal(image[0], expected)
+    assert _series_attrs(s, _key("caseA", key_file), "T2")["resampled_to_reference"] is True
+    assert s.channels(_key("caseC", key_file)) == ["T1"]
 
 
 def test_metaimage_round_trip_and_training_folder_import(tmp_path, key_file):
     from kneebatch.ingest.label_import import import_labels, parse_label_map
     from kneebatch.ingest.metaimage import read_metaimage, write_metaimage
 
-    direction = np.linalg.qr(np.array([[0.1, 1.0, 0.2], [0.9, 0.0, 0.3], [0.2, 0.1, -1.0]]))[0]
+    # an oblique sagittal stack (its 3 mm slice axis within 30 degrees of left-right)
+    direction = np.linalg.qr(np.array([[0.1, 1.0, 0.2], [0.9, 0.0, 0.3], [0.2, 0.1, -1.0]]))[0][:, [1, 0, 2]]
     grid = Grid.from_parts((7, 20, 16), (3.0, 0.5, 0.4), (10.0, -5.0, 2.5), direction)
     rng = np.random.default_rng(3)
     t1 = rng.integers(0, 3000, grid.shape).astype(np.uint16)

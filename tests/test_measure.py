@@ -132,7 +132,7 @@ def test_measure_row_matches_schema_and_flags_missing_tissue():
     schema = measurement_schema()
     assert set(row) == set(schema.names)
     assert row["femoral_cartilage_volume_mm3"] == 3 * 16 * 16
-    assert row["femoral_cartilage_thickness_max_mm"] == pytest.approx(3.0)
+    assert row["femoral_cartilage_thickness_p95_mm"] == pytest.approx(3.0)
     assert row["femoral_cartilage_t2_mean"] == 300.0 and row["femur_t1_mean"] == 100.0
     assert math.isnan(row["effusion_t1_mean"])
     assert "missing:tibia" in row["qc_flags"] and "missing:patella" in row["qc_flags"]

@@ -8,7 +8,7 @@ from kneebatch import labels as L
 from kneebatch.cli import main
 from kneebatch.geometry import affine_from_nifti
 from kneebatch.ingest.nifti import write_label_nifti
-from kneebatch.ingest.store import CohortStore
+from kneebatch.ingest.store import CohortStore, segmentation_name
 from kneebatch.keys import load_or_create_key, study_key
 from kneebatch.measure_store import measure_store
 from kneebatch.outputs import FAILURE_SCHEMA, read_rows, write_rows
@@ -25,7 +25,7 @@ def test_measure_truth_volumes_and_every_study_in_one_table(cohort, store, manif
     key = load_or_create_key(key_file)
     entries = manifest["studies"]
     # one convert failure carried over from the store
-    write_rows([{"study_key": "kdeadbeef", "stage": "convert", "reason": "missing_t2", "message": "x"}],
+    write_rows([{"study_key": "kdeadbeef", "stage": "convert", "reason": "not_sagittal", "message": "x"}],
                FAILURE_SCHEMA, work / "failures.parquet")
     labels_dir = tmp_path / "labels"
     shutil.copytree(cohort / "truth", labels_dir)
@@ -52,11 +52,12 @@ def test_measure_truth_volumes_and_every_study_in_one_table(cohort, store, manif
             expected = np.sum(lab == L.by_name(name).id) * grid.voxel_volume_mm3
             assert row[f"{name}_volume_mm3"] == pytest.approx(expected, rel=1e-9)
             assert row[f"{name}_volume_ml"] == pytest.approx(expected / 1000, rel=1e-9)
-        assert row["label_source"] == "nifti"
+        assert row["label_source"] == "file" and row["label_grid"] == "same_grid"
         # every plate measured, thickness in a plausible range for these synthetic knees
         for plate in L.in_group("cartilage"):
             assert 0.5 < row[f"{plate.name}_thickness_mean_mm"] < 4.5
-        assert row["effusion_t2_mean"] > 1.5 * row["femoral_cartilage_t2_mean"]
+        assert row["effusion_t2fs_mean"] > 1.5 * row["femoral_cartilage_t2fs_mean"]
+        assert row["effusion_t2_mean"] is None or np.isnan(row["effusion_t2_mean"])  # no such channel
 
 
 def test_measure_store_labels_written_by_segmentation(cohort, store, manifest, key_file, tmp_path):
@@ -67,14 +68,15 @@ def test_measure_store_labels_written_by_segmentation(cohort, store, manifest, k
     e = manifest["studies"][2]
     k = study_key(e["study_uid"], key)
     lab, _ = _truth(cohort, e["study_uid"])
-    s.write_labels(k, lab)
+    s.write_labels(k, lab, {"model_hash": "aaaa+bbbb"}, name=segmentation_name("aaaa+bbbb"))
     assert np.array_equal(s.read_labels(k), lab)
     report = measure_store(work, tmp_path / "out", show_progress=False)
-    assert (report.measured, report.failed) == (1, 5)
+    assert (report.measured, report.failed, report.models) == (1, 5, ["aaaa+bbbb"])
     failures = read_rows(tmp_path / "out" / "failures.parquet")
     assert {f["reason"] for f in failures} == {"no_labels"}
     row = read_rows(tmp_path / "out" / "measurements.parquet")[0]
-    assert row["study_key"] == k and row["label_source"] == "store"
+    assert row["study_key"] == k and row["label_source"] == "store" and row["model_hash"] == "aaaa+bbbb"
+    assert row["label_name"] == "labels-aaaa-bbbb"
 
 
 def test_cli_synth_convert_measure_on_a_dask_cluster(tmp_path, key_file, capsys):

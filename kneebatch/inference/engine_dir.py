@@ -87,3 +87,21 @@ def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", t
                               expected_sha256=entry["sha256"][entry["safetensors"]])
         built[stage], hashes[stage] = eng, eng.sha256
     return Engines(built["coarse"], built["fine"], cfg, backend, hashes)
+
+
+def check_backend(backend: str, device: str) -> None:
+    """Refuse, with one line that says what to do, a backend or device this machine cannot run
+    (never a silent CPU run recorded as another device)."""
+    import importlib.util
+
+    import torch
+
+    if backend == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            raise ValueError("the tensorrt backend needs NVIDIA TensorRT 10 and a CUDA GPU: "
+                             "pip install tensorrt (from NVIDIA's package index), or use --backend torch-compile")
+        if device != "cuda":
+            raise ValueError("the tensorrt backend runs on a GPU only: add --device cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA device here; "
+                         "use --device cpu, or install a CUDA build of torch on a machine with a GPU")

@@ -24,12 +24,14 @@ import numpy as np
 
 from kneebatch import __version__
 from kneebatch.distributed.tasks import Solo, map_unordered
-from kneebatch.errors import StudyError
-from kneebatch.ingest.store import CohortStore
+from kneebatch.errors import failure_row
+from kneebatch.ingest.store import CohortStore, segmentation_name
 from kneebatch.measure import measurement_schema, measure_study
-from kneebatch.outputs import FAILURE_SCHEMA, merge_rows, read_rows, write_rows
+from kneebatch.inference.engine_dir import check_backend, read_manifest
+from kneebatch.outputs import FAILURE_SCHEMA, claim_output_dir, merge_rows, read_rows, write_rows, write_text_atomic
 from kneebatch.progress import progress_bar
 
+RUN_OUTPUTS = ("parts/part-*.parquet", "measurements.parquet", "failures.parquet", "provenance.json")
 STAGES = ("read", "normalize", "coarse", "fine", "paste", "write", "measure")
 
 
@@ -70,24 +72,23 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
     seconds = dict.fromkeys(STAGES, 0.0)
 
     def fail(key, exc):
-        if isinstance(exc, StudyError):
-            failures.append({"study_key": key, "stage": "run", "reason": exc.reason, "message": exc.message})
-        else:  # one bad study never stops a run
-            failures.append({"study_key": key, "stage": "run", "reason": "internal_error",
-                             "message": f"{type(exc).__name__}: {exc}"[:500]})
+        failures.append(failure_row(key, "run", exc))
 
     def finish(key, result, info, image, grid):
         labels = paste(result, info)
         image = torch.from_numpy(image).to(labels.device)  # measured beside the labels
         t = time.perf_counter()
         store.write_labels(key, labels.cpu().numpy(), {"model_hash": engines.model_hash,
-                                                       "kneebatch_version": __version__})
+                                                       "kneebatch_version": __version__},
+                           name=segmentation_name(engines.model_hash))
         t_write = time.perf_counter() - t
         t = time.perf_counter()
         # sides_unresolved: medial/lateral labels as the net gave them
         flags = ["sides_unresolved"] if info.sides_found is False else []
-        row = measure_study(key, labels, image, grid, store.channels(key), "segmentation", flags)
-        row["model_hash"] = engines.model_hash
+        row = measure_study(key, labels, image, grid, store.channels(key), "segmentation", flags,
+                            knee_side=store.study_attrs(key).get("knee_side"))
+        row.update(model_hash=engines.model_hash, label_name=segmentation_name(engines.model_hash),
+                   label_grid="same_grid")
         return row, t_write, time.perf_counter() - t
 
     def collect(key, future, info):
@@ -106,11 +107,12 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
         for key in keys:
             try:
                 t = time.perf_counter()
+                inputs = engines.config.input_channels(store.channels(key))  # unsupported_contrast
                 image, grid = store.read_image(key)
                 image = image.astype(np.float32)
                 seconds["read"] += time.perf_counter() - t
                 info = SegmentInfo()
-                result = fine_stage(image, grid, engines.coarse, engines.fine, engines.config, info)
+                result = fine_stage(image[inputs], grid, engines.coarse, engines.fine, engines.config, info)
                 for k, v in info.seconds.items():
                     seconds[k] += v
             except Exception as e:
@@ -154,11 +156,19 @@ def _split_or_record(keys, exc):
 
 def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client=None, batch_size: int = 4,
         device: str = "cpu", threads: int | None = None, half: bool = False, tta: bool = False, show_progress=None,
-        batch_fn=process_batch) -> RunReport:
-    """Segment and measure every study of the store. ``batch_fn`` is for fault injection in tests."""
+        batch_fn=process_batch, force: bool = False) -> RunReport:
+    """Segment and measure every study of the store. A re-run into the same ``out`` resumes;
+    one with other engines or settings is refused (``force``: start ``out`` clean).
+    ``batch_fn`` is for fault injection in tests."""
     t0 = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
+    check_backend(backend, device)
     store = CohortStore(store_path, create=False)
-    out = Path(out)
+    manifest = read_manifest(engines_path)  # before anything is written: missing engines stop here
+    settings = {"engines": {stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")}, "backend": backend,
+                "device": device, "half_precision": half, "mirror_tta": tta, "store": str(store.path.resolve())}
+    out = claim_output_dir(out, "run", settings, force, owned=RUN_OUTPUTS)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     keys = store.study_keys()
@@ -218,7 +228,7 @@ def _write_provenance(out: Path, report: RunReport, engines_path, backend, devic
 
     from kneebatch.models.checkpoints import sha256_file
 
-    from kneebatch.inference.engine_dir import engines_dir, read_manifest
+    from kneebatch.inference.engine_dir import engines_dir
 
     manifest = read_manifest(engines_path)
     provenance = {
@@ -245,6 +255,4 @@ def _write_provenance(out: Path, report: RunReport, engines_path, backend, devic
                     for name in ("measurements.parquet", "failures.parquet")},
         "parts": sorted(p.name for p in (out / "parts").glob("part-*.parquet")),
     }
-    tmp = out / ".provenance.json.tmp"
-    tmp.write_text(json.dumps(provenance, indent=1))
-    tmp.replace(out / "provenance.json")
+    write_text_atomic(out / "provenance.json", json.dumps(provenance, indent=1))

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kneebatch.geometry import resample
+from kneebatch.geometry import Grid, obliquity_deg, resample, to_canonical
 from kneebatch.ingest import dicom, nifti
-from kneebatch.errors import REASONS, StudyError
+from kneebatch.errors import REASONS, StudyError, failure_row
+from kneebatch.ingest.roles import ROLES
 from kneebatch.ingest.store import CohortStore
-from kneebatch.keys import load_or_create_key, study_key
+from kneebatch.keys import key_fingerprint, load_or_create_key, study_key
 from kneebatch.outputs import FAILURE_SCHEMA, KEYMAP_SCHEMA, merge_rows, read_rows, write_rows
-from kneebatch.distributed.tasks import map_unordered
+from kneebatch.distributed.tasks import Solo, map_unordered
 from kneebatch.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -52,32 +53,40 @@ class ConvertReport:
 
 
 def _scan(paths: list[str]) -> list:
-    return [dicom.read_header(p) for p in paths]
+    """Headers of ``paths`` (a multi-frame file gives one per frame) and FileProblems."""
+    out = []
+    for p in paths:
+        h = dicom.read_header(p)
+        out.extend(h) if isinstance(h, list) else out.append(h)
+    return out
 
 
-def discover(src, client=None, show_progress=None) -> tuple[dict, int, list]:
+def discover(src, client=None, show_progress=None, channels=None, skip=None) -> tuple[dict, int, list]:
     """Studies under ``src`` keyed by StudyInstanceUID (DICOM) or case name (NIfTI),
-    the number of files looked at, and the files that are not usable DICOM images."""
+    the number of files looked at, and the files that are not usable images.
+    ``channels``: nnU-Net channel suffix -> role (default ``0000`` T1, ``0001`` T2); ``skip``: a
+    folder not to look into (the store itself, when it lies inside the source)."""
     src = Path(src)
-    files = [str(src)] if src.is_file() else dicom.list_files(src)
-    nifti_studies = nifti.find_nifti_studies(src) if src.is_dir() else {}
+    files = [str(src)] if src.is_file() else dicom.list_files(src, skip)
+    file_set = set(files)
+    nifti_studies = nifti.find_nifti_studies(src, channels, file_set) if src.is_dir() else {}
     nifti_files = {p for s in nifti_studies.values() for p in s.files.values()}
-    files = [f for f in files if f not in nifti_files and not f.lower().endswith(nifti.VOLUME_SUFFIXES + (".raw",))]
+    unnamed = [dicom.FileProblem(f, "unnamed_volume") for f in files
+               if f not in nifti_files and f.lower().endswith(nifti.VOLUME_SUFFIXES)]
+    files = [f for f in files if not f.lower().endswith(nifti.VOLUME_SUFFIXES + (".raw",))]
     chunks = [files[i:i + SCAN_CHUNK] for i in range(0, len(files), SCAN_CHUNK)]
     headers = []
     with progress_bar(len(files), "scanning headers", show_progress, unit="files") as advance:
         for part in map_unordered(_scan, chunks, client):
             headers.extend(part)
-            advance(len(part))
+            advance(len({h.path for h in part}))  # files: a multi-frame file gives a header per frame
     found = [h for h in headers if isinstance(h, dicom.SliceHeader)]
-    problems = [h for h in headers if isinstance(h, dicom.FileProblem)]
+    problems = unnamed + [h for h in headers if isinstance(h, dicom.FileProblem)]
     studies: dict = dict(dicom.group_studies(found))
     for uid, s in nifti_studies.items():
-        if uid in studies:
-            log.warning("a NIfTI case and a DICOM study share the name %s; the DICOM study wins", uid)
-            continue
-        studies[uid] = s
-    return studies, len(files) + len(nifti_files), problems
+        # a case named like a DICOM study is another study: both are accounted for
+        studies[uid if uid not in studies else f"{uid} (volume files)"] = s
+    return studies, len(files) + len(nifti_files) + len(unnamed), problems
 
 
 def convert_study(source, store_path: str, key: str) -> dict:
@@ -86,80 +95,152 @@ def convert_study(source, store_path: str, key: str) -> dict:
     result = {"study_key": key, "status": "failed", "reason": "", "message": "", "bytes": 0}
     try:
         store = CohortStore(store_path)
-        if isinstance(source, nifti.NiftiStudy):
-            image, grid, attrs = _nifti_volumes(source)
-        else:
-            image, grid, attrs = _dicom_volumes(source)
-        store.write_study(key, image, grid, ["T1", "T2"], attrs)
+        series = _nifti_series(source) if isinstance(source, nifti.NiftiStudy) else _dicom_series(source)
+        image, grid, channels, attrs = assemble(series)
+        attrs["source_kind"] = "nifti" if isinstance(source, nifti.NiftiStudy) else "dicom"
+        attrs["n_series_in_study"] = len(getattr(source, "series", None) or source.files)
+        if isinstance(source, dicom.StudyFiles):
+            attrs["knee_side"] = dicom.knee_side(s.first for s in source.series.values())
+        store.write_study(key, image, grid, channels, attrs)
         result.update(status="converted", bytes=int(image.nbytes))
-    except StudyError as e:
-        result.update(reason=e.reason, message=e.message)
     except Exception as e:  # one bad study never stops a run
-        detail = str(e).replace(getattr(source, "source_path", "") or "\0", "<study>")
-        result.update(reason="internal_error", message=f"{type(e).__name__}: {detail}"[:500])
+        row = failure_row(key, "convert", e)
+        result.update(reason=row["reason"], message=row["message"])
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
-def _dicom_volumes(study: dicom.StudyFiles):
-    t1_series, t2_series = dicom.choose_series(study)
-    hasher = hashlib.sha256()
-    t1, g1 = dicom.read_series(t1_series, hasher)
-    t2, g2 = dicom.read_series(t2_series, hasher)
-    t2_on_t1 = _onto(t2, g2, g1)
+@dataclass
+class SeriesVolume:
+    """One usable sagittal series in its source voxel order, with what is recorded of it."""
 
-    def describe(series, grid):
+    role: str
+    data: np.ndarray  # [Z, Y, X] uint16
+    grid: Grid
+    info: dict  # sequence parameters, file count, intensity scaling (no identifiers)
+
+
+def _dicom_series(study: dicom.StudyFiles) -> list[SeriesVolume]:
+    out = []
+    for role, series in dicom.choose_series(study).items():
+        hasher = hashlib.sha256()
+        data, grid = dicom.read_series(series, hasher)
         h = series.first
-        return {"repetition_time_ms": h.tr, "echo_time_ms": h.te, "shape_zyx": list(grid.shape),
-                "spacing": list(grid.spacing), "n_files": len(series.slices)}
-
-    attrs = {
-        "source_kind": "dicom",
-        "source_sha256": hasher.hexdigest(),
-        "n_series_in_study": len(study.series),
-        "t1": describe(t1_series, g1),
-        "t2": {**describe(t2_series, g2), "resampled_to_t1_grid": not g2.same_as(g1)},
-    }
-    return np.stack([t1, t2_on_t1]), g1, attrs
+        out.append(SeriesVolume(role, data, grid, {
+            "repetition_time_ms": h.tr, "echo_time_ms": h.te, "inversion_time_ms": h.ti,
+            "flip_angle_deg": h.flip_angle, "acquisition_type": h.acquisition_type or None,
+            "n_files": len({s.path for s in series.slices}), "source_sha256": hasher.hexdigest()}))
+    return out
 
 
-def _nifti_volumes(study: nifti.NiftiStudy):
-    for role in ("T1", "T2"):
-        if role not in study.files:
-            raise StudyError(f"missing_{role.lower()}", "NIfTI case without this file")
-    hasher = hashlib.sha256()
-    vols = {}
-    for role in ("T1", "T2"):
-        hasher.update(Path(study.files[role]).read_bytes())
-        data, grid = nifti.read_volume(study.files[role])
+def _nifti_series(study: nifti.NiftiStudy) -> list[SeriesVolume]:
+    out = []
+    for role, path in study.files.items():
+        data, grid = nifti.read_volume(path)
+        _check_sagittal(grid)
         data, scaling = nifti.to_uint16(data)
-        vols[role] = (data, grid, scaling)
-    (t1, g1, s1), (t2, g2, s2) = vols["T1"], vols["T2"]
+        out.append(SeriesVolume(role, data, grid, {"intensity_scaling": scaling,
+                                                   "source_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}))
+    return out
+
+
+def _check_sagittal(grid: Grid) -> None:
+    """A volume file's thick axis, if it has one, must run left-right: the same rule as DICOM's
+    slice normal (an axial or coronal 2-D stack is refused, an isotropic 3-D volume is not)."""
+    spacing = np.asarray(grid.spacing)
+    thick = int(np.argmax(spacing))
+    if spacing[thick] > 1.5 * spacing.min() and abs(grid.direction[0, thick]) < np.cos(
+            np.radians(dicom.SAGITTAL_MAX_ANGLE_DEG)):
+        raise StudyError("not_sagittal", f"its {spacing[thick]:.2f} mm slices do not run left-right")
+
+
+def reference_series(series: list[SeriesVolume]) -> SeriesVolume:
+    """The series whose grid the study is stored on: a 3-D acquisition before 2-D ones, then
+    the earlier role in ``ROLES`` (T1 first: the paper's anatomical reference), then the
+    finest voxels.
+
+    3-D series (DESS, 3-D GRE) are fine in every direction: resampling a 2-D series onto
+    them loses nothing through-plane, the reverse would."""
+    def rank(s: SeriesVolume):
+        three_d = s.info.get("acquisition_type") == "3D" or max(s.grid.spacing) < 1.5 * min(s.grid.spacing)
+        return (not three_d, ROLES.index(s.role), s.grid.voxel_volume_mm3)
+    return min(series, key=rank)
+
+
+MIN_OVERLAP = 0.5  # of the reference field of view a channel must cover to be kept
+
+
+def assemble(series: list[SeriesVolume]) -> tuple[np.ndarray, Grid, list[str], dict]:
+    """The study's image ``[C, Z, Y, X]`` in the canonical voxel order, on the reference
+    series' grid (reoriented exactly, never resampled), other series resampled onto it."""
+    for s in series:
+        check_volume(s.data, s.grid)
+    ref = reference_series(series)
+    reorientation = to_canonical(ref.grid)
+    ref_data, grid = reorientation.apply(ref.data, ref.grid)
+    channels, volumes, records = [], [], []
+    for s in sorted(series, key=lambda s: (s is not ref, ROLES.index(s.role))):
+        record = {"role": s.role, "reference": s is ref, "shape_zyx": list(s.grid.shape),
+                  "spacing": list(s.grid.spacing), "obliquity_deg": obliquity_deg(s.grid), **s.info}
+        if s is ref:
+            data = ref_data
+        else:
+            data, record["resampled_to_reference"], record["overlap_fraction"] = _onto(s.data, s.grid, grid)
+            if record["overlap_fraction"] < MIN_OVERLAP:
+                record["used"] = False  # kept out: it would be a channel of zeros
+                records.append(record)
+                continue
+        record["used"] = True
+        channels.append(s.role)
+        volumes.append(data)
+        records.append(record)
     attrs = {
-        "source_kind": "nifti",
-        "source_sha256": hasher.hexdigest(),
-        "t1": {"shape_zyx": list(g1.shape), "spacing": list(g1.spacing), "intensity_scaling": s1},
-        "t2": {"shape_zyx": list(g2.shape), "spacing": list(g2.spacing), "intensity_scaling": s2,
-               "resampled_to_t1_grid": not g2.same_as(g1)},
+        "channels": channels,
+        "reference_role": ref.role,
+        "series": records,
+        # the reference series' own voxel order: exports and imported label maps map back to it
+        "source_grid": {"shape_zyx": list(ref.grid.shape), "affine": ref.grid.affine.tolist()},
+        "to_canonical": reorientation.to_attrs(),
+        "obliquity_deg": obliquity_deg(grid),
     }
-    return np.stack([t1, _onto(t2, g2, g1)]), g1, attrs
+    return np.stack(volumes), grid, channels, attrs
 
 
-def _onto(volume, src_grid, dst_grid) -> np.ndarray:
-    """T2 on the T1 grid (trilinear; outside the T2 field of view is 0)."""
-    if src_grid.same_as(dst_grid):
-        return volume
-    return np.clip(np.rint(resample(volume, src_grid, dst_grid, order=1)), 0, 65535).astype(np.uint16)
+def check_volume(data: np.ndarray, grid: Grid) -> None:
+    """Refuse values that would be stored and measured as if they were real."""
+    spacing = np.asarray(grid.spacing)
+    if not np.all(np.isfinite(grid.affine)) or not np.all(spacing > 1e-3) or grid.voxel_volume_mm3 < 1e-9:
+        raise StudyError("bad_geometry", "voxel spacing zero, negative or not finite, or axes degenerate")
+    if data.size and int(data.min()) == int(data.max()):
+        raise StudyError("constant_image", f"every voxel is {int(data.min())}")
 
 
-def convert(src, store_path, client=None, key_file=None, show_progress=None) -> ConvertReport:
-    """Convert every study under ``src`` into the store at ``store_path`` (resumable)."""
+def _onto(volume, src_grid: Grid, dst_grid: Grid) -> tuple[np.ndarray, bool, float]:
+    """A channel on the (canonical) reference grid: reordered exactly when only the voxel order
+    differs, else trilinear (0 outside its field of view); with the share of the grid it covers."""
+    data, grid = to_canonical(src_grid).apply(volume, src_grid)
+    if grid.same_as(dst_grid):
+        return data, False, 1.0
+    inside = resample(np.ones(src_grid.shape, np.float32), src_grid, dst_grid, order=0)
+    out = np.clip(np.rint(resample(volume, src_grid, dst_grid, order=1)), 0, 65535).astype(np.uint16)
+    return out, True, float(np.mean(inside > 0))
+
+
+def convert(src, store_path, client=None, key_file=None, show_progress=None, channels=None) -> ConvertReport:
+    """Convert every study under ``src`` into the store at ``store_path`` (resumable).
+    ``channels``: nnU-Net channel suffix -> role for ``<case>_0000`` files."""
     t0 = time.perf_counter()
-    store = CohortStore(store_path)
-    store.clear_partial()
+    src, store_path = Path(src), Path(store_path)
+    if not src.exists():
+        raise FileNotFoundError(f"source {src} does not exist")
+    if src.resolve().is_relative_to(store_path.resolve()):
+        raise ValueError(f"the source {src} lies inside the store {store_path}; choose another store folder")
     key = load_or_create_key(key_file)
+    store = CohortStore(store_path)
+    store.check_key(key_fingerprint(key))
+    store.clear_partial()
     report = ConvertReport(store_path=str(store.path))
-    studies, report.files_scanned, problems = discover(src, client, show_progress)
+    studies, report.files_scanned, problems = discover(src, client, show_progress, channels, skip=store.path)
     report.studies_found = len(studies)
     report.files_rejected = len(problems)
     keymap, todo = [], []
@@ -180,7 +261,7 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None) -> 
 
     failures = list(file_failures)
     with progress_bar(len(todo), "converting studies", show_progress) as advance:
-        for r in map_unordered(_convert_pair, todo, client, store_path=str(store.path)):
+        for r in map_unordered(_convert_pair, todo, client, on_error=_worker_died, store_path=str(store.path)):
             if r["status"] == "converted":
                 report.converted += 1
                 report.image_bytes += r["bytes"]
@@ -200,3 +281,12 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None) -> 
 def _convert_pair(pair, store_path):
     source, key = pair
     return convert_study(source, store_path, key)
+
+
+def _worker_died(pair, exc):
+    """A study whose convert killed its worker: tried once more with nothing else in flight
+    (it may only have shared the worker with the culprit), then recorded as poison."""
+    if not isinstance(pair, Solo):
+        return None, [Solo(pair)]
+    return {"study_key": pair[1], "status": "failed", "reason": "worker_died", "seconds": 0.0, "bytes": 0,
+            "message": f"the worker died on every try ({type(exc).__name__})"}, []

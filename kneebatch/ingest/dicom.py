@@ -11,8 +11,8 @@ import hashlib
 import io
 import os
 import re
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,18 @@ from pydicom.errors import InvalidDicomError
 
 from kneebatch.geometry import Grid
 from kneebatch.errors import StudyError
+from kneebatch.ingest import enhanced
+from kneebatch.ingest.roles import contrast_role
 
 HEADER_TAGS = [
     "SpecificCharacterSet", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
     "ImageType", "SeriesDescription", "SeriesNumber", "ImagePositionPatient", "ImageOrientationPatient",
     "PixelSpacing", "Rows", "Columns", "RepetitionTime", "EchoTime", "NumberOfFrames", "MRAcquisitionType",
+    # contrast role (kneebatch.ingest.roles) and knee side
+    "ScanningSequence", "SequenceVariant", "SequenceName", "ScanOptions", "InversionTime", "FlipAngle",
+    "ProtocolName", "Manufacturer", "Laterality", "ImageLaterality", "BodyPartExamined",
+    # enhanced (multi-frame) MR: functional groups and the MR Pulse Sequence module
+    *enhanced.HEADER_TAGS,
 ]
 MIN_SLICES = 8
 SAGITTAL_MAX_ANGLE_DEG = 30.0  # slice normal within this of left-right
@@ -59,6 +66,19 @@ class SliceHeader:
     tr: float | None
     te: float | None
     frames: int
+    # contrast role and knee side (see kneebatch.ingest.roles); multi-valued DICOM fields upper-cased
+    scanning_sequence: tuple = ()
+    sequence_variant: tuple = ()
+    scan_options: tuple = ()
+    sequence_name: str = ""
+    protocol_name: str = ""
+    acquisition_type: str = ""  # MRAcquisitionType: 2D or 3D
+    ti: float | None = None
+    flip_angle: float | None = None
+    manufacturer: str = ""
+    laterality: str = ""  # L, R or "" (Laterality, ImageLaterality)
+    body_part: str = ""
+    frame: int = -1  # frame index in an enhanced (multi-frame) object; -1 for a single-frame file
 
 
 @dataclass
@@ -99,8 +119,20 @@ def _floats(v, n):
     return out if len(out) == n else None
 
 
-def read_header(path: str) -> SliceHeader | FileProblem:
-    """Header of one file, or why it is not a usable DICOM image."""
+def _words(v) -> tuple:
+    """A multi-valued text field (CS) as upper-case words: ``"SE\\IR"`` or ``["SE", "IR"]`` -> ("SE", "IR")."""
+    if v is None or v == "":
+        return ()
+    items = [v] if isinstance(v, str) else list(v)
+    return tuple(w.strip().upper() for item in items for w in str(item).replace("\\", " ").split() if w.strip())
+
+
+def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
+    """Header of one file, or why it is not a usable DICOM image.
+
+    A multi-frame object gives a list: one header per frame (``frame`` 0..N-1), with the
+    frame's geometry and MR parameters from its functional groups (:mod:`kneebatch.ingest.enhanced`).
+    """
     try:
         if os.path.getsize(path) == 0:
             return FileProblem(path, "not_dicom", "empty file")
@@ -122,7 +154,7 @@ def read_header(path: str) -> SliceHeader | FileProblem:
     if not ds.get("Rows") or not ds.get("Columns"):
         return FileProblem(path, "not_an_image", str(ds.get("Modality", "") or "no modality"))
     image_type = tuple(str(x).upper() for x in (ds.get("ImageType") or ()))
-    return SliceHeader(
+    header = SliceHeader(
         path=str(path),
         study_uid=study_uid,
         series_uid=series_uid,
@@ -137,16 +169,40 @@ def read_header(path: str) -> SliceHeader | FileProblem:
         tr=_float(ds.get("RepetitionTime")),
         te=_float(ds.get("EchoTime")),
         frames=int(_float(ds.get("NumberOfFrames")) or 1),
+        scanning_sequence=_words(ds.get("ScanningSequence")),
+        sequence_variant=_words(ds.get("SequenceVariant")),
+        scan_options=_words(ds.get("ScanOptions")),
+        sequence_name=str(ds.get("SequenceName", "") or ""),
+        protocol_name=str(ds.get("ProtocolName", "") or ""),
+        acquisition_type=str(ds.get("MRAcquisitionType", "") or "").upper(),
+        ti=_float(ds.get("InversionTime")),
+        flip_angle=_float(ds.get("FlipAngle")),
+        manufacturer=str(ds.get("Manufacturer", "") or ""),
+        laterality=str(ds.get("Laterality", "") or ds.get("ImageLaterality", "") or "").upper()[:1],
+        body_part=str(ds.get("BodyPartExamined", "") or "").upper(),
     )
+    if header.frames <= 1:
+        return header
+    if header.frames > enhanced.MAX_FRAMES:
+        return FileProblem(path, "too_large", f"{header.frames} frames")
+    try:
+        frames = enhanced.frame_fields(ds, series_uid)
+    except Exception as e:  # malformed functional groups
+        return FileProblem(path, "not_dicom", f"{type(e).__name__} in the functional groups")
+    return [replace(header, frames=len(frames), **f) for f in frames]
 
 
-def list_files(root: str | os.PathLike) -> list[str]:
-    """Every file below ``root``, dangling links included (they become 'unreadable_file' rows).
+def list_files(root: str | os.PathLike, skip: str | os.PathLike | None = None) -> list[str]:
+    """Every file below ``root``, dangling links included (they become 'unreadable_file' rows),
+    except below ``skip`` (a store kept inside the source tree).
 
     Symbolic links to directories are not followed, so link loops cannot trap the walk.
     """
     out = []
-    for dirpath, _dirs, files in os.walk(root, followlinks=False):
+    skip = os.path.realpath(skip) if skip else None
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        if skip:
+            dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(dirpath, d)) != skip]
         for name in files:
             p = os.path.join(dirpath, name)
             if os.path.isfile(p) or os.path.islink(p):
@@ -177,67 +233,64 @@ def is_sagittal(orientation) -> bool:
     return abs(n[0]) >= np.cos(np.radians(SAGITTAL_MAX_ANGLE_DEG))
 
 
-def weighting(tr: float | None, te: float | None, description: str = "") -> str | None:
-    """'T1', 'T2', 'PD' or None, from TR/TE (ms); the description only breaks a tie."""
-    if tr is not None and te is not None:
-        if tr < 1000 and te < 30:
-            return "T1"
-        if te >= 50 and tr >= 1000:
-            return "T2"
-        if tr >= 1000 and te < 50:
-            return "PD"
-        return None
-    d = description.lower()
-    if re.search(r"t1", d):
-        return "T1"
-    if re.search(r"t2", d):
-        return "T2"
-    return None
-
-
 def classify(series: Series) -> tuple[str | None, str]:
-    """(role, why): role 'T1'/'T2' for a usable sagittal series, else None and the reason code."""
+    """(role, why): the contrast role of a usable sagittal MR series, else None and the reason code."""
     h = series.first
     if h.modality != "MR":
         return None, "not_mr"
     if "LOCALIZER" in h.image_type:
         return None, "localizer"
-    if h.frames > 1:
-        return None, "multiframe_unsupported"
+    if any(s.frame >= 0 and s.position is None for s in series.slices):
+        # frames of a multi-frame object without PlanePositionSequence: they cannot be placed
+        return None, "multiframe_no_positions"
     if not is_sagittal(h.orientation):
         return None, "not_sagittal"
     if len(series.slices) < MIN_SLICES:
         return None, "too_few_slices"
-    w = weighting(h.tr, h.te, h.description)
-    return (w, "") if w in ("T1", "T2") else (None, f"weighting {w or 'unknown'}")
+    return contrast_role(h), ""
 
 
 # when no sagittal MR series is usable at all, the most telling cause names the failure
-_STUDY_CAUSES = ("multiframe_unsupported", "too_few_slices", "not_sagittal", "not_mr")
+_STUDY_CAUSES = ("too_few_slices", "not_sagittal", "not_mr")
 
 
-def choose_series(study: StudyFiles) -> tuple[Series, Series]:
-    """The sagittal T1 and T2 series: among candidates, the one with the most voxels."""
+def _voxels(series: Series) -> int:
+    return len(series.slices) * series.first.rows * series.first.columns
+
+
+def choose_series(study: StudyFiles) -> dict[str, Series]:
+    """Every usable sagittal MR series by contrast role; of several with one role, the most voxels.
+
+    Raises the most telling cause when no series is usable."""
     best: dict[str, Series] = {}
     rejected = []
     for series in study.series.values():
         role, why = classify(series)
         if role is None:
             rejected.append(why)
-            continue
-        size = len(series.slices) * series.first.rows * series.first.columns
-        cur = best.get(role)
-        if cur is None or size > len(cur.slices) * cur.first.rows * cur.first.columns:
+        elif role not in best or _voxels(series) > _voxels(best[role]):
             best[role] = series
-    detail = f"{len(study.series)} series; rejected: " + (", ".join(sorted(rejected)) or "none")
     if not best:
-        for cause in _STUDY_CAUSES:
-            if cause in rejected:
-                raise StudyError(cause, detail)
-    for role in ("T1", "T2"):
-        if role not in best:
-            raise StudyError(f"missing_{role.lower()}", detail)
-    return best["T1"], best["T2"]
+        detail = f"{len(study.series)} series; rejected: " + (", ".join(sorted(rejected)) or "none")
+        cause = next((c for c in _STUDY_CAUSES if c in rejected), "no_usable_series")
+        raise StudyError(cause, detail)
+    return best
+
+
+def knee_side(headers) -> str | None:
+    """'left' or 'right' from Laterality / ImageLaterality, else the words of BodyPartExamined or
+    SeriesDescription (the OAI names the side there: SAG_3D_DESS_RIGHT), if any header says."""
+    headers = list(headers)
+    for h in headers:
+        if h.laterality in ("L", "R"):
+            return {"L": "left", "R": "right"}[h.laterality]
+    for h in headers:
+        words = set(re.split(r"[^A-Z]+", f"{h.body_part} {h.description.upper()}"))
+        if words & {"LEFT", "LT"}:
+            return "left"
+        if words & {"RIGHT", "RT"}:
+            return "right"
+    return None
 
 
 # ------------------------------------------------------------------ stacking
@@ -291,29 +344,53 @@ def stack_geometry(headers: list[SliceHeader]) -> tuple[list[int], Grid]:
 
 
 def read_series(series: Series, hasher: "hashlib._Hash | None" = None) -> tuple[np.ndarray, Grid]:
-    """The series as a ``[Z, Y, X]`` uint16 volume (slices along the normal) and its grid."""
+    """The series as a ``[Z, Y, X]`` uint16 volume (slices along the normal) and its grid.
+
+    A multi-frame file is read and decoded once, however many of its frames the series holds."""
     order, grid = stack_geometry(series.slices)
     volume = np.empty(grid.shape, np.uint16)
+    uses = Counter(h.path for h in series.slices)
+    decoded: dict[str, tuple] = {}  # multi-frame files still needed: path -> (dataset, all frames)
     for z, i in enumerate(order):
-        path = series.slices[i].path
-        data = Path(path).read_bytes()
-        if hasher is not None:
-            hasher.update(data)
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        except Exception as e:  # pydicom raises many types on damaged files
-            raise StudyError("unreadable_pixels", f"{type(e).__name__} parsing slice {z}") from e
-        try:
-            pixels = ds.pixel_array
-        except Exception as e:  # decoders raise many types
-            syntax = pydicom.uid.UID(str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or ""))
-            hint = (f"; {syntax.name} needs a decoder: pip install 'kneebatch[dicom-codecs]'"
-                    if syntax and syntax.is_compressed else "")
-            raise StudyError("unreadable_pixels", f"{type(e).__name__} in slice {z}{hint}") from e
+        h = series.slices[i]
+        if h.path in decoded:
+            ds, pixels = decoded[h.path]
+        else:
+            ds, pixels = _read_pixels(h, z, hasher)
+            if h.frame >= 0:
+                if pixels.shape != (h.frames, *grid.shape[1:]):
+                    raise StudyError("unreadable_pixels",
+                                     f"pixel array {pixels.shape} does not match {h.frames} frames of {grid.shape[1:]}")
+                decoded[h.path] = ds, pixels
+        uses[h.path] -= 1
+        if uses[h.path] == 0:
+            decoded.pop(h.path, None)
+        if h.frame >= 0:
+            pixels = pixels[h.frame]
+            slope, intercept = enhanced.frame_rescale(ds, h.frame)
+        else:
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
         if pixels.shape != grid.shape[1:]:
             raise StudyError("unreadable_pixels", f"pixel array {pixels.shape} does not match {grid.shape[1:]}")
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
         values = pixels.astype(np.float64) * slope + intercept if (slope, intercept) != (1.0, 0.0) else pixels
         volume[z] = np.clip(np.rint(values), 0, 65535).astype(np.uint16)
     return volume, grid
+
+
+def _read_pixels(h: SliceHeader, z: int, hasher) -> tuple:
+    """(dataset, pixel array) of the file holding slice ``z``; its bytes go into ``hasher``."""
+    data = Path(h.path).read_bytes()
+    if hasher is not None:
+        hasher.update(data)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as e:  # pydicom raises many types on damaged files
+        raise StudyError("unreadable_pixels", f"{type(e).__name__} parsing slice {z}") from e
+    try:
+        return ds, ds.pixel_array
+    except Exception as e:  # decoders raise many types
+        syntax = pydicom.uid.UID(str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or ""))
+        hint = (f"; {syntax.name} needs a decoder: pip install 'kneebatch[dicom-codecs]'"
+                if syntax and syntax.is_compressed else "")
+        raise StudyError("unreadable_pixels", f"{type(e).__name__} in slice {z}{hint}") from e

@@ -1,66 +1,124 @@
-"""Put label maps (``<StudyInstanceUID or case>.nii[.gz]`` / ``.mhd`` / ``.mha``) into the store.
+"""Label maps from files (NIfTI / MetaImage) onto a study's stored grid.
 
-Used for training on ground truth or manual segmentations: the label map must lie
-on the study's T1 grid (the store's image grid); anything else is refused. Foreign
-label ids (another data set's schema) are translated with ``label_map``.
+Used to measure or train on ground truth, manual segmentations or kneebatch's own
+exports. A file is found by the names a user has for the study: its study key (as
+``kneebatch export`` names files, ``<key>_labels.nii.gz``) or its StudyInstanceUID /
+case name. The map may lie on any grid that covers the study's image: the same grid,
+the same grid in another voxel order (mapped exactly, as an export in the source's
+order is), or another grid (nearest-neighbour resampling, recorded). Foreign label ids
+(another data set's schema) are translated with ``label_map``; ids outside kneebatch's
+schema that are not mapped are an error, never a silent table of zeros.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kneebatch.errors import StudyError
 import numpy as np
 
+from kneebatch import labels as L
+from kneebatch.errors import StudyError
+from kneebatch.geometry import Grid, resample, to_canonical
 from kneebatch.ingest.nifti import VOLUME_SUFFIXES, read_volume
 from kneebatch.ingest.store import CohortStore
 from kneebatch.outputs import read_rows
 
+MIN_COVERAGE = 0.999  # share of the image grid a resampled label map must cover
 
-def label_file(labels_dir: Path, study_uid: str) -> Path | None:
-    for suffix in VOLUME_SUFFIXES:
-        p = Path(labels_dir) / f"{study_uid}{suffix}"
-        if p.exists():
-            return p
+
+def label_file(labels_dir, names) -> Path | None:
+    """The first existing ``<name>[_labels]<suffix>`` in ``labels_dir`` for the study's names."""
+    for name in filter(None, names):
+        for stem in (f"{name}_labels", name):
+            for suffix in VOLUME_SUFFIXES:
+                p = Path(labels_dir) / f"{stem}{suffix}"
+                # a name built from header values must stay a file name: never a path elsewhere
+                if p.name == f"{stem}{suffix}" and "/" not in stem and stem not in (".", "..") and p.is_file():
+                    return p
     return None
+
+
+def study_names(store: CohortStore) -> dict[str, list[str]]:
+    """Study key -> the names a label file may have (key first, then UID or case name)."""
+    uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
+    return {k: [k, uid_of.get(k, "")] for k in store.study_keys()}
 
 
 def parse_label_map(text: str) -> dict[int, int]:
     """``"1:femur,2:femoral_cartilage"`` -> {1: id of femur, 2: id of femoral_cartilage}."""
-    from kneebatch import labels as L
-
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
-        src, name = item.split(":", 1)
-        out[int(src)] = L.by_name(name.strip()).id
+        src, _, name = item.partition(":")
+        try:
+            if int(src) < 0:
+                raise ValueError
+            out[int(src)] = L.by_name(name.strip()).id
+        except (KeyError, ValueError):
+            raise ValueError(f"--label-map: {item!r} is not ID:LABEL with a non-negative ID and a label of the "
+                             f"schema ('kneebatch labels' lists them)") from None
+    if text.strip() and not out:
+        raise ValueError("--label-map: no ID:LABEL pairs found")
     return out
 
 
-def read_label_file(path, grid, label_map: dict[int, int] | None = None):
-    """The label map in ``path``, checked against the study grid, ids translated by ``label_map``."""
-    labels, label_grid = read_volume(path)
-    if not label_grid.same_as(grid):
-        raise StudyError("label_geometry_mismatch", f"labels {label_grid.shape} vs image {grid.shape}")
-    labels = np.asarray(labels)
+def translate(labels: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
+    """Label ids as kneebatch's schema: mapped by ``label_map`` (unlisted ids become background),
+    else checked; ids outside the schema and not mapped raise ``unknown_label_ids``."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        rounded = np.rint(labels)
+        if not np.all(np.isfinite(labels)) or not np.array_equal(rounded, labels):
+            raise StudyError("unknown_label_ids", "the label map holds values that are not whole numbers")
+        labels = rounded
+    labels = labels.astype(np.int64)
+    ids = np.unique(labels)
     if label_map:
-        lut = np.zeros(int(max(labels.max(), max(label_map))) + 1, np.uint8)
+        lut = np.zeros(int(max(ids.max(), max(label_map))) + 1, np.uint8)
         for src, dst in label_map.items():
             lut[src] = dst
-        return lut[labels.astype(np.int64)]
+        if ids.min() < 0:
+            raise StudyError("unknown_label_ids", f"negative ids {ids[ids < 0][:10].tolist()}")
+        return lut[labels]
+    unknown = ids[(ids < 0) | (ids >= L.N_CLASSES)]
+    if unknown.size:
+        shown = ", ".join(str(int(i)) for i in unknown[:10]) + (" ..." if unknown.size > 10 else "")
+        raise StudyError("unknown_label_ids", f"ids {shown} (map them with --label-map)")
     return labels.astype(np.uint8)
+
+
+def labels_onto(labels: np.ndarray, label_grid: Grid, grid: Grid) -> tuple[np.ndarray, str]:
+    """``labels`` on ``grid`` and how they got there: ``same_grid``, ``reoriented`` (only the
+    voxel order differed: exact) or ``resampled`` (nearest neighbour)."""
+    if label_grid.same_as(grid):
+        return labels, "same_grid"
+    data, reoriented = to_canonical(label_grid).apply(labels, label_grid)
+    if reoriented.same_as(grid):
+        return data, "reoriented"
+    covered = resample(np.ones(label_grid.shape, np.uint8), label_grid, grid, order=0)
+    share = float(np.mean(covered > 0))
+    if share < MIN_COVERAGE:
+        raise StudyError("label_geometry_mismatch",
+                         f"the label map covers {100 * share:.1f} % of the image grid {grid.shape}")
+    return resample(labels, label_grid, grid, order=0), "resampled"
+
+
+def read_label_file(path, grid: Grid, label_map: dict[int, int] | None = None) -> tuple[np.ndarray, str]:
+    """The label map in ``path`` on the study's ``grid``, ids as kneebatch's schema."""
+    labels, label_grid = read_volume(path)
+    labels = translate(np.asarray(labels), label_map)
+    return labels_onto(labels, label_grid, grid)
 
 
 def import_labels(store_path, labels_dir, name: str = "labels",
                   label_map: dict[int, int] | None = None) -> tuple[int, list[str]]:
     """Returns (number imported, study keys without a usable label file)."""
     store = CohortStore(store_path, create=False)
-    uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
     done, missing = 0, []
-    for key in store.study_keys():
-        path = label_file(Path(labels_dir), uid_of.get(key, ""))
+    for key, names in study_names(store).items():
+        path = label_file(labels_dir, names)
         if path is None:
             missing.append(key)
             continue
-        store.write_labels(key, read_label_file(path, store.grid(key), label_map), {"source": "import"}, name=name)
+        labels, how = read_label_file(path, store.grid(key), label_map)
+        store.write_labels(key, labels, {"source": "import", "label_grid": how}, name=name)
         done += 1
     return done, missing

@@ -17,7 +17,7 @@ from kneebatch.geometry import Grid
 
 _TYPES = {"MET_UCHAR": np.uint8, "MET_CHAR": np.int8, "MET_USHORT": np.uint16, "MET_SHORT": np.int16,
           "MET_UINT": np.uint32, "MET_INT": np.int32, "MET_FLOAT": np.float32, "MET_DOUBLE": np.float64}
-MAX_VOXELS = 2_000_000_000
+MAX_VOXELS = 400_000_000  # as for DICOM and NIfTI: checked before any voxel is read
 
 
 def read_header(path) -> tuple[dict, int]:
@@ -48,15 +48,22 @@ def read_metaimage(path) -> tuple[np.ndarray, Grid]:
         raise StudyError("bad_geometry", f"MetaImage header incomplete: {e}") from e
     if ndims != 3 or len(dims) != 3 or int(h.get("ElementNumberOfChannels", "1")) != 1:
         raise StudyError("bad_geometry", f"expected a 3D single-channel MetaImage, got {ndims}D {dims}")
-    if np.prod(dims, dtype=np.int64) > MAX_VOXELS:
-        raise StudyError("bad_geometry", f"dimensions {dims} are implausibly large")
+    if min(dims) < 1 or np.prod(dims, dtype=np.float64) > MAX_VOXELS:
+        raise StudyError("too_large" if min(dims) >= 1 else "bad_geometry", " x ".join(map(str, dims)))
     spacing = [float(v) for v in h.get("ElementSpacing", h.get("ElementSize", "1 1 1")).split()]
     offset = [float(v) for v in h.get("Offset", h.get("Position", "0 0 0")).split()]
     matrix = np.array([float(v) for v in h.get("TransformMatrix", "1 0 0 0 1 0 0 0 1").split()]).reshape(3, 3)
     if h.get("BinaryDataByteOrderMSB", "False").lower() == "true":
         dtype = dtype.newbyteorder(">")
     data_file = h.get("ElementDataFile", "LOCAL")
-    blob = path.read_bytes()[data_start:] if data_file == "LOCAL" else (path.parent / data_file).read_bytes()
+    if data_file == "LOCAL":
+        blob = path.read_bytes()[data_start:]
+    else:
+        # only a file beside the header: a header must not make kneebatch read elsewhere
+        target = path.parent / data_file
+        if Path(data_file).name != data_file or not target.is_file() or target.is_symlink():
+            raise StudyError("unreadable_pixels", "ElementDataFile must name a file in the header's own folder")
+        blob = target.read_bytes()
     if h.get("CompressedData", "False").lower() == "true":
         blob = zlib.decompress(blob)
     n = int(np.prod(dims))

@@ -1,6 +1,7 @@
-"""Volume files: ``<case>_T1`` + ``<case>_T2`` (or nnU-Net's ``<case>_0000`` /
-``<case>_0001``) as NIfTI (``.nii``, ``.nii.gz``) or MetaImage (``.mhd``, ``.mha``).
-The case name stands in for the StudyInstanceUID.
+"""Volume files: ``<case>_<ROLE>`` (``_T1``, ``_T2FS``, ``_DESS``, ...; or nnU-Net's
+``<case>_0000``, ``_0001`` with a suffix -> role mapping) as NIfTI (``.nii``, ``.nii.gz``)
+or MetaImage (``.mhd``, ``.mha``), in any voxel order. The case name stands in for the
+StudyInstanceUID.
 """
 
 from __future__ import annotations
@@ -15,29 +16,65 @@ import numpy as np
 
 from kneebatch.geometry import Grid, affine_from_nifti, affine_to_nifti
 from kneebatch.errors import StudyError
+from kneebatch.ingest.roles import ROLES
 
-_PATTERN = re.compile(r"^(?P<case>.+?)_(?P<role>t1|t2|0000|0001)\.(nii|nii\.gz|mhd|mha)$", re.IGNORECASE)
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha")
-_ROLE = {"t1": "T1", "0000": "T1", "t2": "T2", "0001": "T2"}
+_PATTERN = re.compile(r"^(?P<case>.+)_(?P<role>[A-Za-z0-9]+)\.(nii|nii\.gz|mhd|mha)$", re.IGNORECASE)
+NNUNET_CHANNELS = {"0000": "T1", "0001": "T2"}  # nnU-Net channel suffixes, unless --channels says otherwise
+MAX_VOXELS = 400_000_000  # per volume, checked from the header before any voxel is read
 
 
 @dataclass
 class NiftiStudy:
-    study_uid: str  # the case name
+    study_uid: str  # the case name (with its folder when two folders hold one case name)
     files: dict  # role -> path
 
     @property
     def source_path(self) -> str:
-        return str(Path(self.files.get("T1") or next(iter(self.files.values()))).parent)
+        return str(Path(next(iter(self.files.values()))).parent)
 
 
-def find_nifti_studies(root) -> dict[str, NiftiStudy]:
-    cases: dict[str, dict] = defaultdict(dict)
-    for path in sorted(p for p in Path(root).rglob("*") if p.name.lower().endswith(VOLUME_SUFFIXES)):
+def parse_channels(text: str) -> dict[str, str]:
+    """``"0000:DESS,0001:PDFS"`` -> {"0000": "DESS", "0001": "PDFS"} (nnU-Net channel suffix -> role)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        suffix, _, role = item.partition(":")
+        role = _role(role.strip())
+        if not re.fullmatch(r"\d{4}", suffix.strip()) or role is None:
+            raise ValueError(f"--channels: {item!r} is not SUFFIX:ROLE with a 4-digit suffix and a role of "
+                             f"{', '.join(ROLES)}")
+        out[suffix.strip()] = role
+    return out
+
+
+def _role(word: str) -> str | None:
+    return next((r for r in ROLES if r.lower() == word.lower()), None)
+
+
+def find_nifti_studies(root, channels: dict[str, str] | None = None, files=None) -> dict[str, NiftiStudy]:
+    """``<case>_<ROLE>.nii.gz`` (ROLE one of ``ROLES``, any case) or nnU-Net ``<case>_0000``
+    files below ``root``, grouped by case. A case name found in two folders is two studies,
+    named by their folder relative to ``root``. ``files``: the files to consider (default: all
+    below ``root``)."""
+    channels = NNUNET_CHANNELS if channels is None else channels
+    cases: dict[tuple, dict] = defaultdict(dict)
+    root = Path(root)
+    paths = root.rglob("*") if files is None else map(Path, files)
+    for path in sorted(p for p in paths if p.name.lower().endswith(VOLUME_SUFFIXES)):
         m = _PATTERN.match(path.name)
-        if m and path.is_file():
-            cases[m["case"]][_ROLE[m["role"].lower()]] = str(path)
-    return {case: NiftiStudy(case, files) for case, files in sorted(cases.items())}
+        if not m or not path.is_file():
+            continue
+        role = _role(m["role"]) or channels.get(m["role"])
+        if role is not None:
+            cases[(m["case"], str(path.parent.relative_to(root)))][role] = str(path)
+    names = defaultdict(list)
+    for case, folder in cases:
+        names[case].append(folder)
+    out = {}
+    for (case, folder), files in sorted(cases.items()):
+        name = case if len(names[case]) == 1 else f"{folder}/{case}"
+        out[name] = NiftiStudy(name, files)
+    return out
 
 
 def read_volume(path) -> tuple[np.ndarray, Grid]:
@@ -50,11 +87,28 @@ def read_volume(path) -> tuple[np.ndarray, Grid]:
 
 
 def read_nifti(path) -> tuple[np.ndarray, Grid]:
-    """A 3D NIfTI as ``[Z, Y, X]`` (Z = NIfTI k) with our LPS affine; data untouched."""
-    img = nib.load(str(path))
-    if len(img.shape) != 3:
-        raise StudyError("bad_geometry", f"expected a 3D image, got shape {img.shape}")
-    data = np.asarray(img.dataobj).transpose(2, 1, 0)
+    """A 3D NIfTI as ``[Z, Y, X]`` (Z = NIfTI k) with our LPS affine, in the file's voxel order."""
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types on damaged files; its texts name the path
+        raise StudyError("unreadable_pixels", f"{type(e).__name__} reading the NIfTI header") from None
+    shape = tuple(int(v) for v in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise StudyError("bad_geometry", f"expected a 3D image, got shape {tuple(img.shape)}")
+    if np.prod(shape, dtype=np.float64) > MAX_VOXELS:
+        raise StudyError("too_large", " x ".join(map(str, shape)))
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "uif" or dtype.fields is not None:
+        raise StudyError("bad_dtype", str(dtype))
+    slope, inter = img.header.get_slope_inter()
+    if slope is not None and (not np.isfinite(slope) or slope == 0 or not np.isfinite(inter or 0.0)):
+        raise StudyError("bad_scaling", f"scl_slope {slope}, scl_inter {inter}")
+    try:
+        data = np.asarray(img.dataobj).reshape(shape).transpose(2, 1, 0)
+    except Exception as e:  # short or damaged data
+        raise StudyError("unreadable_pixels", f"{type(e).__name__} reading the voxels") from None
     affine = affine_from_nifti(img.affine)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise StudyError("bad_geometry", "singular or non-finite affine")
@@ -74,7 +128,15 @@ def to_uint16(data: np.ndarray) -> tuple[np.ndarray, dict]:
 
 
 def write_label_nifti(path, labels: np.ndarray, grid: Grid) -> None:
-    img = nib.Nifti1Image(np.asarray(labels, np.uint8).transpose(2, 1, 0), affine_to_nifti(grid.affine))
+    write_image_nifti(path, np.asarray(labels, np.uint8), grid)
+
+
+def write_image_nifti(path, data: np.ndarray, grid: Grid) -> None:
+    """``data`` ``[Z, Y, X]`` on ``grid`` as NIfTI (qform = sform, scanner frame), written atomically."""
+    img = nib.Nifti1Image(np.asarray(data).transpose(2, 1, 0), affine_to_nifti(grid.affine))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    nib.save(img, str(path))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{''.join(path.suffixes)}")
+    nib.save(img, str(tmp))
+    tmp.replace(path)

@@ -7,7 +7,8 @@ Layout::
       <study_key>/              one group per study (pseudonymous key, no identifiers)
         zarr.json               attrs: study-level provenance (no identifiers)
         image/                  uint16 [C, Z, Y, X], C = channels attr (T1, T2)
-        labels/                 uint8 [Z, Y, X], written by segmentation (same grid)
+        labels-<model>/         uint8 [Z, Y, X], one per engines that segmented it (same grid)
+        truth/                  uint8 [Z, Y, X], reference labels (training, tests)
       keymap.parquet            study_key, study_uid, source_path (the only identifiers)
       failures.parquet          study_key, stage, reason, message
 
@@ -30,12 +31,20 @@ from kneebatch import __version__
 from kneebatch.geometry import Grid
 
 import re
+from datetime import datetime, timezone
 
 FORMAT = "kneebatch-cohort-store"
 _KEY = re.compile(r"^[a-z][0-9a-f]{8,64}$")  # study keys are hex digests: never a path
 FORMAT_VERSION = 1
 CHUNK_ZYX = (32, 128, 128)
 PARTIAL = ".partial"
+SEGMENTATION_PREFIX = "labels-"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # label map names: never a path
+
+
+def segmentation_name(model_hash: str) -> str:
+    """The label map name of the engines with this model hash (``coarse12+fine12``)."""
+    return SEGMENTATION_PREFIX + model_hash.replace("+", "-")
 
 
 def _compressor():
@@ -50,11 +59,26 @@ class CohortStore:
             if root.attrs.get("format") != FORMAT:
                 raise ValueError(f"{self.path} is a Zarr group but not a kneebatch cohort store")
         elif create:
+            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+                # never write into (let alone clear) a folder kneebatch did not create
+                raise ValueError(f"{self.path} exists and is not a kneebatch cohort store; "
+                                 "choose a new or empty folder")
             self.path.mkdir(parents=True, exist_ok=True)
             root = zarr.open_group(str(self.path), mode="w")
             root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": __version__})
         else:
             raise FileNotFoundError(f"no cohort store at {self.path}")
+
+    def check_key(self, fingerprint: str) -> None:
+        """Record the study-key secret's fingerprint, or refuse another key: keys made with two
+        secrets would store every study twice under two names."""
+        root = zarr.open_group(str(self.path), mode="a")
+        recorded = root.attrs.get("key_fingerprint")
+        if recorded is None:
+            root.attrs["key_fingerprint"] = fingerprint
+        elif recorded != fingerprint:
+            raise ValueError(f"{self.path} was converted with another study-key secret (fingerprint {recorded}, "
+                             f"this key {fingerprint}); use that key file (--key-file) or a new store")
 
     def clear_partial(self) -> int:
         """Remove half-written studies left by a killed writer (one writer per store at a time)."""
@@ -113,17 +137,50 @@ class CohortStore:
             if partial.exists():
                 shutil.rmtree(partial, ignore_errors=True)
 
-    def write_labels(self, key: str, labels: np.ndarray, attrs: dict | None = None, name: str = "labels") -> None:
-        """A uint8 label map on the study grid; ``name`` = ``labels`` (segmentation) or ``truth``."""
+    def write_labels(self, key: str, labels: np.ndarray, attrs: dict | None = None, name: str = "truth") -> None:
+        """A uint8 label map on the study grid, written atomically (temp array + rename).
+
+        ``name``: ``truth`` (reference labels for training), an imported set, or
+        :func:`segmentation_name` of the engines that made it: runs with other engines
+        never overwrite each other's label maps."""
         grid = self.grid(key)
         if labels.shape != grid.shape:
             raise ValueError(f"labels {labels.shape} do not match the study grid {grid.shape}")
-        group = zarr.open_group(str(self._dir(key)), mode="a")
-        chunks = tuple(min(c, s) for c, s in zip(CHUNK_ZYX, grid.shape))
-        arr = group.create_array(name, shape=labels.shape, dtype=np.uint8, chunks=chunks,
-                                 compressors=_compressor(), dimension_names=("z", "y", "x"), overwrite=True)
-        arr[...] = labels.astype(np.uint8)
-        arr.attrs.update({**grid.to_attrs(), **(attrs or {})})
+        if not _NAME.match(name) or name == "image":
+            raise ValueError(f"not a label map name: {name!r}")
+        study = self._dir(key)
+        tmp = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            group = zarr.open_group(str(study), mode="a")
+            chunks = tuple(min(c, s) for c, s in zip(CHUNK_ZYX, grid.shape))
+            arr = group.create_array(tmp, shape=labels.shape, dtype=np.uint8, chunks=chunks,
+                                     compressors=_compressor(), dimension_names=("z", "y", "x"))
+            arr[...] = labels.astype(np.uint8)
+            arr.attrs.update({**grid.to_attrs(), **(attrs or {}),
+                              "written_utc": datetime.now(timezone.utc).isoformat(timespec="microseconds")})
+            old = study / f".{name}.old-{uuid.uuid4().hex[:8]}"
+            if (study / name).exists():
+                os.replace(study / name, old)
+            os.replace(study / tmp, study / name)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(study / tmp, ignore_errors=True)
+
+    def label_names(self, key: str) -> list[str]:
+        """The label maps a study has (``truth``, imported sets, one per engines that segmented it)."""
+        study = self._dir(key)
+        return sorted(p.name for p in study.iterdir()
+                      if p.name != "image" and not p.name.startswith(".") and (p / "zarr.json").exists())
+
+    def segmentation(self, key: str, model: str | None = None) -> str | None:
+        """The name of the newest segmentation of a study, or of the one whose model hash
+        starts with ``model``; None when there is none."""
+        names = [n for n in self.label_names(key) if n.startswith(SEGMENTATION_PREFIX)]
+        if model:
+            names = [n for n in names if n[len(SEGMENTATION_PREFIX):].startswith(model.replace("+", "-"))]
+        if not names:
+            return None
+        return max(names, key=lambda n: (self._array(key, n).attrs.get("written_utc", ""), n))
 
     # ---------------------------------------------------------------- reading
     def study_attrs(self, key: str) -> dict:
@@ -135,14 +192,21 @@ class CohortStore:
     def channels(self, key: str) -> list[str]:
         return list(self._array(key, "image").attrs["channels"])
 
-    def read_image(self, key: str) -> tuple[np.ndarray, Grid]:
+    def read_image(self, key: str, channels: list[int] | None = None) -> tuple[np.ndarray, Grid]:
+        """The image ``[C, Z, Y, X]`` (only the ``channels`` indices, in that order, if given)."""
         arr = self._array(key, "image")
-        return arr[...], Grid.from_attrs(arr.attrs)
+        data = arr[...] if channels is None else np.stack([arr[c] for c in channels])
+        return data, Grid.from_attrs(arr.attrs)
 
-    def read_labels(self, key: str, name: str = "labels") -> np.ndarray | None:
-        if not (self._dir(key) / name / "zarr.json").exists():
+    def read_labels(self, key: str, name: str | None = None) -> np.ndarray | None:
+        """A label map by name (default: the newest segmentation); None when absent."""
+        name = self.segmentation(key) if name is None else name
+        if name is None or not _NAME.match(name) or not (self._dir(key) / name / "zarr.json").exists():
             return None
         return self._array(key, name)[...]
+
+    def label_attrs(self, key: str, name: str) -> dict:
+        return dict(self._array(key, name).attrs)
 
     def _array(self, key: str, name: str):
         return zarr.open_array(str(self._dir(key) / name), mode="r")

@@ -45,11 +45,28 @@ class ModelConfig:
     mirror_tta: bool = False  # fine logits averaged with the left-right mirrored crop's (2x the fine net)
     in_channels: int = 2  # T1, T2
     n_classes: int = L.N_CLASSES
+    # contrast roles (kneebatch.ingest.roles) each input channel accepts, in order of preference:
+    # the demo engines were trained on T1 + fat-suppressed T2 and take a T2 without FS for it
+    input_roles: list = field(default_factory=lambda: [["T1"], ["T2FS", "T2"]])
 
     @property
     def fine_whole_crop(self) -> bool:
         """Whether the fine net may see a whole crop at once (statistics independent of extent)."""
         return self.fine.norm.upper().startswith("BATCH")
+
+    def input_channels(self, channels) -> list[int]:
+        """Indices of the store's ``channels`` (roles) to feed the nets, one per input; raises
+        ``unsupported_contrast`` when the study lacks one: never feed a net the wrong contrast."""
+        chosen = []
+        for accepted in self.input_roles:
+            found = next((channels.index(r) for r in accepted if r in channels), None)
+            if found is None:
+                from kneebatch.errors import StudyError
+
+                need = " + ".join("|".join(a) for a in self.input_roles)
+                raise StudyError("unsupported_contrast", f"found {', '.join(channels) or 'none'}; engines need {need}")
+            chosen.append(found)
+        return chosen
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

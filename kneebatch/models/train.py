@@ -88,7 +88,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _load(self, key: str, keep_native: bool) -> Case:
-        image, grid = self.store.read_image(key)
+        image, grid = self.store.read_image(key, self.cfg.input_channels(self.store.channels(key)))
         labels = self.store.read_labels(key, self.label_name)
         x = normalize(torch.from_numpy(image.astype(np.float32)))
         y = torch.from_numpy(labels)

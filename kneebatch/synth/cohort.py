@@ -40,6 +40,9 @@ class ProtocolRanges:
     p_extra_series: float = 0.5
     p_shuffled_files: float = 0.5
     max_oblique_deg: float = 8.0
+    # "t1t2": sagittal T1 TSE + fat-suppressed T2 TSE (the paper's protocol);
+    # "oai": sagittal 3-D DESS with water excitation + 2-D IW TSE with fat suppression (the OAI's)
+    protocol: str = "t1t2"
 
 
 PRESETS = {
@@ -47,6 +50,10 @@ PRESETS = {
     # coarse and quick: for tests and CPU training; geometry logic is the same
     "small": ProtocolRanges(inplane_mm=(0.9, 1.3), matrix=(112, 128, 144), fov_mm=(120.0, 160.0),
                             slice_2d_mm=(2.5, 4.0), slice_3d_mm=(1.5, 2.0)),
+    # the OAI's sagittal knee protocol (Peterfy et al. 2008): DESS 0.7 mm slices, 0.37-0.46 mm
+    # in-plane, 384 matrix; IW-TSE-FS 3 mm slices
+    "oai": ProtocolRanges(inplane_mm=(0.36, 0.46), matrix=(384,), fov_mm=(138.0, 177.0), slice_2d_mm=(3.0, 3.0),
+                          slice_3d_mm=(0.7, 0.7), protocol="oai"),
 }
 
 
@@ -201,7 +208,9 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         description=str(rng.choice(["SAG T2 FS", "t2_tse_fs_sag", "Sag T2 FSE", "SAG FS", ""])),
         number=next(seriesno), repetition_time_ms=float(rng.uniform(2500, 4500)),
         echo_time_ms=float(rng.uniform(60, 100)), acquisition="3D" if is_3d else "2D", thickness_mm=thick2,
-        uid=_uid(seed, index, "t2")), "T2")
+        uid=_uid(seed, index, "t2"), scan_options=("FS",)), "T2")
+    if ranges.protocol == "oai":
+        t1, t2 = _oai_series(rng, seed, index, fov_centre, ranges, oblique, side)
     extras = []
     if rng.random() < ranges.p_extra_series:
         # an axial fat-suppressed PD series that ingest must not take for a sagittal one
@@ -246,6 +255,25 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
     return SubjectPlan(index, subject_id, group, age, sex, kl, side, anatomy, pose, study_uid, study_date,
                        str(rng.choice(VISITS)), patient, study, t1, t2, extras,
                        shuffle_files=bool(rng.random() < ranges.p_shuffled_files), seed=(seed, index))
+
+
+def _oai_series(rng, seed, index, centre, ranges: ProtocolRanges, oblique, side: str):
+    """The OAI's two sagittal series, with headers as its Siemens scanners write them
+    (the knee's side is in the series description, as in the OAI)."""
+    dess_mm = round(float(rng.uniform(*ranges.slice_3d_mm)), 3)
+    matrix, inplane = _draw_inplane(rng, ranges)
+    dess = Acquisition(_sagittal_grid(rng, centre, ranges, dess_mm, 0.0, matrix, inplane, oblique), dess_mm, SeriesInfo(
+        description=f"SAG_3D_DESS_{side}", number=2, repetition_time_ms=16.3, echo_time_ms=4.7, acquisition="3D",
+        thickness_mm=dess_mm, uid=_uid(seed, index, "t1"), scanning_sequence=("GR",), sequence_variant=("SP", "OSP"),
+        scan_options=("WE",), sequence_name="*de3d1", flip_angle_deg=25.0), "DESS")
+    iw_mm = round(float(rng.uniform(*ranges.slice_2d_mm)), 3)
+    matrix, inplane = _draw_inplane(rng, ranges)
+    iw = Acquisition(_sagittal_grid(rng, centre, ranges, iw_mm, 0.0, matrix, inplane, oblique), iw_mm, SeriesInfo(
+        description=f"SAG_IW_TSE_{side}", number=3, repetition_time_ms=3200.0, echo_time_ms=30.0, acquisition="2D",
+        thickness_mm=iw_mm, uid=_uid(seed, index, "t2"), scanning_sequence=("SE",),
+        sequence_variant=("SK", "SP", "OSP"), scan_options=("FS",), sequence_name="*tse2d1_9",
+        flip_angle_deg=180.0), "PDFS")
+    return dess, iw
 
 
 def _n_sub(thickness_mm: float, inplane_mm: float) -> int:

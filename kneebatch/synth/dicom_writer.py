@@ -26,6 +26,13 @@ class SeriesInfo:
     thickness_mm: float
     uid: str = ""
     image_type: tuple = ("ORIGINAL", "PRIMARY", "M", "NORM")
+    # sequence headers as a Siemens scanner writes them (kneebatch.ingest.roles reads them)
+    scanning_sequence: tuple = ("SE",)
+    sequence_variant: tuple = ("SK",)
+    scan_options: tuple = ()
+    sequence_name: str = "*tse2d1_5"
+    flip_angle_deg: float = 150.0
+    laterality: str = ""  # "L", "R" or "" (not written)
 
 
 def _fmt(v: float) -> str:
@@ -76,8 +83,14 @@ def write_series(directory: Path, volume: np.ndarray, grid: Grid, series: Series
         ds.SeriesDescription = series.description
         ds.ProtocolName = series.description
         ds.BodyPartExamined = "KNEE"
-        ds.ScanningSequence = "SE"
-        ds.SequenceVariant = "SK"
+        ds.ScanningSequence = list(series.scanning_sequence)
+        ds.SequenceVariant = list(series.sequence_variant)
+        if series.scan_options:
+            ds.ScanOptions = list(series.scan_options)
+        ds.SequenceName = series.sequence_name
+        ds.FlipAngle = _fmt(series.flip_angle_deg)
+        if series.laterality:
+            ds.Laterality = series.laterality
         ds.MRAcquisitionType = series.acquisition
         ds.RepetitionTime = _fmt(series.repetition_time_ms)
         ds.EchoTime = _fmt(series.echo_time_ms)

@@ -31,7 +31,14 @@ CONTRAST = {
         "air": 0.0, "body": 0.15, "fat": 0.13, "marrow": 0.18, "cortex": 0.03, "cartilage": 0.55,
         "meniscus": 0.06, "ligament": 0.1, "tendon": 0.06, "muscle": 0.32, "fluid": 0.75,
     },
+    # 3-D DESS with water excitation (OAI): fat and marrow dark, cartilage bright against them,
+    # fluid brightest (the second echo is T2-weighted), menisci and ligaments dark
+    "DESS": {
+        "air": 0.0, "body": 0.10, "fat": 0.07, "marrow": 0.09, "cortex": 0.02, "cartilage": 0.62,
+        "meniscus": 0.05, "ligament": 0.07, "tendon": 0.04, "muscle": 0.22, "fluid": 0.90,
+    },
 }
+CONTRAST["PDFS"] = CONTRAST["PD"]  # the OAI's sagittal intermediate-weighted TSE with fat suppression
 
 
 @dataclass
