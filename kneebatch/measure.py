@@ -125,7 +125,8 @@ def cartilage_thickness(labels, grid: Grid, plate: str) -> tuple[float, float]:
 
 
 def intensity_means(labels, image, channels, counts=None) -> dict:
-    out = {}
+    """``<label>_<role>_mean`` for every contrast role; NaN for the roles the study lacks."""
+    out = {f"{label.name}_{role.lower()}_mean": math.nan for label in L.LABELS for role in ROLES}
     for c, name in enumerate(channels):
         means = ops.to_numpy(ops.label_means(labels, image[c], L.N_CLASSES, counts))
         for label in L.LABELS:

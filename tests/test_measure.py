@@ -137,7 +137,9 @@ def test_measure_row_matches_schema_and_flags_missing_tissue():
     assert math.isnan(row["effusion_t1_mean"])
     assert "missing:tibia" in row["qc_flags"] and "missing:patella" in row["qc_flags"]
     assert row["qc_ok"] is False
-    assert all(name.endswith(("_mm3", "_ml", "_mm", "_mean", "_flags", "_ok", "_key", "_source", "_hash", "_version"))
+    assert row["knee_side"] is None and row["knee_side_source"] is None  # no fibula, no tibia: undetermined
+    assert all(name.endswith(("_mm3", "_ml", "_mm", "_mean", "_flags", "_ok", "_key", "_source", "_hash", "_version",
+                              "_side", "_name", "_grid"))
                for name in schema.names)
 
 
