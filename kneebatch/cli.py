@@ -134,8 +134,15 @@ def cmd_demo(args) -> int:
                     show_progress=not args.quiet, truth=args.truth, backend=args.backend)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the usage itself is one ``--help`` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="kneebatch",
         description="Batch segmentation and measurement of knee MRI cohorts. "
                     "Typical flow: synth (or your DICOM) -> convert -> measure; 'demo' runs it all.",
@@ -285,7 +292,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    _quiet_pydicom()
     try:
         return args.func(args)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
@@ -295,14 +301,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\nkneebatch {args.command}: interrupted — rerun the same command to resume", file=sys.stderr)
         return 130
-
-
-def _quiet_pydicom() -> None:
-    """pydicom's warnings quote header values (descriptions, UIDs): keep them off the console."""
-    import warnings
-
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ REASONS = {
     "constant_image": "every voxel of the image has the same value",
     "bad_scaling": "the intensity scaling (RescaleSlope, scl_slope) is zero or not finite",
     "bad_dtype": "the voxel type is not a real number type kneebatch can store",
+    "out_of_range_values": "integer voxel values outside 0-65535 (negative or too large): the store keeps uint16",
     "bad_geometry": "the image geometry is missing or degenerate",
     "no_labels": "the study has no label map to measure",
     "label_geometry_mismatch": "the label map's grid does not cover the study's image grid",

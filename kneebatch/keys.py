@@ -37,7 +37,7 @@ def load_or_create_key(path: str | os.PathLike | None = None) -> bytes:
 
 def study_key(study_uid: str, key: bytes) -> str:
     """Stable, non-reversible study name: ``k`` + 20 hex digits (80 bits)."""
-    return "k" + hmac.new(key, study_uid.encode(), hashlib.sha256).hexdigest()[:20]
+    return "k" + hmac.new(key, os.fsencode(study_uid), hashlib.sha256).hexdigest()[:20]  # any file name too
 
 
 def key_fingerprint(key: bytes) -> str:

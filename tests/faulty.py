@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from kneebatch.inference.run import process_batch
+from kneebatch.ingest.convert import convert_pair
 
 
 def crash_on(keys, store_path, engines=None, poison: str = ""):
@@ -21,3 +22,10 @@ def crash_once(keys, store_path, engines=None, victim: str = "", marker: str = "
         Path(marker).write_text("crashed")
         os._exit(137)
     return process_batch(keys, store_path, engines)
+
+
+def crash_converting(pair, store_path, poison: str = ""):
+    """Dies whenever it converts the poison study (a decoder that crashes the process)."""
+    if pair[1] == poison:
+        os._exit(137)
+    return convert_pair(pair, store_path)

@@ -59,7 +59,9 @@ def test_oblique_grids_stay_oblique_and_obliquity_is_recorded():
     # rows S->I and columns A->P swapped and reversed: a permutation, still 8 degrees oblique
     swapped, grid = Reorientation((0, 2, 1), (True, False, True)).apply(np.zeros(oblique.shape), oblique)
     assert obliquity_deg(grid) == pytest.approx(8.0, abs=1e-6)
-    assert to_canonical(grid) == Reorientation((0, 2, 1), (True, False, True))
+    # the inverse: canonical y is the source's x reversed, canonical x the source's y
+    assert to_canonical(grid) == Reorientation((0, 2, 1), (True, True, False))
+    assert to_canonical(grid).grid(grid).same_as(oblique, atol_mm=1e-9)
 
 
 def test_canonical_axes_point_right_inferior_posterior():
@@ -68,7 +70,7 @@ def test_canonical_axes_point_right_inferior_posterior():
     ras_direction = np.diag([-1.0, -1.0, 1.0])[:, [2, 1, 0]]  # a NIfTI RAS file's (z, y, x) axes in LPS
     data, grid = to_canonical(_grid(ras_direction)).apply(np.zeros((9, 11, 13)), _grid(ras_direction))
     assert np.allclose(grid.direction, CANONICAL_LPS)
-    assert data.shape == (9, 13, 11)
+    assert data.shape == (13, 9, 11)  # R-L from the file's i, S-I from its k, A-P from its j
 
 
 # ---------------------------------------------------------------- end to end
@@ -94,10 +96,10 @@ def _reoriented(img, codes: str):
 
 
 def _mirrored(img):
-    """The image of the other knee: voxels reversed along the axis closest to left-right, same affine."""
-    axis = int(np.argmax(np.abs(img.affine[0, :3])))
-    data = np.flip(np.asarray(img.dataobj), axis)
-    return nib.Nifti1Image(np.ascontiguousarray(data).astype(img.get_data_dtype()), img.affine, img.header)
+    """The mirror image of the knee (a right knee from a left one): the same voxels placed
+    mirrored in the patient's left-right (x -> -x); every series and the truth alike."""
+    data = np.asarray(img.dataobj).astype(img.get_data_dtype())
+    return nib.Nifti1Image(data, np.diag([-1.0, 1.0, 1.0, 1.0]) @ img.affine)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +129,7 @@ def paths(tmp_path_factory, key_file):
             truth = root / cohort / "truth" / f"{entry['study_uid']}.nii.gz"
             truth_of[entry["study_uid"]] = (truth, "dicom", study)
             tmp = root / "dcm2niix" / study
+            tmp.mkdir(parents=True)
             files = {role: _to_nifti(exe, root / cohort / entry["series"][entry[f"{role.lower()}_series_uid"]]["folder"],
                                      tmp, role) for role in ("T1", "T2")}
             variants = {"dcm2niix": lambda img: img}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ def _dicom_series(study: dicom.StudyFiles) -> list[SeriesVolume]:
     for role, series in dicom.choose_series(study).items():
         hasher = hashlib.sha256()
         data, grid = dicom.read_series(series, hasher)
+        check_volume(data, grid)
         h = series.first
         out.append(SeriesVolume(role, data, grid, {
             "repetition_time_ms": h.tr, "echo_time_ms": h.te, "inversion_time_ms": h.ti,
@@ -137,6 +139,7 @@ def _nifti_series(study: nifti.NiftiStudy) -> list[SeriesVolume]:
     out = []
     for role, path in study.files.items():
         data, grid = nifti.read_volume(path)
+        check_volume(data, grid)
         _check_sagittal(grid)
         data, scaling = nifti.to_uint16(data)
         out.append(SeriesVolume(role, data, grid, {"intensity_scaling": scaling,
@@ -173,8 +176,6 @@ MIN_OVERLAP = 0.5  # of the reference field of view a channel must cover to be k
 def assemble(series: list[SeriesVolume]) -> tuple[np.ndarray, Grid, list[str], dict]:
     """The study's image ``[C, Z, Y, X]`` in the canonical voxel order, on the reference
     series' grid (reoriented exactly, never resampled), other series resampled onto it."""
-    for s in series:
-        check_volume(s.data, s.grid)
     ref = reference_series(series)
     reorientation = to_canonical(ref.grid)
     ref_data, grid = reorientation.apply(ref.data, ref.grid)
@@ -211,8 +212,8 @@ def check_volume(data: np.ndarray, grid: Grid) -> None:
     spacing = np.asarray(grid.spacing)
     if not np.all(np.isfinite(grid.affine)) or not np.all(spacing > 1e-3) or grid.voxel_volume_mm3 < 1e-9:
         raise StudyError("bad_geometry", "voxel spacing zero, negative or not finite, or axes degenerate")
-    if data.size and int(data.min()) == int(data.max()):
-        raise StudyError("constant_image", f"every voxel is {int(data.min())}")
+    if data.size and np.min(data) == np.max(data):
+        raise StudyError("constant_image", f"every voxel is {np.min(data):g}")
 
 
 def _onto(volume, src_grid: Grid, dst_grid: Grid) -> tuple[np.ndarray, bool, float]:
@@ -226,9 +227,11 @@ def _onto(volume, src_grid: Grid, dst_grid: Grid) -> tuple[np.ndarray, bool, flo
     return out, True, float(np.mean(inside > 0))
 
 
-def convert(src, store_path, client=None, key_file=None, show_progress=None, channels=None) -> ConvertReport:
+def convert(src, store_path, client=None, key_file=None, show_progress=None, channels=None,
+            study_fn=None) -> ConvertReport:
     """Convert every study under ``src`` into the store at ``store_path`` (resumable).
-    ``channels``: nnU-Net channel suffix -> role for ``<case>_0000`` files."""
+    ``channels``: nnU-Net channel suffix -> role for ``<case>_0000`` files; ``study_fn`` (a
+    ``(source, key), store_path`` function) is for fault injection in tests."""
     t0 = time.perf_counter()
     src, store_path = Path(src), Path(store_path)
     if not src.exists():
@@ -247,12 +250,12 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
     file_failures = []
     for problem in problems:
         k = "f" + study_key(problem.path, key)[1:]  # a keyed hash of the path: no path in the table
-        keymap.append({"study_key": k, "study_uid": "", "source_path": problem.path})
+        keymap.append({"study_key": k, "study_uid": "", "source_path": _text(problem.path)})
         file_failures.append({"study_key": k, "stage": "scan", "reason": problem.reason,
                               "message": REASONS[problem.reason] + (f": {problem.detail}" if problem.detail else "")})
     for uid, source in studies.items():
         k = study_key(uid, key)
-        keymap.append({"study_key": k, "study_uid": uid, "source_path": source.source_path})
+        keymap.append({"study_key": k, "study_uid": uid, "source_path": _text(source.source_path)})
         if store.has_study(k):
             report.already_done += 1
         else:
@@ -261,7 +264,8 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
 
     failures = list(file_failures)
     with progress_bar(len(todo), "converting studies", show_progress) as advance:
-        for r in map_unordered(_convert_pair, todo, client, on_error=_worker_died, store_path=str(store.path)):
+        for r in map_unordered(study_fn or convert_pair, todo, client, on_error=_worker_died,
+                               store_path=str(store.path)):
             if r["status"] == "converted":
                 report.converted += 1
                 report.image_bytes += r["bytes"]
@@ -278,7 +282,7 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
     return report
 
 
-def _convert_pair(pair, store_path):
+def convert_pair(pair, store_path):
     source, key = pair
     return convert_study(source, store_path, key)
 
@@ -290,3 +294,9 @@ def _worker_died(pair, exc):
         return None, [Solo(pair)]
     return {"study_key": pair[1], "status": "failed", "reason": "worker_died", "seconds": 0.0, "bytes": 0,
             "message": f"the worker died on every try ({type(exc).__name__})"}, []
+
+
+def _text(path: str) -> str:
+    """A path as table text: names that are not UTF-8 (Latin-1 folders, say) keep their bytes
+    as ``\\xNN`` escapes instead of stopping the run."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+import warnings
 
 import numpy as np
 import pydicom
@@ -23,6 +25,12 @@ from kneebatch.geometry import Grid
 from kneebatch.errors import StudyError
 from kneebatch.ingest import enhanced
 from kneebatch.ingest.roles import contrast_role
+
+# pydicom's warnings and log lines quote header values (names, descriptions, UIDs): they never
+# reach the console, in the driver or in a worker; kneebatch refuses what they warn about with
+# a reason of its own
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
 
 HEADER_TAGS = [
     "SpecificCharacterSet", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
@@ -369,13 +377,33 @@ def read_series(series: Series, hasher: "hashlib._Hash | None" = None) -> tuple[
             pixels = pixels[h.frame]
             slope, intercept = enhanced.frame_rescale(ds, h.frame)
         else:
-            slope = float(ds.get("RescaleSlope", 1) or 1)
-            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            slope, intercept = rescale_value(ds.get("RescaleSlope"), 1.0), rescale_value(ds.get("RescaleIntercept"), 0.0)
         if pixels.shape != grid.shape[1:]:
             raise StudyError("unreadable_pixels", f"pixel array {pixels.shape} does not match {grid.shape[1:]}")
-        values = pixels.astype(np.float64) * slope + intercept if (slope, intercept) != (1.0, 0.0) else pixels
-        volume[z] = np.clip(np.rint(values), 0, 65535).astype(np.uint16)
+        volume[z] = to_stored(pixels, slope, intercept, z)
     return volume, grid
+
+
+def rescale_value(value, default: float) -> float:
+    """RescaleSlope / RescaleIntercept as a float: ``default`` when absent, NaN when unreadable
+    (then refused by :func:`to_stored`, never silently taken as the default)."""
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def to_stored(pixels: np.ndarray, slope: float, intercept: float, z: int) -> np.ndarray:
+    """One slice's stored values (``pixels * slope + intercept`` as uint16), or a refusal:
+    a zero or non-finite scaling, or values a uint16 store cannot hold, are never clipped."""
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
+        raise StudyError("bad_scaling", f"RescaleSlope {slope}, RescaleIntercept {intercept} in slice {z}")
+    values = np.rint(pixels.astype(np.float64) * slope + intercept) if (slope, intercept) != (1.0, 0.0) else pixels
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise StudyError("out_of_range_values", f"values {values.min():g} to {values.max():g} in slice {z}")
+    return values.astype(np.uint16)
 
 
 def _read_pixels(h: SliceHeader, z: int, hasher) -> tuple:

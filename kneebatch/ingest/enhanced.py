@@ -306,8 +306,10 @@ def frame_rescale(ds, frame: int) -> tuple[float, float]:
     items = (_item(ds.get("PerFrameFunctionalGroupsSequence"), frame), _item(ds.get("SharedFunctionalGroupsSequence")))
     slope = _fg(items, "PixelValueTransformationSequence", "RescaleSlope")
     intercept = _fg(items, "PixelValueTransformationSequence", "RescaleIntercept")
+    from kneebatch.ingest.dicom import rescale_value
+
     if slope is None:
         slope = ds.get("RescaleSlope")
     if intercept is None:
         intercept = ds.get("RescaleIntercept")
-    return float(slope or 1), float(intercept or 0)
+    return rescale_value(slope, 1.0), rescale_value(intercept, 0.0)

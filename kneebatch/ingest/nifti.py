@@ -6,6 +6,7 @@ StudyInstanceUID.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import numpy as np
 from kneebatch.geometry import Grid, affine_from_nifti, affine_to_nifti
 from kneebatch.errors import StudyError
 from kneebatch.ingest.roles import ROLES
+
+logging.getLogger("nibabel").setLevel(logging.ERROR)  # it prints the headers it repairs; kneebatch refuses them
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha")
 _PATTERN = re.compile(r"^(?P<case>.+)_(?P<role>[A-Za-z0-9]+)\.(nii|nii\.gz|mhd|mha)$", re.IGNORECASE)
@@ -102,9 +105,12 @@ def read_nifti(path) -> tuple[np.ndarray, Grid]:
     dtype = img.get_data_dtype()
     if dtype.kind not in "uif" or dtype.fields is not None:
         raise StudyError("bad_dtype", str(dtype))
-    slope, inter = img.header.get_slope_inter()
-    if slope is not None and (not np.isfinite(slope) or slope == 0 or not np.isfinite(inter or 0.0)):
+    slope, inter, pixdim = _raw_fields(path, img.header)
+    if not (np.isfinite(slope) and np.isfinite(inter)):  # 0 is "no scaling" in the standard
         raise StudyError("bad_scaling", f"scl_slope {slope}, scl_inter {inter}")
+    if not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)) and not (
+            int(img.header.get("sform_code", 0)) or int(img.header.get("qform_code", 0))):
+        raise StudyError("bad_geometry", f"voxel size {pixdim.tolist()} mm")
     try:
         data = np.asarray(img.dataobj).reshape(shape).transpose(2, 1, 0)
     except Exception as e:  # short or damaged data
@@ -115,11 +121,29 @@ def read_nifti(path) -> tuple[np.ndarray, Grid]:
     return data, Grid(data.shape, affine)
 
 
+def _raw_fields(path, header) -> tuple[float, float, np.ndarray]:
+    """scl_slope, scl_inter and pixdim[1:4] as the file holds them: nibabel quietly drops an
+    unusable scaling and turns a 0 mm voxel size into 1 mm."""
+    if not isinstance(header, nib.Nifti1Header):
+        return 1.0, 0.0, np.ones(3)
+    nifti2 = isinstance(header, nib.Nifti2Header)
+    dtype = header.endianness + ("f8" if nifti2 else "f4")
+    pixdim_at, slope_at = (104, 176) if nifti2 else (76, 112)
+    with nib.openers.ImageOpener(str(path)) as f:
+        block = f.read(slope_at + 2 * np.dtype(dtype).itemsize)
+    pixdim = np.frombuffer(block[pixdim_at:], dtype=dtype, count=4)[1:]
+    slope, inter = np.frombuffer(block[slope_at:], dtype=dtype, count=2)
+    return float(slope), float(inter), pixdim.astype(np.float64)
+
+
 def to_uint16(data: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Store-ready intensities; float images are scaled to 0..4095, the scale recorded."""
+    """Store-ready intensities: integers as they are (refused outside 0..65535, never clipped);
+    float images scaled to 0..4095, the scale recorded."""
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         raise StudyError("non_finite_values", f"{int(np.sum(~np.isfinite(data)))} voxels")
-    if np.issubdtype(data.dtype, np.integer) and data.min() >= 0 and data.max() <= 65535:
+    if np.issubdtype(data.dtype, np.integer):
+        if data.size and (data.min() < 0 or data.max() > 65535):
+            raise StudyError("out_of_range_values", f"values {data.min()} to {data.max()}")
         return data.astype(np.uint16), {"scale": 1.0, "offset": 0.0}
     lo, hi = float(np.min(data)), float(np.percentile(data, 99.9))
     scale = 4095.0 / max(hi - lo, 1e-6)

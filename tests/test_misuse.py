@@ -1,0 +1,394 @@
+"""Misuse and hostile inputs: one clear line and a non-zero exit, nothing written or lost.
+
+Each test provokes a real fault (a killed worker, a full disk, a folder with files in it,
+Ctrl-C on a running command) or a real misuse of the command line.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from kneebatch.cli import main
+from kneebatch.geometry import Grid, affine_to_nifti
+from kneebatch.ingest.convert import convert
+from kneebatch.ingest.store import CohortStore
+from kneebatch.outputs import read_rows
+from tests import faulty
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one clear line, no traceback
+    return err[0]
+
+
+# ---------------------------------------------------------------- command-line misuse
+def test_missing_source_writes_nothing(tmp_path, capsys, key_file):
+    assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "store")]) == 2
+    assert "does not exist" in _err_line(capsys)
+    assert not (tmp_path / "store").exists()
+
+
+def test_convert_into_a_folder_with_files_keeps_every_file(cohort, tmp_path, capsys, key_file):
+    mine = tmp_path / "my-results"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("four years of work")
+    assert main(["convert", str(cohort / "dicom"), str(mine), "-q", "--workers", "1"]) == 2
+    assert "not a kneebatch cohort store" in _err_line(capsys)
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
+    assert (mine / "thesis.txt").read_text() == "four years of work"
+
+
+def test_missing_labels_folder_and_bad_label_map(store, tmp_path, capsys):
+    assert main(["measure", str(store), str(tmp_path / "m"), "--labels", str(tmp_path / "nope")]) == 2
+    assert "labels folder" in _err_line(capsys) and not (tmp_path / "m").exists()
+    assert main(["measure", str(store), str(tmp_path / "m"), "--labels", str(tmp_path),
+                 "--label-map", "1:femur,2:thighbone"]) == 2
+    assert "--label-map" in _err_line(capsys) and not (tmp_path / "m").exists()
+    assert main(["measure", str(store), str(tmp_path / "m"), "--labels", str(tmp_path), "--label-map", "x:femur"]) == 2
+    assert "--label-map" in _err_line(capsys)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "four"])
+def test_bad_batch_size_is_one_line(store, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(store), str(tmp_path / "o"), "--batch-size", value])
+    assert e.value.code == 2
+    assert "--batch-size" in _err_line(capsys) and not (tmp_path / "o").exists()
+
+
+def test_cuda_without_cuda_is_refused_not_run_on_the_cpu(store, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["run", str(store), str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "no CUDA device" in _err_line(capsys) and not (tmp_path / "o").exists()
+
+
+def test_missing_tensorrt_says_how_to_install_it(store, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed")
+    assert main(["run", str(store), str(tmp_path / "o"), "--backend", "tensorrt", "--device", "cuda"]) == 2
+    assert "pip install tensorrt" in _err_line(capsys) and not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(cohort, tmp_path, key_file):
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "kneebatch.cli", "convert", str(cohort / "dicom"), str(store), "--workers", "1",
+           "--key-file", str(key_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (store / "keymap.parquet").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted — rerun the same command to resume" in err and "Traceback" not in err
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(CohortStore(store).study_keys()) == 6 and read_rows(store / "failures.parquet") == []
+
+
+# ---------------------------------------------------------------- outputs never mix or vanish
+def test_rerun_with_other_settings_refuses_and_force_starts_clean(store, tiny_engines, tmp_path):
+    from kneebatch.inference.run import run
+
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    out = tmp_path / "out"
+    run(work, out, engines_path=tiny_engines, batch_size=6, show_progress=False)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="mirror_tta"):
+        run(work, out, engines_path=tiny_engines, batch_size=6, tta=True, show_progress=False)
+    report = run(work, out, engines_path=tiny_engines, batch_size=6, tta=True, force=True, show_progress=False)
+    assert report.segmented == 6 and report.already_done == 0  # nothing resumed from the other settings
+    assert (out / "notes.txt").read_text() == "mine"  # only kneebatch's own files went
+    import json
+
+    assert json.loads((out / "provenance.json").read_text())["mirror_tta"] is True
+
+
+def test_run_into_a_folder_kneebatch_did_not_make_is_refused(store, tiny_engines, tmp_path):
+    from kneebatch.inference.run import run
+
+    out = tmp_path / "papers"
+    out.mkdir()
+    (out / "measurements.parquet").write_bytes(b"not ours")
+    with pytest.raises(ValueError, match="not made by kneebatch"):
+        run(store, out, engines_path=tiny_engines, show_progress=False)
+    assert (out / "measurements.parquet").read_bytes() == b"not ours"
+
+
+def test_two_engines_keep_two_label_maps(store, tiny_engines, tmp_path):
+    """Label maps are kept per model: a second engines set never overwrites the first."""
+    import torch
+
+    from kneebatch.export import export_nifti
+    from kneebatch.inference.run import run
+    from kneebatch.models.checkpoints import save_weights
+    from kneebatch.models.config import build_network
+    from kneebatch.models.publish import publish
+    from tests.conftest import TINY
+
+    train_dir = tmp_path / "train2"
+    train_dir.mkdir()
+    (train_dir / "model_config.json").write_text(TINY.to_json())
+    torch.manual_seed(1)  # other weights: another model hash
+    for stage, net in (("coarse", TINY.coarse), ("fine", TINY.fine)):
+        save_weights(train_dir / f"{stage}.safetensors", build_network(net, 2, TINY.n_classes).state_dict(),
+                     {"stage": stage, "val_score": 0.0}, dtype=torch.float16)
+    publish(train_dir, tmp_path / "engines2")
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    run(work, tmp_path / "a", engines_path=tiny_engines, show_progress=False)
+    run(work, tmp_path / "b", engines_path=tmp_path / "engines2", show_progress=False)
+    s = CohortStore(work)
+    key = s.study_keys()[0]
+    hash_a = read_rows(tmp_path / "a" / "measurements.parquet")[0]["model_hash"]
+    hash_b = read_rows(tmp_path / "b" / "measurements.parquet")[0]["model_hash"]
+    assert hash_a != hash_b
+    assert [n for n in s.label_names(key) if n.startswith("labels-")] == sorted(
+        "labels-" + h.replace("+", "-") for h in (hash_a, hash_b))
+    # export and measure say which they use: the newest by default, or the one asked for
+    _, _, used = export_nifti(work, tmp_path / "exp", show_progress=False)
+    assert used == ["labels-" + hash_b.replace("+", "-")]
+    _, _, used = export_nifti(work, tmp_path / "exp-a", model=hash_a.split("+")[0], show_progress=False)
+    assert used == ["labels-" + hash_a.replace("+", "-")]
+
+
+# ---------------------------------------------------------------- faults while converting
+def test_a_study_that_kills_its_convert_worker_is_recorded(cohort, tmp_path, key_file):
+    from kneebatch.distributed.cluster import dask_client
+    from kneebatch.ingest.convert import discover
+    from kneebatch.keys import load_or_create_key, study_key
+
+    studies, _, _ = discover(cohort / "dicom")
+    poison = study_key(sorted(studies)[3], load_or_create_key(key_file))
+    store = tmp_path / "store"
+    with dask_client("local", n_workers=2) as client:
+        report = convert(cohort / "dicom", store, client=client, key_file=key_file, show_progress=False,
+                         study_fn=partial(faulty.crash_converting, poison=poison))
+    assert (report.converted, report.failed, report.reasons) == (5, 1, {"worker_died": 1})
+    (failure,) = read_rows(store / "failures.parquet")
+    assert failure["study_key"] == poison and failure["reason"] == "worker_died"
+    # the next convert (the crash fixed) converts it and clears the row
+    report = convert(cohort / "dicom", store, key_file=key_file, show_progress=False)
+    assert (report.converted, report.already_done) == (1, 5) and read_rows(store / "failures.parquet") == []
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 3 MB file system (tmpfs): writes run out of space for real."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_disk_leaves_only_whole_studies_and_a_rerun_completes(cohort, store, small_disk, key_file):
+    target = small_disk / "store"
+    try:
+        report = convert(cohort / "dicom", target, key_file=key_file, show_progress=False)
+        assert report.failed > 0  # the disk filled up: those studies are failure rows
+    except OSError as e:  # or even the failures table found no room
+        assert e.errno == 28
+    reference = CohortStore(store)
+    assert len(CohortStore(target).study_keys()) < 6
+    for key in CohortStore(target).study_keys():  # whatever is there is whole
+        assert np.array_equal(CohortStore(target).read_image(key)[0], reference.read_image(key)[0])
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+    report = convert(cohort / "dicom", target, key_file=key_file, show_progress=False)
+    s = CohortStore(target)
+    assert s.study_keys() == reference.study_keys() and read_rows(target / "failures.parquet") == []
+    assert not any((target / ".partial").iterdir())  # what the full disk left half-written is gone
+    for key in s.study_keys():
+        assert np.array_equal(s.read_image(key)[0], reference.read_image(key)[0])
+
+
+def test_label_maps_are_written_atomically_on_a_full_disk(store, small_disk):
+    work = small_disk / "s"
+    s = CohortStore(store)
+    key = s.study_keys()[0]
+    # a one-study store on the small disk
+    ws = CohortStore(work)
+    image, grid = s.read_image(key)
+    ws.write_study(key, image[:1], grid, ["T1"], {})
+    first = (np.arange(np.prod(grid.shape)) % 21).astype(np.uint8).reshape(grid.shape)
+    ws.write_labels(key, first, name="labels-a-b")
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # fill the disk
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    noise = np.random.default_rng(0).integers(0, 21, grid.shape).astype(np.uint8)  # incompressible
+    with pytest.raises(OSError):
+        ws.write_labels(key, noise, name="labels-a-b")
+    assert np.array_equal(ws.read_labels(key, "labels-a-b"), first)
+    assert not [p for p in (work / key).iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------- hostile files
+def _nifti(path, data, direction=((-1.0, 0, 0), (0, 0, -1.0), (0, 1.0, 0)), spacing=(3.0, 0.5, 0.5)):
+    grid = Grid.from_parts(data.shape, spacing, (0.0, 0.0, 0.0), np.array(direction).T)
+    nib.save(nib.Nifti1Image(np.asarray(data).transpose(2, 1, 0), affine_to_nifti(grid.affine)), path)
+
+
+def test_unusable_values_are_refused_with_a_reason(tmp_path, key_file):
+    rng = np.random.default_rng(0)
+    good = rng.integers(10, 3000, (12, 24, 20)).astype(np.uint16)
+    src = tmp_path / "src"
+    src.mkdir()
+    _nifti(src / "constant_T1.nii.gz", np.full((12, 24, 20), 7, np.uint16))
+    _nifti(src / "negative_T1.nii.gz", good.astype(np.int32) - 5000)
+    _nifti(src / "huge_T1.nii.gz", good.astype(np.int32) + 70000)
+    _nifti(src / "complex_T1.nii.gz", good.astype(np.complex64))
+    # no qform/sform: the voxel size alone, and one of them 0 mm (nibabel would write 1 mm)
+    nib.save(nib.Nifti1Image(good.transpose(2, 1, 0), None), src / "zerospacing_T1.nii")
+    raw = bytearray((src / "zerospacing_T1.nii").read_bytes())
+    raw[88:92] = np.array([0.0], "<f4").tobytes()  # pixdim[3]
+    (src / "zerospacing_T1.nii").write_bytes(bytes(raw))
+    _nifti(src / "axial_T1.nii.gz", good, direction=((0, 0, -1.0), (0, 1.0, 0), (-1.0, 0, 0)))
+    _nifti(src / "infslope_T1.nii", good.astype(np.float32))
+    raw = bytearray((src / "infslope_T1.nii").read_bytes())
+    raw[112:116] = np.array([np.inf], "<f4").tobytes()  # scl_slope: nibabel refuses to write it
+    (src / "infslope_T1.nii").write_bytes(bytes(raw))
+    # the T2 lies 300 mm away: no overlap, so it is left out (recorded), not stored as zeros
+    _nifti(src / "apart_T1.nii.gz", good)
+    far = Grid.from_parts(good.shape, (3.0, 0.5, 0.5), (300.0, 0.0, 0.0), np.array(((-1.0, 0, 0), (0, 0, -1.0),
+                                                                                          (0, 1.0, 0))).T)
+    nib.save(nib.Nifti1Image(good.transpose(2, 1, 0), affine_to_nifti(far.affine)), src / "apart_T2.nii.gz")
+    # a header that claims 30000 x 30000 x 1000 voxels: refused from the header alone
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 1000))
+    header.set_data_dtype(np.uint16)
+    with open(src / "bomb_T1.nii", "wb") as f:
+        f.write(header.binaryblock + b"\0" * (352 - len(header.binaryblock)) + b"\0" * 1024)
+    report = convert(src, tmp_path / "s", key_file=key_file, show_progress=False)
+    failures = {r["study_key"]: r for r in read_rows(tmp_path / "s" / "failures.parquet")}
+    keymap = {r["study_uid"]: r["study_key"] for r in read_rows(tmp_path / "s" / "keymap.parquet")}
+    expected = {"constant": "constant_image", "negative": "out_of_range_values", "huge": "out_of_range_values",
+                "complex": "bad_dtype", "zerospacing": "bad_geometry", "axial": "not_sagittal",
+                "infslope": "bad_scaling", "bomb": "too_large"}
+    assert {case: failures[keymap[case]]["reason"] for case in expected} == expected
+    for row in failures.values():
+        assert str(tmp_path) not in row["message"]
+    s = CohortStore(tmp_path / "s")
+    assert s.study_keys() == [keymap["apart"]] and report.converted == 1
+    assert s.channels(keymap["apart"]) == ["T1"]
+    (t2,) = [r for r in s.study_attrs(keymap["apart"])["series"] if r["role"] == "T2"]
+    assert t2["used"] is False and t2["overlap_fraction"] == 0.0
+
+
+def test_dicom_zero_scaling_and_negative_values_are_refused(cohort, manifest, tmp_path, key_file):
+    entry = manifest["studies"][0]
+    cases = {"zero_slope": ("RescaleSlope", "0"), "negative": ("RescaleIntercept", "-5000"),
+             "zero_spacing": ("PixelSpacing", ["0", "0"])}
+    for name, (tag, value) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(cohort / Path(entry["series"][entry["t1_series_uid"]]["folder"]), folder / "t1")
+        for f in (folder / "t1").iterdir():
+            ds = pydicom.dcmread(f)
+            ds.StudyInstanceUID = f"1.2.3.{len(name)}.{ord(name[0])}"
+            setattr(ds, tag, value)
+            ds.save_as(f)
+        report = convert(folder, tmp_path / f"s-{name}", key_file=key_file, show_progress=False)
+        (row,) = read_rows(tmp_path / f"s-{name}" / "failures.parquet")
+        assert row["reason"] == {"zero_slope": "bad_scaling", "negative": "out_of_range_values",
+                                 "zero_spacing": "bad_geometry"}[name], row
+        assert report.converted == 0
+
+
+def test_metaimage_never_reads_outside_its_folder(tmp_path, key_file):
+    from kneebatch.ingest.metaimage import write_metaimage
+
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(np.arange(12 * 24 * 20, dtype=np.uint16).tobytes())
+    src = tmp_path / "src"
+    src.mkdir()
+    grid = Grid.from_parts((12, 24, 20), (3.0, 0.5, 0.5), (0, 0, 0), np.array(((-1.0, 0, 0), (0, 0, -1.0),
+                                                                                (0, 1.0, 0))).T)
+    write_metaimage(src / "knee_T1.mha", np.random.default_rng(0).integers(1, 999, grid.shape).astype(np.uint16), grid)
+    for i, target in enumerate(["../secret.raw", str(secret)]):
+        header = (src / "knee_T1.mha").read_bytes().split(b"ElementDataFile")[0]
+        (src / f"peek{i}_T1.mhd").write_bytes(header + f"ElementDataFile = {target}\n".encode())
+    report = convert(src, tmp_path / "s", key_file=key_file, show_progress=False)
+    failures = read_rows(tmp_path / "s" / "failures.parquet")
+    assert report.converted == 1  # the honest one
+    assert sorted(r["reason"] for r in failures) == ["unreadable_pixels", "unreadable_pixels"]
+    assert all("own folder" in r["message"] for r in failures)
+
+
+def test_label_names_from_headers_never_become_paths(tmp_path):
+    from kneebatch.ingest.label_import import label_file
+
+    (tmp_path / "labels").mkdir()
+    outside = tmp_path / "evil.nii.gz"
+    outside.write_bytes(b"x")
+    assert label_file(tmp_path / "labels", ["../evil", "k0123456789"]) is None
+
+
+def test_file_names_in_any_encoding_and_two_cases_with_one_name(cohort, manifest, tmp_path, key_file):
+    src = tmp_path / "src"
+    entry = manifest["studies"][0]
+    # a study under a folder whose name is not UTF-8 (Latin-1 bytes), and a junk file named likewise
+    folder = os.path.join(os.fsencode(src), b"Patient_M\xfcller")
+    shutil.copytree(cohort / Path(entry["series"][entry["t1_series_uid"]]["folder"]).parent, os.fsdecode(folder))
+    with open(os.path.join(folder, b"notes_\xe9t\xe9.txt"), "wb") as f:
+        f.write(b"not dicom")
+    good = np.random.default_rng(1).integers(10, 3000, (12, 24, 20)).astype(np.uint16)
+    for site in ("siteA", "siteB"):
+        (src / site).mkdir()
+        _nifti(src / site / "knee01_T1.nii.gz", good)
+    report = convert(src, tmp_path / "s", key_file=key_file, show_progress=False)
+    assert (report.studies_found, report.converted, report.files_rejected) == (3, 3, 1)
+    uids = sorted(r["study_uid"] for r in read_rows(tmp_path / "s" / "keymap.parquet") if r["study_uid"])
+    assert uids == sorted([entry["study_uid"], "siteA/knee01", "siteB/knee01"])
+
+
+def test_pydicom_warnings_and_header_text_stay_off_the_console(cohort, manifest, tmp_path, key_file):
+    """A header value pydicom warns about (quoting it) names the patient: it reaches neither
+    the console (driver and Dask workers) nor a table."""
+    from pydicom import config
+
+    entry = manifest["studies"][0]
+    study = cohort / Path(entry["series"][entry["t1_series_uid"]]["folder"]).parent
+    folder = tmp_path / "src"
+    shutil.copytree(study, folder)
+    mode = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        for f in folder.rglob("*"):
+            if f.is_file():
+                ds = pydicom.dcmread(f)
+                ds.BodyPartExamined = "left knee of SECRETNAME"  # too long and lower case for CS
+                ds.save_as(f)
+    finally:
+        config.settings.writing_validation_mode = mode
+    for workers in ("1", "2"):
+        store = tmp_path / f"s{workers}"
+        done = subprocess.run([sys.executable, "-m", "kneebatch.cli", "convert", str(folder), str(store),
+                               "--workers", workers, "--key-file", str(key_file)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "1 converted" in done.stdout
+        assert "SECRETNAME" not in done.stdout + done.stderr and entry["study_uid"] not in done.stdout + done.stderr
+        (key,) = CohortStore(store).study_keys()
+        assert CohortStore(store).study_attrs(key)["knee_side"] == "left"  # the header's word, not its text
+        assert "SECRETNAME" not in str(CohortStore(store).study_attrs(key))
