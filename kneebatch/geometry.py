@@ -105,10 +105,12 @@ def affine_from_nifti(affine_ijk_ras: np.ndarray) -> np.ndarray:
     return (LPS_TO_RAS @ np.asarray(affine_ijk_ras, float))[:, _REVERSE_AXES]
 
 
-def resample(array: np.ndarray, src: Grid, dst: Grid, order: int = 1, cval: float = 0.0) -> np.ndarray:
+def resample(array: np.ndarray, src: Grid, dst: Grid, order: int = 1, cval: float = 0.0,
+             mode: str = "constant") -> np.ndarray:
     """Sample ``array`` (on ``src``) at the voxel centres of ``dst``.
 
-    ``order=1`` trilinear for images, ``order=0`` nearest for label maps.
+    ``order=1`` trilinear for images, ``order=0`` nearest for label maps; outside ``src``
+    ``cval`` (``mode="constant"``) or the nearest edge value (``mode="nearest"``).
     """
     from scipy import ndimage
 
@@ -122,7 +124,7 @@ def resample(array: np.ndarray, src: Grid, dst: Grid, order: int = 1, cval: floa
         offset=m[:3, 3],
         output_shape=dst.shape,
         order=order,
-        mode="constant",
+        mode=mode,
         cval=cval,
         prefilter=False,
     )

@@ -73,7 +73,7 @@ def discover(src, client=None, show_progress=None, channels=None, skip=None) -> 
     nifti_studies = nifti.find_nifti_studies(src, channels, file_set) if src.is_dir() else {}
     nifti_files = {p for s in nifti_studies.values() for p in s.files.values()}
     unnamed = [dicom.FileProblem(f, "unnamed_volume") for f in files
-               if f not in nifti_files and f.lower().endswith(nifti.VOLUME_SUFFIXES)]
+               if f not in nifti_files and f.lower().endswith(nifti.VOLUME_SUFFIXES) and not nifti.is_label_file(f)]
     files = [f for f in files if not f.lower().endswith(nifti.VOLUME_SUFFIXES + (".raw",))]
     chunks = [files[i:i + SCAN_CHUNK] for i in range(0, len(files), SCAN_CHUNK)]
     headers = []

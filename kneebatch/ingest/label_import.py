@@ -23,7 +23,6 @@ from kneebatch.ingest.nifti import VOLUME_SUFFIXES, read_volume
 from kneebatch.ingest.store import CohortStore
 from kneebatch.outputs import read_rows
 
-MIN_COVERAGE = 0.999  # share of the image grid a resampled label map must cover
 
 
 def label_file(labels_dir, names) -> Path | None:
@@ -93,12 +92,19 @@ def labels_onto(labels: np.ndarray, label_grid: Grid, grid: Grid) -> tuple[np.nd
     data, reoriented = to_canonical(label_grid).apply(labels, label_grid)
     if reoriented.same_as(grid):
         return data, "reoriented"
-    covered = resample(np.ones(label_grid.shape, np.uint8), label_grid, grid, order=0)
-    share = float(np.mean(covered > 0))
-    if share < MIN_COVERAGE:
-        raise StudyError("label_geometry_mismatch",
-                         f"the label map covers {100 * share:.1f} % of the image grid {grid.shape}")
-    return resample(labels, label_grid, grid, order=0), "resampled"
+    if not covers(label_grid, grid):
+        covered = resample(np.ones(label_grid.shape, np.uint8), label_grid, grid, order=0)
+        raise StudyError("label_geometry_mismatch", f"the label map covers {100 * float(np.mean(covered > 0)):.1f} % "
+                                                    f"of the image grid {grid.shape}")
+    return resample(labels, label_grid, grid, order=0, mode="nearest"), "resampled"
+
+
+def covers(outer: Grid, inner: Grid, tol_voxels: float = 1e-3) -> bool:
+    """Whether every voxel centre of ``inner`` lies inside the voxels of ``outer`` (the corners
+    decide: the grids are affine)."""
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in inner.shape], indexing="ij")).reshape(3, -1).T
+    idx = outer.world_to_index(inner.index_to_world(corners))
+    return bool(np.all(idx >= -0.5 - tol_voxels) and np.all(idx <= np.asarray(outer.shape) - 0.5 + tol_voxels))
 
 
 def read_label_file(path, grid: Grid, label_map: dict[int, int] | None = None) -> tuple[np.ndarray, str]:

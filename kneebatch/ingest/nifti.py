@@ -37,6 +37,11 @@ class NiftiStudy:
         return str(Path(next(iter(self.files.values()))).parent)
 
 
+def is_label_file(path) -> bool:
+    """``<name>_labels.nii.gz`` (as ``kneebatch export`` writes): a label map, not an image."""
+    return bool(re.match(r"^.+_labels\.(nii|nii\.gz|mhd|mha)$", Path(path).name, re.IGNORECASE))
+
+
 def parse_channels(text: str) -> dict[str, str]:
     """``"0000:DESS,0001:PDFS"`` -> {"0000": "DESS", "0001": "PDFS"} (nnU-Net channel suffix -> role)."""
     out = {}
