@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from kneebatch import __version__
+from kneebatch.errors import StudyError
 
 
 def _client(workers: int | None):
@@ -165,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", type=Path, help="output folder")
     s.add_argument("--n", type=_positive, default=24, help="number of studies (alternating normal / OA; default 24)")
     s.add_argument("--seed", type=int, default=0, help="random seed; study i is the same for any --n")
-    s.add_argument("--preset", default="clinical", choices=["clinical", "small"],
-                   help="clinical: realistic matrices and slices; small: ~1 mm in-plane, quick (tests, training)")
+    s.add_argument("--preset", default="clinical", choices=["clinical", "small", "oai"],
+                   help="clinical: sagittal T1 + fat-suppressed T2 at realistic matrices and slices; small: ~1 mm "
+                        "in-plane, quick (tests, training); oai: the OAI's sagittal 3-D DESS-WE + 2-D IW-TSE-FS")
     common(s)
     s.set_defaults(func=cmd_synth)
 
@@ -294,7 +296,7 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, StudyError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"kneebatch {args.command}: error: {message}", file=sys.stderr)
         return 2

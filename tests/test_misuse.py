@@ -102,6 +102,17 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(cohort, tmp_path, key_
     assert len(CohortStore(store).study_keys()) == 6 and read_rows(store / "failures.parquet") == []
 
 
+def test_a_store_refuses_a_second_key(cohort, store, tmp_path, capsys):
+    """Keys made with two secrets would store every study twice under two names."""
+    work = tmp_path / "store"
+    shutil.copytree(store, work)
+    before = sorted(p.name for p in work.iterdir())
+    assert main(["convert", str(cohort / "dicom"), str(work), "--key-file", str(tmp_path / "other.key"), "-q",
+                 "--workers", "1"]) == 2
+    assert "another study-key secret" in _err_line(capsys)
+    assert sorted(p.name for p in work.iterdir()) == before
+
+
 # ---------------------------------------------------------------- outputs never mix or vanish
 def test_rerun_with_other_settings_refuses_and_force_starts_clean(store, tiny_engines, tmp_path):
     from kneebatch.inference.run import run

@@ -21,10 +21,11 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from kneebatch.geometry import Grid
 from kneebatch.errors import StudyError
+from kneebatch.geometry import Grid
 from kneebatch.ingest import enhanced
 from kneebatch.ingest.roles import contrast_role
+from kneebatch.ingest.values import first_float, floats, words
 
 # pydicom's warnings and log lines quote header values (names, descriptions, UIDs): they never
 # reach the console, in the driver or in a worker; kneebatch refuses what they warn about with
@@ -112,29 +113,6 @@ class StudyFiles:
         return os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
 
 
-def _float(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _floats(v, n):
-    try:
-        out = tuple(float(x) for x in v)
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == n else None
-
-
-def _words(v) -> tuple:
-    """A multi-valued text field (CS) as upper-case words: ``"SE\\IR"`` or ``["SE", "IR"]`` -> ("SE", "IR")."""
-    if v is None or v == "":
-        return ()
-    items = [v] if isinstance(v, str) else list(v)
-    return tuple(w.strip().upper() for item in items for w in str(item).replace("\\", " ").split() if w.strip())
-
-
 def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
     """Header of one file, or why it is not a usable DICOM image.
 
@@ -169,22 +147,22 @@ def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
         modality=str(ds.get("Modality", "") or ""),
         image_type=image_type,
         description=str(ds.get("SeriesDescription", "") or ""),
-        position=_floats(ds.get("ImagePositionPatient"), 3),
-        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
+        position=floats(ds.get("ImagePositionPatient"), 3),
+        orientation=floats(ds.get("ImageOrientationPatient"), 6),
+        pixel_spacing=floats(ds.get("PixelSpacing"), 2),
         rows=int(ds.get("Rows", 0) or 0),
         columns=int(ds.get("Columns", 0) or 0),
-        tr=_float(ds.get("RepetitionTime")),
-        te=_float(ds.get("EchoTime")),
-        frames=int(_float(ds.get("NumberOfFrames")) or 1),
-        scanning_sequence=_words(ds.get("ScanningSequence")),
-        sequence_variant=_words(ds.get("SequenceVariant")),
-        scan_options=_words(ds.get("ScanOptions")),
+        tr=first_float(ds.get("RepetitionTime")),
+        te=first_float(ds.get("EchoTime")),
+        frames=int(first_float(ds.get("NumberOfFrames")) or 1),
+        scanning_sequence=words(ds.get("ScanningSequence")),
+        sequence_variant=words(ds.get("SequenceVariant")),
+        scan_options=words(ds.get("ScanOptions")),
         sequence_name=str(ds.get("SequenceName", "") or ""),
         protocol_name=str(ds.get("ProtocolName", "") or ""),
         acquisition_type=str(ds.get("MRAcquisitionType", "") or "").upper(),
-        ti=_float(ds.get("InversionTime")),
-        flip_angle=_float(ds.get("FlipAngle")),
+        ti=first_float(ds.get("InversionTime")),
+        flip_angle=first_float(ds.get("FlipAngle")),
         manufacturer=str(ds.get("Manufacturer", "") or ""),
         laterality=str(ds.get("Laterality", "") or ds.get("ImageLaterality", "") or "").upper()[:1],
         body_part=str(ds.get("BodyPartExamined", "") or "").upper(),

@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kneebatch.ingest.values import first_float, floats, present, words
+
 # the top-level attributes the header scan needs for multi-frame objects (added to
 # kneebatch.ingest.dicom.HEADER_TAGS)
 HEADER_TAGS = [
@@ -79,17 +81,6 @@ def _item(seq, i: int = 0):
         return None
 
 
-def _present(v) -> bool:
-    if v is None:
-        return False
-    if isinstance(v, str):
-        return v.strip() != ""
-    try:
-        return len(v) > 0
-    except TypeError:
-        return True
-
-
 def _fg(items, seq_kw: str, kw: str):
     """``kw`` inside the first item of ``seq_kw`` of the first functional-group item that has it."""
     for group in items:
@@ -98,7 +89,7 @@ def _fg(items, seq_kw: str, kw: str):
         inner = _item(group.get(seq_kw))
         if inner is not None:
             v = inner.get(kw)
-            if _present(v):
+            if present(v):
                 return v
     return None
 
@@ -112,38 +103,14 @@ def _classic(items, ds, kw: str):
         inner = _item(group.get(seq_kw)) if group is not None else None
         if inner is not None:
             v = inner.get(kw)
-            if _present(v):
+            if present(v):
                 return v
     v = ds.get(kw)
-    return v if _present(v) else None
-
-
-def _float(v):
-    if v is not None and not isinstance(v, (str, bytes)) and hasattr(v, "__len__"):  # multi-valued: the first
-        v = v[0] if len(v) else None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _floats(v, n):
-    try:
-        out = tuple(float(x) for x in v)
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == n else None
-
-
-def _words(v) -> tuple:
-    if not _present(v):
-        return ()
-    items = [v] if isinstance(v, str) else list(v)
-    return tuple(w.strip().upper() for item in items for w in str(item).replace("\\", " ").split() if w.strip())
+    return v if present(v) else None
 
 
 def _cs(v) -> str:
-    return str(v).strip().upper() if _present(v) else ""
+    return str(v).strip().upper() if present(v) else ""
 
 
 def _modifier(items, ds, seq_kw: str, kw: str) -> str:
@@ -155,50 +122,50 @@ def _contrast(items, ds) -> dict:
     """ScanningSequence / SequenceVariant / ScanOptions / SequenceName: the classic attributes
     where present, else derived from the enhanced ones."""
     out = {}
-    scanning = _words(_classic(items, ds, "ScanningSequence"))
+    scanning = words(_classic(items, ds, "ScanningSequence"))
     if not scanning:
-        words = list(_ECHO_PULSE.get(_cs(ds.get("EchoPulseSequence")), ()))
+        flags = list(_ECHO_PULSE.get(_cs(ds.get("EchoPulseSequence")), ()))
         if _modifier(items, ds, "MRModifierSequence", "InversionRecovery") == "YES":
-            words.append("IR")
+            flags.append("IR")
         if _cs(ds.get("EchoPlanarPulseSequence")) == "YES":
-            words.append("EP")
-        scanning = tuple(words)
+            flags.append("EP")
+        scanning = tuple(flags)
     out["scanning_sequence"] = scanning
 
-    variant = _words(_classic(items, ds, "SequenceVariant"))
+    variant = words(_classic(items, ds, "SequenceVariant"))
     if not variant:
-        words = []
+        flags = []
         if _cs(ds.get("SegmentedKSpaceTraversal")) in ("PARTIAL", "FULL"):
-            words.append("SK")
+            flags.append("SK")
         if _modifier(items, ds, "MRImagingModifierSequence", "MagnetizationTransfer") not in _NO:
-            words.append("MTC")
+            flags.append("MTC")
         steady = _cs(ds.get("SteadyStatePulseSequence"))
         if steady == "TIME_REVERSED":
-            words.append("TRSS")
+            flags.append("TRSS")
         elif steady not in _NO:
-            words.append("SS")
+            flags.append("SS")
         if _modifier(items, ds, "MRModifierSequence", "Spoiling") not in _NO:
-            words.append("SP")
+            flags.append("SP")
         if _cs(ds.get("OversamplingPhase")) not in _NO:
-            words.append("OSP")
-        variant = tuple(words)
+            flags.append("OSP")
+        variant = tuple(flags)
     out["sequence_variant"] = variant
 
-    options = _words(_classic(items, ds, "ScanOptions"))
+    options = words(_classic(items, ds, "ScanOptions"))
     if not options:
-        words = []
+        flags = []
         suppression = _cs(ds.get("SpectrallySelectedSuppression"))
         excitation = _modifier(items, ds, "MRModifierSequence", "SpectrallySelectedExcitation")
         if suppression in ("FAT", "FAT_AND_WATER") or excitation == "WATER":
-            words.append("FS")
+            flags.append("FS")
         if _modifier(items, ds, "MRModifierSequence", "FlowCompensation") not in _NO:
-            words.append("FC")
+            flags.append("FC")
         if _modifier(items, ds, "MRModifierSequence", "SpatialPresaturation") == "SLAB":
-            words.append("SP")
+            flags.append("SP")
         if _modifier(items, ds, "MRModifierSequence", "PartialFourier") == "YES":
             direction = _modifier(items, ds, "MRModifierSequence", "PartialFourierDirection")
-            words += {"PHASE": ["PFP"], "FREQUENCY": ["PFF"]}.get(direction, [])
-        options = tuple(words)
+            flags += {"PHASE": ["PFP"], "FREQUENCY": ["PFF"]}.get(direction, [])
+        options = tuple(flags)
     out["scan_options"] = options
 
     name = _classic(items, ds, "SequenceName")
@@ -230,13 +197,13 @@ def _frame(ds, items, i: int) -> dict:
         body_part = _cs(region.get("CodeMeaning")) if region is not None else ""
     fields = {
         "frame": i,
-        "position": _floats(pos, 3) if pos is not None else None,
-        "orientation": _floats(iop, 6) if iop is not None else None,
-        "pixel_spacing": _floats(spacing, 2) if spacing is not None else None,
-        "tr": _float(tr if tr is not None else _classic(items, ds, "RepetitionTime")),
-        "te": _float(te if te is not None else _classic(items, ds, "EchoTime")),
-        "flip_angle": _float(flip if flip is not None else _classic(items, ds, "FlipAngle")),
-        "ti": _float(ti if ti is not None else _classic(items, ds, "InversionTime")),
+        "position": floats(pos, 3) if pos is not None else None,
+        "orientation": floats(iop, 6) if iop is not None else None,
+        "pixel_spacing": floats(spacing, 2) if spacing is not None else None,
+        "tr": first_float(tr if tr is not None else _classic(items, ds, "RepetitionTime")),
+        "te": first_float(te if te is not None else _classic(items, ds, "EchoTime")),
+        "flip_angle": first_float(flip if flip is not None else _classic(items, ds, "FlipAngle")),
+        "ti": first_float(ti if ti is not None else _classic(items, ds, "InversionTime")),
         "acquisition_type": _cs(acq),
         "laterality": side[:1] if side[:1] in ("L", "R") else "",
         "body_part": body_part,

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 
 FORMAT = "kneebatch-cohort-store"
 _KEY = re.compile(r"^[a-z][0-9a-f]{8,64}$")  # study keys are hex digests: never a path
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: canonical voxel order, channels by contrast role, label maps per model
 CHUNK_ZYX = (32, 128, 128)
 PARTIAL = ".partial"
 SEGMENTATION_PREFIX = "labels-"
@@ -58,6 +58,9 @@ class CohortStore:
             root = zarr.open_group(str(self.path), mode="r")
             if root.attrs.get("format") != FORMAT:
                 raise ValueError(f"{self.path} is a Zarr group but not a kneebatch cohort store")
+            if root.attrs.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"{self.path} is a cohort store of format {root.attrs.get('format_version')} "
+                                 f"(this kneebatch reads {FORMAT_VERSION}): convert the source again into a new store")
         elif create:
             if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
                 # never write into (let alone clear) a folder kneebatch did not create

@@ -29,6 +29,7 @@ import torch
 from kneebatch import labels as L
 from kneebatch.models.checkpoints import load_weights, save_weights
 from kneebatch.measure import dice_per_label
+from kneebatch.errors import StudyError
 from kneebatch.models.config import ModelConfig, build_network
 from kneebatch.models.preprocess import box_from_mask, normalize, pad_to_multiple, resize, working_shape
 
@@ -79,14 +80,23 @@ class Trainer:
         self.init_from = Path(init_from) if init_from else None
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
-        keys = [k for k in self.store.study_keys() if self.store.read_labels(k, label_name) is not None]
+        keys = [k for k in self.store.study_keys()
+                if label_name in self.store.label_names(k) and self._has_inputs(k)]
         if len(keys) < 3:
-            raise ValueError(f"need at least 3 studies with '{label_name}' label maps, found {len(keys)}")
+            raise ValueError(f"need at least 3 studies with '{label_name}' label maps and the contrasts "
+                             f"{self.cfg.input_roles}, found {len(keys)}")
         self.split = split_keys(keys, seed)
         (self.out / "model_config.json").write_text(self.cfg.to_json())
         self.log_rows: list[dict] = []
 
     # ------------------------------------------------------------------ data
+    def _has_inputs(self, key: str) -> bool:
+        try:
+            self.cfg.input_channels(self.store.channels(key))
+            return True
+        except StudyError:
+            return False
+
     def _load(self, key: str, keep_native: bool) -> Case:
         image, grid = self.store.read_image(key, self.cfg.input_channels(self.store.channels(key)))
         labels = self.store.read_labels(key, self.label_name)
