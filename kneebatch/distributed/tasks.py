@@ -11,6 +11,19 @@ class Solo(list):
     can then only be its own doing, not that of a task sharing the worker."""
 
 
+def retry_alone(item, exc, poison: Callable):
+    """``on_error`` for an item whose task killed its worker: run it once more with nothing else
+    in flight (it may only have shared the worker with the culprit); if it kills its worker even
+    alone, ``poison(item, exc)`` is its result (a failure row, never a retry forever)."""
+    if not isinstance(item, Solo):
+        return None, [Solo(item)]
+    return poison(item, exc), []
+
+
+def died_message(exc: BaseException) -> str:
+    return f"the worker died on every try ({type(exc).__name__})"
+
+
 def map_unordered(fn: Callable, items: Iterable, client=None, max_in_flight: int | None = None,
                   on_error: Callable | None = None, **kwargs) -> Iterator:
     """Yield ``fn(item, **kwargs)`` results as they finish.

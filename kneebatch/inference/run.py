@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from kneebatch import __version__
-from kneebatch.distributed.tasks import Solo, map_unordered
+from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
 from kneebatch.errors import failure_row
 from kneebatch.ingest.store import CohortStore, segmentation_name
 from kneebatch.measure import measurement_schema, measure_study
@@ -141,17 +141,13 @@ def _saved(parts: Path) -> tuple[list[dict], list[dict]]:
 
 
 def _split_or_record(keys, exc):
-    """A batch that killed its worker: try its studies one by one, then a lone study once
-    more with nothing else in flight (it may only have shared a worker with the real
-    culprit); a study that kills its worker even alone is poison."""
+    """A batch that killed its worker: try its studies one by one, each alone at last
+    (:func:`retry_alone`); a study that kills its worker even alone is poison."""
     if len(keys) > 1:
         return None, [[k] for k in keys]
-    if not isinstance(keys, Solo):
-        return None, [Solo(keys)]
-    detail = f"{type(exc).__name__}"
-    return {"keys": list(keys), "rows": [], "seconds": {},
-            "failures": [{"study_key": keys[0], "stage": "run", "reason": "worker_died",
-                          "message": f"the worker died on every try ({detail})"}]}, []
+    return retry_alone(keys, exc, lambda keys, exc: {
+        "keys": list(keys), "rows": [], "seconds": {},
+        "failures": [{"study_key": keys[0], "stage": "run", "reason": "worker_died", "message": died_message(exc)}]})
 
 
 def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client=None, batch_size: int = 4,

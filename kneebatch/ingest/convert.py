@@ -24,7 +24,7 @@ from kneebatch.ingest.roles import ROLES
 from kneebatch.ingest.store import CohortStore
 from kneebatch.keys import key_fingerprint, load_or_create_key, study_key
 from kneebatch.outputs import FAILURE_SCHEMA, KEYMAP_SCHEMA, merge_rows, read_rows, write_rows
-from kneebatch.distributed.tasks import Solo, map_unordered
+from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
 from kneebatch.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -288,12 +288,9 @@ def convert_pair(pair, store_path):
 
 
 def _worker_died(pair, exc):
-    """A study whose convert killed its worker: tried once more with nothing else in flight
-    (it may only have shared the worker with the culprit), then recorded as poison."""
-    if not isinstance(pair, Solo):
-        return None, [Solo(pair)]
-    return {"study_key": pair[1], "status": "failed", "reason": "worker_died", "seconds": 0.0, "bytes": 0,
-            "message": f"the worker died on every try ({type(exc).__name__})"}, []
+    """A study whose convert killed its worker: once more alone, then recorded as poison."""
+    return retry_alone(pair, exc, lambda pair, exc: {"study_key": pair[1], "status": "failed", "reason": "worker_died",
+                                                     "seconds": 0.0, "bytes": 0, "message": died_message(exc)})
 
 
 def _text(path: str) -> str:
