@@ -219,9 +219,9 @@ def check_volume(data: np.ndarray, grid: Grid) -> None:
 def _onto(volume, src_grid: Grid, dst_grid: Grid) -> tuple[np.ndarray, bool, float]:
     """A channel on the (canonical) reference grid: reordered exactly when only the voxel order
     differs, else trilinear (0 outside its field of view); with the share of the grid it covers."""
-    data, grid = to_canonical(src_grid).apply(volume, src_grid)
-    if grid.same_as(dst_grid):
-        return data, False, 1.0
+    reorientation = to_canonical(src_grid)
+    if reorientation.grid(src_grid).same_as(dst_grid):
+        return reorientation.apply(volume, src_grid)[0], False, 1.0
     inside = resample(np.ones(src_grid.shape, np.float32), src_grid, dst_grid, order=0)
     out = np.clip(np.rint(resample(volume, src_grid, dst_grid, order=1)), 0, 65535).astype(np.uint16)
     return out, True, float(np.mean(inside > 0))
