@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "<StudyInstanceUID or case>.nii.gz/.mhd, on any grid covering the study "
                         "(default: the label maps in the store)")
     s.add_argument("--label-map", default="",
-                   help='translate foreign label ids of --labels files, e.g. "1:femur,2:femoral_cartilage" '
-                        "(ids not listed become background; without it, ids outside the schema are an error)")
+                   help='translate foreign label ids of --labels files, e.g. "1:femur,2:femoral_cartilage,3:background" '
+                        "(every id of the files must be listed; ids that are not, or outside the schema without a "
+                        "map, make that study an unknown_label_ids failure row)")
     s.add_argument("--model", default=None,
                    help="measure the segmentation of these engines (a model hash prefix; default: the newest)")
     s.add_argument("--label-name", default=None, help="measure another label map of the store, e.g. truth")
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first import label maps named <StudyInstanceUID or case>.nii.gz/.mhd from this folder")
     s.add_argument("--label-map", default="",
                    help='translate foreign label ids, e.g. OAI-ZIB: "1:femur,2:femoral_cartilage,3:tibia,'
-                        '4:medial_tibial_cartilage" (ids not listed become background)')
+                        '4:medial_tibial_cartilage"; every id of the files must be listed (N:background drops one)')
     s.add_argument("--label-name", default="truth", help="label array in the store to train on (default truth)")
     s.add_argument("--minutes-coarse", type=float, default=4.0, help="time budget of the coarse stage")
     s.add_argument("--minutes-fine", type=float, default=40.0, help="time budget of the fine stage")

@@ -11,6 +11,7 @@ from kneebatch.geometry import Grid, Reorientation
 from kneebatch.ingest.label_import import study_names
 from kneebatch.ingest.nifti import write_image_nifti, write_label_nifti
 from kneebatch.ingest.store import CohortStore
+from kneebatch.outputs import claim_output_dir
 from kneebatch.progress import progress_bar
 
 
@@ -53,8 +54,8 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
     if names not in ("key", "uid"):
         raise ValueError(f"--names must be key or uid, not {names!r}")
     store = CohortStore(store_path, create=False)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # a folder of the user's own files is never written into: a file could share a name
+    out = claim_output_dir(out, "export", {})
     keys = store.study_keys()
     file_name = {k: n[0] for k, n in study_names(store).items()}
     if names == "uid":

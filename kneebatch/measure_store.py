@@ -21,6 +21,7 @@ from kneebatch import __version__
 from kneebatch.distributed.tasks import map_unordered
 from kneebatch.errors import failure_row
 from kneebatch.ingest.label_import import label_file, read_label_file, study_names
+from kneebatch.ingest.nifti import volume_stem
 from kneebatch.ingest.store import CohortStore
 from kneebatch.measure import measure_study, measurement_schema
 from kneebatch.outputs import FAILURE_SCHEMA, claim_output_dir, merge_rows, read_rows, write_rows, write_text_atomic
@@ -77,7 +78,7 @@ def measure_store(store_path, out, labels_dir=None, client=None, show_progress=N
                                  "message": "no <study_key>[_labels] or <StudyInstanceUID> label file for this "
                                             "study in the labels folder"})
             else:
-                jobs.append((k, str(path), path.name.split(".")[0]))
+                jobs.append((k, str(path), volume_stem(path)))
             continue
         name = label_name or store.segmentation(k, model)
         if name is None or name not in store.label_names(k):

@@ -98,12 +98,13 @@ def claim_output_dir(out, command: str, settings: dict, force: bool = False,
     if marker.exists():
         found = json.loads(marker.read_text())
         if found != wanted:
+            if found.get("command") != command:
+                raise ValueError(f"{out} holds the outputs of 'kneebatch {found.get('command')}'; choose another folder")
             if not force:
                 differ = sorted(k for k in {*settings, *found.get("settings", {})}
                                 if settings.get(k) != found.get("settings", {}).get(k))
-                what = f"'kneebatch {found.get('command')}'" + (f" with other {', '.join(differ)}" if differ else "")
-                raise ValueError(f"{out} was made by {what}; rerun with the same settings to resume, choose another "
-                                 "folder, or add --force to start it clean")
+                raise ValueError(f"{out} was made with other {', '.join(differ)}; rerun with the same settings to "
+                                 "resume, choose another folder, or add --force to start it clean")
             for pattern in owned:
                 for p in out.glob(pattern):
                     if p.is_file():

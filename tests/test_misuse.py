@@ -102,6 +102,28 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(cohort, tmp_path, key_
     assert len(CohortStore(store).study_keys()) == 6 and read_rows(store / "failures.parquet") == []
 
 
+def test_stores_inside_the_source_are_skipped_and_stores_do_not_nest(cohort, store, tmp_path, key_file):
+    src = tmp_path / "src"
+    shutil.copytree(cohort / "dicom", src)
+    shutil.copytree(store, src / "old-store.zarr")  # an earlier store kept in the data tree
+    report = convert(src, tmp_path / "s", key_file=key_file, show_progress=False)
+    assert (report.converted, report.files_rejected) == (6, 0)  # none of the store's files was scanned
+    with pytest.raises(ValueError, match="inside the cohort store"):
+        convert(src, tmp_path / "s" / "nested", key_file=key_file, show_progress=False)
+    assert not (tmp_path / "s" / "nested").exists()
+
+
+def test_export_never_writes_into_a_folder_of_other_files(store, tmp_path):
+    from kneebatch.export import export_nifti
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "k123_labels.nii.gz").write_bytes(b"my own segmentation")
+    with pytest.raises(ValueError, match="not made by kneebatch"):
+        export_nifti(store, mine, name="truth", show_progress=False)
+    assert (mine / "k123_labels.nii.gz").read_bytes() == b"my own segmentation"
+
+
 def test_a_store_refuses_a_second_key(cohort, store, tmp_path, capsys):
     """Keys made with two secrets would store every study twice under two names."""
     work = tmp_path / "store"
@@ -130,6 +152,14 @@ def test_rerun_with_other_settings_refuses_and_force_starts_clean(store, tiny_en
     import json
 
     assert json.loads((out / "provenance.json").read_text())["mirror_tta"] is True
+    # the TTA label maps are kept beside the plain ones, not over them
+    names = CohortStore(work).label_names(CohortStore(work).study_keys()[0])
+    assert len(names) == 2 and names[1] == names[0] + "-tta"
+    # an OUT of another command is refused with what it holds
+    with pytest.raises(ValueError, match="holds the outputs of 'kneebatch run'"):
+        from kneebatch.measure_store import measure_store
+
+        measure_store(work, out, show_progress=False)
 
 
 def test_run_into_a_folder_kneebatch_did_not_make_is_refused(store, tiny_engines, tmp_path):

@@ -104,6 +104,8 @@ def test_exports_remeasured_give_the_same_volumes(segmented, tmp_path):
         assert main(["measure", str(segmented), str(tmp_path / out), "--labels", str(folder), "-q",
                      "--workers", "1"]) == 0
     before, by_key, by_uid = (_by_key(tmp_path / m) for m in ("m0", "m1", "m2"))
+    uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(CohortStore(segmented).keymap_path)}
+    assert {r["label_name"] for r in by_uid.values()} == {f"{uid_of[k]}_labels" for k in by_uid}
     assert set(before) == set(by_key) == set(by_uid) and len(before) == 6
     for key, row in before.items():
         for name in VOLUMES:
@@ -181,6 +183,18 @@ def test_unknown_label_ids_are_an_error_row_and_label_map_translates(segmented, 
     vv = s.grid(key).voxel_volume_mm3
     assert row["femur_volume_mm3"] == pytest.approx(300 * vv) and row["femoral_cartilage_volume_mm3"] == pytest.approx(
         100 * vv)
+    # a map that misses an id of the file: an error row, not a table of zeros (41 dropped only when asked)
+    measure_store(segmented, tmp_path / "m3", labels_dir=folder, label_map={300: 1}, show_progress=False)
+    failure = {f["study_key"]: f for f in read_rows(tmp_path / "m3" / "failures.parquet")}[key]
+    assert failure["reason"] == "unknown_label_ids" and "ids 40, 41 not in --label-map" in failure["message"]
+    assert main(["measure", str(segmented), str(tmp_path / "m4"), "--labels", str(folder), "-q", "--workers", "1",
+                 "--label-map", "40:femur,41:background"]) == 0
+    row = _by_key(tmp_path / "m4")[key]
+    assert row["femur_volume_mm3"] == pytest.approx(300 * vv) and row["femoral_cartilage_volume_mm3"] == 0
+    with pytest.raises(ValueError, match="mapped twice"):
+        from kneebatch.ingest.label_import import parse_label_map
+
+        parse_label_map("1:femur,1:tibia")
 
 
 def test_truth_thickness_p95_against_the_synthetic_anatomy(tmp_path, key_file):

@@ -32,10 +32,20 @@ class Engines:
     config: ModelConfig
     backend: str
     hashes: dict  # stage -> sha256 of the file actually loaded
+    half: bool = False
 
     @property
     def model_hash(self) -> str:
         return f"{self.hashes['coarse'][:12]}+{self.hashes['fine'][:12]}"
+
+    @property
+    def label_name(self) -> str:
+        """The store's name for this engines' label maps: the model, and the settings that change
+        its output (mirror TTA, half precision), so no setting overwrites another's maps."""
+        from kneebatch.ingest.store import segmentation_name
+
+        return segmentation_name(self.model_hash) + ("-tta" if self.config.mirror_tta else "") + (
+            "-half" if self.half else "")
 
 
 def engines_dir(path=None) -> Path:
@@ -86,7 +96,7 @@ def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", t
                               dtype=half_dtype(device) if half else torch.float32, compile=backend == "torch-compile",
                               expected_sha256=entry["sha256"][entry["safetensors"]])
         built[stage], hashes[stage] = eng, eng.sha256
-    return Engines(built["coarse"], built["fine"], cfg, backend, hashes)
+    return Engines(built["coarse"], built["fine"], cfg, backend, hashes, half)
 
 
 def check_backend(backend: str, device: str) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from kneebatch import __version__
 from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
 from kneebatch.errors import failure_row
-from kneebatch.ingest.store import CohortStore, segmentation_name
+from kneebatch.ingest.store import CohortStore
 from kneebatch.measure import measurement_schema, measure_study
 from kneebatch.inference.engine_dir import check_backend, read_manifest
 from kneebatch.outputs import FAILURE_SCHEMA, claim_output_dir, merge_rows, read_rows, write_rows, write_text_atomic
@@ -80,15 +80,14 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
         t = time.perf_counter()
         store.write_labels(key, labels.cpu().numpy(), {"model_hash": engines.model_hash,
                                                        "kneebatch_version": __version__},
-                           name=segmentation_name(engines.model_hash))
+                           name=engines.label_name)
         t_write = time.perf_counter() - t
         t = time.perf_counter()
         # sides_unresolved: medial/lateral labels as the net gave them
         flags = ["sides_unresolved"] if info.sides_found is False else []
         row = measure_study(key, labels, image, grid, store.channels(key), "segmentation", flags,
                             knee_side=store.study_attrs(key).get("knee_side"))
-        row.update(model_hash=engines.model_hash, label_name=segmentation_name(engines.model_hash),
-                   label_grid="same_grid")
+        row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid")
         return row, t_write, time.perf_counter() - t
 
     def collect(key, future, info):

@@ -238,6 +238,9 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
         raise FileNotFoundError(f"source {src} does not exist")
     if src.resolve().is_relative_to(store_path.resolve()):
         raise ValueError(f"the source {src} lies inside the store {store_path}; choose another store folder")
+    inside = next((p for p in store_path.resolve().parents if dicom._is_store(str(p))), None)
+    if inside is not None:
+        raise ValueError(f"{store_path} lies inside the cohort store {inside}; choose a folder outside it")
     key = load_or_create_key(key_file)
     store = CohortStore(store_path)
     store.check_key(key_fingerprint(key))

@@ -178,17 +178,26 @@ def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
     return [replace(header, frames=len(frames), **f) for f in frames]
 
 
+def _is_store(folder: str) -> bool:
+    """A kneebatch cohort store (its files are outputs, not inputs)."""
+    try:
+        with open(os.path.join(folder, "zarr.json"), "rb") as f:
+            return b"kneebatch-cohort-store" in f.read(4096)
+    except OSError:
+        return False
+
+
 def list_files(root: str | os.PathLike, skip: str | os.PathLike | None = None) -> list[str]:
     """Every file below ``root``, dangling links included (they become 'unreadable_file' rows),
-    except below ``skip`` (a store kept inside the source tree).
+    except in kneebatch cohort stores and below ``skip``.
 
     Symbolic links to directories are not followed, so link loops cannot trap the walk.
     """
     out = []
     skip = os.path.realpath(skip) if skip else None
     for dirpath, dirs, files in os.walk(root, followlinks=False):
-        if skip:
-            dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(dirpath, d)) != skip]
+        dirs[:] = [d for d in dirs if not _is_store(os.path.join(dirpath, d))
+                   and (skip is None or os.path.realpath(os.path.join(dirpath, d)) != skip)]
         for name in files:
             p = os.path.join(dirpath, name)
             if os.path.isfile(p) or os.path.islink(p):

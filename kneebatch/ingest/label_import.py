@@ -6,8 +6,9 @@ exports. A file is found by the names a user has for the study: its study key (a
 case name. The map may lie on any grid that covers the study's image: the same grid,
 the same grid in another voxel order (mapped exactly, as an export in the source's
 order is), or another grid (nearest-neighbour resampling, recorded). Foreign label ids
-(another data set's schema) are translated with ``label_map``; ids outside kneebatch's
-schema that are not mapped are an error, never a silent table of zeros.
+(another data set's schema) are translated with ``label_map`` (every id of the file must be
+in it; ``N:background`` drops one); ids outside kneebatch's schema that are not mapped are an
+error, never a silent table of zeros.
 """
 
 from __future__ import annotations
@@ -51,18 +52,21 @@ def parse_label_map(text: str) -> dict[int, int]:
         try:
             if int(src) < 0:
                 raise ValueError
-            out[int(src)] = L.by_name(name.strip()).id
+            target = 0 if name.strip() == "background" else L.by_name(name.strip()).id
         except (KeyError, ValueError):
             raise ValueError(f"--label-map: {item!r} is not ID:LABEL with a non-negative ID and a label of the "
-                             f"schema ('kneebatch labels' lists them)") from None
+                             f"schema ('kneebatch labels' lists them) or background") from None
+        if int(src) in out:
+            raise ValueError(f"--label-map: id {int(src)} is mapped twice")
+        out[int(src)] = target
     if text.strip() and not out:
         raise ValueError("--label-map: no ID:LABEL pairs found")
     return out
 
 
 def translate(labels: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
-    """Label ids as kneebatch's schema: mapped by ``label_map`` (unlisted ids become background),
-    else checked; ids outside the schema and not mapped raise ``unknown_label_ids``."""
+    """Label ids as kneebatch's schema: mapped by ``label_map`` (every non-zero id of the file must
+    be listed), else checked; ids outside the schema or the map raise ``unknown_label_ids``."""
     if not np.issubdtype(labels.dtype, np.integer):
         rounded = np.rint(labels)
         if not np.all(np.isfinite(labels)) or not np.array_equal(rounded, labels):
@@ -71,16 +75,18 @@ def translate(labels: np.ndarray, label_map: dict[int, int] | None) -> np.ndarra
     labels = labels.astype(np.int64)
     ids = np.unique(labels)
     if label_map:
+        unknown = np.array([i for i in ids if i != 0 and int(i) not in label_map])
+    else:
+        unknown = ids[(ids < 0) | (ids >= L.N_CLASSES)]
+    if unknown.size:
+        shown = ", ".join(str(int(i)) for i in unknown[:10]) + (" ..." if unknown.size > 10 else "")
+        hint = "not in --label-map (map them, to background if need be)" if label_map else "(map them with --label-map)"
+        raise StudyError("unknown_label_ids", f"ids {shown} {hint}")
+    if label_map:
         lut = np.zeros(int(max(ids.max(), max(label_map))) + 1, np.uint8)
         for src, dst in label_map.items():
             lut[src] = dst
-        if ids.min() < 0:
-            raise StudyError("unknown_label_ids", f"negative ids {ids[ids < 0][:10].tolist()}")
         return lut[labels]
-    unknown = ids[(ids < 0) | (ids >= L.N_CLASSES)]
-    if unknown.size:
-        shown = ", ".join(str(int(i)) for i in unknown[:10]) + (" ..." if unknown.size > 10 else "")
-        raise StudyError("unknown_label_ids", f"ids {shown} (map them with --label-map)")
     return labels.astype(np.uint8)
 
 

@@ -37,6 +37,12 @@ class NiftiStudy:
         return str(Path(next(iter(self.files.values()))).parent)
 
 
+def volume_stem(path) -> str:
+    """A volume file's name without its suffix (``1.2.3_labels.nii.gz`` -> ``1.2.3_labels``)."""
+    name = Path(path).name
+    return next((name[: -len(sfx)] for sfx in VOLUME_SUFFIXES if name.lower().endswith(sfx)), name)
+
+
 def is_label_file(path) -> bool:
     """``<name>_labels.nii.gz`` (as ``kneebatch export`` writes): a label map, not an image."""
     return bool(re.match(r"^.+_labels\.(nii|nii\.gz|mhd|mha)$", Path(path).name, re.IGNORECASE))

@@ -91,6 +91,10 @@ class CohortStore:
             for p in partial.iterdir():
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
+            try:
+                partial.rmdir()
+            except OSError:
+                pass  # something is still being written there
         return n
 
     # ---------------------------------------------------------------- listing
