@@ -58,7 +58,7 @@ def measurement_schema() -> pa.Schema:
         pa.field("knee_side", pa.string()),  # left / right, from the DICOM headers or the fibula
         pa.field("knee_side_source", pa.string()),  # dicom, anatomy or null (undetermined)
         pa.field("label_source", pa.string()),  # segmentation (run), store (measure) or file (--labels)
-        pa.field("label_name", pa.string()),  # the label map's name in the store (or the file's stem)
+        pa.field("label_name", pa.string()),  # the label map's name in the store, or which name a --labels file matched
         pa.field("label_grid", pa.string()),  # same_grid, reoriented (exact) or resampled (nearest)
         pa.field("model_hash", pa.string()),  # engines that made the labels (null for imported labels)
         pa.field("kneebatch_version", pa.string()),

@@ -78,7 +78,9 @@ def measure_store(store_path, out, labels_dir=None, client=None, show_progress=N
                                  "message": "no <study_key>[_labels] or <StudyInstanceUID> label file for this "
                                             "study in the labels folder"})
             else:
-                jobs.append((k, str(path), volume_stem(path)))
+                # which name matched, never the name: a StudyInstanceUID is an identifier
+                by = "study_key" if volume_stem(path).startswith(k) else "study_uid"
+                jobs.append((k, str(path), f"file named by {by}"))
             continue
         name = label_name or store.segmentation(k, model)
         if name is None or name not in store.label_names(k):
