@@ -57,9 +57,7 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
     # a folder of the user's own files is never written into: a file could share a name
     out = claim_output_dir(out, "export", {})
     keys = store.study_keys()
-    file_name = {k: n[0] for k, n in study_names(store).items()}
-    if names == "uid":
-        file_name = {k: n[1] or k for k, n in study_names(store).items()}
+    file_name = {k: (n[1] or k) if names == "uid" else n[0] for k, n in study_names(store).items()}
     written, missing, used = 0, [], set()
     with progress_bar(len(keys), "exporting label maps", show_progress) as advance:
         for key in keys:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kneebatch import __version__
 from kneebatch.distributed.tasks import map_unordered
-from kneebatch.errors import failure_row
+from kneebatch.errors import StudyError, failure_row
 from kneebatch.ingest.label_import import label_file, read_label_file, study_names
 from kneebatch.ingest.nifti import volume_stem
 from kneebatch.ingest.store import CohortStore
@@ -74,9 +74,9 @@ def measure_store(store_path, out, labels_dir=None, client=None, show_progress=N
         if labels_dir is not None:
             path = label_file(labels_dir, names[k])
             if path is None:
-                failures.append({"study_key": k, "stage": "measure", "reason": "no_labels",
-                                 "message": "no <study_key>[_labels] or <StudyInstanceUID> label file for this "
-                                            "study in the labels folder"})
+                failures.append(failure_row(k, "measure", StudyError(
+                    "no_labels", "no <study_key>[_labels] or <StudyInstanceUID> label file for this study in the "
+                                 "labels folder")))
             else:
                 # which name matched, never the name: a StudyInstanceUID is an identifier
                 by = "study_key" if volume_stem(path).startswith(k) else "study_uid"
@@ -84,8 +84,7 @@ def measure_store(store_path, out, labels_dir=None, client=None, show_progress=N
             continue
         name = label_name or store.segmentation(k, model)
         if name is None or name not in store.label_names(k):
-            failures.append({"study_key": k, "stage": "measure", "reason": "no_labels",
-                             "message": "run segmentation first, or pass --labels"})
+            failures.append(failure_row(k, "measure", StudyError("no_labels", "run segmentation first, or pass --labels")))
         else:
             jobs.append((k, None, name))
     report = MeasureReport()
