@@ -235,11 +235,23 @@ def small_disk(tmp_path):
     """A 3 MB file system (tmpfs): writes run out of space for real."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,nr_inodes=4096", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _fill(path):
+    """Write zeros until the file system is full (some file systems refuse even the open then)."""
+    try:
+        with open(path, "wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+    except OSError as e:
+        assert e.errno == 28
+    left = os.statvfs(path.parent)
+    assert left.f_bavail * left.f_frsize < 65536 or left.f_favail == 0
 
 
 def test_full_disk_leaves_only_whole_studies_and_a_rerun_completes(cohort, store, small_disk, key_file):
@@ -272,13 +284,7 @@ def test_label_maps_are_written_atomically_on_a_full_disk(store, small_disk):
     ws.write_study(key, image[:1], grid, ["T1"], {})
     first = (np.arange(np.prod(grid.shape)) % 21).astype(np.uint8).reshape(grid.shape)
     ws.write_labels(key, first, name="labels-a-b")
-    filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # fill the disk
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError:
-            pass
+    _fill(small_disk / "filler")
     noise = np.random.default_rng(0).integers(0, 21, grid.shape).astype(np.uint8)  # incompressible
     with pytest.raises(OSError):
         ws.write_labels(key, noise, name="labels-a-b")
