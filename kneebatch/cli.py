@@ -35,9 +35,10 @@ def cmd_synth(args) -> int:
     from kneebatch.distributed.cluster import default_workers
     from kneebatch.synth.cohort import generate_cohort
 
-    out = generate_cohort(args.out, args.n, seed=args.seed, preset=args.preset,
+    out = generate_cohort(args.out, args.n, seed=args.seed, preset=args.preset, protocol=args.protocol,
                           workers=args.workers or default_workers(), progress=not args.quiet)
-    print(f"wrote {args.n} synthetic studies to {out}/dicom, truth to {out}/truth, {out}/clinical.csv")
+    print(f"wrote {args.n} synthetic studies ({args.protocol or 'clinical'}) to {out}/dicom, truth to {out}/truth, "
+          f"{out}/clinical.csv")
     return 0
 
 
@@ -76,14 +77,16 @@ def cmd_measure(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from kneebatch.inference.engine_dir import InferenceOptions
     from kneebatch.inference.run import run
 
+    options = InferenceOptions(str(args.engines) if args.engines else None, args.backend, args.device, args.threads,
+                               args.fp16, args.tta)
     workers = args.workers
     if workers is None:
         workers = 1 if args.device == "cuda" else None
     with _client(workers) as client:
-        r = run(args.store, args.out, engines_path=args.engines, backend=args.backend, client=client,
-                batch_size=args.batch_size, device=args.device, threads=args.threads, half=args.fp16, tta=args.tta,
+        r = run(args.store, args.out, options, client=client, batch_size=args.batch_size,
                 show_progress=not args.quiet, force=args.force)
     print(f"{r.studies} studies: {r.segmented} segmented, {r.already_done} already done, {r.failed} failed, "
           f"{r.carried_failures} failed at convert; {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s)")
@@ -113,18 +116,41 @@ def cmd_export_engines(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from kneebatch.models.train import train
+    from kneebatch.ingest.datasets import label_set_from_map
+    from kneebatch.training.train import train
 
+    # a map that leaves schema labels out (or merges some) is a partial label set: marginal loss
+    label_set = label_set_from_map(args.label_map) if args.label_map else None
     if args.labels_from is not None:
-        from kneebatch.ingest.label_import import import_labels, parse_label_map
+        from kneebatch.ingest.label_import import import_dataset_labels, import_labels, parse_label_map
 
-        label_map = parse_label_map(args.label_map) if args.label_map else None
-        n, missing = import_labels(args.store, args.labels_from, name=args.label_name, label_map=label_map)
+        if label_set is not None:
+            n, missing = import_dataset_labels(args.store, args.labels_from, label_set, args.label_name)
+        else:
+            label_map = parse_label_map(args.label_map) if args.label_map else None
+            n, missing = import_labels(args.store, args.labels_from, name=args.label_name, label_map=label_map)
         print(f"imported {n} label maps into the store as '{args.label_name}' ({len(missing)} studies without one)")
+    if label_set is not None:
+        print(f"partial labels ({label_set.name}): {', '.join(label_set.class_names()[1:])}; every other tissue is "
+              f"kept as the initial weights know it (marginal loss)")
     metrics = train(args.store, args.out, minutes_coarse=args.minutes_coarse, minutes_fine=args.minutes_fine,
                     threads=args.threads, seed=args.seed, label_name=args.label_name, init_from=args.init,
-                    lr=args.lr)
+                    lr=args.lr, label_set=label_set)
     print(f"test mean Dice {metrics['test_mean_dice']:.3f}; weights, metrics and curves in {args.out}")
+    return 0
+
+
+def cmd_train_synthetic(args) -> int:
+    from kneebatch.synth.cohort import PRESETS
+    from kneebatch.training.domain import train_domain
+    from kneebatch.training.synthesis import cached_volumes
+
+    volumes = cached_volumes(args.volumes or args.out / "volumes", args.volume_seed, args.n, PRESETS[args.preset],
+                             workers=args.workers or 1)
+    metrics = train_domain(volumes, args.out, args.minutes_coarse, args.minutes_fine, threads=args.threads,
+                           seed=args.seed, init_from=args.init, lr=args.lr, p_random=args.p_random)
+    print(f"test mean Dice {metrics['test_mean_dice']:.3f} (per contrast in metrics.json); weights, metrics and "
+          f"curves in {args.out}")
     return 0
 
 
@@ -166,9 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", type=Path, help="output folder")
     s.add_argument("--n", type=_positive, default=24, help="number of studies (alternating normal / OA; default 24)")
     s.add_argument("--seed", type=int, default=0, help="random seed; study i is the same for any --n")
-    s.add_argument("--preset", default="clinical", choices=["clinical", "small", "oai"],
-                   help="clinical: sagittal T1 + fat-suppressed T2 at realistic matrices and slices; small: ~1 mm "
-                        "in-plane, quick (tests, training); oai: the OAI's sagittal 3-D DESS-WE + 2-D IW-TSE-FS")
+    s.add_argument("--preset", default="clinical", choices=["clinical", "small", "oai", "skmtea"],
+                   help="acquisition ranges. clinical: realistic matrices and slices; small: ~1 mm in-plane, quick "
+                        "(tests); oai / skmtea: those cohorts' geometry and series (same as --protocol)")
+    s.add_argument("--protocol", default=None,
+                   help="the series of each study, with contrasts from tissue physics. clinical (default): sagittal "
+                        "T1 TSE + T2 TSE FS; oai: 3-D DESS-WE (0.7 mm) + 2-D IW-TSE-FS (3 mm); skmtea: GE qDESS "
+                        "(0.31 x 0.31 x 0.8 mm); pdfs / t2fs / stir: that one series; mixed: one of clinical, oai, "
+                        "skmtea, pdfs, t2fs per study")
     common(s)
     s.set_defaults(func=cmd_synth)
 
@@ -250,8 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels-from", type=Path, default=None,
                    help="first import label maps named <StudyInstanceUID or case>.nii.gz/.mhd from this folder")
     s.add_argument("--label-map", default="",
-                   help='translate foreign label ids, e.g. OAI-ZIB: "1:femur,2:femoral_cartilage,3:tibia,'
-                        '4:medial_tibial_cartilage"; every id of the files must be listed (N:background drops one)')
+                   help='the files\' label ids as schema labels: "oai-zib", "skm-tea" or e.g. "1:femur,'
+                        '2:femoral_cartilage,3:tibia,4:medial_tibial_cartilage+lateral_tibial_cartilage" (an id may '
+                        'stand for several labels). A map that leaves labels out trains with a marginal loss so they '
+                        'are not unlearnt (start from trained engines with --init)')
     s.add_argument("--label-name", default="truth", help="label array in the store to train on (default truth)")
     s.add_argument("--minutes-coarse", type=float, default=4.0, help="time budget of the coarse stage")
     s.add_argument("--minutes-fine", type=float, default=40.0, help="time budget of the fine stage")
@@ -263,6 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune: start both nets from the weights in this engines or training folder "
                         "(tensors whose names and shapes match)")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("train-synthetic",
+                       help="domain-randomised training on synthetic label volumes, images made on the fly (resumable)")
+    s.add_argument("out", type=Path, help="output folder: weights (safetensors), config, metrics, log, curves")
+    s.add_argument("--volumes", type=Path, default=None, help="label-volume cache (default OUT/volumes)")
+    s.add_argument("--n", type=_positive, default=60, help="synthetic subjects (split 8:1:1; default 60)")
+    s.add_argument("--volume-seed", type=int, default=1000, help="seed of the synthetic subjects (default 1000)")
+    s.add_argument("--preset", default="train", choices=["train", "small", "clinical"],
+                   help="acquisition ranges of the label volumes (default train: 0.5-0.85 mm in-plane)")
+    s.add_argument("--p-random", type=float, default=0.5,
+                   help="share of images with random intensities per label; the rest get a physical contrast")
+    s.add_argument("--minutes-coarse", type=float, default=3.0, help="time budget of the coarse stage")
+    s.add_argument("--minutes-fine", type=float, default=120.0, help="time budget of the fine stage")
+    s.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    s.add_argument("--workers", type=_positive, default=None, help="processes rendering the label volumes")
+    s.add_argument("--seed", type=int, default=0, help="split, sampling and appearance seed")
+    s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule over each stage)")
+    s.add_argument("--init", type=Path, default=None,
+                   help="start from these engines' or training run's weights (a first convolution with more "
+                        "input channels is summed over them)")
+    s.set_defaults(func=cmd_train_synthetic)
 
     s = sub.add_parser("demo", help="synthetic normal-vs-OA cohort end to end, with a group table")
     s.add_argument("--out", type=Path, default=Path("kneebatch-demo"), help="output folder (default ./kneebatch-demo)")

@@ -61,6 +61,7 @@ def measurement_schema() -> pa.Schema:
         pa.field("label_name", pa.string()),  # the label map's name in the store, or which name a --labels file matched
         pa.field("label_grid", pa.string()),  # same_grid, reoriented (exact) or resampled (nearest)
         pa.field("model_hash", pa.string()),  # engines that made the labels (null for imported labels)
+        pa.field("channels_used", pa.string()),  # the series (roles) the engines segmented, e.g. T1+T2FS
         pa.field("kneebatch_version", pa.string()),
     ]
     return pa.schema(fields)
@@ -206,5 +207,6 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
     row["label_name"] = None
     row["label_grid"] = None
     row["model_hash"] = None
+    row["channels_used"] = None
     row["kneebatch_version"] = __version__
     return row

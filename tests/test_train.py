@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from kneebatch.ingest.label_import import import_labels
 from kneebatch.measure import dice_per_label
-from kneebatch.models.train import split_keys, train
+from kneebatch.training.train import split_keys, train
 from tests.conftest import TINY
 
 
@@ -60,7 +60,7 @@ def test_init_copies_every_tensor_whose_name_and_shape_match(tmp_path):
 
     from kneebatch.models.checkpoints import save_weights
     from kneebatch.models.config import build_network
-    from kneebatch.models.train import Trainer
+    from kneebatch.training.train import Trainer
 
     torch.manual_seed(0)
     source = build_network(replace(TINY.fine, norm="INSTANCE"), 2, TINY.n_classes)

@@ -10,20 +10,15 @@ ATTR = "kneebatch_engines"
 class EngineLoader(WorkerPlugin):
     name = "kneebatch-engines"
 
-    def __init__(self, engines_path: str | None, backend: str, device: str = "cpu", threads: int | None = None,
-                 half: bool = False, tta: bool = False):
-        self.engines_path, self.backend, self.device = engines_path, backend, device
-        self.threads, self.half, self.tta = threads, half, tta
+    def __init__(self, options):
+        self.options = options  # kneebatch.inference.engine_dir.InferenceOptions
 
     def setup(self, worker):
         import torch
 
-        from kneebatch.inference.engine_dir import load_engines
-
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        setattr(worker, ATTR, load_engines(self.engines_path, self.backend, self.device, self.threads, self.half,
-                                             self.tta))
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        setattr(worker, ATTR, self.options.load())
 
     def teardown(self, worker):
         if hasattr(worker, ATTR):

@@ -48,6 +48,32 @@ class Engines:
             "-half" if self.half else "")
 
 
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How to run the engines: one object from the command line to every worker."""
+
+    engines: str | None = None  # engines folder (None: the shipped engines)
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    threads: int | None = None  # CPU threads per worker (None: the cores shared between workers)
+    half: bool = False  # float16 on GPUs, bfloat16 on CPUs
+    tta: bool = False  # mirror test-time augmentation
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        check_backend(self.backend, self.device)
+
+    def load(self) -> "Engines":
+        return load_engines(self.engines, self.backend, self.device, self.threads, self.half, self.tta)
+
+    def settings(self) -> dict:
+        """What changes the output (recorded with it; a rerun with other settings is refused)."""
+        manifest = read_manifest(self.engines)
+        return {"engines": {stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
+                "backend": self.backend, "device": self.device, "half_precision": self.half, "mirror_tta": self.tta}
+
+
 def engines_dir(path=None) -> Path:
     p = Path(path) if path else DEFAULT_ENGINES
     if not (p / "engines.json").exists():

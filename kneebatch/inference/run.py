@@ -16,7 +16,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
 from kneebatch.errors import failure_row
 from kneebatch.ingest.store import CohortStore
 from kneebatch.measure import measurement_schema, measure_study
-from kneebatch.inference.engine_dir import check_backend, read_manifest
+from kneebatch.inference.engine_dir import InferenceOptions, read_manifest
 from kneebatch.outputs import FAILURE_SCHEMA, claim_output_dir, merge_rows, read_rows, write_rows, write_text_atomic
 from kneebatch.progress import progress_bar
 
@@ -74,7 +74,7 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
     def fail(key, exc):
         failures.append(failure_row(key, "run", exc))
 
-    def finish(key, result, info, image, grid):
+    def finish(key, result, info, image, grid, used):
         labels = paste(result, info)
         image = torch.from_numpy(image).to(labels.device)  # measured beside the labels
         t = time.perf_counter()
@@ -87,7 +87,8 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
         flags = ["sides_unresolved"] if info.sides_found is False else []
         row = measure_study(key, labels, image, grid, store.channels(key), "segmentation", flags,
                             knee_side=store.study_attrs(key).get("knee_side"))
-        row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid")
+        row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid",
+                   channels_used=used)
         return row, t_write, time.perf_counter() - t
 
     def collect(key, future, info):
@@ -106,7 +107,8 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
         for key in keys:
             try:
                 t = time.perf_counter()
-                inputs = engines.config.input_channels(store.channels(key))  # unsupported_contrast
+                channels = store.channels(key)
+                inputs = engines.config.input_channels(channels)  # unsupported_contrast
                 image, grid = store.read_image(key)
                 image = image.astype(np.float32)
                 seconds["read"] += time.perf_counter() - t
@@ -119,7 +121,8 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
                 continue
             if pending is not None:
                 collect(*pending)
-            pending = key, finisher.submit(finish, key, result, info, image, grid), info
+            used = "+".join(channels[i] for i in inputs)
+            pending = key, finisher.submit(finish, key, result, info, image, grid, used), info
         if pending is not None:
             collect(*pending)
     return {"keys": list(keys), "rows": rows, "failures": failures, "seconds": seconds}
@@ -149,20 +152,28 @@ def _split_or_record(keys, exc):
         "failures": [{"study_key": keys[0], "stage": "run", "reason": "worker_died", "message": died_message(exc)}]})
 
 
-def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client=None, batch_size: int = 4,
-        device: str = "cpu", threads: int | None = None, half: bool = False, tta: bool = False, show_progress=None,
-        batch_fn=process_batch, force: bool = False) -> RunReport:
+def run(store_path, out, options: InferenceOptions | None = None, client=None, batch_size: int = 4,
+        show_progress=None, batch_fn=process_batch, force: bool = False, **option_fields) -> RunReport:
     """Segment and measure every study of the store. A re-run into the same ``out`` resumes;
     one with other engines or settings is refused (``force``: start ``out`` clean).
-    ``batch_fn`` is for fault injection in tests."""
+    ``options`` (or its fields as keywords: ``engines_path``, ``backend``, ``device``,
+    ``threads``, ``half``, ``tta``) say how the engines run. ``batch_fn`` is for fault
+    injection in tests."""
     t0 = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
-    check_backend(backend, device)
+    if options is None:
+        if "engines_path" in option_fields:
+            option_fields["engines"] = option_fields.pop("engines_path")
+        if option_fields.get("engines") is not None:
+            option_fields["engines"] = str(option_fields["engines"])
+        options = InferenceOptions(**option_fields)
+    elif option_fields:
+        raise TypeError("give run() either options or its fields, not both")
+    options.check()
     store = CohortStore(store_path, create=False)
-    manifest = read_manifest(engines_path)  # before anything is written: missing engines stop here
-    settings = {"engines": {stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")}, "backend": backend,
-                "device": device, "half_precision": half, "mirror_tta": tta, "store": str(store.path.resolve())}
+    # before anything is written: missing engines stop here
+    settings = {**options.settings(), "store": str(store.path.resolve())}
     out = claim_output_dir(out, "run", settings, force, owned=RUN_OUTPUTS)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
@@ -176,18 +187,15 @@ def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client
 
     engines = None
     n_workers = len(client.nthreads()) if client is not None else 1
-    if threads is None and device == "cpu":  # share the cores between workers, no oversubscription;
-        # explicit in every setting, as the thread count can change the last bits of the logits
-        threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    if options.threads is None and options.device == "cpu":  # share the cores between workers, no
+        # oversubscription; explicit in every setting, as the thread count can change the last bits of the logits
+        options = replace(options, threads=max(1, (os.cpu_count() or 1) // max(1, n_workers)))
     if client is not None:
         from kneebatch.distributed.plugin import EngineLoader
 
-        client.register_plugin(EngineLoader(str(engines_path) if engines_path else None, backend, device, threads,
-                                            half, tta))
+        client.register_plugin(EngineLoader(options))
     else:
-        from kneebatch.inference.engine_dir import load_engines
-
-        engines = load_engines(engines_path, backend, device, threads, half, tta)
+        engines = options.load()
     stage_seconds = dict.fromkeys(STAGES, 0.0)
     schema = measurement_schema()
     with progress_bar(len(todo), "segmenting studies", show_progress) as advance:
@@ -212,11 +220,11 @@ def run(store_path, out, engines_path=None, backend: str = "onnxruntime", client
     report.carried_failures = len(carried)
     report.seconds = time.perf_counter() - t0
     report.stage_seconds = stage_seconds
-    _write_provenance(out, report, engines_path, backend, device, batch_size, half, tta)
+    _write_provenance(out, report, options, batch_size)
     return report
 
 
-def _write_provenance(out: Path, report: RunReport, engines_path, backend, device, batch_size, half, tta) -> None:
+def _write_provenance(out: Path, report: RunReport, options: InferenceOptions, batch_size: int) -> None:
     import onnxruntime
     import pyarrow.parquet as pq
     import torch
@@ -225,18 +233,16 @@ def _write_provenance(out: Path, report: RunReport, engines_path, backend, devic
 
     from kneebatch.inference.engine_dir import engines_dir
 
-    manifest = read_manifest(engines_path)
+    manifest = read_manifest(options.engines)
     provenance = {
         "kneebatch_version": __version__,
         "command": "run",
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backend": backend,
-        "device": device,
-        "half_precision": half,
-        "mirror_tta": tta,
+        **{k: v for k, v in options.settings().items() if k != "engines"},
+        "threads": options.threads,
         "batch_size": batch_size,
         "engines": {stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
-        "model_config": json.loads((engines_dir(engines_path) / manifest["config"]).read_text()),
+        "model_config": json.loads((engines_dir(options.engines) / manifest["config"]).read_text()),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__},
         "studies": report.studies,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from kneebatch.geometry import Grid
 from kneebatch.inference.laterality import keep_sides, left_right_axis
 from kneebatch.models.config import ModelConfig
-from kneebatch.models.preprocess import box_from_mask, normalize, pad_to_multiple, resize, working_shape
+from kneebatch.models.preprocess import box_from_mask, fine_crop, normalize, pad_to_multiple, resize
 
 BOUNDARY_CHUNK = 250_000  # boundary voxels interpolated at a time (x n_classes x 4 bytes per corner)
 WHOLE_CROP_VOXELS = 6_000_000  # working voxels run in one call; larger crops go in windows of this size
@@ -175,6 +175,17 @@ def _large_window(shape, divisor) -> tuple[int, int, int]:
     return tuple(win)
 
 
+def series_mean(net, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """``net(x)``; for one-channel nets trained on every contrast (``cfg.per_series``), the mean of
+    ``net`` on each series of ``x [C, ...]`` alone: one model, any number of series."""
+    if not cfg.per_series or x.shape[0] == 1:
+        return net(x)
+    total = net(x[0:1])
+    for c in range(1, x.shape[0]):
+        total += net(x[c:c + 1])
+    return total.div_(x.shape[0])
+
+
 @torch.inference_mode()
 def segment(image, grid: Grid, coarse, fine, cfg: ModelConfig) -> tuple[torch.Tensor, SegmentInfo]:
     """Label map (uint8, on the fine engine's device) on the study grid."""
@@ -206,23 +217,23 @@ def fine_stage(image, grid: Grid, coarse, fine, cfg: ModelConfig, info: SegmentI
 
     t = time.perf_counter()
     xc, _ = pad_to_multiple(resize(x, cfg.coarse_shape), cfg.coarse.divisor())
-    coarse_labels = channel_argmax(coarse(xc[None])[0])
+    coarse_labels = channel_argmax(series_mean(lambda v: coarse(v[None])[0], xc, cfg))
     box = box_from_mask(coarse_labels > 0, native, grid.spacing, cfg.crop_margin_mm)
     _sync(device)
     info.seconds["coarse"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    crop = x[(slice(None), *box)]
-    wshape = working_shape(crop.shape[1:], grid.spacing, cfg.fine_spacing_mm, cfg.fine.divisor())
-    logits = fine_logits(fine, resize(crop, wshape), cfg)
+    crop, _ = fine_crop(x, box, grid.spacing, cfg)
+    logits = series_mean(lambda v: fine_logits(fine, v, cfg), crop, cfg)
+    crop_shape, wshape = tuple(b.stop - b.start for b in box), tuple(crop.shape[1:])
     _sync(device)
     info.seconds["fine"] = time.perf_counter() - t
     info.box, info.working_shape = box, wshape
     left_right = None
     if cfg.keep_sides:
         axis = left_right_axis(grid.direction)
-        left_right = axis, crop.shape[1 + axis] * grid.spacing[axis] / wshape[axis]
-    return FineResult(logits, box, tuple(crop.shape[1:]), native, left_right)
+        left_right = axis, crop_shape[axis] * grid.spacing[axis] / wshape[axis]
+    return FineResult(logits, box, crop_shape, native, left_right)
 
 
 @torch.inference_mode()

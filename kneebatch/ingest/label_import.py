@@ -38,10 +38,26 @@ def label_file(labels_dir, names) -> Path | None:
     return None
 
 
-def study_names(store: CohortStore) -> dict[str, list[str]]:
-    """Study key -> the names a label file may have (key first, then UID or case name)."""
-    uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
-    return {k: [k, uid_of.get(k, "")] for k in store.study_keys()}
+def study_names(store: CohortStore, folders: bool = False) -> dict[str, list[str]]:
+    """Study key -> the names a label file may have (key first, then UID or case name).
+
+    ``folders``: also the last three folder names of the study's source path that no other
+    study of the store shares (public label sets name files by a patient or scan ID that is a
+    folder of the image tree: OAI-ZIB by the OAI patient ID, SKM-TEA by its scan ID). A name
+    two studies share (a patient's visits) never names either."""
+    rows = {r["study_key"]: r for r in read_rows(store.keymap_path)}
+    keys = store.study_keys()
+    names = {k: [k, rows.get(k, {}).get("study_uid", "")] for k in keys}
+    if folders:
+        parts = {k: [p for p in Path(rows[k]["source_path"] or "").parts[-3:] if p not in ("/", "..", ".")]
+                 for k in keys if k in rows}
+        count = {}
+        for ps in parts.values():
+            for p in set(ps):
+                count[p] = count.get(p, 0) + 1
+        for k, ps in parts.items():
+            names[k] += [p for p in reversed(ps) if count[p] == 1]
+    return names
 
 
 def parse_label_map(text: str) -> dict[int, int]:
@@ -132,5 +148,29 @@ def import_labels(store_path, labels_dir, name: str = "labels",
             continue
         labels, how = read_label_file(path, store.grid(key), label_map)
         store.write_labels(key, labels, {"source": "import", "label_grid": how}, name=name)
+        done += 1
+    return done, missing
+
+
+def import_dataset_labels(store_path, labels_dir, label_set, name: str) -> tuple[int, list[str]]:
+    """A public data set's label files (:mod:`kneebatch.ingest.datasets`) into the store, their ids
+    kept as the set's (training maps them with the set). Returns (number imported, keys without)."""
+    from kneebatch.ingest.datasets import check_ids, dataset_label_file, oai_zib_labels
+
+    store = CohortStore(store_path, create=False)
+    done, missing = 0, []
+    for key, names in study_names(store, folders=True).items():
+        path = dataset_label_file(labels_dir, names, label_set) or label_file(labels_dir, names)
+        if path is None:
+            missing.append(key)
+            continue
+        if path.name.endswith(".segmentation_masks.mhd"):  # OAI-ZIB: no pose, the DESS's voxels
+            labels, how = check_ids(oai_zib_labels(path, store, key), label_set), "oai_zib_voxels"
+        else:
+            data, label_grid = read_volume(path)
+            labels, how = labels_onto(check_ids(translate(np.asarray(data), None), label_set), label_grid,
+                                      store.grid(key))
+        store.write_labels(key, labels, {"source": "import", "label_grid": how, "label_set": label_set.name,
+                                         "label_classes": [[i, list(n)] for i, n in label_set.classes]}, name=name)
         done += 1
     return done, missing

@@ -48,6 +48,9 @@ class ModelConfig:
     # contrast roles (kneebatch.ingest.roles) each input channel accepts, in order of preference:
     # the demo engines were trained on T1 + fat-suppressed T2 and take a T2 without FS for it
     input_roles: list = field(default_factory=lambda: [["T1"], ["T2FS", "T2"]])
+    # one-channel nets trained on many contrasts: every sagittal series of a study goes through
+    # the nets on its own and their logits are averaged (input_roles is then unused)
+    per_series: bool = False
 
     @property
     def fine_whole_crop(self) -> bool:
@@ -57,6 +60,12 @@ class ModelConfig:
     def input_channels(self, channels) -> list[int]:
         """Indices of the store's ``channels`` (roles) to feed the nets, one per input; raises
         ``unsupported_contrast`` when the study lacks one: never feed a net the wrong contrast."""
+        if self.per_series:
+            if not channels:
+                from kneebatch.errors import StudyError
+
+                raise StudyError("unsupported_contrast", "no sagittal series")
+            return list(range(len(channels)))
         chosen = []
         for accepted in self.input_roles:
             found = next((channels.index(r) for r in accepted if r in channels), None)

@@ -96,3 +96,13 @@ def box_from_mask(mask: torch.Tensor, native_shape, spacing, margin_mm: float):
         hi = min(int(math.ceil((int(hit[-1]) + 1) * scale)) + margin, native_shape[axis])
         box.append(slice(lo, hi))
     return tuple(box)
+
+
+def fine_crop(x: torch.Tensor, box, spacing, cfg, labels: torch.Tensor | None = None):
+    """The fine net's input: ``x [C, Z, Y, X]`` cropped to ``box`` and resized to the working grid
+    (training and inference both cut their crops here). Returns ``(crop, labels or None)``;
+    ``labels`` (the same grid as ``x``) are cut and resized with it by nearest neighbour."""
+    crop = x[(slice(None), *box)]
+    wshape = working_shape(crop.shape[1:], spacing, cfg.fine_spacing_mm, cfg.fine.divisor())
+    y = resize(labels[box], wshape, labels=True) if labels is not None else None
+    return resize(crop, wshape), y

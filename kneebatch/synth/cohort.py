@@ -17,11 +17,15 @@ from pydicom.uid import generate_uid
 
 from kneebatch.geometry import Grid
 from kneebatch.ingest.nifti import write_label_nifti
+from kneebatch.synth import physics
 from kneebatch.synth.anatomy import BODY, Anatomy
 from kneebatch.synth.dicom_writer import UID_ROOT, SeriesInfo, write_series
 from kneebatch.synth.render import Pose, render_image, render_labels
 
 VISITS = ("00m", "12m", "24m", "48m")
+# The clinical protocol keeps the grey-value tables of render.CONTRAST (what the shipped T1 + T2
+# engines were trained on) until one-model engines trained on physics contrasts ship.
+LEGACY_CLINICAL = True
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,10 @@ class ProtocolRanges:
     p_extra_series: float = 0.5
     p_shuffled_files: float = 0.5
     max_oblique_deg: float = 8.0
-    # "t1t2": sagittal T1 TSE + fat-suppressed T2 TSE (the paper's protocol);
-    # "oai": sagittal 3-D DESS with water excitation + 2-D IW TSE with fat suppression (the OAI's)
-    protocol: str = "t1t2"
+    # which series a study has (PROTOCOLS): "clinical" is the paper's sagittal T1 TSE + fat-suppressed
+    # T2 TSE; "oai" the OAI's 3-D DESS-WE + 2-D IW-TSE-FS; "skmtea" SKM-TEA's GE qDESS; "pdfs", "t2fs",
+    # "stir" one 2-D (or 3-D) series of that contrast; "mixed" draws one of MIXED per study
+    protocol: str = "clinical"
 
 
 PRESETS = {
@@ -50,11 +55,39 @@ PRESETS = {
     # coarse and quick: for tests and CPU training; geometry logic is the same
     "small": ProtocolRanges(inplane_mm=(0.9, 1.3), matrix=(112, 128, 144), fov_mm=(120.0, 160.0),
                             slice_2d_mm=(2.5, 4.0), slice_3d_mm=(1.5, 2.0)),
+    # label volumes for training: in-plane near the fine net's 0.8 mm working grid (finer images are
+    # resampled to it anyway), every slice thickness the clinical preset has, more 3-D series
+    "train": ProtocolRanges(inplane_mm=(0.5, 0.85), matrix=(160, 192, 224), fov_mm=(110.0, 170.0), p_3d=0.35),
     # the OAI's sagittal knee protocol (Peterfy et al. 2008): DESS 0.7 mm slices, 0.37-0.46 mm
     # in-plane, 384 matrix; IW-TSE-FS 3 mm slices
     "oai": ProtocolRanges(inplane_mm=(0.36, 0.46), matrix=(384,), fov_mm=(138.0, 177.0), slice_2d_mm=(3.0, 3.0),
                           slice_3d_mm=(0.7, 0.7), protocol="oai"),
+    # SKM-TEA's qDESS (Desai et al. 2021): 0.31 x 0.31 mm in-plane, 0.8 mm slices, 512 matrix
+    "skmtea": ProtocolRanges(inplane_mm=(0.31, 0.31), matrix=(512,), fov_mm=(150.0, 170.0), slice_3d_mm=(0.8, 0.8),
+                             p_3d=1.0, protocol="skmtea"),
 }
+PROTOCOLS = ("clinical", "oai", "skmtea", "pdfs", "t2fs", "stir", "mixed")
+MIXED = ("clinical", "oai", "skmtea", "pdfs", "t2fs")  # what "mixed" draws from (STIR stays held out)
+# the physics contrast of the single-series protocols, and its series descriptions (as scanners name them)
+SINGLE_SERIES = {
+    "pdfs": ("PD_TSE_FS", ("SAG PD FS", "pd_tse_fs_sag", "Sag PD FSE FS", "SAG PD SPAIR", "")),
+    "t2fs": ("T2_TSE_FS", ("SAG T2 FS", "t2_tse_fs_sag", "Sag T2 FSE FS", "SAG T2 FATSAT", "")),
+    "stir": ("STIR", ("SAG STIR", "t2_tirm_sag", "Sag STIR", "")),
+}
+
+
+def ranges_for(preset: str = "clinical", protocol: str | None = None) -> ProtocolRanges:
+    """A preset's acquisition ranges with ``protocol``'s series; the OAI's and SKM-TEA's fixed
+    geometry replace the clinical preset's ranges (a test preset such as ``small`` keeps its own)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    if protocol is None:
+        return PRESETS[preset]
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if preset == "clinical" and protocol in ("oai", "skmtea"):
+        return PRESETS[protocol]
+    return replace(PRESETS[preset], protocol=protocol)
 
 
 @dataclass
@@ -62,7 +95,8 @@ class Acquisition:
     grid: Grid
     thickness_mm: float
     series: SeriesInfo
-    contrast: str  # T1, T2, PD
+    contrast: str  # the legacy grey-value table (render.CONTRAST) when ``sequence`` is None
+    sequence: physics.Sequence | None = None  # the physics contrast
 
 
 @dataclass
@@ -81,11 +115,15 @@ class SubjectPlan:
     visit: str
     patient: dict
     study: dict
-    t1: Acquisition
-    t2: Acquisition
+    t1: Acquisition  # the first series: the truth is drawn on its grid
+    t2: Acquisition | None  # the second series (None for one-series protocols)
     extras: list = field(default_factory=list)
     shuffle_files: bool = False
     seed: tuple = ()
+    protocol: str = "clinical"
+
+    def series(self) -> list[Acquisition]:
+        return [a for a in (self.t1, self.t2, *self.extras) if a is not None]
 
 
 FIRST = ["James", "Mary", "Robert", "Patricia", "John", "Jennifer", "Michael", "Linda", "David", "Elizabeth",
@@ -209,8 +247,25 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         number=next(seriesno), repetition_time_ms=float(rng.uniform(2500, 4500)),
         echo_time_ms=float(rng.uniform(60, 100)), acquisition="3D" if is_3d else "2D", thickness_mm=thick2,
         uid=_uid(seed, index, "t2"), scan_options=("FS",)), "T2")
-    if ranges.protocol == "oai":
+    # the protocol's own draws come from a stream of their own, so the clinical cohort of a seed
+    # is the same whichever protocols exist
+    prng = np.random.default_rng([seed, index, 5])
+    protocol = str(prng.choice(MIXED)) if ranges.protocol == "mixed" else ranges.protocol
+    field_t = float(prng.choice([1.5, 3.0]))
+    if protocol == "clinical":
+        for acq, fat in ((t1, ""), (t2, "FS")):
+            acq.series.field_t = field_t
+            if not LEGACY_CLINICAL:
+                acq.sequence = physics.Sequence("SE", acq.series.repetition_time_ms, acq.series.echo_time_ms,
+                                                fat=fat, field_t=field_t)
+    elif protocol == "oai":
         t1, t2 = _oai_series(rng, seed, index, fov_centre, ranges, oblique, side)
+    elif protocol == "skmtea":
+        t1, t2 = _skmtea_series(prng, seed, index, fov_centre, ranges, oblique), None
+    elif protocol in SINGLE_SERIES:
+        t1, t2 = _single_series(prng, protocol, t1, field_t, seed, index), None
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     extras = []
     if rng.random() < ranges.p_extra_series:
         # an axial fat-suppressed PD series that ingest must not take for a sagittal one
@@ -254,7 +309,8 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
     }
     return SubjectPlan(index, subject_id, group, age, sex, kl, side, anatomy, pose, study_uid, study_date,
                        str(rng.choice(VISITS)), patient, study, t1, t2, extras,
-                       shuffle_files=bool(rng.random() < ranges.p_shuffled_files), seed=(seed, index))
+                       shuffle_files=bool(rng.random() < ranges.p_shuffled_files), seed=(seed, index),
+                       protocol=protocol)
 
 
 def _oai_series(rng, seed, index, centre, ranges: ProtocolRanges, oblique, side: str):
@@ -265,15 +321,46 @@ def _oai_series(rng, seed, index, centre, ranges: ProtocolRanges, oblique, side:
     dess = Acquisition(_sagittal_grid(rng, centre, ranges, dess_mm, 0.0, matrix, inplane, oblique), dess_mm, SeriesInfo(
         description=f"SAG_3D_DESS_{side}", number=2, repetition_time_ms=16.3, echo_time_ms=4.7, acquisition="3D",
         thickness_mm=dess_mm, uid=_uid(seed, index, "t1"), scanning_sequence=("GR",), sequence_variant=("SP", "OSP"),
-        scan_options=("WE",), sequence_name="*de3d1", flip_angle_deg=25.0), "DESS")
+        scan_options=("WE",), sequence_name="*de3d1", flip_angle_deg=25.0), "DESS", physics.OAI_DESS)
     iw_mm = round(float(rng.uniform(*ranges.slice_2d_mm)), 3)
     matrix, inplane = _draw_inplane(rng, ranges)
     iw = Acquisition(_sagittal_grid(rng, centre, ranges, iw_mm, 0.0, matrix, inplane, oblique), iw_mm, SeriesInfo(
         description=f"SAG_IW_TSE_{side}", number=3, repetition_time_ms=3200.0, echo_time_ms=30.0, acquisition="2D",
         thickness_mm=iw_mm, uid=_uid(seed, index, "t2"), scanning_sequence=("SE",),
         sequence_variant=("SK", "SP", "OSP"), scan_options=("FS",), sequence_name="*tse2d1_9",
-        flip_angle_deg=180.0), "PDFS")
+        flip_angle_deg=180.0), "PDFS", physics.OAI_IW_TSE_FS)
     return dess, iw
+
+
+def _skmtea_series(rng, seed, index, centre, ranges: ProtocolRanges, oblique) -> Acquisition:
+    """SKM-TEA's sagittal qDESS with its GE headers (ScanningSequence RM, no SequenceName)."""
+    mm = round(float(rng.uniform(*ranges.slice_3d_mm)), 3)
+    matrix, inplane = _draw_inplane(rng, ranges)
+    seq = physics.SKMTEA_QDESS
+    return Acquisition(_sagittal_grid(rng, centre, ranges, mm, 0.0, matrix, inplane, oblique), mm, SeriesInfo(
+        description="Sag DESS Low", number=2, repetition_time_ms=seq.tr_ms, echo_time_ms=seq.te_ms,
+        acquisition="3D", thickness_mm=mm, uid=_uid(seed, index, "t1"), scanning_sequence=("RM",),
+        sequence_variant=("NONE",), sequence_name="", flip_angle_deg=seq.flip_deg,
+        manufacturer="GE MEDICAL SYSTEMS"), "DESS", seq)
+
+
+def _single_series(rng, protocol: str, like: Acquisition, field_t: float, seed, index) -> Acquisition:
+    """One series of a physics contrast on the grid drawn for the clinical T1 (2-D, or 3-D SPACE-like)."""
+    family, names = SINGLE_SERIES[protocol]
+    seq = physics.draw(family, rng, field_t)
+    is_3d = like.series.acquisition == "3D"
+    spin_echo = seq.family in ("SE", "IR")
+    seq_name = {"SE": "*spc3d1" if is_3d else "*tse2d1_9", "IR": "*tir2d1_12"}[seq.family] if spin_echo else "*fl3d1"
+    series = SeriesInfo(
+        description=str(rng.choice(names)), number=2, repetition_time_ms=seq.tr_ms, echo_time_ms=seq.te_ms,
+        acquisition=like.series.acquisition, thickness_mm=like.thickness_mm, uid=_uid(seed, index, "t1"),
+        scanning_sequence=seq.scanning_sequence(), sequence_variant=("SK", "SP", "OSP"),
+        scan_options=(seq.fat,) if seq.fat else (), sequence_name=seq_name, flip_angle_deg=150.0,
+        inversion_time_ms=seq.ti_ms, field_t=field_t)
+    return Acquisition(like.grid, like.thickness_mm, series, FAMILY_ROLE[family], seq)
+
+
+FAMILY_ROLE = {name: f["role"] for name, f in physics.FAMILIES.items()}
 
 
 def _n_sub(thickness_mm: float, inplane_mm: float) -> int:
@@ -299,10 +386,11 @@ def render_subject(plan: SubjectPlan):
             cache[key] = render_labels(plan.anatomy, plan.pose, acq.grid, acq.thickness_mm, n)
         return cache[key]
 
-    for acq in (plan.t1, plan.t2, *plan.extras):
+    for acq in plan.series():
         labs, cortex = labels_for(acq)
         jitter = jitter_t2 if acq.contrast != "T1" else jitter_t1
-        images[acq.series.uid] = render_image(labs, cortex, acq.grid, acq.contrast, rng, jitter, snr, bias)
+        table = acq.contrast if acq.sequence is None else physics.tissue_signal(acq.sequence)
+        images[acq.series.uid] = render_image(labs, cortex, acq.grid, table, rng, jitter, snr, bias)
     labs, _ = labels_for(plan.t1)
     truth = labs[labs.shape[0] // 2].copy()
     truth[truth == BODY] = 0
@@ -316,7 +404,7 @@ def write_subject(plan: SubjectPlan, out: Path) -> dict:
     study_dir = out / "dicom" / plan.visit / plan.subject_id / plan.study_date.strftime("%Y%m%d")
     series_entries = {}
     roles = {id(plan.t1): "t1", id(plan.t2): "t2"}
-    for acq in (plan.t1, plan.t2, *plan.extras):
+    for acq in plan.series():
         folder = study_dir / f"{rng.integers(10**7, 10**8)}"
         n = acq.grid.shape[0]
         order = rng.permutation(n) if plan.shuffle_files else None
@@ -335,8 +423,9 @@ def write_subject(plan: SubjectPlan, out: Path) -> dict:
         "study_uid": plan.study_uid,
         "index": plan.index,
         "t1_series_uid": plan.t1.series.uid,
-        "t2_series_uid": plan.t2.series.uid,
-        "t2_on_t1_grid": plan.t2.grid.same_as(plan.t1.grid),
+        "t2_series_uid": plan.t2.series.uid if plan.t2 else None,
+        "t2_on_t1_grid": plan.t2.grid.same_as(plan.t1.grid) if plan.t2 else None,
+        "protocol": plan.protocol,
         "shuffled_files": plan.shuffle_files,
         "group": plan.group,
         "series": series_entries,
@@ -362,20 +451,19 @@ def _write_one(args):
 
 
 def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", workers: int = 1,
-                    progress: bool | None = False, ranges: ProtocolRanges | None = None) -> Path:
+                    progress: bool | None = False, ranges: ProtocolRanges | None = None,
+                    protocol: str | None = None) -> Path:
     """Write ``n`` studies under ``out``: ``dicom/``, ``truth/``, ``clinical.csv``, ``manifest.json``.
 
-    ``ranges`` overrides the preset's protocol ranges.
+    ``protocol`` (:data:`PROTOCOLS`) sets the series; ``ranges`` overrides preset and protocol.
     """
     from kneebatch.progress import progress_map
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if n < 1:
         raise ValueError("--n must be at least 1")
-    ranges = ranges or PRESETS[preset]
+    ranges = ranges or ranges_for(preset, protocol)
     jobs = [(seed, i, ranges, str(out)) for i in range(n)]
     results = progress_map(_write_one, jobs, workers=workers, description="synthesising studies",
                            show=progress)
@@ -384,6 +472,6 @@ def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", worker
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    manifest = {"seed": seed, "n": n, "preset": preset, "studies": [r[1] for r in results]}
+    manifest = {"seed": seed, "n": n, "preset": preset, "protocol": ranges.protocol, "studies": [r[1] for r in results]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out

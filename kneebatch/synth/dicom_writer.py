@@ -33,6 +33,9 @@ class SeriesInfo:
     sequence_name: str = "*tse2d1_5"
     flip_angle_deg: float = 150.0
     laterality: str = ""  # "L", "R" or "" (not written)
+    inversion_time_ms: float = 0.0  # written when > 0
+    field_t: float = 3.0
+    manufacturer: str = "kneebatch synthetic"
 
 
 def _fmt(v: float) -> str:
@@ -77,7 +80,7 @@ def write_series(directory: Path, volume: np.ndarray, grid: Grid, series: Series
         for key, value in study.items():
             setattr(ds, key, value)
         ds.Modality = "MR"
-        ds.Manufacturer = "kneebatch synthetic"
+        ds.Manufacturer = series.manufacturer
         ds.SeriesInstanceUID = series.uid
         ds.SeriesNumber = series.number
         ds.SeriesDescription = series.description
@@ -94,7 +97,9 @@ def write_series(directory: Path, volume: np.ndarray, grid: Grid, series: Series
         ds.MRAcquisitionType = series.acquisition
         ds.RepetitionTime = _fmt(series.repetition_time_ms)
         ds.EchoTime = _fmt(series.echo_time_ms)
-        ds.MagneticFieldStrength = "3"
+        if series.inversion_time_ms > 0:
+            ds.InversionTime = _fmt(series.inversion_time_ms)
+        ds.MagneticFieldStrength = _fmt(series.field_t)
         ds.SliceThickness = _fmt(series.thickness_mm)
         ds.SpacingBetweenSlices = _fmt(dz)
         ds.InstanceNumber = file_index + 1

@@ -126,32 +126,47 @@ def _canonical_coords(m: np.ndarray, block):
     return tuple(m[r, 0] * iz + m[r, 1] * iy + m[r, 2] * ix + m[r, 3] for r in range(3))
 
 
-def render_image(labels_sub, cortex_sub, grid: Grid, contrast: str, rng: np.random.Generator,
+def render_image(labels_sub, cortex_sub, grid: Grid, contrast, rng: np.random.Generator,
                  tissue_jitter: dict, snr: float, bias_strength: float, max_value: int = 4095) -> np.ndarray:
-    """Signal from label planes: contrast, partial volume, texture, bias field, Rician noise."""
-    table = CONTRAST[contrast]
+    """Signal from label planes: contrast, partial volume, texture, bias field, Rician noise.
+
+    ``contrast``: a name in :data:`CONTRAST` or a table ``{tissue kind: signal}``
+    (e.g. :func:`kneebatch.synth.physics.tissue_signal`)."""
+    table = CONTRAST[contrast] if isinstance(contrast, str) else contrast
     kinds = label_lut()
     lut = np.zeros(256, np.float32)
     for lab, kind in kinds.items():
         lut[lab] = table[kind] * tissue_jitter.get(kind, 1.0)
     cortex_value = table["cortex"] * tissue_jitter.get("cortex", 1.0)
+    signal = planes_signal(labels_sub, cortex_sub, lut, cortex_value)
+    return np.clip(np.rint(acquire(signal, grid, rng, snr, bias_strength) * 0.8 * max_value), 0,
+                   max_value).astype(np.uint16)
+
+
+def planes_signal(labels_sub, cortex_sub, lut: np.ndarray, cortex_value: float) -> np.ndarray:
+    """Mean signal over a slice's planes (partial volume): ``lut[label]``, cortex where marked."""
     signal = np.zeros(labels_sub.shape[1:], np.float32)
     for k in range(labels_sub.shape[0]):
         plane = lut[labels_sub[k]]
         plane[cortex_sub[k]] = cortex_value
         signal += plane
     signal /= labels_sub.shape[0]
+    return signal
+
+
+def acquire(signal: np.ndarray, grid: Grid, rng: np.random.Generator, snr: float, bias_strength: float,
+            texture_strength: float = 0.35, psf_voxels: float = 0.6) -> np.ndarray:
+    """Tissue texture, in-plane point spread, coil bias and Rician noise on a noise-free signal."""
     body = signal > 0
-    # tissue texture and in-plane point spread
     texture = ndimage.gaussian_filter(rng.standard_normal(signal.shape).astype(np.float32), (0.7, 1.5, 1.5))
-    signal *= 1.0 + 0.35 * texture * body
-    signal = ndimage.gaussian_filter(signal, (0.0, 0.6, 0.6))
+    signal = signal * (1.0 + texture_strength * texture * body)
+    if psf_voxels > 0:
+        signal = ndimage.gaussian_filter(signal, (0.0, psf_voxels, psf_voxels))
     signal *= _bias_field(grid, rng, bias_strength)
     sigma = 1.0 / snr
     n1 = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
     n2 = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
-    rician = np.sqrt((signal + n1) ** 2 + n2 ** 2)
-    return np.clip(np.rint(rician * 0.8 * max_value), 0, max_value).astype(np.uint16)
+    return np.sqrt((signal + n1) ** 2 + n2 ** 2)
 
 
 def _bias_field(grid: Grid, rng: np.random.Generator, strength: float) -> np.ndarray:

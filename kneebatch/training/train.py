@@ -31,7 +31,7 @@ from kneebatch.models.checkpoints import load_weights, save_weights
 from kneebatch.measure import dice_per_label
 from kneebatch.errors import StudyError
 from kneebatch.models.config import ModelConfig, build_network
-from kneebatch.models.preprocess import box_from_mask, normalize, pad_to_multiple, resize, working_shape
+from kneebatch.models.preprocess import box_from_mask, fine_crop, normalize, pad_to_multiple, resize
 
 # Half the fine patches are centred on these: the thin tissues, and the fibula, a few
 # sagittal slices wide, whose edge slices are mostly partial volume.
@@ -64,7 +64,7 @@ def _log(msg: str) -> None:
 
 class Trainer:
     def __init__(self, store_path, out, cfg: ModelConfig | None = None, label_name: str = "truth", seed: int = 0,
-                 jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 2e-3, init_from=None):
+                 jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 2e-3, init_from=None, label_set=None):
         from kneebatch.ingest.store import CohortStore
 
         self.store = CohortStore(store_path, create=False)
@@ -78,6 +78,7 @@ class Trainer:
         self.batch_size = batch_size
         self.lr = lr
         self.init_from = Path(init_from) if init_from else None
+        self.label_set = label_set  # kneebatch.ingest.datasets.LabelSet: partial labels (marginal loss)
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         keys = [k for k in self.store.study_keys()
@@ -100,6 +101,8 @@ class Trainer:
     def _load(self, key: str, keep_native: bool) -> Case:
         image, grid = self.store.read_image(key, self.cfg.input_channels(self.store.channels(key)))
         labels = self.store.read_labels(key, self.label_name)
+        if self.label_set is not None:  # file ids -> the set's classes (0 = every unannotated label)
+            labels = self.label_set.file_to_class()[labels].astype(np.uint8)
         x = normalize(torch.from_numpy(image.astype(np.float32)))
         y = torch.from_numpy(labels)
         case = Case(key, resize(x, self.cfg.coarse_shape).half(), resize(y, self.cfg.coarse_shape, labels=True))
@@ -114,25 +117,27 @@ class Trainer:
              f"({', '.join(f'{p} {len(c)}' for p, c in self.cases.items())}) in {time.perf_counter() - t:.0f} s")
 
     def make_fine_crops(self, coarse_model) -> None:
+        from kneebatch.inference.segment import series_mean
+
         coarse_model.eval()
         for part, cases in self.cases.items():
             for case in cases:
                 with torch.inference_mode():
                     xc, _ = pad_to_multiple(case.coarse_x.float(), self.cfg.coarse.divisor())
-                    pred = coarse_model(xc[None])[0].argmax(0)
+                    pred = series_mean(lambda v: coarse_model(v[None])[0], xc, self.cfg).argmax(0)
                 native = tuple(case._x.shape[1:])
                 jitter = self.jitter_mm if part == "train" else 0.0
                 margin = self.cfg.crop_margin_mm + float(self.rng.uniform(-jitter, jitter))
                 box = box_from_mask(pred > 0, native, case._grid.spacing, max(margin, 2.0))
-                crop_x = case._x[(slice(None), *box)]
-                wshape = working_shape(crop_x.shape[1:], case._grid.spacing, self.cfg.fine_spacing_mm,
-                                       self.cfg.fine.divisor())
-                case.fine_x = resize(crop_x, wshape).half()
-                case.fine_y = resize(case._y[box], wshape, labels=True)
+                crop_x, case.fine_y = fine_crop(case._x, box, case._grid.spacing, self.cfg, case._y)
+                case.fine_x = crop_x.half()
                 del case._x, case._y
 
     # ------------------------------------------------------------------ batches
     def _augment(self, x: torch.Tensor, y: torch.Tensor):
+        if self.cfg.per_series and x.shape[0] > 1:  # one-channel nets learn from each series alone
+            c = int(self.rng.integers(0, x.shape[0]))
+            x = x[c:c + 1]
         if self.rng.random() < 0.5:  # mirror left-right: a left knee is a mirrored right knee
             x, y = x.flip(-3), y.flip(-3)
         scale = torch.from_numpy(self.rng.uniform(0.85, 1.15, (x.shape[0], 1, 1, 1)).astype(np.float32))
@@ -153,7 +158,7 @@ class Trainer:
             x, _ = pad_to_multiple(x, patch) if any(s < p for s, p in zip(x.shape[1:], patch)) else (x, None)
             y = y if tuple(y.shape) == tuple(x.shape[1:]) else _pad_labels(y, x.shape[1:])
             if self.rng.random() < 0.5:
-                small = torch.nonzero(torch.isin(y, torch.tensor(CENTRED_TISSUES, dtype=y.dtype)))
+                small = torch.nonzero(torch.isin(y, self._centred))
                 centre = small[int(self.rng.integers(0, len(small)))].tolist() if len(small) else None
             else:
                 centre = None
@@ -166,26 +171,57 @@ class Trainer:
             ys.append(py)
         return torch.stack(xs), torch.stack(ys).long()[:, None]
 
+    @property
+    def _centred(self) -> torch.Tensor:
+        """Label values half the fine patches are centred on: the thin tissues (partial labels: any)."""
+        if self.label_set is not None:
+            return torch.arange(1, len(self.label_set.classes) + 1, dtype=torch.uint8)
+        return torch.tensor(CENTRED_TISSUES, dtype=torch.uint8)
+
+    def loss_function(self):
+        if self.label_set is not None:
+            from kneebatch.training.losses import MarginalDiceCE
+
+            return MarginalDiceCE(self.label_set.membership())
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+    def score(self, pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+        """Dice per label; with partial labels, per class of the set (predictions merged into them)."""
+        if self.label_set is None:
+            return dice_per_label(pred, truth)
+        lut = torch.from_numpy(self.label_set.schema_to_class()).to(pred.device)
+        merged, truth = lut[pred.long()], truth.long()
+        out = {}
+        for c, name in enumerate(self.label_set.class_names()[1:], start=1):
+            p, t = merged == c, truth == c
+            if bool(t.any()):
+                out[name] = 2 * int((p & t).sum()) / (int(p.sum()) + int(t.sum()))
+        return out
+
     # ------------------------------------------------------------------ evaluation
     @torch.inference_mode()
     def validate_fine(self, model) -> dict[str, float]:
-        from kneebatch.inference.segment import fine_logits
+        from kneebatch.inference.segment import fine_logits, series_mean
 
         model.eval()
         scores = []
         for case in self.cases["val"]:
-            pred = fine_logits(model, case.fine_x.float(), self.cfg).argmax(0)
-            scores.append(dice_per_label(pred, case.fine_y))
+            pred = series_mean(lambda v: fine_logits(model, v, self.cfg), case.fine_x.float(), self.cfg).argmax(0)
+            scores.append(self.score(pred, case.fine_y))
         model.train()
         return _mean_scores(scores)
 
     @torch.inference_mode()
     def validate_coarse(self, model) -> float:
+        from kneebatch.inference.segment import series_mean
+
         model.eval()
         scores = []
         for case in self.cases["val"]:
             x, _ = pad_to_multiple(case.coarse_x.float(), self.cfg.coarse.divisor())
-            fg_pred = model(x[None])[0].argmax(0) > 0
+            fg_pred = series_mean(lambda v: model(v[None])[0], x, self.cfg).argmax(0) > 0
             fg = case.coarse_y > 0
             scores.append(2 * int((fg_pred & fg).sum()) / max(int(fg_pred.sum()) + int(fg.sum()), 1))
         model.train()
@@ -193,13 +229,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ loops
     def run_stage(self, stage: str, minutes: float, eval_every: int) -> torch.nn.Module:
-        from monai.losses import DiceCELoss
-
         net_cfg = self.cfg.coarse if stage == "coarse" else self.cfg.fine
         model = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
         ema = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=1e-4)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+        loss_fn = self.loss_function()
         step, elapsed, best = 0, 0.0, -1.0
         last = self.ckpt / f"{stage}_last.safetensors"
         final = self.out / f"{stage}.safetensors"
@@ -215,6 +249,11 @@ class Trainer:
             if self.init_from is not None:
                 self._initialise(model, self.init_from / f"{stage}.safetensors")
             ema.load_state_dict(model.state_dict())
+        if minutes <= 0:  # this stage is not trained: the initial weights are its result
+            _log(f"{stage}: not trained (0 minutes), weights as initialised")
+            save_weights(final, model.state_dict(), {"stage": stage, "step": 0, "val_score": float("nan"),
+                                                     "config": json.loads(self.cfg.to_json())}, dtype=torch.float16)
+            return model.eval()
         if meta_done(last, minutes):
             _log(f"{stage}: already finished")
             best_state, _ = load_weights(final)
@@ -278,7 +317,17 @@ class Trainer:
             raise FileNotFoundError(f"--init: no {path.name} in {path.parent}")
         state, _ = load_weights(path)
         own = model.state_dict()
-        match = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        match = {}
+        for k, v in state.items():
+            if k not in own:
+                continue
+            if own[k].shape == v.shape:
+                match[k] = v
+            elif v.dim() == 5 and own[k].shape[0] == v.shape[0] and own[k].shape[2:] == v.shape[2:] \
+                    and own[k].shape[1] == 1:
+                # a first convolution from a net with more input channels (T1 + T2 -> any one
+                # series): summed over them, it answers one image as the old net answered it in both
+                match[k] = v.sum(1, keepdim=True)
         model.load_state_dict(match, strict=False)
         _log(f"initialised {len(match)} of {len(own)} tensors from {path}")
 
@@ -292,7 +341,7 @@ class Trainer:
         for case in self.cases["test"]:
             image, labels, grid = case.native
             pred, _ = segment(image.astype(np.float32), grid, ce, fe, self.cfg)
-            scores.append(dice_per_label(pred, torch.from_numpy(labels)))
+            scores.append(self.score(pred, torch.from_numpy(labels)))
         return _mean_scores(scores)
 
 
@@ -358,16 +407,26 @@ def write_curves(rows: list[dict], path: Path) -> None:
 
 def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40.0, threads: int | None = None,
           seed: int = 0, label_name: str = "truth", eval_every_fine: int = 150, cfg: ModelConfig | None = None,
-          init_from=None, lr: float = 2e-3) -> dict:
+          init_from=None, lr: float = 2e-3, label_set=None) -> dict:
+    """``label_set`` (:class:`kneebatch.ingest.datasets.LabelSet`): the label maps annotate only its
+    classes (marginal loss); the nets' configuration then comes from ``init_from``."""
     if threads:
         torch.set_num_threads(threads)
-    tr = Trainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed, init_from=init_from, lr=lr)
+    if cfg is None and init_from is not None and (Path(init_from) / "model_config.json").exists():
+        cfg = ModelConfig.load(Path(init_from) / "model_config.json")  # fine-tuning keeps the nets' design
+    tr = Trainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed, init_from=init_from, lr=lr,
+                 label_set=label_set)
     tr.load()
     coarse = tr.run_stage("coarse", minutes_coarse, eval_every=100)
     tr.make_fine_crops(coarse)
     fine = tr.run_stage("fine", minutes_fine, eval_every=eval_every_fine)
+    return finish(tr, coarse, fine, seed, minutes_coarse, minutes_fine)
+
+
+def finish(tr: Trainer, coarse, fine, seed: int, minutes_coarse: float, minutes_fine: float) -> dict:
+    """Test-split Dice, the training log, curves and ``metrics.json`` of a finished run."""
     test = tr.evaluate_test(coarse, fine)
-    out = Path(out)
+    out = tr.out
     with open(out / "train_log.csv", "w", newline="") as f:
         first = ["stage", "step", "minutes", "loss", "lr", "val_score"]
         cols = first + sorted({k for r in tr.log_rows for k in r} - set(first))

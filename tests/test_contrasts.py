@@ -1,0 +1,165 @@
+"""Physics contrasts, synthetic protocols, images synthesised for training, one-model inference."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kneebatch import labels as L
+from kneebatch.ingest.convert import convert
+from kneebatch.ingest.store import CohortStore
+from kneebatch.synth import physics
+from kneebatch.synth.anatomy import BODY
+from kneebatch.synth.cohort import PRESETS, generate_cohort, plan_subject, ranges_for
+from kneebatch.training.synthesis import (LabelVolume, TRAIN_FAMILIES, HELD_OUT_FAMILIES, draw_appearance,
+                                          physics_appearance, random_appearance, subject_volume, synthesize)
+
+
+# ---------------------------------------------------------------- physics
+@pytest.mark.parametrize("field_t", [1.5, 3.0])
+def test_physics_contrasts_order_tissues_as_radiologists_see_them(field_t):
+    rng = np.random.default_rng(0)
+    s = {name: physics.tissue_signal(physics.draw(name, rng, field_t)) for name in physics.FAMILIES}
+    t1, t2fs, pdfs, dess, stir = s["T1_TSE"], s["T2_TSE_FS"], s["PD_TSE_FS"], s["DESS_WE"], s["STIR"]
+    assert t1["fat"] == pytest.approx(0.9) and t1["fluid"] < t1["cartilage"] < t1["marrow"]  # T1: fat bright, fluid dark
+    for table in (t2fs, pdfs, dess, stir):  # fluid-sensitive, fat-suppressed: fluid brightest, fat dark
+        assert table["fluid"] == pytest.approx(0.9)
+        assert table["fat"] < 0.15 and table["marrow"] < 0.2
+    assert s["T2_TSE"]["fat"] > 0.5  # no fat suppression: fat stays bright on T2 TSE
+    for table in s.values():  # menisci and tendon dark on every sequence, cortex black
+        assert table["meniscus"] < table["cartilage"] and table["tendon"] < 0.12 and table["cortex"] < 0.01
+    assert dess["cartilage"] > dess["meniscus"] * 2  # DESS: cartilage bright against menisci
+
+
+def test_held_out_contrast_is_never_drawn_for_training():
+    rng = np.random.default_rng(1)
+    names = {draw_appearance(rng).name for _ in range(400)}
+    assert names == {*TRAIN_FAMILIES, "random"} and not names & set(HELD_OUT_FAMILIES)
+
+
+# ---------------------------------------------------------------- protocols
+EXPECTED_ROLES = {"clinical": ["T1", "T2FS"], "oai": ["DESS", "PDFS"], "skmtea": ["DESS"], "pdfs": ["PDFS"],
+                  "t2fs": ["T2FS"], "stir": ["other"]}
+
+
+@pytest.fixture(scope="module")
+def protocol_stores(tmp_path_factory, key_file):
+    root = tmp_path_factory.mktemp("protocols")
+    for protocol in EXPECTED_ROLES:
+        generate_cohort(root / protocol, 2, seed=31, preset="small", protocol=protocol, workers=1)
+        report = convert(root / protocol / "dicom", root / f"{protocol}.zarr", key_file=key_file, show_progress=False)
+        assert report.converted == 2 and report.failed == 0
+    return root
+
+
+@pytest.mark.parametrize("protocol", list(EXPECTED_ROLES))
+def test_each_protocol_writes_headers_its_contrast_is_recognised_by(protocol_stores, protocol):
+    store = CohortStore(protocol_stores / f"{protocol}.zarr")
+    for key in store.study_keys():
+        assert store.channels(key) == EXPECTED_ROLES[protocol]
+    manifest = json.loads((protocol_stores / protocol / "manifest.json").read_text())
+    assert {s["protocol"] for s in manifest["studies"]} == {protocol}
+
+
+def test_physics_images_follow_their_tissue_table(protocol_stores):
+    """Mean stored intensity per tissue ranks as the physics table says (noise, bias, partial volume aside)."""
+    store = CohortStore(protocol_stores / "pdfs.zarr")
+    for key in store.study_keys():
+        image, grid = store.read_image(key)
+        truth = store.read_labels(key, "truth") if "truth" in store.label_names(key) else None
+        if truth is None:
+            from kneebatch.ingest.label_import import read_label_file, label_file, study_names
+
+            names = study_names(store)[key]
+            from kneebatch.outputs import read_rows
+
+            uid = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}[key]
+            truth, _ = read_label_file(label_file(protocol_stores / "pdfs" / "truth", [uid]), grid)
+        mean = {name: float(image[0][truth == L.by_name(name).id].mean())
+                for name in ("effusion", "femoral_cartilage", "subcutaneous_fat", "medial_meniscus")}
+        assert mean["effusion"] > mean["femoral_cartilage"] > mean["medial_meniscus"]
+        assert mean["subcutaneous_fat"] < mean["femoral_cartilage"]  # fat suppressed
+
+
+def test_mixed_draws_each_protocol_and_keeps_the_clinical_stream():
+    plans = [plan_subject(7, i, ranges_for("small", "mixed")) for i in range(40)]
+    assert {p.protocol for p in plans} == {"clinical", "oai", "skmtea", "pdfs", "t2fs"}
+    for p in plans:
+        if p.protocol == "clinical":  # the clinical cohort of a seed is the same with or without "mixed"
+            same = plan_subject(7, p.index, PRESETS["small"])
+            assert np.array_equal(same.t1.grid.affine, p.t1.grid.affine) and same.study_uid == p.study_uid
+    single = [p for p in plans if p.protocol in ("skmtea", "pdfs", "t2fs")]
+    assert single and all(p.t2 is None and len(p.series()) == 1 + len(p.extras) for p in single)
+
+
+def test_skmtea_and_oai_geometry():
+    sk = plan_subject(3, 0, ranges_for("clinical", "skmtea"))
+    assert sk.t1.grid.spacing[1:] == pytest.approx((0.31, 0.31)) and sk.t1.thickness_mm == pytest.approx(0.8)
+    assert sk.t1.series.manufacturer == "GE MEDICAL SYSTEMS" and sk.t1.series.scanning_sequence == ("RM",)
+    oai = plan_subject(3, 1, ranges_for("clinical", "oai"))
+    assert oai.t1.thickness_mm == pytest.approx(0.7) and oai.t2.thickness_mm == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        ranges_for("clinical", "flair")
+
+
+# ---------------------------------------------------------------- images for training
+@pytest.fixture(scope="module")
+def volume():
+    return subject_volume(5, 2, PRESETS["small"])
+
+
+def test_label_volume_round_trip_is_exact(volume, tmp_path):
+    path = tmp_path / "v.npz"
+    volume.save(path)
+    back = LabelVolume.load(path)
+    assert np.array_equal(back.planes, volume.planes) and np.array_equal(back.cortex, volume.cortex)
+    assert back.grid.same_as(volume.grid) and back.key == "v"
+    assert BODY not in np.unique(volume.truth) and set(np.unique(volume.truth)) <= set(range(L.N_CLASSES))
+    assert np.array_equal(volume.truth[volume.truth > 0], volume.planes[volume.planes.shape[0] // 2][volume.truth > 0])
+
+
+def test_random_appearance_gives_each_label_its_own_intensity(volume):
+    rng = np.random.default_rng(3)
+    look = random_appearance(rng)
+    look.snr, look.bias, look.texture, look.psf_voxels = 1e6, 0.0, 0.0, 0.0  # noise-free: the table itself
+    image = synthesize(volume, look, rng)
+    centre = volume.planes.shape[0] // 2
+    for lab in (1, 5, 16, 20):  # deep inside a tissue the signal is its table value
+        inside = (volume.planes == lab).all(0) & ~volume.cortex.any(0)
+        assert inside.any()
+        assert np.median(image[inside]) == pytest.approx(look.lut[lab], rel=1e-3)
+    assert centre >= 0
+
+
+def test_physics_appearance_matches_the_signal_table(volume):
+    rng = np.random.default_rng(4)
+    seq = physics.draw("DESS_WE", rng, 3.0)
+    look = physics_appearance(seq, rng, jitter=0.0)
+    table = physics.tissue_signal(seq)
+    assert look.lut[L.by_name("effusion").id] == pytest.approx(table["fluid"])
+    assert look.lut[L.by_name("femur").id] == pytest.approx(table["marrow"])
+    assert look.lut[BODY] == pytest.approx(table["body"]) and look.cortex == pytest.approx(table["cortex"])
+
+
+def test_synthesis_is_deterministic_per_seed(volume):
+    a = synthesize(volume, draw_appearance(np.random.default_rng(9)), np.random.default_rng(10))
+    b = synthesize(volume, draw_appearance(np.random.default_rng(9)), np.random.default_rng(10))
+    c = synthesize(volume, draw_appearance(np.random.default_rng(8)), np.random.default_rng(10))
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and a.shape == volume.grid.shape
+
+
+# ---------------------------------------------------------------- one model, any number of series
+def test_series_mean_averages_a_one_channel_net_over_the_series():
+    from kneebatch.inference.segment import series_mean
+    from kneebatch.models.config import ModelConfig
+
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    weights = torch.tensor([1.0, -2.0, 0.5])[:, None, None, None]
+    net = lambda v: v * weights  # noqa: E731  one input channel -> three "classes"
+    out = series_mean(net, x, ModelConfig(in_channels=1, per_series=True))
+    expected = (net(x[0:1]) + net(x[1:2])) / 2
+    assert torch.allclose(out, expected)
+    assert torch.equal(series_mean(net, x[:1], ModelConfig(in_channels=1, per_series=True)), net(x[:1]))
+    cfg = ModelConfig(in_channels=1, per_series=True)
+    assert cfg.input_channels(["DESS", "PDFS"]) == [0, 1] and cfg.input_channels(["other"]) == [0]
