@@ -95,3 +95,54 @@ def test_half_precision_weights_keep_out_of_range_tensors_exact(tmp_path):
     assert torch.equal(loaded["bn.running_var"], state["bn.running_var"]) and meta == {"step": 1}
     assert torch.allclose(loaded["conv.weight"], state["conv.weight"], atol=1e-3)
     assert int(loaded["bn.num_batches_tracked"]) == 7
+
+
+def test_domain_randomised_training_runs_resumes_and_scores_each_contrast(tmp_path):
+    """Images made from label volumes during training; one-channel nets; per-contrast test Dice."""
+    from dataclasses import replace
+
+    from kneebatch.synth.cohort import PRESETS
+    from kneebatch.training.domain import VALIDATION_CONTRASTS, train_domain
+    from kneebatch.training.synthesis import HELD_OUT_FAMILIES, cached_volumes
+
+    volumes = cached_volumes(tmp_path / "volumes", 5, 10, PRESETS["small"])
+    assert len(list((tmp_path / "volumes").glob("*.npz"))) == 10
+    cfg = replace(TINY, in_channels=1, input_roles=[], per_series=True)
+    m = train_domain(volumes, tmp_path / "run", 0.05, 0.05, cfg=cfg, eval_every_fine=3)
+    assert m["split"] == {"val": 1, "test": 1, "train": 8}
+    assert set(m["test_dice_by_contrast"]) == {*VALIDATION_CONTRASTS, *HELD_OUT_FAMILIES}
+    assert m["held_out_contrasts"] == list(HELD_OUT_FAMILIES)
+    saved = json.loads((tmp_path / "run" / "model_config.json").read_text())
+    assert saved["in_channels"] == 1 and saved["per_series"] is True
+    with safe_open(str(tmp_path / "run" / "checkpoints" / "fine_last.safetensors"), "pt") as f:
+        step = json.loads(f.metadata()["kneebatch"])["step"]
+    train_domain(volumes, tmp_path / "run", 0.05, 0.12, cfg=cfg, eval_every_fine=3)  # a longer budget resumes
+    with safe_open(str(tmp_path / "run" / "checkpoints" / "fine_last.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["kneebatch"])["step"] > step
+
+
+def test_partial_labels_train_with_the_marginal_loss_and_score_the_set(cohort, store, tmp_path):
+    """An OAI-ZIB-like store (four classes) fine-tunes tiny engines; validation scores the set's classes."""
+    import numpy as np
+
+    from kneebatch.ingest.datasets import LABEL_SETS
+    from kneebatch.ingest.store import CohortStore
+    from kneebatch.training.train import Trainer
+
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    import_labels(work, cohort / "truth", name="truth")
+    s = CohortStore(work)
+    zib = LABEL_SETS["oai-zib"]
+    lut = np.zeros(32, np.uint8)
+    for i, ids in zib.ids.items():
+        lut[list(ids)] = i
+    for key in s.study_keys():
+        s.write_labels(key, lut[s.read_labels(key, "truth")], name="zib")
+    m = train(work, tmp_path / "run", minutes_coarse=0.05, minutes_fine=0.05, cfg=TINY, eval_every_fine=5,
+              label_name="zib", label_set=zib)
+    assert set(m["test_dice"]) <= set(zib.class_names()[1:]) and "femur" in m["test_dice"]
+    tr = Trainer(work, tmp_path / "run2", cfg=TINY, label_name="zib", label_set=zib)
+    case = tr._load(tr.split["train"][0], keep_native=False)
+    assert set(case.coarse_y.unique().tolist()) <= {0, 1, 2, 3, 4}
+    assert type(tr.loss_function()).__name__ == "MarginalDiceCE"

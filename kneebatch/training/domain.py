@@ -44,6 +44,7 @@ class DomainTrainer(Trainer):
         self.seed, self.jitter_mm, self.batch_size, self.lr = seed, jitter_mm, batch_size, lr
         self.init_from = Path(init_from) if init_from else None
         self.refresh_every, self.p_random = refresh_every, p_random
+        self.label_set = None  # every label of the schema is in the synthetic truth
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         self.volumes = {v.key: v for v in volumes}

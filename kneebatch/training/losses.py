@@ -25,9 +25,9 @@ class MarginalDiceCE(torch.nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits [B, n schema classes, ...]``; ``target [B, 1, ...]`` set class ids."""
         prob = torch.softmax(logits.float(), 1)
-        merged = torch.einsum("bc...,sc->bs...", prob, self.membership).clamp_min(1e-7)
+        merged = torch.einsum("bc...,sc->bs...", prob, self.membership)
         y = target[:, 0].long()
-        ce = F.nll_loss(torch.log(merged), y)
+        ce = F.nll_loss(torch.log(merged.clamp_min(1e-7)), y)
         onehot = F.one_hot(y, merged.shape[1]).movedim(-1, 1).float()
         dims = (0, *range(2, merged.dim()))  # batch Dice: one score per class over the whole batch
         inter = (merged * onehot).sum(dims)
