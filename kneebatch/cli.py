@@ -36,7 +36,7 @@ def cmd_synth(args) -> int:
     from kneebatch.synth.cohort import generate_cohort
 
     out = generate_cohort(args.out, args.n, seed=args.seed, preset=args.preset, protocol=args.protocol,
-                          workers=args.workers or default_workers(), progress=not args.quiet)
+                          anatomy=args.anatomy, workers=args.workers or default_workers(), progress=not args.quiet)
     print(f"wrote {args.n} synthetic studies ({args.protocol or 'clinical'}) to {out}/dicom, truth to {out}/truth, "
           f"{out}/clinical.csv")
     return 0
@@ -200,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "T1 TSE + T2 TSE FS; oai: 3-D DESS-WE (0.7 mm) + 2-D IW-TSE-FS (3 mm); skmtea: GE qDESS "
                         "(0.31 x 0.31 x 0.8 mm); pdfs / t2fs / stir: that one series; mixed: one of clinical, oai, "
                         "skmtea, pdfs, t2fs per study")
+    s.add_argument("--anatomy", default=None,
+                   help="how much the knees vary. typical (default): size, cartilage, OA changes, effusion; varied: "
+                        "also flexion 0-30 deg, varus/valgus, patella height and tilt, condyle and plateau shape, "
+                        "meniscal extrusion and tears, Baker's cysts, habitus, field of view; extreme: every knee at "
+                        "those ranges' ends (flexed, valgus, patella alta, large effusion, KL 4)")
     common(s)
     s.set_defaults(func=cmd_synth)
 

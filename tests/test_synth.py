@@ -3,6 +3,7 @@ import csv
 import nibabel as nib
 import numpy as np
 import pydicom
+import pytest
 
 from kneebatch import labels as L
 from kneebatch.geometry import affine_from_nifti
@@ -106,3 +107,49 @@ def test_oa_knees_have_thinner_cartilage_and_more_effusion():
     for group, plans in (("normal", normal[:2]), ("OA", oa[:2])):
         eff[group] = np.mean([_volume_ml(render_subject(p)[1], p.t1.grid, "effusion") for p in plans])
     assert eff["OA"] > 2 * eff["normal"]
+
+
+def test_flexion_swings_the_lower_leg_back_and_leaves_the_femur():
+    """Knee flexion in the phantom: the tibia rotates posteriorly about the condyles, the femur stays."""
+    from dataclasses import replace as dc_replace
+
+    from kneebatch import labels as L
+    from kneebatch.geometry import Grid
+    from kneebatch.synth.anatomy import Anatomy
+    from kneebatch.synth.render import Pose, render_labels
+
+    # canonical frame = patient frame for a right knee: x medial = L, y posterior = P, z superior = -I
+    pose = Pose(np.eye(3), np.ones(3), np.zeros(3), "RIGHT")
+    direction = np.array([[-1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]]).T  # z -> R, y -> I, x -> P
+    shape = (30, 120, 100)
+    grid = Grid.from_parts(shape, (3.0, 1.5, 1.5), direction @ -((np.array(shape) - 1) / 2 * [3.0, 1.5, 1.5]),
+                           direction)
+
+    def centroid(labels, name):
+        idx = np.argwhere(labels == L.by_name(name).id).mean(0)
+        return grid.index_to_world(idx)
+
+    straight, _ = render_labels(Anatomy(), pose, grid, 3.0, 1)
+    bent, _ = render_labels(dc_replace(Anatomy(), flexion_deg=30.0), pose, grid, 3.0, 1)
+    f0, f1 = centroid(straight[0], "femur"), centroid(bent[0], "femur")
+    t0, t1 = centroid(straight[0], "tibia"), centroid(bent[0], "tibia")
+    assert np.abs(f1 - f0).max() < 0.5  # the femur does not move
+    assert t1[1] - t0[1] > 10.0  # the tibia's visible part moves posteriorly (LPS +y)
+    assert np.sum(bent[0] == L.by_name("acl").id) > 0.5 * np.sum(straight[0] == L.by_name("acl").id)
+
+
+def test_anatomy_ranges_typical_is_todays_knee_and_extreme_is_at_the_ends():
+    from dataclasses import replace as dc_replace
+
+    typical = plan_subject(4, 1, PRESETS["small"])
+    assert typical.anatomy.flexion_deg == 0 and typical.anatomy.meniscus_tear_deg is None
+    plans = [plan_subject(4, i, dc_replace(PRESETS["small"], anatomy="extreme")) for i in range(6)]
+    for p in plans:
+        a = p.anatomy
+        assert p.group == "OA" and p.kl_grade == 4
+        assert a.flexion_deg >= 25 and a.varus_deg <= -6 and a.patella_height_mm >= 8 and a.effusion_scale >= 5.5
+    varied = [plan_subject(4, i, dc_replace(PRESETS["small"], anatomy="varied")).anatomy for i in range(40)]
+    assert max(a.flexion_deg for a in varied) > 20 and min(a.flexion_deg for a in varied) < 8
+    assert any(a.popliteal_cyst_mm > 0 for a in varied) and any(a.meniscus_tear_deg is not None for a in varied)
+    with pytest.raises(ValueError, match="anatomy"):
+        plan_subject(4, 0, dc_replace(PRESETS["small"], anatomy="odd"))

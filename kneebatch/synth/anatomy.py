@@ -87,6 +87,89 @@ class Anatomy:
     muscle_scale: float = 1.0
     meniscus_height_mm: float = 6.5
     cortex_mm: float = 1.2
+    # pose of the joint and shape variants (0: the typical knee); drawn by cohort.draw_variation
+    flexion_deg: float = 0.0  # the lower leg swings posteriorly about the condyles' axis
+    varus_deg: float = 0.0  # + varus, - valgus: the lower leg tilts about the antero-posterior axis
+    patella_height_mm: float = 0.0  # + alta, - baja
+    patella_tilt_deg: float = 0.0  # lateral tilt about the long axis
+    meniscus_extrusion_mm: float = 0.0  # the medial meniscus pushed out of the joint
+    meniscus_tear_deg: float | None = None  # a radial tear of the medial meniscus at this angle (fluid fills it)
+    popliteal_cyst_mm: float = 0.0  # radius of a Baker's cyst between the medial gastrocnemius and semimembranosus
+    fibula_shift_mm: tuple = (0.0, 0.0, 0.0)
+    condyle_scale: tuple = (1.0, 1.0)  # medial, lateral femoral condyle size
+    plateau_scale: float = 1.0
+
+    def lower_leg(self) -> "JointTransform":
+        return JointTransform(self.flexion_deg, self.varus_deg)
+
+
+@dataclass(frozen=True)
+class JointTransform:
+    """The tibia's frame relative to the femur's: flexion about the mediolateral axis through
+    the condyles' centre, varus/valgus about the antero-posterior axis through the joint centre.
+    Structures of the lower leg are drawn in the tibia's frame: a point ``q`` of the femur's
+    frame is at :meth:`to_tibia` (q) there."""
+
+    flexion_deg: float = 0.0
+    varus_deg: float = 0.0
+    FLEXION_PIVOT = (0.0, 6.0, 22.0)
+    VARUS_PIVOT = (0.0, 4.0, 0.0)
+
+    @property
+    def identity(self) -> bool:
+        return self.flexion_deg == 0.0 and self.varus_deg == 0.0
+
+    def _matrices(self):
+        f, v = np.radians(self.flexion_deg), np.radians(self.varus_deg)
+        rx = np.array([[1, 0, 0], [0, np.cos(f), -np.sin(f)], [0, np.sin(f), np.cos(f)]])
+        ry = np.array([[np.cos(v), 0, np.sin(v)], [0, 1, 0], [-np.sin(v), 0, np.cos(v)]])
+        return rx, ry
+
+    def to_femur(self, p):
+        """A point of the tibia's frame in the femur's (for ligament insertions)."""
+        p = np.asarray(p, float)
+        if self.identity:
+            return tuple(p)
+        rx, ry = self._matrices()
+        fp, vp = np.array(self.FLEXION_PIVOT), np.array(self.VARUS_PIVOT)
+        q = ry @ (p - vp) + vp
+        return tuple(rx @ (q - fp) + fp)
+
+    def to_tibia(self, x, y, z):
+        if self.identity:
+            return x, y, z
+        rx, ry = self._matrices()
+        fp, vp = self.FLEXION_PIVOT, self.VARUS_PIVOT
+        cx, cy, cz = x - fp[0], y - fp[1], z - fp[2]
+        # inverse flexion (rx transposed), then inverse varus
+        qx = rx[0, 0] * cx + rx[1, 0] * cy + rx[2, 0] * cz + fp[0]
+        qy = rx[0, 1] * cx + rx[1, 1] * cy + rx[2, 1] * cz + fp[1]
+        qz = rx[0, 2] * cx + rx[1, 2] * cy + rx[2, 2] * cz + fp[2]
+        cx, cy, cz = qx - vp[0], qy - vp[1], qz - vp[2]
+        return (ry[0, 0] * cx + ry[1, 0] * cy + ry[2, 0] * cz + vp[0],
+                ry[0, 1] * cx + ry[1, 1] * cy + ry[2, 1] * cz + vp[1],
+                ry[0, 2] * cx + ry[1, 2] * cy + ry[2, 2] * cz + vp[2])
+
+    def box(self, box):
+        """The femur-frame box holding a tibia-frame ``box``."""
+        if self.identity:
+            return box
+        lo, hi = box
+        corners = np.array([self.to_femur((a, b, c)) for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
+                            for c in (lo[2], hi[2])])
+        return tuple(corners.min(0) - 1.0), tuple(corners.max(0) + 1.0)
+
+
+def in_tibia_frame(fn, a: Anatomy):
+    """``fn(x, y, z, ...)`` of the tibia's frame, evaluated at femur-frame points."""
+    t = a.lower_leg()
+    if t.identity:
+        return fn
+
+    def moved(x, y, z, *args, **kw):
+        return fn(*t.to_tibia(x, y, z), *args, **kw)
+
+    return moved
 
 
 @dataclass
@@ -104,14 +187,16 @@ class Structure:
 def femur_sdf(x, y, z, a: Anatomy):
     shaft = capsule(x, y, z, (0, 2, 40), (0, -2, 320), 15.0)
     meta = ellipsoid(x, y, z, (0, 0, 40), (36, 24, 28))
-    med = ellipsoid(x, y, z, (20, 6, 22.5), (14, 26, 20))
-    lat = ellipsoid(x, y, z, (-20, 6, 22.0), (14, 24, 19.5))
+    m, l_ = a.condyle_scale
+    med = ellipsoid(x, y, z, (20, 6, 22.5), (14 * m, 26 * m, 20 * m))
+    lat = ellipsoid(x, y, z, (-20, 6, 22.0), (14 * l_, 24 * l_, 19.5 * l_))
     d = smooth_union(smooth_union(shaft, meta, 8.0), np.minimum(med, lat), 5.0)
     return _with_osteophytes(d, x, y, z, a, zmin=0.0)
 
 
 def tibia_sdf(x, y, z, a: Anatomy):
-    plateau = elliptic_cylinder(x, y, z, (0, 4), (38, 26), -28.0, -2.5)
+    """In the tibia's frame (see :func:`in_tibia_frame`)."""
+    plateau = elliptic_cylinder(x, y, z, (0, 4), (38 * a.plateau_scale, 26 * a.plateau_scale), -28.0, -2.5)
     shaft = capsule(x, y, z, (0, 6, -22), (0, 9, -320), 16.0)
     spines = np.minimum(
         ellipsoid(x, y, z, (5, 4, -2.5), (3.5, 5, 4)), ellipsoid(x, y, z, (-5, 4, -2.5), (3.5, 5, 3.5))
@@ -123,13 +208,30 @@ def tibia_sdf(x, y, z, a: Anatomy):
 
 
 def fibula_sdf(x, y, z, a: Anatomy):
-    head = ellipsoid(x, y, z, (-31, 16, -26), (9, 9, 10))
-    shaft = capsule(x, y, z, (-31, 16, -28), (-29, 20, -320), 7.0)
+    """In the tibia's frame."""
+    dx, dy, dz = a.fibula_shift_mm
+    head = ellipsoid(x, y, z, (-31 + dx, 16 + dy, -26 + dz), (9, 9, 10))
+    shaft = capsule(x, y, z, (-31 + dx, 16 + dy, -28 + dz), (-29 + dx, 20 + dy, -320), 7.0)
     return smooth_union(head, shaft, 4.0)
 
 
+PATELLA_CENTRE = (0.0, -38.0, 38.0)
+
+
+def _patella_frame(x, y, z, a: Anatomy):
+    """Points in the frame of a typical patella: moved up by the patella height, untilted."""
+    cx, cy, cz = PATELLA_CENTRE
+    z = z - a.patella_height_mm
+    if a.patella_tilt_deg:
+        t = np.radians(a.patella_tilt_deg)
+        px, py = x - cx, y - cy
+        x, y = cx + np.cos(t) * px + np.sin(t) * py, cy - np.sin(t) * px + np.cos(t) * py
+    return x, y, z
+
+
 def patella_sdf(x, y, z, a: Anatomy):
-    return ellipsoid(x, y, z, (0, -38, 38), (21, 8, 17))
+    x, y, z = _patella_frame(x, y, z, a)
+    return ellipsoid(x, y, z, PATELLA_CENTRE, (21, 8, 17))
 
 
 def _with_osteophytes(d, x, y, z, a: Anatomy, zmin=-np.inf, zmax=np.inf):
@@ -139,12 +241,23 @@ def _with_osteophytes(d, x, y, z, a: Anatomy, zmin=-np.inf, zmax=np.inf):
     return d
 
 
-def skin_sdf(x, y, z, a: Anatomy):
-    """Elliptic limb cross-section narrowing from thigh to calf across the joint."""
+def _limb_sdf(x, y, z, a: Anatomy):
     t = np.clip((z + 40.0) / 80.0, 0.0, 1.0)  # 0 in the calf, 1 in the thigh
     rx = a.calf_radii[0] + t * (a.thigh_radii[0] - a.calf_radii[0])
     ry = a.calf_radii[1] + t * (a.thigh_radii[1] - a.calf_radii[1])
     return (np.sqrt((x / rx) ** 2 + ((y - 5.0) / ry) ** 2) - 1.0) * np.minimum(rx, ry)
+
+
+def skin_sdf(x, y, z, a: Anatomy):
+    """Elliptic limb cross-section narrowing from thigh to calf across the joint; a bent knee's
+    calf follows the tibia."""
+    t = a.lower_leg()
+    if t.identity:
+        return _limb_sdf(x, y, z, a)
+    tx, ty, tz = t.to_tibia(x, y, z)
+    thigh = np.where(z > -10.0, _limb_sdf(x, y, np.maximum(z, 0.0), a), np.inf)
+    calf = np.where(tz < 10.0, _limb_sdf(tx, ty, np.minimum(tz, 0.0), a), np.inf)
+    return np.minimum(thigh, calf)
 
 
 def _shell(sdf, thickness):
@@ -158,14 +271,19 @@ def _not_in_defect(x, y, z, a: Anatomy):
     return keep
 
 
-def _meniscus(x, y, z, a: Anatomy, cx, radii, open_halfwidth_deg):
+def _meniscus(x, y, z, a: Anatomy, cx, radii, open_halfwidth_deg, extrusion=0.0, tear_deg=None):
+    """In the tibia's frame. ``extrusion`` (mm) pushes it outwards; ``tear_deg``: a radial gap there."""
+    cx = cx + np.sign(cx) * extrusion
     u = ellipse_radius(x, y, (cx, 4.0), radii)
     u_in = 0.55
     h = a.meniscus_height_mm * np.clip((u - u_in) / (1.0 - u_in), 0.0, 1.0)
     wedge = (u > u_in) & (u < 1.0) & (z > -2.5) & (z < -2.5 + h)
     # the C opens towards the intercondylar area (towards x = 0)
     angle = np.degrees(np.arctan2(y - 4.0, (x - cx) * -np.sign(cx)))
-    return wedge & (np.abs(angle) > open_halfwidth_deg)
+    out = wedge & (np.abs(angle) > open_halfwidth_deg)
+    if tear_deg is not None:
+        out &= np.abs(angle - tear_deg) > 6.0
+    return out
 
 
 def structures(a: Anatomy) -> list[Structure]:
@@ -173,6 +291,15 @@ def structures(a: Anatomy) -> list[Structure]:
     lab = L.by_name
     fat = a.fat_mm
     big = (-90.0, -80.0, -400.0), (90.0, 90.0, 400.0)
+    leg = a.lower_leg()
+    tib = partial(in_tibia_frame, a=a)  # lower-leg structures are drawn in the tibia's frame
+    lift = a.patella_height_mm
+
+    def up(box, pad=0.0):  # a box that moves with the patella
+        (x0, y0, z0), (x1, y1, z1) = box
+        return (x0 - pad, y0 - pad, z0 + lift - pad), (x1 + pad, y1 + pad, z1 + lift + pad)
+
+    patella_pad = 4.0 if a.patella_tilt_deg else 0.0
 
     def body(x, y, z):
         return np.ones(x.shape, bool)
@@ -195,6 +322,7 @@ def structures(a: Anatomy) -> list[Structure]:
         )
         return (m < 0) & (z > 30)
 
+    @tib
     def gastrocnemius(x, y, z):
         m = np.minimum(
             ellipsoid(x, y, z, (17, 34, -60), (19 * ms, 19 * ms, 72)),
@@ -204,29 +332,41 @@ def structures(a: Anatomy) -> list[Structure]:
 
     def effusion(x, y, z):
         e = a.effusion_scale
-        pouch = ellipsoid(x, y, z, (0, -28, 62), (28, 1.2 * e, 18 + 2 * e)) < 0
+        pouch = ellipsoid(x, y, z, (0, -28, 62 + 0.5 * lift), (28, 1.2 * e, 18 + 2 * e)) < 0
         posterior = ellipsoid(x, y, z, (-14, 30, 18), (8, 1.0 * e, 10)) < 0
         joint = (ellipse_radius(x, y, (0, 4), (36, 25)) < 1.0) & (z > -0.8) & (z < 0.8)
-        return pouch | posterior | joint
+        out = pouch | posterior | joint
+        if a.popliteal_cyst_mm > 0:  # Baker's cyst: behind the medial femoral condyle
+            r = a.popliteal_cyst_mm
+            out |= ellipsoid(x, y, z, (16, 38, 8), (0.8 * r, r, 1.5 * r)) < 0
+        if a.meniscus_tear_deg is not None:  # fluid in the tear
+            tx, ty, tz = leg.to_tibia(x, y, z)
+            whole = _meniscus(tx, ty, tz, a, 19.0, (16.5, 21.0), 38.0, a.meniscus_extrusion_mm)
+            out |= whole & ~_meniscus(tx, ty, tz, a, 19.0, (16.5, 21.0), 38.0, a.meniscus_extrusion_mm,
+                                      a.meniscus_tear_deg)
+        return out
 
-    def acl(x, y, z):
-        return capsule(x, y, z, (-8, 15, 12), (-3, -6, -3), 4.0) < 0
+    def ligament(femoral_end, tibial_end, radius):
+        tibial_end = leg.to_femur(tibial_end)
+        return lambda x, y, z: capsule(x, y, z, femoral_end, tibial_end, radius) < 0
 
-    def pcl(x, y, z):
-        return capsule(x, y, z, (8, 2, 12), (0, 22, -6), 4.8) < 0
+    acl = ligament((-8, 15, 12), (-3, -6, -3), 4.0)
+    pcl = ligament((8, 2, 12), (0, 22, -6), 4.8)
+    mcl_bands = [ligament((38, 2 + o, 34), (39, 1 + o, -42), 1.6) for o in (-4, 0, 4)]
+    lcl = ligament((-38, 6, 30), (-34 + a.fibula_shift_mm[0], 14 + a.fibula_shift_mm[1], -22), 2.6)
+    tendon_bands = [ligament((o, -38, 22 + lift), (o * 0.8, -26, -30), 2.2) for o in (-8, -4, 0, 4, 8)]
 
     def mcl(x, y, z):
-        return union(*(capsule(x, y, z, (38, 2 + o, 34), (39, 1 + o, -42), 1.6) for o in (-4, 0, 4))) < 0
-
-    def lcl(x, y, z):
-        return capsule(x, y, z, (-38, 6, 30), (-34, 14, -22), 2.6) < 0
+        return np.logical_or.reduce([b(x, y, z) for b in mcl_bands])
 
     def patellar_tendon(x, y, z):
-        return union(*(capsule(x, y, z, (o, -38, 22), (o * 0.8, -26, -30), 2.2) for o in (-8, -4, 0, 4, 8))) < 0
+        return np.logical_or.reduce([b(x, y, z) for b in tendon_bands])
 
+    @tib
     def medial_meniscus(x, y, z):
-        return _meniscus(x, y, z, a, 19.0, (16.5, 21.0), 38.0)
+        return _meniscus(x, y, z, a, 19.0, (16.5, 21.0), 38.0, a.meniscus_extrusion_mm, a.meniscus_tear_deg)
 
+    @tib
     def lateral_meniscus(x, y, z):
         return _meniscus(x, y, z, a, -19.0, (15.0, 19.0), 22.0)
 
@@ -235,6 +375,7 @@ def structures(a: Anatomy) -> list[Structure]:
         return _shell(femur_sdf(x, y, z, a), a.cart_femoral_mm) & region & _not_in_defect(x, y, z, a)
 
     def tibial_cartilage(cx, radii, thickness):
+        @tib
         def inside(x, y, z):
             region = (z > -3.0) & (ellipse_radius(x, y, (cx, 4.0), radii) < 1.0)
             return _shell(tibia_sdf(x, y, z, a), thickness) & region & _not_in_defect(x, y, z, a)
@@ -242,11 +383,17 @@ def structures(a: Anatomy) -> list[Structure]:
         return inside
 
     def patellar_cartilage(x, y, z):
-        return _shell(patella_sdf(x, y, z, a), a.cart_patellar_mm) & (y > -36) & _not_in_defect(x, y, z, a)
+        px, py, pz = _patella_frame(x, y, z, a)
+        return _shell(patella_sdf(x, y, z, a), a.cart_patellar_mm) & (py > -36) & _not_in_defect(px, py, pz, a)
 
     thigh = (-75.0, -70.0, -45.0), (75.0, 80.0, 400.0)
-    calf = (-70.0, -60.0, -400.0), (70.0, 75.0, 40.0)
-    joint = (-45.0, -35.0, -12.0), (45.0, 40.0, 70.0)
+    calf = leg.box(((-70.0, -60.0, -400.0), (70.0, 75.0, 40.0)))
+    joint = (-45.0, -35.0, -12.0), (45.0, 50.0, 70.0 + max(lift, 0.0))
+
+    def span(*ends, pad=6.0):
+        pts = np.array([np.asarray(e, float) for e in ends])
+        return tuple(pts.min(0) - pad), tuple(pts.max(0) + pad)
+
     out = [
         Structure(BODY, big, body),
         Structure(lab("quadriceps_muscle").id, thigh, quadriceps),
@@ -254,34 +401,43 @@ def structures(a: Anatomy) -> list[Structure]:
         Structure(lab("gastrocnemius_muscle").id, calf, gastrocnemius),
         Structure(subcut_id, big, skin_layers),
         Structure(lab("effusion").id, joint, effusion),
-        Structure(lab("acl").id, ((-14, -12, -9), (3, 21, 18)), acl),
-        Structure(lab("pcl").id, ((-1, -5, -13), (15, 29, 19)), pcl),
-        Structure(lab("mcl").id, ((34, -8, -46), (43, 9, 38)), mcl),
-        Structure(lab("lcl").id, ((-43, 1, -27), (-29, 19, 35)), lcl),
-        Structure(lab("patellar_tendon").id, ((-13, -43, -35), (13, -21, 27)), patellar_tendon),
-        Structure(lab("medial_meniscus").id, ((0, -20, -3), (38, 28, 6)), medial_meniscus),
-        Structure(lab("lateral_meniscus").id, ((-36, -17, -3), (0, 25, 6)), lateral_meniscus),
+        Structure(lab("acl").id, span((-8, 15, 12), leg.to_femur((-3, -6, -3))), acl),
+        Structure(lab("pcl").id, span((8, 2, 12), leg.to_femur((0, 22, -6))), pcl),
+        Structure(lab("mcl").id, span((38, -2, 34), (38, 6, 34), leg.to_femur((39, -3, -42)),
+                                      leg.to_femur((39, 5, -42)), pad=4.0), mcl),
+        Structure(lab("lcl").id, span((-38, 6, 30), leg.to_femur((-34 + a.fibula_shift_mm[0],
+                                                                   14 + a.fibula_shift_mm[1], -22))), lcl),
+        Structure(lab("patellar_tendon").id, span((-8, -38, 22 + lift), (8, -38, 22 + lift),
+                                                  leg.to_femur((-6.4, -26, -30)), leg.to_femur((6.4, -26, -30))),
+                  patellar_tendon),
+        Structure(lab("medial_meniscus").id, leg.box(((0, -20, -3), (38 + a.meniscus_extrusion_mm + 2, 28, 6))),
+                  medial_meniscus),
+        Structure(lab("lateral_meniscus").id, leg.box(((-36, -17, -3), (0, 25, 6))), lateral_meniscus),
         Structure(lab("femoral_cartilage").id, ((-36, -32, -2), (36, 40, 54)), femoral_cartilage),
         Structure(
             lab("medial_tibial_cartilage").id,
-            ((2, -18, -4), (36, 26, 4)),
+            leg.box(((2, -18, -4), (36, 26, 4))),
             tibial_cartilage(19.0, (15.0, 19.0), a.cart_medial_tibial_mm),
         ),
         Structure(
             lab("lateral_tibial_cartilage").id,
-            ((-36, -16, -4), (-2, 24, 4)),
+            leg.box(((-36, -16, -4), (-2, 24, 4))),
             tibial_cartilage(-19.0, (14.0, 18.0), a.cart_lateral_tibial_mm),
         ),
-        Structure(lab("patellar_cartilage").id, ((-24, -40, 18), (24, -25, 58)), patellar_cartilage),
+        Structure(lab("patellar_cartilage").id, up(((-24, -40, 18), (24, -25, 58)), patella_pad), patellar_cartilage),
     ]
+    fx, fy, fz = a.fibula_shift_mm
     bones = (
-        ("femur", femur_sdf, ((-45, -35, -2), (45, 45, 400))),
-        ("tibia", tibia_sdf, ((-45, -35, -400), (45, 40, 3))),
-        ("fibula", fibula_sdf, ((-42, 5, -400), (-18, 30, -14))),
-        ("patella", patella_sdf, ((-23, -48, 19), (23, -28, 57))),
+        ("femur", femur_sdf, ((-45, -35, -2), (45, 45, 400)), False),
+        ("tibia", tibia_sdf, ((-45, -35, -400), (45, 40, 3)), True),
+        ("fibula", fibula_sdf, ((-42 + fx, 5 + fy, -400), (-18 + fx, 30 + fy, -14 + fz)), True),
+        ("patella", patella_sdf, up(((-23, -48, 19), (23, -28, 57)), patella_pad), False),
     )
-    for name, fn, box in bones:
-        out.append(Structure(lab(name).id, _grow(box, a.osteophytes), partial(fn, a=a), sdf=True))
+    for name, fn, box, lower in bones:
+        paint = partial(fn, a=a)
+        if lower:
+            paint, box = in_tibia_frame(paint, a), leg.box(box)
+        out.append(Structure(lab(name).id, _grow(box, a.osteophytes), paint, sdf=True))
     return out
 
 

@@ -48,6 +48,12 @@ class ProtocolRanges:
     # T2 TSE; "oai" the OAI's 3-D DESS-WE + 2-D IW-TSE-FS; "skmtea" SKM-TEA's GE qDESS; "pdfs", "t2fs",
     # "stir" one 2-D (or 3-D) series of that contrast; "mixed" draws one of MIXED per study
     protocol: str = "clinical"
+    # how much knees differ (ANATOMY): "typical" draws size, cartilage, OA changes and effusion only;
+    # "varied" adds what cohorts vary (flexion, varus/valgus, patella height and tilt, condyle and
+    # plateau shape, fibula, meniscal extrusion and tears, Baker's cysts, body habitus, field of
+    # view); "extreme" draws every subject at those ranges' ends (flexed, valgus, patella alta,
+    # large effusion, KL 4)
+    anatomy: str = "typical"
 
 
 PRESETS = {
@@ -57,7 +63,8 @@ PRESETS = {
                             slice_2d_mm=(2.5, 4.0), slice_3d_mm=(1.5, 2.0)),
     # label volumes for training: in-plane near the fine net's 0.8 mm working grid (finer images are
     # resampled to it anyway), every slice thickness the clinical preset has, more 3-D series
-    "train": ProtocolRanges(inplane_mm=(0.5, 0.85), matrix=(160, 192, 224), fov_mm=(110.0, 170.0), p_3d=0.35),
+    "train": ProtocolRanges(inplane_mm=(0.5, 0.85), matrix=(160, 192, 224), fov_mm=(110.0, 170.0), p_3d=0.35,
+                            anatomy="varied"),
     # the OAI's sagittal knee protocol (Peterfy et al. 2008): DESS 0.7 mm slices, 0.37-0.46 mm
     # in-plane, 384 matrix; IW-TSE-FS 3 mm slices
     "oai": ProtocolRanges(inplane_mm=(0.36, 0.46), matrix=(384,), fov_mm=(138.0, 177.0), slice_2d_mm=(3.0, 3.0),
@@ -66,6 +73,7 @@ PRESETS = {
     "skmtea": ProtocolRanges(inplane_mm=(0.31, 0.31), matrix=(512,), fov_mm=(150.0, 170.0), slice_3d_mm=(0.8, 0.8),
                              p_3d=1.0, protocol="skmtea"),
 }
+ANATOMY = ("typical", "varied", "extreme")
 PROTOCOLS = ("clinical", "oai", "skmtea", "pdfs", "t2fs", "stir", "mixed")
 MIXED = ("clinical", "oai", "skmtea", "pdfs", "t2fs")  # what "mixed" draws from (STIR stays held out)
 # the physics contrast of the single-series protocols, and its series descriptions (as scanners name them)
@@ -76,18 +84,21 @@ SINGLE_SERIES = {
 }
 
 
-def ranges_for(preset: str = "clinical", protocol: str | None = None) -> ProtocolRanges:
-    """A preset's acquisition ranges with ``protocol``'s series; the OAI's and SKM-TEA's fixed
-    geometry replace the clinical preset's ranges (a test preset such as ``small`` keeps its own)."""
+def ranges_for(preset: str = "clinical", protocol: str | None = None, anatomy: str | None = None) -> ProtocolRanges:
+    """A preset's acquisition ranges with ``protocol``'s series and ``anatomy``'s variation; the OAI's
+    and SKM-TEA's fixed geometry replace the clinical preset's ranges (a test preset such as
+    ``small`` keeps its own)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
-    if protocol is None:
-        return PRESETS[preset]
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    if preset == "clinical" and protocol in ("oai", "skmtea"):
-        return PRESETS[protocol]
-    return replace(PRESETS[preset], protocol=protocol)
+    if anatomy is not None and anatomy not in ANATOMY:
+        raise ValueError(f"unknown anatomy range {anatomy!r}; choose from {', '.join(ANATOMY)}")
+    ranges = PRESETS[preset]
+    if protocol is not None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        ranges = PRESETS[protocol] if preset == "clinical" and protocol in ("oai", "skmtea") else \
+            replace(ranges, protocol=protocol)
+    return replace(ranges, anatomy=anatomy) if anatomy is not None else ranges
 
 
 @dataclass
@@ -177,6 +188,10 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
     else:
         age = int(rng.integers(45, 82))
         kl = int(rng.choice([2, 3, 4], p=[0.45, 0.35, 0.2]))
+    if ranges.anatomy not in ANATOMY:
+        raise ValueError(f"unknown anatomy range {ranges.anatomy!r}; choose from {', '.join(ANATOMY)}")
+    if ranges.anatomy == "extreme":  # advanced OA in every subject
+        group, kl, age = "OA", 4, max(age, 55)
     severity = max(kl - 1, 0) / 3.0  # 0 for KL 0-1, 1 for KL 4
 
     cart = rng.normal(1.0, 0.07, 4)
@@ -208,7 +223,12 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         muscle_scale=float(rng.uniform(0.88, 1.08) - 0.002 * max(age - 50, 0)),
         meniscus_height_mm=float(rng.uniform(5.5, 7.5) * (1 - 0.2 * severity)),
     )
-    size = (1.04 if sex == "M" else 0.95) * rng.normal(1.0, 0.035)
+    # the variation's own stream: a typical cohort of a seed is the same whichever ranges exist
+    variation = draw_variation(np.random.default_rng([seed, index, 6]), ranges.anatomy, group, severity)
+    for name, value in variation.items():
+        if hasattr(anatomy, name):
+            setattr(anatomy, name, value)
+    size = (1.04 if sex == "M" else 0.95) * rng.normal(1.0, 0.035) * variation.get("size", 1.0)
     scale = size * rng.normal(1.0, 0.015, 3)
     side = str(rng.choice(["RIGHT", "LEFT"]))
     joint_centre = np.array([rng.uniform(-80, 80), rng.uniform(-15, 15), rng.uniform(-60, 60)])
@@ -226,7 +246,8 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
     gap = 0.0 if is_3d or rng.random() > ranges.p_gap else float(rng.uniform(0.1, 0.5) * thickness)
     thickness, gap = round(thickness, 3), round(gap, 3)
     matrix, inplane = _draw_inplane(rng, ranges)
-    fov_centre = joint_centre + rng.uniform(-8, 8, 3) + np.array([0, 0, rng.uniform(0, 15)])
+    fov_centre = joint_centre + rng.uniform(-8, 8, 3) + np.array([0, 0, rng.uniform(0, 15)]) + \
+        variation.get("fov_shift_mm", 0.0)
     t1_grid = _sagittal_grid(rng, fov_centre, ranges, thickness, gap, matrix, inplane, oblique)
     seriesno = iter(range(2, 100))
     t1 = Acquisition(t1_grid, thickness, SeriesInfo(
@@ -330,6 +351,33 @@ def _oai_series(rng, seed, index, centre, ranges: ProtocolRanges, oblique, side:
         sequence_variant=("SK", "SP", "OSP"), scan_options=("FS",), sequence_name="*tse2d1_9",
         flip_angle_deg=180.0), "PDFS", physics.OAI_IW_TSE_FS)
     return dess, iw
+
+
+def draw_variation(rng, mode: str, group: str, severity: float) -> dict:
+    """Anatomy and pose beyond the typical knee (Anatomy field -> value; ``size``, ``fov_shift_mm``)."""
+    if mode == "typical":
+        return {}
+    oa = group == "OA"
+    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    side = float(rng.choice([-1.0, 1.0]))
+    if mode == "extreme":
+        return dict(flexion_deg=u(25, 30), varus_deg=-u(6, 8), patella_height_mm=u(8, 10),
+                    patella_tilt_deg=side * u(6, 10), effusion_scale=u(5.5, 7.0), popliteal_cyst_mm=u(8, 12),
+                    meniscus_extrusion_mm=u(3, 4), meniscus_tear_deg=side * u(60, 160),
+                    fibula_shift_mm=tuple(rng.normal(0, 2.5, 3)), condyle_scale=tuple(rng.normal(1.0, 0.05, 2)),
+                    plateau_scale=float(rng.normal(1.0, 0.05)), size=float(rng.choice([0.82, 1.18])),
+                    fat_mm=u(3, 20), fov_shift_mm=rng.uniform(-20, 20, 3))
+    return dict(
+        flexion_deg=u(0, 30), varus_deg=float(np.clip(rng.normal(2.0 * severity, 3.0), -8, 8)),
+        patella_height_mm=float(np.clip(rng.normal(0, 4), -8, 10)),
+        patella_tilt_deg=float(np.clip(rng.normal(0, 4), -10, 10)),
+        effusion_scale=u(1.0, 7.0) if oa else u(0.0, 2.0),
+        popliteal_cyst_mm=u(5, 12) if rng.random() < (0.3 if oa else 0.1) else 0.0,
+        meniscus_extrusion_mm=u(0, 4) * severity if oa else u(0, 1),
+        meniscus_tear_deg=side * u(60, 160) if rng.random() < (0.35 if oa else 0.05) else None,
+        fibula_shift_mm=tuple(rng.normal(0, 2.5, 3)), condyle_scale=tuple(rng.normal(1.0, 0.05, 2)),
+        plateau_scale=float(rng.normal(1.0, 0.05)), size=float(np.clip(rng.normal(1.0, 0.07), 0.8, 1.2)),
+        muscle_scale=u(0.75, 1.15), fat_mm=u(3, 20), fov_shift_mm=rng.uniform(-20, 20, 3) * [1, 1, 1.5])
 
 
 def _skmtea_series(rng, seed, index, centre, ranges: ProtocolRanges, oblique) -> Acquisition:
@@ -452,7 +500,7 @@ def _write_one(args):
 
 def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", workers: int = 1,
                     progress: bool | None = False, ranges: ProtocolRanges | None = None,
-                    protocol: str | None = None) -> Path:
+                    protocol: str | None = None, anatomy: str | None = None) -> Path:
     """Write ``n`` studies under ``out``: ``dicom/``, ``truth/``, ``clinical.csv``, ``manifest.json``.
 
     ``protocol`` (:data:`PROTOCOLS`) sets the series; ``ranges`` overrides preset and protocol.
@@ -463,7 +511,7 @@ def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", worker
     out.mkdir(parents=True, exist_ok=True)
     if n < 1:
         raise ValueError("--n must be at least 1")
-    ranges = ranges or ranges_for(preset, protocol)
+    ranges = ranges or ranges_for(preset, protocol, anatomy)
     jobs = [(seed, i, ranges, str(out)) for i in range(n)]
     results = progress_map(_write_one, jobs, workers=workers, description="synthesising studies",
                            show=progress)
@@ -472,6 +520,7 @@ def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", worker
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    manifest = {"seed": seed, "n": n, "preset": preset, "protocol": ranges.protocol, "studies": [r[1] for r in results]}
+    manifest = {"seed": seed, "n": n, "preset": preset, "protocol": ranges.protocol, "anatomy": ranges.anatomy,
+                "studies": [r[1] for r in results]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
