@@ -163,3 +163,17 @@ def test_series_mean_averages_a_one_channel_net_over_the_series():
     assert torch.equal(series_mean(net, x[:1], ModelConfig(in_channels=1, per_series=True)), net(x[:1]))
     cfg = ModelConfig(in_channels=1, per_series=True)
     assert cfg.input_channels(["DESS", "PDFS"]) == [0, 1] and cfg.input_channels(["other"]) == [0]
+
+
+def test_deformation_is_smooth_bounded_and_keeps_every_tissue(volume):
+    from kneebatch.training.synthesis import deform
+
+    warped = deform(volume, np.random.default_rng(2), max_mm=4.0)
+    assert warped.planes.shape == volume.planes.shape and warped.grid.same_as(volume.grid)
+    changed = float(np.mean(warped.truth != volume.truth))
+    assert 0.005 < changed < 0.25  # boundaries move, interiors stay
+    before, after = np.bincount(volume.truth.ravel(), minlength=21), np.bincount(warped.truth.ravel(), minlength=21)
+    big = before > 2000
+    assert np.all(np.abs(after[big] - before[big]) / before[big] < 0.35)  # volumes change, tissues stay
+    assert set(np.unique(warped.truth)) <= set(np.unique(volume.truth))  # nearest neighbour: no new labels
+    assert np.array_equal(deform(volume, np.random.default_rng(2)).planes, warped.planes)

@@ -3,8 +3,9 @@
 The loop, checkpoints, EMA and validation are :class:`~kneebatch.training.train.Trainer`'s;
 what differs is where images come from. Every ``refresh_every`` steps one training
 subject is re-rendered with a new :class:`~kneebatch.training.synthesis.Appearance`
-(half random intensities per label, half a physical contrast), so the nets never see
-one appearance for long. Validation subjects are rendered once, with fixed contrasts,
+(half random intensities per label, half a physical contrast) and, half the time, a
+random smooth deformation of its labels, so the nets never see one appearance or one
+shape for long. Validation subjects are rendered once, with fixed contrasts,
 so the validation curve compares like with like; the test subjects also get the
 contrasts held out of training.
 
@@ -25,8 +26,8 @@ import torch
 from kneebatch.models.config import ModelConfig
 from kneebatch.models.preprocess import box_from_mask, fine_crop, normalize, resize
 from kneebatch.synth import physics
-from kneebatch.training.synthesis import (HELD_OUT_FAMILIES, LabelVolume, draw_appearance, physics_appearance,
-                                          random_appearance, synthesize)
+from kneebatch.training.synthesis import (HELD_OUT_FAMILIES, LabelVolume, deform, draw_appearance,
+                                          physics_appearance, random_appearance, synthesize)
 from kneebatch.training.train import Case, Trainer, _log, split_keys
 
 VALIDATION_CONTRASTS = ("T1_TSE", "T2_TSE_FS", "PD_TSE_FS", "DESS_WE", "random")
@@ -35,7 +36,7 @@ VALIDATION_CONTRASTS = ("T1_TSE", "T2_TSE_FS", "PD_TSE_FS", "DESS_WE", "random")
 class DomainTrainer(Trainer):
     def __init__(self, volumes: list[LabelVolume], out, cfg: ModelConfig | None = None, seed: int = 0,
                  jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 1e-3, init_from=None,
-                 refresh_every: int = 2, p_random: float = 0.5):
+                 refresh_every: int = 2, p_random: float = 0.5, p_deform: float = 0.5):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = self.out / "checkpoints"
@@ -43,7 +44,7 @@ class DomainTrainer(Trainer):
         self.label_name = "synthetic"
         self.seed, self.jitter_mm, self.batch_size, self.lr = seed, jitter_mm, batch_size, lr
         self.init_from = Path(init_from) if init_from else None
-        self.refresh_every, self.p_random = refresh_every, p_random
+        self.refresh_every, self.p_random, self.p_deform = refresh_every, p_random, p_deform
         self.label_set = None  # every label of the schema is in the synthetic truth
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
@@ -55,9 +56,11 @@ class DomainTrainer(Trainer):
 
     # ------------------------------------------------------------------ data
     def _case(self, vol: LabelVolume, look, rng, jitter: float, keep_native: bool = False,
-              coarse_only: bool = False) -> Case:
+              coarse_only: bool = False, warp: bool = False) -> Case:
         if coarse_only:  # the coarse net sees 32 x 64 x 64: a quarter of the rows and columns is plenty
             vol = vol.subsampled(2)
+        if warp:
+            vol = deform(vol, rng)
         image = synthesize(vol, look, rng)
         x = normalize(torch.from_numpy(image)[None])
         y = torch.from_numpy(vol.truth)
@@ -95,7 +98,7 @@ class DomainTrainer(Trainer):
         i = int(self.rng.integers(0, len(self.cases["train"])))
         old = self.cases["train"][i]
         new = self._case(self.volumes[old.key], draw_appearance(self.rng, self.p_random), self.rng, self.jitter_mm,
-                         coarse_only=coarse_only)
+                         coarse_only=coarse_only, warp=bool(self.rng.random() < self.p_deform))
         if coarse_only:  # keep the fine crops for the fine stage
             old.coarse_x, old.coarse_y, old.contrast = new.coarse_x, new.coarse_y, new.contrast
         else:

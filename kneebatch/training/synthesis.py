@@ -97,6 +97,25 @@ def _render_one(args) -> None:
     subject_volume(seed, index, ranges).save(Path(folder) / f"s{seed}-{index}.npz")
 
 
+def deform(vol: LabelVolume, rng: np.random.Generator, max_mm: float = 4.0, control_mm: float = 32.0) -> LabelVolume:
+    """SynthSeg's non-linear deformation: a smooth random displacement (a control point every
+    ``control_mm``, up to ``max_mm`` each way) applied to every label plane by nearest neighbour,
+    so shapes are learnt, not memorised."""
+    from scipy import ndimage
+
+    shape = np.array(vol.grid.shape)
+    spacing = np.array(vol.grid.spacing)
+    n_ctrl = np.maximum(2, np.ceil(shape * spacing / control_mm).astype(int))
+    coords = list(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
+    for axis in range(3):
+        ctrl = np.clip(rng.normal(0.0, max_mm / 2, n_ctrl), -max_mm, max_mm) / spacing[axis]
+        coords[axis] += ndimage.zoom(ctrl.astype(np.float32), shape / n_ctrl, order=1, mode="nearest",
+                                     grid_mode=True)[: shape[0], : shape[1], : shape[2]]
+    # nearest neighbour: each voxel takes the label at its displaced position (clamped to the volume)
+    index = tuple(np.clip(np.rint(c), 0, n - 1).astype(np.intp) for c, n in zip(coords, shape))
+    return LabelVolume(vol.key, vol.planes[(slice(None), *index)], vol.cortex[(slice(None), *index)], vol.grid)
+
+
 @dataclass
 class Appearance:
     """How one synthetic image looks: signal per label, and the acquisition's imperfections."""
