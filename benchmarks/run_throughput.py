@@ -50,16 +50,22 @@ def _baseline(store_path, engines, keys, device, q):
     from kneebatch.ingest.store import CohortStore
     from kneebatch.models.preprocess import normalize
 
+    from kneebatch.inference.segment import series_mean
+
     eng = load_engines(engines, "torch", device=device)
     store = CohortStore(store_path, create=False)
     roi = tuple(eng.config.fine_patch)
+
+    def whole_volume(v):  # one-channel engines: each series through the net, as run does
+        return sliding_window_inference(v[None], roi, sw_batch_size=2, predictor=eng.fine.model)[0]
+
     t0 = time.perf_counter()
     for key in keys:
         image, _ = store.read_image(key, eng.config.input_channels(store.channels(key)))
         x = normalize(torch.from_numpy(image.astype(np.float32)).to(device))
         with torch.inference_mode():
-            logits = sliding_window_inference(x[None], roi, sw_batch_size=2, predictor=eng.fine.model)
-        logits[0].argmax(0).to(torch.uint8).cpu()
+            logits = series_mean(whole_volume, x, eng.config)
+        logits.argmax(0).to(torch.uint8).cpu()
     q.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()})
 
 
@@ -122,6 +128,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--protocol", default="clinical",
+                    help="synthetic protocol of the studies (clinical, oai, skmtea, pdfs, t2fs, mixed)")
     ap.add_argument("--seed", type=int, default=91)
     ap.add_argument("--engines", type=Path, default=DEFAULT_ENGINES)
     ap.add_argument("--settings", nargs="+", default=["onnxruntime:1", "onnxruntime:2", "torch:1"],
@@ -136,7 +144,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="kneebatch-run-bench-"))
     try:
-        generate_cohort(work / "cohort", args.n, seed=args.seed, workers=2)
+        generate_cohort(work / "cohort", args.n, seed=args.seed, workers=2, protocol=args.protocol)
         store = work / "store.zarr"
         convert(work / "cohort" / "dicom", store, key_file=work / "k.key", show_progress=False)
         s = CohortStore(store)
@@ -168,6 +176,7 @@ def main() -> None:
                 "device": machine.device(args.device),
                 "date": date.today().isoformat(),
                 "n_studies": len(keys),
+                "protocol": args.protocol,
                 "shape": shapes,
                 "backend": backend,
                 "workers": workers,
@@ -191,7 +200,8 @@ def main() -> None:
                                                      "speedup_vs_baseline", "speedup_per_round")}))
             records.append(record)
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"run-{date.today().isoformat()}-{machine.host()}.json"
+        suffix = "" if args.protocol == "clinical" else f"-{args.protocol}"
+        path = args.out / f"run-{date.today().isoformat()}-{machine.host()}{suffix}.json"
         path.write_text(json.dumps(records, indent=1))
         print(f"wrote {path}")
     finally:
