@@ -177,3 +177,58 @@ def test_deformation_is_smooth_bounded_and_keeps_every_tissue(volume):
     assert np.all(np.abs(after[big] - before[big]) / before[big] < 0.35)  # volumes change, tissues stay
     assert set(np.unique(warped.truth)) <= set(np.unique(volume.truth))  # nearest neighbour: no new labels
     assert np.array_equal(deform(volume, np.random.default_rng(2)).planes, warped.planes)
+
+
+def test_a_series_votes_only_where_it_has_data():
+    from kneebatch.inference.segment import series_mean
+    from kneebatch.models.config import ModelConfig
+
+    cfg = ModelConfig(in_channels=1, per_series=True)
+    x = torch.stack([torch.full((2, 3, 4), 2.0), torch.full((2, 3, 4), -4.0)])
+    covered = torch.ones_like(x)
+    covered[1, :, :, 2:] = 0  # the second series does not reach the last two columns
+    net = lambda v: torch.cat([v, -v])  # noqa: E731  two "classes"
+    out = series_mean(net, x, cfg, covered)
+    assert torch.allclose(out[0, :, :, :2], torch.full((2, 3, 2), -1.0))  # both series: their mean
+    assert torch.allclose(out[0, :, :, 2:], torch.full((2, 3, 2), 2.0), atol=0.01)  # the first alone
+    none = torch.zeros_like(x)
+    assert torch.allclose(series_mean(net, x, cfg, none), series_mean(net, x, cfg))  # no data anywhere: the mean
+
+
+@pytest.fixture(scope="module")
+def one_channel_engines(tmp_path_factory):
+    """Tiny random one-channel engines (``per_series``): the mechanics of any-contrast inference."""
+    from dataclasses import replace
+
+    from kneebatch.models.checkpoints import save_weights
+    from kneebatch.models.config import build_network
+    from kneebatch.models.publish import publish
+    from tests.conftest import TINY
+
+    cfg = replace(TINY, in_channels=1, input_roles=[], per_series=True)
+    train_dir = tmp_path_factory.mktemp("train1")
+    (train_dir / "model_config.json").write_text(cfg.to_json())
+    torch.manual_seed(0)
+    for stage, net in (("coarse", cfg.coarse), ("fine", cfg.fine)):
+        save_weights(train_dir / f"{stage}.safetensors", build_network(net, 1, cfg.n_classes).state_dict(),
+                     {"stage": stage, "val_score": 0.0}, dtype=torch.float16)
+    out = tmp_path_factory.mktemp("engines1")
+    publish(train_dir, out)
+    return out
+
+
+def test_one_channel_engines_segment_every_protocol_with_every_series(protocol_stores, one_channel_engines, tmp_path):
+    import shutil
+
+    from kneebatch.inference.run import run
+    from kneebatch.outputs import read_rows
+
+    for protocol, roles in EXPECTED_ROLES.items():
+        work = tmp_path / f"{protocol}.zarr"
+        shutil.copytree(protocol_stores / f"{protocol}.zarr", work)
+        report = run(work, tmp_path / f"out-{protocol}", engines_path=one_channel_engines, show_progress=False)
+        assert report.segmented == 2 and report.failed == 0, protocol
+        rows = read_rows(tmp_path / f"out-{protocol}" / "measurements.parquet")
+        assert [r["channels_used"] for r in rows] == ["+".join(roles)] * 2
+        for key in CohortStore(work).study_keys():
+            assert CohortStore(work).read_labels(key).shape == CohortStore(work).grid(key).shape

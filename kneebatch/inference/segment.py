@@ -175,15 +175,25 @@ def _large_window(shape, divisor) -> tuple[int, int, int]:
     return tuple(win)
 
 
-def series_mean(net, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+def series_mean(net, x: torch.Tensor, cfg: ModelConfig, covered: torch.Tensor | None = None) -> torch.Tensor:
     """``net(x)``; for one-channel nets trained on every contrast (``cfg.per_series``), the mean of
-    ``net`` on each series of ``x [C, ...]`` alone: one model, any number of series."""
+    ``net`` on each series of ``x [C, ...]`` alone: one model, any number of series.
+
+    ``covered [C, ...]`` (0-1, on ``x``'s grid): where each series has data. A series resampled
+    onto the study grid is zero outside its own field of view; there it does not vote."""
     if not cfg.per_series or x.shape[0] == 1:
         return net(x)
-    total = net(x[0:1])
-    for c in range(1, x.shape[0]):
-        total += net(x[c:c + 1])
-    return total.div_(x.shape[0])
+    total, weight = None, None
+    for c in range(x.shape[0]):
+        out = net(x[c:c + 1])
+        if covered is None:
+            total = out if total is None else total.add_(out)
+            continue
+        # a small floor: where no series has data (outside every field of view) the plain mean
+        w = covered[c].to(out.dtype).mul(1 - 1e-3).add_(1e-3)
+        total = out * w if total is None else total.addcmul_(out, w)
+        weight = w if weight is None else weight.add_(w)
+    return total.div_(x.shape[0] if covered is None else weight)
 
 
 @torch.inference_mode()
@@ -210,6 +220,8 @@ def fine_stage(image, grid: Grid, coarse, fine, cfg: ModelConfig, info: SegmentI
     device = fine.device
     t = time.perf_counter()
     x = torch.as_tensor(image).to(device)
+    # one-channel engines over several series: where each series has data (zero outside its field of view)
+    covered = (x > 0).float() if cfg.per_series and x.shape[0] > 1 else None
     x = normalize(x)
     native = tuple(x.shape[1:])
     _sync(device)
@@ -217,14 +229,16 @@ def fine_stage(image, grid: Grid, coarse, fine, cfg: ModelConfig, info: SegmentI
 
     t = time.perf_counter()
     xc, _ = pad_to_multiple(resize(x, cfg.coarse_shape), cfg.coarse.divisor())
-    coarse_labels = channel_argmax(series_mean(lambda v: coarse(v[None])[0], xc, cfg))
+    cc = None if covered is None else pad_to_multiple(resize(covered, cfg.coarse_shape), cfg.coarse.divisor())[0]
+    coarse_labels = channel_argmax(series_mean(lambda v: coarse(v[None])[0], xc, cfg, cc))
     box = box_from_mask(coarse_labels > 0, native, grid.spacing, cfg.crop_margin_mm)
     _sync(device)
     info.seconds["coarse"] = time.perf_counter() - t
 
     t = time.perf_counter()
     crop, _ = fine_crop(x, box, grid.spacing, cfg)
-    logits = series_mean(lambda v: fine_logits(fine, v, cfg), crop, cfg)
+    crop_covered = None if covered is None else fine_crop(covered, box, grid.spacing, cfg)[0]
+    logits = series_mean(lambda v: fine_logits(fine, v, cfg), crop, cfg, crop_covered)
     crop_shape, wshape = tuple(b.stop - b.start for b in box), tuple(crop.shape[1:])
     _sync(device)
     info.seconds["fine"] = time.perf_counter() - t
