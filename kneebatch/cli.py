@@ -121,6 +121,8 @@ def cmd_train(args) -> int:
 
     # a map that leaves schema labels out (or merges some) is a partial label set: marginal loss
     label_set = label_set_from_map(args.label_map) if args.label_map else None
+    # a partial set's maps keep the data set's ids: stored under the set's name, never as 'truth'
+    args.label_name = args.label_name or (label_set.name if label_set is not None else "truth")
     if args.labels_from is not None:
         from kneebatch.ingest.label_import import import_dataset_labels, import_labels, parse_label_map
 
@@ -193,14 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=_positive, default=24, help="number of studies (alternating normal / OA; default 24)")
     s.add_argument("--seed", type=int, default=0, help="random seed; study i is the same for any --n")
     s.add_argument("--preset", default="clinical", choices=["clinical", "small", "oai", "skmtea"],
-                   help="acquisition ranges. clinical: realistic matrices and slices; small: ~1 mm in-plane, quick "
-                        "(tests); oai / skmtea: those cohorts' geometry and series (same as --protocol)")
+                   help="acquisition geometry. clinical: realistic matrices and slices; small: ~1 mm in-plane, "
+                        "quick (tests); oai / skmtea: those cohorts' geometry, and their series unless --protocol "
+                        "says otherwise (e.g. --preset skmtea --protocol pdfs: a PD-FS at 0.31 mm)")
     s.add_argument("--protocol", default=None,
-                   help="the series of each study, with contrasts from tissue physics. clinical (default): sagittal "
-                        "T1 TSE + T2 TSE FS; oai: 3-D DESS-WE (0.7 mm) + 2-D IW-TSE-FS (3 mm); skmtea: GE qDESS "
-                        "(0.31 x 0.31 x 0.8 mm); pdfs / t2fs / stir: that one series; mixed: one of clinical, oai, "
-                        "skmtea, pdfs, t2fs per study")
-    s.add_argument("--anatomy", default=None,
+                   metavar="{clinical,oai,skmtea,pdfs,t2fs,stir,mixed}",
+                   help="the series of each study. clinical (default): sagittal T1 TSE + T2 TSE FS (grey-value "
+                        "tables the shipped engines know); the others with contrasts from tissue physics: oai: 3-D "
+                        "DESS-WE (0.7 mm) + 2-D IW-TSE-FS (3 mm); skmtea: GE qDESS (0.31 x 0.31 x 0.8 mm); pdfs / "
+                        "t2fs / stir: that one series; mixed: one of clinical, oai, skmtea, pdfs, t2fs per study")
+    s.add_argument("--anatomy", default=None, metavar="{typical,varied,extreme}",
                    help="how much the knees vary. typical (default): size, cartilage, OA changes, effusion; varied: "
                         "also flexion 0-30 deg, varus/valgus, patella height and tilt, condyle and plateau shape, "
                         "meniscal extrusion and tears, Baker's cysts, habitus, field of view; extreme: every knee at "
@@ -290,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                         '2:femoral_cartilage,3:tibia,4:medial_tibial_cartilage+lateral_tibial_cartilage" (an id may '
                         'stand for several labels). A map that leaves labels out trains with a marginal loss so they '
                         'are not unlearnt (start from trained engines with --init)')
-    s.add_argument("--label-name", default="truth", help="label array in the store to train on (default truth)")
+    s.add_argument("--label-name", default=None,
+                   help="label array in the store to train on (default truth; a partial label set's name, e.g. "
+                        "oai-zib, for its maps)")
     s.add_argument("--minutes-coarse", type=float, default=4.0, help="time budget of the coarse stage")
     s.add_argument("--minutes-fine", type=float, default=40.0, help="time budget of the fine stage")
     s.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")

@@ -35,6 +35,8 @@ REASONS = {
     "no_labels": "the study has no label map to measure",
     "label_geometry_mismatch": "the label map's grid does not cover the study's image grid",
     "unknown_label_ids": "the label map holds ids that are not in kneebatch's schema and not mapped (--label-map)",
+    "partial_label_set": "the label map holds a partial label set's own ids (e.g. OAI-ZIB's, imported for "
+                         "training): it trains nets, it is not measured or exported as kneebatch's labels",
     "unsupported_contrast": "the engines need contrasts this study does not have",
     "worker_died": "the worker processing this study died every time it was tried (out of memory, crash); "
                    "recorded as poison and not retried in this run",

@@ -62,7 +62,7 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
     with progress_bar(len(keys), "exporting label maps", show_progress) as advance:
         for key in keys:
             label_name = name or store.segmentation(key, model)
-            labels = store.read_labels(key, label_name) if label_name else None
+            labels = store.read_schema_labels(key, label_name) if label_name else None
             if labels is None:
                 missing.append(key)
                 advance()

@@ -47,7 +47,7 @@ def measure_one(job, store_path: str, label_map: dict | None = None) -> dict:
             labels, how = read_label_file(label_path, grid, label_map)
             source, model_hash = "file", None
         else:
-            labels, how = store.read_labels(key, label_name), "same_grid"
+            labels, how = store.read_schema_labels(key, label_name), "same_grid"
             model_hash = store.label_attrs(key, label_name).get("model_hash")
             source = "store"
         row = measure_study(key, labels.astype("uint8"), image, grid, store.channels(key), source,

@@ -160,3 +160,29 @@ def test_skm_tea_masks_found_by_scan_folder_and_read_with_their_geometry(tmp_pat
     for key in store.study_keys():
         assert np.array_equal(store.read_labels(key, "skm"), expected[key])
     assert gzip  # noqa: the NIfTI files are gzipped as the data set ships them
+
+
+def test_a_partial_set_is_never_measured_as_the_schema(dess_store, tmp_path):
+    """OAI-ZIB's 3 is the tibia; kneebatch's 3 is the fibula: measuring the raw ids would be wrong numbers."""
+    from kneebatch.errors import StudyError
+    from kneebatch.measure_store import measure_store
+
+    store = CohortStore(dess_store / "store.zarr")
+    key = store.study_keys()[0]
+    store.write_labels(key, np.ones(store.grid(key).shape, np.uint8), {"label_set": "oai-zib"}, name="oai-zib")
+    with pytest.raises(StudyError, match="partial_label_set"):
+        store.read_schema_labels(key, "oai-zib")
+    report = measure_store(dess_store / "store.zarr", tmp_path / "m", label_name="oai-zib", show_progress=False)
+    rows = read_rows(tmp_path / "m" / "failures.parquet")
+    assert report.measured == 0 and "partial_label_set" in {r["reason"] for r in rows}
+
+
+def test_synth_never_mixes_two_cohorts_in_one_folder(tmp_path):
+    generate_cohort(tmp_path / "c", 1, seed=3, preset="small", workers=1)
+    generate_cohort(tmp_path / "c", 2, seed=3, preset="small", workers=1)  # the same cohort, one more study
+    with pytest.raises(ValueError, match="other"):
+        generate_cohort(tmp_path / "c", 1, seed=3, preset="small", protocol="pdfs", workers=1)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        generate_cohort(tmp_path / "mine", 1, seed=3, preset="small", workers=1)

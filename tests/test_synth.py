@@ -147,7 +147,8 @@ def test_anatomy_ranges_typical_is_todays_knee_and_extreme_is_at_the_ends():
     for p in plans:
         a = p.anatomy
         assert p.group == "OA" and p.kl_grade == 4
-        assert a.flexion_deg >= 25 and a.varus_deg <= -6 and a.patella_height_mm >= 8 and a.effusion_scale >= 5.5
+        assert a.flexion_deg >= 25 and a.varus_deg <= -6 and a.patella_height_mm >= 8 and a.effusion_scale >= 8
+        assert p.pose.scale.mean() == pytest.approx(0.82, abs=0.03) or p.pose.scale.mean() == pytest.approx(1.18, abs=0.03)
     varied = [plan_subject(4, i, dc_replace(PRESETS["small"], anatomy="varied")).anatomy for i in range(40)]
     assert max(a.flexion_deg for a in varied) > 20 and min(a.flexion_deg for a in varied) < 8
     assert any(a.popliteal_cyst_mm > 0 for a in varied) and any(a.meniscus_tear_deg is not None for a in varied)

@@ -212,6 +212,17 @@ class CohortStore:
             return None
         return self._array(key, name)[...]
 
+    def read_schema_labels(self, key: str, name: str | None = None) -> np.ndarray | None:
+        """:meth:`read_labels` for measuring and exporting: a partial label set's map (its ids are
+        the data set's, e.g. OAI-ZIB's 1-4, not the schema's) raises ``partial_label_set``."""
+        labels = self.read_labels(key, name)
+        if labels is not None and self.label_attrs(key, name or self.segmentation(key)).get("label_set"):
+            from kneebatch.errors import StudyError
+
+            found = self.label_attrs(key, name or self.segmentation(key))["label_set"]
+            raise StudyError("partial_label_set", f"'{name}' holds {found} ids")
+        return labels
+
     def label_attrs(self, key: str, name: str) -> dict:
         return dict(self._array(key, name).attrs)
 

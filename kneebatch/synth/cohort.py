@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -228,7 +228,9 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
     for name, value in variation.items():
         if hasattr(anatomy, name):
             setattr(anatomy, name, value)
-    size = (1.04 if sex == "M" else 0.95) * rng.normal(1.0, 0.035) * variation.get("size", 1.0)
+    size = (1.04 if sex == "M" else 0.95) * rng.normal(1.0, 0.035)
+    if "size" in variation:  # size +-20 % in all: the variation's draw, within those bounds
+        size = float(np.clip(size * variation["size"], 0.8, 1.2)) if ranges.anatomy != "extreme" else variation["size"]
     scale = size * rng.normal(1.0, 0.015, 3)
     side = str(rng.choice(["RIGHT", "LEFT"]))
     joint_centre = np.array([rng.uniform(-80, 80), rng.uniform(-15, 15), rng.uniform(-60, 60)])
@@ -252,8 +254,8 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
     seriesno = iter(range(2, 100))
     t1 = Acquisition(t1_grid, thickness, SeriesInfo(
         description=str(rng.choice(["SAG T1 TSE", "t1_tse_sag", "Sag T1", "SAG_T1_SE", ""])),
-        number=next(seriesno), repetition_time_ms=float(rng.uniform(400, 750)),
-        echo_time_ms=float(rng.uniform(8, 20)), acquisition="3D" if is_3d else "2D", thickness_mm=thickness,
+        number=next(seriesno), repetition_time_ms=round(float(rng.uniform(400, 750)), 1),
+        echo_time_ms=round(float(rng.uniform(8, 20)), 1), acquisition="3D" if is_3d else "2D", thickness_mm=thickness,
         uid=_uid(seed, index, "t1")), "T1")
     if rng.random() < ranges.p_t2_other_grid:
         matrix2, inplane2 = _draw_inplane(rng, ranges)
@@ -265,8 +267,8 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         thick2, t2_grid = thickness, t1_grid
     t2 = Acquisition(t2_grid, thick2, SeriesInfo(
         description=str(rng.choice(["SAG T2 FS", "t2_tse_fs_sag", "Sag T2 FSE", "SAG FS", ""])),
-        number=next(seriesno), repetition_time_ms=float(rng.uniform(2500, 4500)),
-        echo_time_ms=float(rng.uniform(60, 100)), acquisition="3D" if is_3d else "2D", thickness_mm=thick2,
+        number=next(seriesno), repetition_time_ms=round(float(rng.uniform(2500, 4500)), 1),
+        echo_time_ms=round(float(rng.uniform(60, 100)), 1), acquisition="3D" if is_3d else "2D", thickness_mm=thick2,
         uid=_uid(seed, index, "t2"), scan_options=("FS",)), "T2")
     # the protocol's own draws come from a stream of their own, so the clinical cohort of a seed
     # is the same whichever protocols exist
@@ -297,13 +299,14 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         origin = fov_centre - axial @ ((np.asarray(shape) - 1) / 2.0 * spacing)
         extras.append(Acquisition(Grid.from_parts(shape, spacing, origin, axial), 3.0, SeriesInfo(
             description="AX PD FS", number=next(seriesno), repetition_time_ms=3000.0, echo_time_ms=30.0,
-            acquisition="2D", thickness_mm=3.0, uid=_uid(seed, index, "ax")), "PD"))
+            acquisition="2D", thickness_mm=3.0, uid=_uid(seed, index, "ax"), scan_options=("FS",)), "PD"))
         # a sagittal localizer: few thick slices, must not win over the diagnostic T1
         loc = _sagittal_grid(rng, fov_centre, replace(ranges, coverage_lr_mm=(30.0, 30.0)), 10.0, 0.0, 128, 1.2,
                              oblique)
         extras.append(Acquisition(loc, 10.0, SeriesInfo(
             description="localizer", number=1, repetition_time_ms=8.6, echo_time_ms=4.0, acquisition="2D",
-            thickness_mm=10.0, uid=_uid(seed, index, "loc"), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
+            thickness_mm=10.0, uid=_uid(seed, index, "loc"), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+            scanning_sequence=("GR",), sequence_variant=("SP",), sequence_name="*fl2d1", flip_angle_deg=20.0),
             "T1"))
 
     subject_id = f"9{rng.integers(0, 10**6):06d}"
@@ -348,7 +351,7 @@ def _oai_series(rng, seed, index, centre, ranges: ProtocolRanges, oblique, side:
     iw = Acquisition(_sagittal_grid(rng, centre, ranges, iw_mm, 0.0, matrix, inplane, oblique), iw_mm, SeriesInfo(
         description=f"SAG_IW_TSE_{side}", number=3, repetition_time_ms=3200.0, echo_time_ms=30.0, acquisition="2D",
         thickness_mm=iw_mm, uid=_uid(seed, index, "t2"), scanning_sequence=("SE",),
-        sequence_variant=("SK", "SP", "OSP"), scan_options=("FS",), sequence_name="*tse2d1_9",
+        sequence_variant=("SK", "SP", "OSP"), scan_options=("FS",), sequence_name="*tse2d1_5",
         flip_angle_deg=180.0), "PDFS", physics.OAI_IW_TSE_FS)
     return dess, iw
 
@@ -362,7 +365,7 @@ def draw_variation(rng, mode: str, group: str, severity: float) -> dict:
     side = float(rng.choice([-1.0, 1.0]))
     if mode == "extreme":
         return dict(flexion_deg=u(25, 30), varus_deg=-u(6, 8), patella_height_mm=u(8, 10),
-                    patella_tilt_deg=side * u(6, 10), effusion_scale=u(5.5, 7.0), popliteal_cyst_mm=u(8, 12),
+                    patella_tilt_deg=side * u(6, 10), effusion_scale=u(8.0, 10.0), popliteal_cyst_mm=u(8, 12),
                     meniscus_extrusion_mm=u(3, 4), meniscus_tear_deg=side * u(60, 160),
                     fibula_shift_mm=tuple(rng.normal(0, 2.5, 3)), condyle_scale=tuple(rng.normal(1.0, 0.05, 2)),
                     plateau_scale=float(rng.normal(1.0, 0.05)), size=float(rng.choice([0.82, 1.18])),
@@ -371,7 +374,7 @@ def draw_variation(rng, mode: str, group: str, severity: float) -> dict:
         flexion_deg=u(0, 30), varus_deg=float(np.clip(rng.normal(2.0 * severity, 3.0), -8, 8)),
         patella_height_mm=float(np.clip(rng.normal(0, 4), -8, 10)),
         patella_tilt_deg=float(np.clip(rng.normal(0, 4), -10, 10)),
-        effusion_scale=u(1.0, 7.0) if oa else u(0.0, 2.0),
+        effusion_scale=u(1.0, 8.0) if oa else u(0.0, 2.0),
         popliteal_cyst_mm=u(5, 12) if rng.random() < (0.3 if oa else 0.1) else 0.0,
         meniscus_extrusion_mm=u(0, 4) * severity if oa else u(0, 1),
         meniscus_tear_deg=side * u(60, 160) if rng.random() < (0.35 if oa else 0.05) else None,
@@ -403,7 +406,8 @@ def _single_series(rng, protocol: str, like: Acquisition, field_t: float, seed, 
         description=str(rng.choice(names)), number=2, repetition_time_ms=seq.tr_ms, echo_time_ms=seq.te_ms,
         acquisition=like.series.acquisition, thickness_mm=like.thickness_mm, uid=_uid(seed, index, "t1"),
         scanning_sequence=seq.scanning_sequence(), sequence_variant=("SK", "SP", "OSP"),
-        scan_options=(seq.fat,) if seq.fat else (), sequence_name=seq_name, flip_angle_deg=150.0,
+        scan_options=(seq.fat,) if seq.fat else ("IR",) if seq.family == "IR" else (), sequence_name=seq_name,
+        flip_angle_deg=150.0,
         inversion_time_ms=seq.ti_ms, field_t=field_t)
     return Acquisition(like.grid, like.thickness_mm, series, FAMILY_ROLE[family], seq)
 
@@ -458,7 +462,9 @@ def write_subject(plan: SubjectPlan, out: Path) -> dict:
         order = rng.permutation(n) if plan.shuffle_files else None
         write_series(folder, images[acq.series.uid], acq.grid, acq.series, plan.patient, plan.study, order)
         series_entries[acq.series.uid] = {
-            "role": roles.get(id(acq), "other"),
+            "role": roles.get(id(acq), "other"),  # which of the plan's series: t1 (truth grid), t2, other
+            "contrast": acq.contrast,
+            "sequence": asdict(acq.sequence) if acq.sequence is not None else None,
             "folder": str(folder.relative_to(out)),
             "shape_zyx": list(acq.grid.shape),
             "affine": acq.grid.affine.tolist(),
@@ -477,13 +483,8 @@ def write_subject(plan: SubjectPlan, out: Path) -> dict:
         "shuffled_files": plan.shuffle_files,
         "group": plan.group,
         "series": series_entries,
-        "anatomy": {
-            "cart_femoral_mm": plan.anatomy.cart_femoral_mm,
-            "cart_medial_tibial_mm": plan.anatomy.cart_medial_tibial_mm,
-            "cart_lateral_tibial_mm": plan.anatomy.cart_lateral_tibial_mm,
-            "cart_patellar_mm": plan.anatomy.cart_patellar_mm,
-            "scale": list(map(float, plan.pose.scale)),
-        },
+        "anatomy": {**json.loads(json.dumps(asdict(plan.anatomy), default=float)),
+                    "scale": list(map(float, plan.pose.scale))},
     }
 
 
@@ -507,11 +508,16 @@ def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", worker
     """
     from kneebatch.progress import progress_map
 
+    from kneebatch.outputs import claim_output_dir
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if n < 1:
         raise ValueError("--n must be at least 1")
     ranges = ranges or ranges_for(preset, protocol, anatomy)
+    # a cohort folder holds one cohort: a rerun with the same seed and ranges rewrites the same files
+    # (study i is the same for any n), another cohort into it would mix series of both
+    settings = json.loads(json.dumps({"seed": seed, "ranges": asdict(ranges)}))
+    claim_output_dir(out, "synth", settings)
     jobs = [(seed, i, ranges, str(out)) for i in range(n)]
     results = progress_map(_write_one, jobs, workers=workers, description="synthesising studies",
                            show=progress)

@@ -35,7 +35,7 @@ class SeriesInfo:
     laterality: str = ""  # "L", "R" or "" (not written)
     inversion_time_ms: float = 0.0  # written when > 0
     field_t: float = 3.0
-    manufacturer: str = "kneebatch synthetic"
+    manufacturer: str = "SIEMENS"
 
 
 def _fmt(v: float) -> str:

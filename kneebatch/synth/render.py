@@ -130,8 +130,9 @@ def render_image(labels_sub, cortex_sub, grid: Grid, contrast, rng: np.random.Ge
                  tissue_jitter: dict, snr: float, bias_strength: float, max_value: int = 4095) -> np.ndarray:
     """Signal from label planes: contrast, partial volume, texture, bias field, Rician noise.
 
-    ``contrast``: a name in :data:`CONTRAST` or a table ``{tissue kind: signal}``
-    (e.g. :func:`kneebatch.synth.physics.tissue_signal`)."""
+    ``contrast``: a name in :data:`CONTRAST` (``snr`` is the brightest tissue's) or a table
+    ``{tissue kind: signal}`` (e.g. :func:`kneebatch.synth.physics.tissue_signal`; ``snr`` is the
+    mean tissue's, as a scanner's SNR is quoted, so dark contrasts are not drowned in noise)."""
     table = CONTRAST[contrast] if isinstance(contrast, str) else contrast
     kinds = label_lut()
     lut = np.zeros(256, np.float32)
@@ -139,8 +140,8 @@ def render_image(labels_sub, cortex_sub, grid: Grid, contrast, rng: np.random.Ge
         lut[lab] = table[kind] * tissue_jitter.get(kind, 1.0)
     cortex_value = table["cortex"] * tissue_jitter.get("cortex", 1.0)
     signal = planes_signal(labels_sub, cortex_sub, lut, cortex_value)
-    return np.clip(np.rint(acquire(signal, grid, rng, snr, bias_strength) * 0.8 * max_value), 0,
-                   max_value).astype(np.uint16)
+    image = acquire(signal, grid, rng, snr, bias_strength, snr_of_mean=not isinstance(contrast, str))
+    return np.clip(np.rint(image * 0.8 * max_value), 0, max_value).astype(np.uint16)
 
 
 def planes_signal(labels_sub, cortex_sub, lut: np.ndarray, cortex_value: float) -> np.ndarray:
@@ -155,15 +156,19 @@ def planes_signal(labels_sub, cortex_sub, lut: np.ndarray, cortex_value: float) 
 
 
 def acquire(signal: np.ndarray, grid: Grid, rng: np.random.Generator, snr: float, bias_strength: float,
-            texture_strength: float = 0.35, psf_voxels: float = 0.6) -> np.ndarray:
-    """Tissue texture, in-plane point spread, coil bias and Rician noise on a noise-free signal."""
+            texture_strength: float = 0.35, psf_voxels: float = 0.6, snr_of_mean: bool = False) -> np.ndarray:
+    """Tissue texture, in-plane point spread, coil bias and Rician noise on a noise-free signal.
+
+    The noise's standard deviation is ``1 / snr`` of the brightest tissue's signal (0.9-0.95), or
+    with ``snr_of_mean`` of the mean signal inside the body."""
     body = signal > 0
+    reference = float(signal[body].mean()) if snr_of_mean and body.any() else 1.0
     texture = ndimage.gaussian_filter(rng.standard_normal(signal.shape).astype(np.float32), (0.7, 1.5, 1.5))
     signal = signal * (1.0 + texture_strength * texture * body)
     if psf_voxels > 0:
         signal = ndimage.gaussian_filter(signal, (0.0, psf_voxels, psf_voxels))
     signal *= _bias_field(grid, rng, bias_strength)
-    sigma = 1.0 / snr
+    sigma = reference / snr
     n1 = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
     n2 = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
     return np.sqrt((signal + n1) ** 2 + n2 ** 2)

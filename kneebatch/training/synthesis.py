@@ -166,7 +166,7 @@ def draw_appearance(rng: np.random.Generator, p_random: float = 0.5, families=TR
 def synthesize(vol: LabelVolume, look: Appearance, rng: np.random.Generator) -> np.ndarray:
     """A float32 image ``[Z, Y, X]`` of ``vol`` as ``look`` says (scale arbitrary: nets see z-scores)."""
     signal = planes_signal(vol.planes, vol.cortex, look.lut, look.cortex)
-    image = acquire(signal, vol.grid, rng, look.snr, look.bias, look.texture, look.psf_voxels)
+    image = acquire(signal, vol.grid, rng, look.snr, look.bias, look.texture, look.psf_voxels, snr_of_mean=True)
     if look.gamma != 1.0:
         top = float(np.percentile(image[:: 7, :: 7, :: 7], 99.5)) or 1.0
         image = np.power(np.clip(image / top, 0, None), look.gamma) * top

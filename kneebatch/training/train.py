@@ -81,11 +81,14 @@ class Trainer:
         self.label_set = label_set  # kneebatch.ingest.datasets.LabelSet: partial labels (marginal loss)
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
-        keys = [k for k in self.store.study_keys()
-                if label_name in self.store.label_names(k) and self._has_inputs(k)]
+        labelled = [k for k in self.store.study_keys() if label_name in self.store.label_names(k)]
+        keys = [k for k in labelled if self._has_inputs(k)]
         if len(keys) < 3:
-            raise ValueError(f"need at least 3 studies with '{label_name}' label maps and the contrasts "
-                             f"{self.cfg.input_roles}, found {len(keys)}")
+            need = "any sagittal series" if self.cfg.per_series else \
+                " + ".join("|".join(a) for a in self.cfg.input_roles)
+            found = sorted({"+".join(self.store.channels(k)) for k in labelled}) or ["no labelled studies"]
+            raise ValueError(f"need at least 3 studies with '{label_name}' label maps and the nets' inputs ({need}); "
+                             f"found {len(keys)} (labelled studies have: {', '.join(found)})")
         self.split = split_keys(keys, seed)
         (self.out / "model_config.json").write_text(self.cfg.to_json())
         self.log_rows: list[dict] = []
