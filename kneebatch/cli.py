@@ -90,8 +90,17 @@ def cmd_run(args) -> int:
                 show_progress=not args.quiet, force=args.force)
     print(f"{r.studies} studies: {r.segmented} segmented, {r.already_done} already done, {r.failed} failed, "
           f"{r.carried_failures} failed at convert; {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s)")
-    print(f"-> {Path(args.out) / 'measurements.parquet'}, {Path(args.out) / 'failures.parquet'}, "
-          f"label maps in the store")
+    if r.failed:
+        from collections import Counter
+
+        from kneebatch.outputs import read_rows
+
+        failed = Counter(row["reason"] for row in read_rows(Path(args.out) / "failures.parquet")
+                         if row.get("stage") == "run")
+        for reason, n in sorted(failed.items()):
+            print(f"  failed: {n} x {reason}")
+    print(f"-> {Path(args.out) / 'measurements.parquet'}, {Path(args.out) / 'failures.parquet'}"
+          + (", label maps in the store" if r.segmented or r.already_done else ""))
     return 0
 
 
@@ -288,7 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", type=Path, help="cohort store whose studies carry label maps")
     s.add_argument("out", type=Path, help="output folder: weights (safetensors), config, metrics, log, curves")
     s.add_argument("--labels-from", type=Path, default=None,
-                   help="first import label maps named <StudyInstanceUID or case>.nii.gz/.mhd from this folder")
+                   help="first import label maps named <StudyInstanceUID or case>.nii.gz/.mhd from this folder; with "
+                        "--label-map oai-zib / skm-tea also those data sets' layouts (segmentation_masks/<patient>"
+                        ".segmentation_masks.mhd, segmentation_masks/dicom-track/MTR_<nnn>.nii.gz), matched by a "
+                        "folder name of the study's source path")
     s.add_argument("--label-map", default="",
                    help='the files\' label ids as schema labels: "oai-zib", "skm-tea" or e.g. "1:femur,'
                         '2:femoral_cartilage,3:tibia,4:medial_tibial_cartilage+lateral_tibial_cartilage" (an id may '
