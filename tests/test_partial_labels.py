@@ -186,3 +186,19 @@ def test_synth_never_mixes_two_cohorts_in_one_folder(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):
         generate_cohort(tmp_path / "mine", 1, seed=3, preset="small", workers=1)
+
+
+def test_keep_unannotated_holds_the_split_of_the_background_as_it_was():
+    from kneebatch.training.losses import KeepUnannotated
+
+    keep = KeepUnannotated(OAI_ZIB.membership())
+    target = torch.zeros(1, 1, 2, 2, 2, dtype=torch.long)
+    target[0, 0, 0] = 1
+    initial = torch.randn(1, L.N_CLASSES, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert float(keep(initial, initial, target)) == pytest.approx(0.0, abs=1e-6)
+    annotated_only = initial.clone()
+    annotated_only[:, L.by_name("femur").id] += 5.0  # an annotated class: the marginal loss's business
+    assert float(keep(annotated_only, initial, target)) == pytest.approx(0.0, abs=1e-5)
+    drifted = initial.clone()
+    drifted[:, L.by_name("patellar_tendon").id, 1] += 5.0  # background voxels turning to tendon
+    assert float(keep(drifted, initial, target)) > 0.1

@@ -34,3 +34,28 @@ class MarginalDiceCE(torch.nn.Module):
         denom = merged.sum(dims) + onehot.sum(dims)
         dice = 1 - (2 * inter + 1e-5) / (denom + 1e-5)
         return ce + dice.mean()
+
+
+class KeepUnannotated(torch.nn.Module):
+    """Learning without forgetting for what a partial label set does not draw.
+
+    The marginal loss leaves the split of a file's background among the unannotated tissues
+    free, so it drifts as shared features change. Where the file says background, this term
+    keeps the net's distribution over those tissues (renormalised) close to the initial net's
+    (KL divergence, Li & Hoiem, "Learning without forgetting", TPAMI 2018)."""
+
+    def __init__(self, membership, weight: float = 1.0):
+        super().__init__()
+        m = torch.as_tensor(membership, dtype=torch.float32)
+        self.register_buffer("unannotated", m[0] > 0)
+        self.weight = weight
+
+    def forward(self, logits: torch.Tensor, initial_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        background = target[:, 0] == 0
+        if not bool(background.any()):
+            return logits.new_zeros(())
+        keep = self.unannotated.view(1, -1, *([1] * (logits.dim() - 2)))
+        student = torch.log_softmax(logits.float().masked_fill(~keep, -1e4), 1)
+        teacher = torch.log_softmax(initial_logits.float().masked_fill(~keep, -1e4), 1)
+        kl = (teacher.exp() * (teacher - student)).masked_fill(~keep, 0.0).sum(1)
+        return self.weight * kl[background].mean()

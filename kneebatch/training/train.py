@@ -237,6 +237,15 @@ class Trainer:
         ema = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=1e-4)
         loss_fn = self.loss_function()
+        teacher, keep = None, None
+        if self.label_set is not None and self.init_from is not None:
+            # partial labels: the initial net, frozen, keeps the unannotated tissues as they were
+            from kneebatch.training.losses import KeepUnannotated
+
+            teacher = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
+            self._initialise(teacher, self.init_from / f"{stage}.safetensors")
+            teacher.eval().requires_grad_(False)
+            keep = KeepUnannotated(self.label_set.membership())
         step, elapsed, best = 0, 0.0, -1.0
         last = self.ckpt / f"{stage}_last.safetensors"
         final = self.out / f"{stage}.safetensors"
@@ -274,7 +283,12 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = self.coarse_batch() if stage == "coarse" else self.fine_batch()
-            loss = loss_fn(model(x), y)
+            out = model(x)
+            loss = loss_fn(out, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    initial = teacher(x)
+                loss = loss + keep(out, initial, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
