@@ -64,18 +64,14 @@ def test_each_protocol_writes_headers_its_contrast_is_recognised_by(protocol_sto
 
 def test_physics_images_follow_their_tissue_table(protocol_stores):
     """Mean stored intensity per tissue ranks as the physics table says (noise, bias, partial volume aside)."""
+    from kneebatch.ingest.label_import import label_file, read_label_file
+    from kneebatch.outputs import read_rows
+
     store = CohortStore(protocol_stores / "pdfs.zarr")
+    uid = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
     for key in store.study_keys():
         image, grid = store.read_image(key)
-        truth = store.read_labels(key, "truth") if "truth" in store.label_names(key) else None
-        if truth is None:
-            from kneebatch.ingest.label_import import read_label_file, label_file, study_names
-
-            names = study_names(store)[key]
-            from kneebatch.outputs import read_rows
-
-            uid = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}[key]
-            truth, _ = read_label_file(label_file(protocol_stores / "pdfs" / "truth", [uid]), grid)
+        truth, _ = read_label_file(label_file(protocol_stores / "pdfs" / "truth", [uid[key]]), grid)
         mean = {name: float(image[0][truth == L.by_name(name).id].mean())
                 for name in ("effusion", "femoral_cartilage", "subcutaneous_fat", "medial_meniscus")}
         assert mean["effusion"] > mean["femoral_cartilage"] > mean["medial_meniscus"]
