@@ -54,11 +54,15 @@ def cmd_convert(args) -> int:
     print(f"{r.studies_found} studies found ({r.files_scanned} files, {r.files_rejected} not usable images): "
           f"{r.converted} converted, {r.already_done} already in the store, {r.failed} failed "
           f"in {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s, {r.mb_per_s:.1f} MB/s)")
-    for reason, n in sorted(r.reasons.items()):
-        print(f"  failed: {n} x {reason}")
+    _print_reasons(r.reasons)
     if r.failed:
         print(f"  reasons per study: {Path(args.store) / 'failures.parquet'}")
     return 0
+
+
+def _print_reasons(reasons: dict) -> None:
+    for reason, n in sorted(reasons.items()):
+        print(f"  failed: {n} x {reason}")
 
 
 def cmd_measure(args) -> int:
@@ -90,15 +94,7 @@ def cmd_run(args) -> int:
                 show_progress=not args.quiet, force=args.force)
     print(f"{r.studies} studies: {r.segmented} segmented, {r.already_done} already done, {r.failed} failed, "
           f"{r.carried_failures} failed at convert; {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s)")
-    if r.failed:
-        from collections import Counter
-
-        from kneebatch.outputs import read_rows
-
-        failed = Counter(row["reason"] for row in read_rows(Path(args.out) / "failures.parquet")
-                         if row.get("stage") == "run")
-        for reason, n in sorted(failed.items()):
-            print(f"  failed: {n} x {reason}")
+    _print_reasons(r.reasons)
     print(f"-> {Path(args.out) / 'measurements.parquet'}, {Path(args.out) / 'failures.parquet'}"
           + (", label maps in the store" if r.segmented or r.already_done else ""))
     return 0

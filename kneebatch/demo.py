@@ -77,7 +77,7 @@ def run_demo(out: Path, n: int = 24, seed: int = 2024, preset: str = "clinical",
         table.add_row(title, *cells, f"{entry['welch_p']:.3g}")
     console.print(table)
     if not truth:
-        dice = _dice_against_truth(store, cohort / "truth")
+        dice = _dice_by_group(store, cohort / "truth")
         if dice:
             console.print("segmentation Dice vs ground truth (mean over studies): " +
                           ", ".join(f"{k} {v:.2f}" for k, v in dice.items()))
@@ -87,25 +87,16 @@ def run_demo(out: Path, n: int = 24, seed: int = 2024, preset: str = "clinical",
     return 0
 
 
-def _dice_against_truth(store_path: Path, truth_dir: Path) -> dict[str, float]:
+def _dice_by_group(store_path: Path, truth_dir: Path) -> dict[str, float]:
     """Mean Dice per tissue group of the store's label maps against the synthetic truth."""
     import numpy as np
 
     from kneebatch import labels as L
-    from kneebatch.ingest.label_import import label_file, read_label_file, study_names
-    from kneebatch.ingest.store import CohortStore
-    from kneebatch.measure import dice_per_label
+    from kneebatch.training.evaluate import dice_against_truth
 
-    store = CohortStore(store_path, create=False)
     groups: dict[str, list[float]] = {}
-    for key, names in study_names(store).items():
-        pred = store.read_labels(key)
-        path = label_file(truth_dir, names)
-        if pred is None or path is None:
-            continue
-        truth, _ = read_label_file(path, store.grid(key))
-        for name, dice in dice_per_label(pred, truth).items():
-            groups.setdefault(L.by_name(name).group, []).append(dice)
+    for name, dices in dice_against_truth(store_path, truth_dir)[0].items():
+        groups.setdefault(L.by_name(name).group, []).extend(dices)
     return {g: float(np.mean(v)) for g, v in groups.items()}
 
 

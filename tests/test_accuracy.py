@@ -14,11 +14,10 @@ from kneebatch import labels as L
 from kneebatch.inference.engine_dir import DEFAULT_ENGINES
 from kneebatch.inference.run import run
 from kneebatch.ingest.convert import convert
-from kneebatch.ingest.label_import import label_file, read_label_file
 from kneebatch.ingest.store import CohortStore
-from kneebatch.measure import dice_per_label
 from kneebatch.outputs import read_rows
 from kneebatch.synth.cohort import generate_cohort
+from kneebatch.training.evaluate import dice_against_truth
 
 HELD_OUT_SEED = 424242
 N = 4
@@ -62,16 +61,7 @@ def segmented_tta(segmented):
 
 
 def _dice_table(root, store_name="store.zarr"):
-    store = CohortStore(root / store_name)
-    uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
-    per_label, effusion_err = {}, []
-    for key in store.study_keys():
-        truth, _ = read_label_file(label_file(root / "cohort" / "truth", [uid_of[key]]), store.grid(key))
-        pred = store.read_labels(key)
-        for name, dice in dice_per_label(pred, truth).items():
-            per_label.setdefault(name, []).append(dice)
-        eff = L.by_name("effusion").id
-        effusion_err.append(abs(np.sum(pred == eff) - np.sum(truth == eff)) / np.sum(truth == eff) * 100)
+    per_label, effusion_err = dice_against_truth(root / store_name, root / "cohort" / "truth")
     return {k: float(np.mean(v)) for k, v in per_label.items()}, effusion_err
 
 

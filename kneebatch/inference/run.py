@@ -44,6 +44,7 @@ class RunReport:
     carried_failures: int = 0
     seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
+    reasons: dict = field(default_factory=dict)  # reason -> studies that failed with it in this run
 
     @property
     def studies_per_s(self) -> float:
@@ -217,6 +218,8 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
     write_rows(rows, schema, out / "measurements.parquet")
     write_rows(merge_rows(carried, failures), FAILURE_SCHEMA, out / "failures.parquet")
     report.failed = len(failures)
+    for f in failures:
+        report.reasons[f["reason"]] = report.reasons.get(f["reason"], 0) + 1
     report.carried_failures = len(carried)
     report.seconds = time.perf_counter() - t0
     report.stage_seconds = stage_seconds
@@ -238,10 +241,9 @@ def _write_provenance(out: Path, report: RunReport, options: InferenceOptions, b
         "kneebatch_version": __version__,
         "command": "run",
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **{k: v for k, v in options.settings().items() if k != "engines"},
+        **options.settings(),
         "threads": options.threads,
         "batch_size": batch_size,
-        "engines": {stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
         "model_config": json.loads((engines_dir(options.engines) / manifest["config"]).read_text()),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__},

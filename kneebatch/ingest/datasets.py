@@ -122,20 +122,17 @@ def check_ids(labels: np.ndarray, label_set: LabelSet) -> np.ndarray:
 
 def oai_zib_labels(path, store, key) -> np.ndarray:
     """An OAI-ZIB mask on the study's stored (canonical) grid, through the DESS's source grid."""
-    from kneebatch.geometry import Reorientation
+    from kneebatch.export import source_order
     from kneebatch.ingest.metaimage import read_metaimage
-
-    from kneebatch.geometry import Grid
 
     data, _ = read_metaimage(path)
     # ITK's array [a0, a1, a2] is the DESS's [row bottom-to-top, column, slice]: to [slice, row, column]
     voxels = np.ascontiguousarray(np.asarray(data).transpose(2, 0, 1)[:, ::-1, :])
-    attrs = store.study_attrs(key)
-    source = Grid(tuple(attrs["source_grid"]["shape_zyx"]), np.array(attrs["source_grid"]["affine"]))
+    reorientation, source = source_order(store, key)
     if voxels.shape != source.shape:
         raise StudyError("label_geometry_mismatch", f"the OAI-ZIB mask has {voxels.shape} voxels "
                                                     f"(slice, row, column); the study's DESS has {source.shape}")
-    data, grid = Reorientation.from_attrs(attrs["to_canonical"]).apply(voxels, source)
+    data, grid = reorientation.apply(voxels, source)
     if not grid.same_as(store.grid(key)):
         raise StudyError("label_geometry_mismatch", "the study's stored grid is not its DESS's grid reoriented")
     return data
@@ -143,13 +140,14 @@ def oai_zib_labels(path, store, key) -> np.ndarray:
 
 def dataset_label_file(folder, names, label_set: LabelSet) -> Path | None:
     """``<name><layout suffix>`` in ``folder`` (or its ``segmentation_masks/`` or ``dicom-track``)."""
-    suffix = LAYOUT_SUFFIX.get(label_set.name, ".nii.gz")
+    from kneebatch.ingest.label_import import label_file
+
+    suffix = (LAYOUT_SUFFIX.get(label_set.name, ".nii.gz"),)
     folder = Path(folder)
     for where in (folder, folder / "segmentation_masks", folder / "segmentation_masks" / "dicom-track"):
-        for name in filter(None, names):
-            p = where / f"{name}{suffix}"
-            if p.name == f"{name}{suffix}" and "/" not in name and p.is_file():
-                return p
+        found = label_file(where, names, suffix)
+        if found is not None:
+            return found
     return None
 
 

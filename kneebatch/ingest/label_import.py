@@ -26,11 +26,11 @@ from kneebatch.outputs import read_rows
 
 
 
-def label_file(labels_dir, names) -> Path | None:
+def label_file(labels_dir, names, suffixes=VOLUME_SUFFIXES) -> Path | None:
     """The first existing ``<name>[_labels]<suffix>`` in ``labels_dir`` for the study's names."""
     for name in filter(None, names):
         for stem in (f"{name}_labels", name):
-            for suffix in VOLUME_SUFFIXES:
+            for suffix in suffixes:
                 p = Path(labels_dir) / f"{stem}{suffix}"
                 # a name built from header values must stay a file name: never a path elsewhere
                 if p.name == f"{stem}{suffix}" and "/" not in stem and stem not in (".", "..") and p.is_file():
@@ -165,11 +165,10 @@ def import_dataset_labels(store_path, labels_dir, label_set, name: str) -> tuple
             missing.append(key)
             continue
         if path.name.endswith(".segmentation_masks.mhd"):  # OAI-ZIB: no pose, the DESS's voxels
-            labels, how = check_ids(oai_zib_labels(path, store, key), label_set), "oai_zib_voxels"
+            labels, how = oai_zib_labels(path, store, key), "oai_zib_voxels"
         else:
-            data, label_grid = read_volume(path)
-            labels, how = labels_onto(check_ids(translate(np.asarray(data), None), label_set), label_grid,
-                                      store.grid(key))
+            labels, how = read_label_file(path, store.grid(key))
+        labels = check_ids(labels, label_set)
         store.write_labels(key, labels, {"source": "import", "label_grid": how, "label_set": label_set.name,
                                          "label_classes": [[i, list(n)] for i, n in label_set.classes]}, name=name)
         done += 1

@@ -215,11 +215,12 @@ class CohortStore:
     def read_schema_labels(self, key: str, name: str | None = None) -> np.ndarray | None:
         """:meth:`read_labels` for measuring and exporting: a partial label set's map (its ids are
         the data set's, e.g. OAI-ZIB's 1-4, not the schema's) raises ``partial_label_set``."""
+        name = self.segmentation(key) if name is None else name
         labels = self.read_labels(key, name)
-        if labels is not None and self.label_attrs(key, name or self.segmentation(key)).get("label_set"):
+        found = self.label_attrs(key, name).get("label_set") if labels is not None else None
+        if found:
             from kneebatch.errors import StudyError
 
-            found = self.label_attrs(key, name or self.segmentation(key))["label_set"]
             raise StudyError("partial_label_set", f"'{name}' holds {found} ids")
         return labels
 

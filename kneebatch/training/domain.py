@@ -28,7 +28,7 @@ from kneebatch.models.preprocess import box_from_mask, fine_crop, normalize, res
 from kneebatch.synth import physics
 from kneebatch.training.synthesis import (HELD_OUT_FAMILIES, LabelVolume, deform, draw_appearance,
                                           physics_appearance, random_appearance, synthesize)
-from kneebatch.training.train import Case, Trainer, _log, split_keys
+from kneebatch.training.train import Case, Trainer, _log
 
 VALIDATION_CONTRASTS = ("T1_TSE", "T2_TSE_FS", "PD_TSE_FS", "DESS_WE", "random")
 
@@ -37,21 +37,11 @@ class DomainTrainer(Trainer):
     def __init__(self, volumes: list[LabelVolume], out, cfg: ModelConfig | None = None, seed: int = 0,
                  jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 1e-3, init_from=None,
                  refresh_every: int = 2, p_random: float = 0.5, p_deform: float = 0.5):
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.ckpt = self.out / "checkpoints"
-        self.cfg = cfg or ModelConfig()
-        self.label_name = "synthetic"
-        self.seed, self.jitter_mm, self.batch_size, self.lr = seed, jitter_mm, batch_size, lr
-        self.init_from = Path(init_from) if init_from else None
+        # every label of the schema is in the synthetic truth: no label set
+        self._setup(out, cfg, "synthetic", seed, jitter_mm, batch_size, lr, init_from, None)
         self.refresh_every, self.p_random, self.p_deform = refresh_every, p_random, p_deform
-        self.label_set = None  # every label of the schema is in the synthetic truth
-        self.rng = np.random.default_rng(seed)
-        torch.manual_seed(seed)
         self.volumes = {v.key: v for v in volumes}
-        self.split = split_keys(sorted(self.volumes), seed)
-        (self.out / "model_config.json").write_text(self.cfg.to_json())
-        self.log_rows: list[dict] = []
+        self._use_keys(sorted(self.volumes))
         self._steps = 0
 
     # ------------------------------------------------------------------ data
@@ -114,19 +104,14 @@ class DomainTrainer(Trainer):
 
     def evaluate_test(self, coarse, fine) -> dict:
         """Full-pipeline Dice per test contrast (held-out contrasts included), and overall."""
-        from kneebatch.inference.engines import TorchEngine
-        from kneebatch.inference.segment import segment
-        from kneebatch.measure import dice_per_label
         from kneebatch.training.train import _mean_scores
 
-        ce, fe = TorchEngine.from_module(coarse), TorchEngine.from_module(fine)
+        scores = self.test_scores(coarse, fine)
         per_contrast: dict[str, list] = {}
-        for case in self.cases["test"]:
-            image, labels, grid = case.native
-            pred, _ = segment(image, grid, ce, fe, self.cfg)
-            per_contrast.setdefault(case.contrast, []).append(dice_per_label(pred, torch.from_numpy(labels)))
+        for case, score in zip(self.cases["test"], scores):
+            per_contrast.setdefault(case.contrast, []).append(score)
         self.test_by_contrast = {c: _mean_scores(s) for c, s in per_contrast.items()}
-        return _mean_scores([s for v in per_contrast.values() for s in v])
+        return _mean_scores(scores)
 
 
 def _fixed_look(name: str, rng: np.random.Generator):

@@ -2,8 +2,8 @@
 
 A cohort of a protocol is synthesised as DICOM (seed never used in training), converted,
 segmented by ``run`` with the given engines, and compared with its truth: Dice per
-tissue and the effusion-volume error per study. Tests, ``engines/TRAINING.md`` and the
-benchmarks all call this one function.
+tissue and the effusion-volume error per study. Tests, the demo and the benchmarks all
+score against the truth with :func:`dice_against_truth`.
 """
 
 from __future__ import annotations
@@ -34,12 +34,8 @@ class Accuracy:
 def held_out_accuracy(root, protocol: str, n: int, seed: int, engines=None, preset: str = "clinical",
                       key_file=None, ranges=None, **run_options) -> Accuracy:
     """Synthesise ``n`` studies of ``protocol`` under ``root``, convert, run, score against truth."""
-    from kneebatch import labels as L
     from kneebatch.inference.run import run
     from kneebatch.ingest.convert import convert
-    from kneebatch.ingest.label_import import label_file, read_label_file
-    from kneebatch.ingest.store import CohortStore
-    from kneebatch.measure import dice_per_label
     from kneebatch.outputs import read_rows
     from kneebatch.synth.cohort import generate_cohort
 
@@ -47,17 +43,30 @@ def held_out_accuracy(root, protocol: str, n: int, seed: int, engines=None, pres
     generate_cohort(root / "cohort", n, seed=seed, preset=preset, protocol=protocol, ranges=ranges, workers=1)
     convert(root / "cohort" / "dicom", root / "store.zarr", key_file=key_file, show_progress=False)
     report = run(root / "store.zarr", root / "out", engines_path=engines, show_progress=False, **run_options)
-    store = CohortStore(root / "store.zarr")
-    uid_of = {r["study_key"]: r["study_uid"] for r in read_rows(store.keymap_path)}
-    rows = {r["study_key"]: r for r in read_rows(root / "out" / "measurements.parquet")}
-    per_label, effusion, used = {}, [], []
+    per_label, effusion = dice_against_truth(root / "store.zarr", root / "cohort" / "truth")
+    used = [r.get("channels_used") for r in read_rows(root / "out" / "measurements.parquet")]
+    return Accuracy(protocol, {k: float(np.mean(v)) for k, v in per_label.items()}, effusion, used, report.failed)
+
+
+def dice_against_truth(store_path, truth_dir) -> tuple[dict[str, list[float]], list[float]]:
+    """Dice per tissue of each study's newest label map against its truth file (named by study key,
+    StudyInstanceUID or case), and each study's effusion-volume error in % (studies with effusion)."""
+    from kneebatch import labels as L
+    from kneebatch.ingest.label_import import label_file, read_label_file, study_names
+    from kneebatch.ingest.store import CohortStore
+    from kneebatch.measure import dice_per_label
+
+    store = CohortStore(store_path, create=False)
+    per_label, effusion = {}, []
     eff = L.by_name("effusion").id
-    for key in rows:
-        truth, _ = read_label_file(label_file(root / "cohort" / "truth", [uid_of[key]]), store.grid(key))
+    for key, names in study_names(store).items():
         pred = store.read_labels(key)
+        path = label_file(truth_dir, names)
+        if pred is None or path is None:
+            continue
+        truth, _ = read_label_file(path, store.grid(key))
         for name, dice in dice_per_label(pred, truth).items():
             per_label.setdefault(name, []).append(dice)
         if np.any(truth == eff):
             effusion.append(float(abs(np.sum(pred == eff) - np.sum(truth == eff)) / np.sum(truth == eff) * 100))
-        used.append(rows[key].get("channels_used"))
-    return Accuracy(protocol, {k: float(np.mean(v)) for k, v in per_label.items()}, effusion, used, report.failed)
+    return per_label, effusion

@@ -47,6 +47,7 @@ class Case:
     fine_x: torch.Tensor | None = None  # [2, *working] float16
     fine_y: torch.Tensor | None = None  # [*working] uint8
     native: tuple | None = None  # for test-time evaluation: (image uint16, labels uint8, grid)
+    contrast: str = ""  # synthetic images: the appearance they were rendered with
 
 
 def split_keys(keys, seed: int = 0) -> dict[str, list[str]]:
@@ -68,19 +69,7 @@ class Trainer:
         from kneebatch.ingest.store import CohortStore
 
         self.store = CohortStore(store_path, create=False)
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.ckpt = self.out / "checkpoints"
-        self.cfg = cfg or ModelConfig()
-        self.label_name = label_name
-        self.seed = seed
-        self.jitter_mm = jitter_mm
-        self.batch_size = batch_size
-        self.lr = lr
-        self.init_from = Path(init_from) if init_from else None
-        self.label_set = label_set  # kneebatch.ingest.datasets.LabelSet: partial labels (marginal loss)
-        self.rng = np.random.default_rng(seed)
-        torch.manual_seed(seed)
+        self._setup(out, cfg, label_name, seed, jitter_mm, batch_size, lr, init_from, label_set)
         labelled = [k for k in self.store.study_keys() if label_name in self.store.label_names(k)]
         keys = [k for k in labelled if self._has_inputs(k)]
         if len(keys) < 3:
@@ -89,9 +78,25 @@ class Trainer:
             found = sorted({"+".join(self.store.channels(k)) for k in labelled}) or ["no labelled studies"]
             raise ValueError(f"need at least 3 studies with '{label_name}' label maps and the nets' inputs ({need}); "
                              f"found {len(keys)} (labelled studies have: {', '.join(found)})")
-        self.split = split_keys(keys, seed)
-        (self.out / "model_config.json").write_text(self.cfg.to_json())
+        self._use_keys(keys)
+
+    def _setup(self, out, cfg, label_name, seed, jitter_mm, batch_size, lr, init_from, label_set) -> None:
+        """What every trainer holds, whatever its data."""
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt = self.out / "checkpoints"
+        self.cfg = cfg or ModelConfig()
+        self.label_name = label_name
+        self.seed, self.jitter_mm, self.batch_size, self.lr = seed, jitter_mm, batch_size, lr
+        self.init_from = Path(init_from) if init_from else None
+        self.label_set = label_set  # kneebatch.ingest.datasets.LabelSet: partial labels (marginal loss)
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
         self.log_rows: list[dict] = []
+
+    def _use_keys(self, keys) -> None:
+        self.split = split_keys(keys, self.seed)
+        (self.out / "model_config.json").write_text(self.cfg.to_json())
 
     # ------------------------------------------------------------------ data
     def _has_inputs(self, key: str) -> bool:
@@ -237,15 +242,6 @@ class Trainer:
         ema = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=1e-4)
         loss_fn = self.loss_function()
-        teacher, keep = None, None
-        if self.label_set is not None and self.init_from is not None:
-            # partial labels: the initial net, frozen, keeps the unannotated tissues as they were
-            from kneebatch.training.losses import KeepUnannotated
-
-            teacher = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
-            self._initialise(teacher, self.init_from / f"{stage}.safetensors")
-            teacher.eval().requires_grad_(False)
-            keep = KeepUnannotated(self.label_set.membership())
         step, elapsed, best = 0, 0.0, -1.0
         last = self.ckpt / f"{stage}_last.safetensors"
         final = self.out / f"{stage}.safetensors"
@@ -271,6 +267,15 @@ class Trainer:
             best_state, _ = load_weights(final)
             model.load_state_dict(best_state)
             return model.eval()
+        teacher, keep = None, None
+        if self.label_set is not None and self.init_from is not None:
+            # partial labels: the initial net, frozen, keeps the unannotated tissues as they were
+            from kneebatch.training.losses import KeepUnannotated
+
+            teacher = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
+            self._initialise(teacher, self.init_from / f"{stage}.safetensors")
+            teacher.eval().requires_grad_(False)
+            keep = KeepUnannotated(self.label_set.membership())
         model.train()
         budget = minutes * 60.0
         t_start = time.perf_counter() - elapsed
@@ -348,8 +353,8 @@ class Trainer:
         model.load_state_dict(match, strict=False)
         _log(f"initialised {len(match)} of {len(own)} tensors from {path}")
 
-    def evaluate_test(self, coarse, fine) -> dict:
-        """Full pipeline (coarse -> crop -> fine -> native grid) on the held-out test split."""
+    def test_scores(self, coarse, fine) -> list[dict]:
+        """Full pipeline (coarse -> crop -> fine -> native grid) on each test case."""
         from kneebatch.inference.engines import TorchEngine
         from kneebatch.inference.segment import segment
 
@@ -359,7 +364,10 @@ class Trainer:
             image, labels, grid = case.native
             pred, _ = segment(image.astype(np.float32), grid, ce, fe, self.cfg)
             scores.append(self.score(pred, torch.from_numpy(labels)))
-        return _mean_scores(scores)
+        return scores
+
+    def evaluate_test(self, coarse, fine) -> dict:
+        return _mean_scores(self.test_scores(coarse, fine))
 
 
 def _pad_labels(y, shape):
