@@ -146,3 +146,33 @@ def test_partial_labels_train_with_the_marginal_loss_and_score_the_set(cohort, s
     case = tr._load(tr.split["train"][0], keep_native=False)
     assert set(case.coarse_y.unique().tolist()) <= {0, 1, 2, 3, 4}
     assert type(tr.loss_function()).__name__ == "MarginalDiceCE"
+
+
+def test_optimizer_state_survives_two_resumes(tmp_path):
+    """Each parameter gets its own Adam moments back, also when saved by a run that was itself resumed."""
+    import torch
+
+    from kneebatch.models.checkpoints import load_weights, save_weights
+    from kneebatch.training.train import _load_optimizer, _optimizer_tensors
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(3 + i, 4 + i) for i in range(12)])  # > 10 tensors: "10" < "2"
+
+    def fresh():
+        return torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    def step(opt):
+        net(torch.randn(2, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    opt = fresh()
+    step(opt)
+    for round_ in range(2):
+        save_weights(tmp_path / "last.safetensors", _optimizer_tensors(opt))
+        before = {id(p): opt.state[p]["exp_avg"].clone() for p in net.parameters()}
+        opt = fresh()
+        _load_optimizer(opt, load_weights(tmp_path / "last.safetensors")[0])
+        for p in net.parameters():
+            assert torch.equal(opt.state[p]["exp_avg"], before[id(p)]), round_
+        step(opt)

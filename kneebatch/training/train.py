@@ -383,7 +383,9 @@ def _mean_scores(scores: list[dict]) -> dict[str, float]:
 
 def _optimizer_tensors(opt) -> dict:
     out = {}
-    for i, (_, st) in enumerate(opt.state_dict()["state"].items()):
+    # keyed by the parameter's index in the optimizer, not by the state's order (a resumed
+    # optimizer holds its state in the order it was loaded)
+    for i, st in opt.state_dict()["state"].items():
         for name, v in st.items():
             out[f"opt.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
     return out
@@ -396,6 +398,10 @@ def _load_optimizer(opt, state: dict) -> None:
         if k.startswith("opt."):
             _, i, name = k.split(".", 2)
             per.setdefault(int(i), {})[name] = v
+    params = [p for g in opt.param_groups for p in g["params"]]
+    wrong = [i for i, st in per.items() if i >= len(params) or st["exp_avg"].shape != params[i].shape]
+    if wrong:
+        raise ValueError(f"the checkpoint's optimizer state does not fit the network ({len(wrong)} tensors)")
     sd["state"] = per
     opt.load_state_dict(sd)
 
