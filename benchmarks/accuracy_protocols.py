@@ -11,13 +11,13 @@ and printed as a table. ``stir`` is the contrast held out of training.
 
 from __future__ import annotations
 
-import machine  # benchmarks/machine.py
-
 import argparse
 import json
 import tempfile
 from datetime import date
 from pathlib import Path
+
+import machine  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parent
 

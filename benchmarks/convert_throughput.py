@@ -9,8 +9,6 @@ Writes ``benchmarks/results/convert-<date>-<host>.json``.
 
 from __future__ import annotations
 
-import machine  # benchmarks/machine.py
-
 import argparse
 import json
 import shutil
@@ -18,6 +16,8 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+import machine  # benchmarks/machine.py
 
 from kneebatch.distributed.cluster import dask_client
 from kneebatch.ingest.convert import convert

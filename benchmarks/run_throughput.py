@@ -21,8 +21,6 @@ engine loading, label writing and table writing are inside its time. Writes
 
 from __future__ import annotations
 
-import machine  # benchmarks/machine.py
-
 import argparse
 import json
 import multiprocessing as mp
@@ -32,6 +30,8 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+import machine  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -47,10 +47,9 @@ def _baseline(store_path, engines, keys, device, q):
     from monai.inferers import sliding_window_inference
 
     from kneebatch.inference.engine_dir import load_engines
+    from kneebatch.inference.segment import series_mean
     from kneebatch.ingest.store import CohortStore
     from kneebatch.models.preprocess import normalize
-
-    from kneebatch.inference.segment import series_mean
 
     eng = load_engines(engines, "torch", device=device)
     store = CohortStore(store_path, create=False)
@@ -121,10 +120,10 @@ def _in_process(fn, *args):
 
 
 def main() -> None:
+    from kneebatch.inference.engine_dir import DEFAULT_ENGINES
     from kneebatch.ingest.convert import convert
     from kneebatch.ingest.store import CohortStore
     from kneebatch.synth.cohort import generate_cohort
-    from kneebatch.inference.engine_dir import DEFAULT_ENGINES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8)

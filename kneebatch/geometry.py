@@ -37,7 +37,7 @@ class Grid:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
 
     @classmethod
-    def from_parts(cls, shape, spacing, origin, direction) -> "Grid":
+    def from_parts(cls, shape, spacing, origin, direction) -> Grid:
         """``direction`` columns are the unit vectors of the z, y, x index axes (LPS)."""
         a = np.eye(4)
         a[:3, :3] = np.asarray(direction, float) * np.asarray(spacing, float)[None, :]
@@ -69,13 +69,13 @@ class Grid:
         pts = np.asarray(pts, float)
         return pts @ inv[:3, :3].T + inv[:3, 3]
 
-    def crop(self, starts, shape) -> "Grid":
+    def crop(self, starts, shape) -> Grid:
         """Grid of the sub-block ``[starts, starts + shape)``: only the origin moves."""
         a = self.affine.copy()
         a[:3, 3] = self.index_to_world(starts)
         return Grid(tuple(shape), a)
 
-    def same_as(self, other: "Grid", atol_mm: float = 1e-3) -> bool:
+    def same_as(self, other: Grid, atol_mm: float = 1e-3) -> bool:
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol_mm)
 
     def to_attrs(self) -> dict:
@@ -91,7 +91,7 @@ class Grid:
         }
 
     @classmethod
-    def from_attrs(cls, attrs: dict) -> "Grid":
+    def from_attrs(cls, attrs: dict) -> Grid:
         return cls(tuple(attrs["shape_zyx"]), np.asarray(attrs["affine"], float))
 
 
@@ -179,7 +179,7 @@ class Reorientation:
         return {"permutation": list(self.permutation), "flip": list(self.flip)}
 
     @classmethod
-    def from_attrs(cls, attrs: dict) -> "Reorientation":
+    def from_attrs(cls, attrs: dict) -> Reorientation:
         return cls(tuple(int(p) for p in attrs["permutation"]), tuple(bool(f) for f in attrs["flip"]))
 
 

@@ -15,9 +15,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from kneebatch import __version__
+from kneebatch import __version__, ops
 from kneebatch import labels as L
-from kneebatch import ops
 from kneebatch.geometry import Grid
 from kneebatch.ingest.roles import ROLES
 

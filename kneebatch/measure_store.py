@@ -14,7 +14,7 @@ import json
 import platform
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from kneebatch import __version__
@@ -106,7 +106,7 @@ def measure_store(store_path, out, labels_dir=None, client=None, show_progress=N
     report.seconds = time.perf_counter() - t0
     provenance = {
         "kneebatch_version": __version__,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "measure",
         "label_source": "file" if labels_dir is not None else "store",
         "label_map": {str(k): v for k, v in (label_map or {}).items()},

@@ -84,7 +84,8 @@ def corpus(cohort, manifest, key_file, tmp_path_factory):
     # 4: enhanced multi-frame objects only
     root = src / "s4"
     root.mkdir()
-    ds = pydicom.dcmread(_t1_files(cohort, entries[4], cohort / Path(entries[4]["series"][entries[4]["t1_series_uid"]]["folder"]).parent)[0])
+    t1_folder = cohort / Path(entries[4]["series"][entries[4]["t1_series_uid"]]["folder"]).parent
+    ds = pydicom.dcmread(_t1_files(cohort, entries[4], t1_folder)[0])
     ds.StudyInstanceUID = pydicom.uid.generate_uid()
     ds.NumberOfFrames = 12
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"

@@ -12,8 +12,16 @@ from kneebatch.ingest.store import CohortStore
 from kneebatch.synth import physics
 from kneebatch.synth.anatomy import BODY
 from kneebatch.synth.cohort import PRESETS, generate_cohort, plan_subject, ranges_for
-from kneebatch.training.synthesis import (LabelVolume, TRAIN_FAMILIES, HELD_OUT_FAMILIES, draw_appearance,
-                                          physics_appearance, random_appearance, subject_volume, synthesize)
+from kneebatch.training.synthesis import (
+    HELD_OUT_FAMILIES,
+    TRAIN_FAMILIES,
+    LabelVolume,
+    draw_appearance,
+    physics_appearance,
+    random_appearance,
+    subject_volume,
+    synthesize,
+)
 
 
 # ---------------------------------------------------------------- physics

@@ -49,9 +49,9 @@ def test_channel_argmax_is_argmax_with_first_maximum_on_ties():
 def test_fine_input_is_padded_with_replicated_edges_not_zeros():
     # zero bands at the crop's far ends cost the MCL (next to the last sagittal slices)
     # Dice 0.09 against 0.80 with replicated edges on a held-out 25-slice study
+    import kneebatch.inference.segment as seg
     from kneebatch.models.config import ModelConfig, NetConfig
     from kneebatch.models.preprocess import pad_to_multiple
-    import kneebatch.inference.segment as seg
 
     cfg = ModelConfig(fine=NetConfig([4, 8, 8], [[1, 2, 2], [2, 2, 2]], norm="BATCH"))
     seen = []

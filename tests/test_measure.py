@@ -120,7 +120,8 @@ def test_stray_plate_voxels_far_from_bone_do_not_change_thickness():
 
 
 def test_thickness_is_nan_for_absent_plate():
-    assert all(math.isnan(v) for v in cartilage_thickness(np.zeros((4, 4, 4), np.uint8), _grid((4, 4, 4), (1, 1, 1)), "patellar_cartilage"))
+    absent = cartilage_thickness(np.zeros((4, 4, 4), np.uint8), _grid((4, 4, 4), (1, 1, 1)), "patellar_cartilage")
+    assert all(math.isnan(v) for v in absent)
 
 
 def test_measure_row_matches_schema_and_flags_missing_tissue():

@@ -5,7 +5,6 @@ The OAI-ZIB and SKM-TEA files here are written by these tests as those data sets
 the scan ID in segmentation_masks/dicom-track), not by kneebatch's writers.
 """
 
-import gzip
 import shutil
 
 import nibabel as nib
@@ -159,7 +158,9 @@ def test_skm_tea_masks_found_by_scan_folder_and_read_with_their_geometry(tmp_pat
     assert n == 2 and missing == []
     for key in store.study_keys():
         assert np.array_equal(store.read_labels(key, "skm"), expected[key])
-    assert gzip  # noqa: the NIfTI files are gzipped as the data set ships them
+    # gzipped, as the data set ships them
+    written = list(masks.glob("*.nii.gz"))
+    assert len(written) == 2 and all(p.read_bytes()[:2] == b"\x1f\x8b" for p in written)
 
 
 def test_a_partial_set_is_never_measured_as_the_schema(dess_store, tmp_path):

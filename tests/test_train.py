@@ -55,8 +55,9 @@ def test_train_writes_safetensors_log_metrics_and_resumes(cohort, store, tmp_pat
 
 def test_init_copies_every_tensor_whose_name_and_shape_match(tmp_path):
     """Fine-tuning from an instance-norm net into a batch-norm one: convolutions carry over, norms start fresh."""
-    import torch
     from dataclasses import replace
+
+    import torch
 
     from kneebatch.models.checkpoints import save_weights
     from kneebatch.models.config import build_network

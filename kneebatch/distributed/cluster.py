@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-
 # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in workers; setting it turns off glibc's
 # dynamic mmap threshold, so every large NumPy temporary becomes a fresh mmap and is
 # page-faulted in again: measured 1.9x slower per study in convert. Unset it.

@@ -13,15 +13,24 @@ Every file is checked against its recorded sha256 before it is loaded.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from kneebatch.models.config import ModelConfig
 
-import os
 
-# the repository's engines/ (editable installs); $KNEEBATCH_ENGINES points elsewhere
-DEFAULT_ENGINES = Path(os.environ.get("KNEEBATCH_ENGINES") or Path(__file__).resolve().parents[2] / "engines")
+def shipped_engines() -> Path:
+    """The engines that come with kneebatch: a wheel carries them as package data
+    (``kneebatch/engines``); a checkout (editable install) has their source, the top-level
+    ``engines/``."""
+    packaged = Path(str(resources.files("kneebatch").joinpath("engines")))
+    return packaged if (packaged / "engines.json").exists() else Path(__file__).resolve().parents[2] / "engines"
+
+
+# $KNEEBATCH_ENGINES points elsewhere
+DEFAULT_ENGINES = Path(os.environ.get("KNEEBATCH_ENGINES") or shipped_engines())
 BACKENDS = ("onnxruntime", "torch", "torch-compile", "tensorrt")
 
 
@@ -64,7 +73,7 @@ class InferenceOptions:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
         check_backend(self.backend, self.device)
 
-    def load(self) -> "Engines":
+    def load(self) -> Engines:
         return load_engines(self.engines, self.backend, self.device, self.threads, self.half, self.tta)
 
     def settings(self) -> dict:

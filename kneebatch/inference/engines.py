@@ -47,7 +47,7 @@ class TorchEngine:
         self.forward = torch.compile(self.model, dynamic=None) if compile else self.model
 
     @classmethod
-    def from_module(cls, model: torch.nn.Module, device: str = "cpu") -> "TorchEngine":
+    def from_module(cls, model: torch.nn.Module, device: str = "cpu") -> TorchEngine:
         self = cls.__new__(cls)
         self.sha256, self.device, self.dtype = "in-memory", torch.device(device), torch.float32
         self.model = self.forward = model.eval()

@@ -17,7 +17,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,9 @@ import numpy as np
 from kneebatch import __version__
 from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
 from kneebatch.errors import failure_row
-from kneebatch.ingest.store import CohortStore
-from kneebatch.measure import measurement_schema, measure_study
 from kneebatch.inference.engine_dir import InferenceOptions, read_manifest
+from kneebatch.ingest.store import CohortStore
+from kneebatch.measure import measure_study, measurement_schema
 from kneebatch.outputs import FAILURE_SCHEMA, claim_output_dir, merge_rows, read_rows, write_rows, write_text_atomic
 from kneebatch.progress import progress_bar
 
@@ -232,15 +232,14 @@ def _write_provenance(out: Path, report: RunReport, options: InferenceOptions, b
     import pyarrow.parquet as pq
     import torch
 
-    from kneebatch.models.checkpoints import sha256_file
-
     from kneebatch.inference.engine_dir import engines_dir
+    from kneebatch.models.checkpoints import sha256_file
 
     manifest = read_manifest(options.engines)
     provenance = {
         "kneebatch_version": __version__,
         "command": "run",
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         **options.settings(),
         "threads": options.threads,
         "batch_size": batch_size,

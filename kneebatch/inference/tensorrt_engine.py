@@ -39,7 +39,7 @@ class TensorRTEngine:
 
     @classmethod
     def from_onnx(cls, onnx_path, expected_sha256: str | None = None, fp16: bool = True,
-                  profile=PROFILE) -> "TensorRTEngine":
+                  profile=PROFILE) -> TensorRTEngine:
         import tensorrt as trt
 
         sha = verify_hash(onnx_path, expected_sha256)

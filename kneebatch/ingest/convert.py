@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
+from kneebatch.errors import REASONS, StudyError, failure_row
 from kneebatch.geometry import Grid, obliquity_deg, resample, to_canonical
 from kneebatch.ingest import dicom, nifti
-from kneebatch.errors import REASONS, StudyError, failure_row
 from kneebatch.ingest.roles import ROLES
 from kneebatch.ingest.store import CohortStore
 from kneebatch.keys import key_fingerprint, load_or_create_key, study_key
 from kneebatch.outputs import FAILURE_SCHEMA, KEYMAP_SCHEMA, merge_rows, read_rows, write_rows
-from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
 from kneebatch.progress import progress_bar
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ import io
 import logging
 import os
 import re
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-import warnings
 
 import numpy as np
 import pydicom
@@ -338,7 +338,7 @@ def stack_geometry(headers: list[SliceHeader]) -> tuple[list[int], Grid]:
     return [int(i) for i in order], Grid((len(headers), first.rows, first.columns), affine)
 
 
-def read_series(series: Series, hasher: "hashlib._Hash | None" = None) -> tuple[np.ndarray, Grid]:
+def read_series(series: Series, hasher: hashlib._Hash | None = None) -> tuple[np.ndarray, Grid]:
     """The series as a ``[Z, Y, X]`` uint16 volume (slices along the normal) and its grid.
 
     A multi-frame file is read and decoded once, however many of its frames the series holds."""

@@ -25,7 +25,6 @@ from kneebatch.ingest.store import CohortStore
 from kneebatch.outputs import read_rows
 
 
-
 def label_file(labels_dir, names, suffixes=VOLUME_SUFFIXES) -> Path | None:
     """The first existing ``<name>[_labels]<suffix>`` in ``labels_dir`` for the study's names."""
     for name in filter(None, names):

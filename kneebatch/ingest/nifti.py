@@ -15,8 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from kneebatch.geometry import Grid, affine_from_nifti, affine_to_nifti
 from kneebatch.errors import StudyError
+from kneebatch.geometry import Grid, affine_from_nifti, affine_to_nifti
 from kneebatch.ingest.roles import ROLES
 
 logging.getLogger("nibabel").setLevel(logging.ERROR)  # it prints the headers it repairs; kneebatch refuses them

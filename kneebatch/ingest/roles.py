@@ -43,8 +43,9 @@ Decisions (documented here because they are choices, not facts):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # dicom.py imports this module: no runtime import back
     from kneebatch.ingest.dicom import SliceHeader
@@ -218,7 +219,7 @@ def _fat_suppressed(h, words: set, text: str, ir: bool) -> bool:
     return ir and (bool(words & {"stir", "tirm"}) or (h.ti is not None and 0 < h.ti <= STIR_MAX_TI))
 
 
-def fat_suppressed(h: "SliceHeader") -> bool:
+def fat_suppressed(h: SliceHeader) -> bool:
     """Fat suppressed by a ScanOptions flag (FS, SFS, FAT_SAT, SPIR, SPAIR, WE...), by the words of the
     description/protocol ("fs", "fat sat", "spair", "we", "wats"...), or by a short-TI inversion (STIR).
     Water excitation counts. 'FSE' (fast spin echo) and GE's FAST_GEMS do not."""
@@ -304,7 +305,7 @@ RULES: tuple[tuple[str, Callable[[Evidence], str | None]], ...] = (
 )
 
 
-def explain(h: "SliceHeader") -> tuple[str, str]:
+def explain(h: SliceHeader) -> tuple[str, str]:
     """(role, name of the rule that decided it); ``("other", "no_rule")`` when none did."""
     e = _evidence(h)
     for name, rule in RULES:
@@ -314,6 +315,6 @@ def explain(h: "SliceHeader") -> tuple[str, str]:
     return "other", "no_rule"
 
 
-def contrast_role(h: "SliceHeader") -> str:
+def contrast_role(h: SliceHeader) -> str:
     """The contrast role of the series whose header is ``h``: one of :data:`ROLES`."""
     return explain(h)[0]

@@ -19,8 +19,10 @@ study is either complete or absent; that makes resume a directory listing.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +31,6 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from kneebatch import __version__
 from kneebatch.geometry import Grid
-
-import re
-from datetime import datetime, timezone
 
 FORMAT = "kneebatch-cohort-store"
 _KEY = re.compile(r"^[a-z][0-9a-f]{8,64}$")  # study keys are hex digests: never a path
@@ -164,7 +163,7 @@ class CohortStore:
                                      compressors=_compressor(), dimension_names=("z", "y", "x"))
             arr[...] = labels.astype(np.uint8)
             arr.attrs.update({**grid.to_attrs(), **(attrs or {}),
-                              "written_utc": datetime.now(timezone.utc).isoformat(timespec="microseconds")})
+                              "written_utc": datetime.now(UTC).isoformat(timespec="microseconds")})
             old = study / f".{name}.old-{uuid.uuid4().hex[:8]}"
             if (study / name).exists():
                 os.replace(study / name, old)

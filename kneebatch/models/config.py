@@ -81,14 +81,14 @@ class ModelConfig:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         d["coarse"] = NetConfig(**d["coarse"])
         d["fine"] = NetConfig(**d["fine"])
         return cls(**d)
 
     @classmethod
-    def load(cls, path) -> "ModelConfig":
+    def load(cls, path) -> ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

@@ -14,9 +14,9 @@ near surfaces, which is all the shells (cartilage, fat, cortex) need.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 import numpy as np
 
@@ -99,7 +99,7 @@ class Anatomy:
     condyle_scale: tuple = (1.0, 1.0)  # medial, lateral femoral condyle size
     plateau_scale: float = 1.0
 
-    def lower_leg(self) -> "JointTransform":
+    def lower_leg(self) -> JointTransform:
         return JointTransform(self.flexion_deg, self.varus_deg)
 
 

@@ -506,9 +506,8 @@ def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", worker
 
     ``protocol`` (:data:`PROTOCOLS`) sets the series; ``ranges`` overrides preset and protocol.
     """
-    from kneebatch.progress import progress_map
-
     from kneebatch.outputs import claim_output_dir
+    from kneebatch.progress import progress_map
 
     out = Path(out)
     if n < 1:

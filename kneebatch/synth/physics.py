@@ -87,7 +87,7 @@ def fat_t1_ms(field_t: float) -> float:
     return _interpolate(FAT_RELAXATION, field_t)[0]
 
 
-def _component(seq: "Sequence", t1: float, t2: float) -> float:
+def _component(seq: Sequence, t1: float, t2: float) -> float:
     """Signal of unit proton density with relaxation ``t1``/``t2`` (ms)."""
     a = math.radians(seq.flip_deg)
     e1, e2 = math.exp(-seq.tr_ms / t1), math.exp(-seq.te_ms / t2)
@@ -104,7 +104,7 @@ def _component(seq: "Sequence", t1: float, t2: float) -> float:
     raise ValueError(f"unknown sequence family {seq.family!r}")
 
 
-def tissue_signal(seq: "Sequence") -> dict[str, float]:
+def tissue_signal(seq: Sequence) -> dict[str, float]:
     """Relative signal per tissue kind, scaled so the brightest tissue is 0.9."""
     fat_t1, fat_t2 = _interpolate(FAT_RELAXATION, seq.field_t)
     if seq.family in ("SE", "IR"):  # fat's T2 is longer in a spin-echo train

@@ -26,8 +26,15 @@ import torch
 from kneebatch.models.config import ModelConfig
 from kneebatch.models.preprocess import box_from_mask, fine_crop, normalize, resize
 from kneebatch.synth import physics
-from kneebatch.training.synthesis import (HELD_OUT_FAMILIES, LabelVolume, deform, draw_appearance,
-                                          physics_appearance, random_appearance, synthesize)
+from kneebatch.training.synthesis import (
+    HELD_OUT_FAMILIES,
+    LabelVolume,
+    deform,
+    draw_appearance,
+    physics_appearance,
+    random_appearance,
+    synthesize,
+)
 from kneebatch.training.train import Case, Trainer, _log
 
 VALIDATION_CONTRASTS = ("T1_TSE", "T2_TSE_FS", "PD_TSE_FS", "DESS_WE", "random")

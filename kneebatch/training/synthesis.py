@@ -45,7 +45,7 @@ class LabelVolume:
         t[t == BODY] = 0
         return t
 
-    def subsampled(self, step: int) -> "LabelVolume":
+    def subsampled(self, step: int) -> LabelVolume:
         """Every ``step``-th row and column (a cheap low-resolution copy for the coarse net)."""
         if step == 1:
             return self
@@ -62,7 +62,7 @@ class LabelVolume:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "LabelVolume":
+    def load(cls, path: Path) -> LabelVolume:
         with np.load(path, allow_pickle=False) as z:
             n = int(np.prod(z["cortex_shape"]))
             cortex = np.unpackbits(z["cortex"])[:n].reshape(tuple(z["cortex_shape"])).astype(bool)

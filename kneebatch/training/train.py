@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from kneebatch import labels as L
-from kneebatch.models.checkpoints import load_weights, save_weights
-from kneebatch.measure import dice_per_label
 from kneebatch.errors import StudyError
+from kneebatch.measure import dice_per_label
+from kneebatch.models.checkpoints import load_weights, save_weights
 from kneebatch.models.config import ModelConfig, build_network
 from kneebatch.models.preprocess import box_from_mask, fine_crop, normalize, pad_to_multiple, resize
 

@@ -1,0 +1,22 @@
+"""The wheel: every package of the source tree is listed, and the engines go with it."""
+
+import json
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_wheel_lists_every_package_and_carries_the_engines():
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kneebatch").rglob("__init__.py")}
+    assert found and found <= set(tool["packages"]), found - set(tool["packages"])
+    assert tool["package-dir"] == {"kneebatch.engines": "engines"}
+    shipped = {p.name for p in (ROOT / "engines").iterdir()}
+    patterns = tool["package-data"]
+    packaged = {n for n in shipped if any(fnmatch(n, g) for g in patterns["kneebatch.engines"])}
+    manifest = json.loads((ROOT / "engines" / "engines.json").read_text())
+    needed = {manifest["config"], "engines.json"} | {manifest[s][f] for s in ("coarse", "fine")
+                                                      for f in ("safetensors", "onnx")}
+    assert needed <= packaged, needed - packaged
