@@ -72,12 +72,22 @@ def cmd_measure(args) -> int:
     label_map = parse_label_map(args.label_map) if args.label_map else None
     with _client(args.workers) as client:
         r = measure_store(args.store, args.out, labels_dir=args.labels, client=client, show_progress=not args.quiet,
-                          label_map=label_map, model=args.model, label_name=args.label_name)
+                          label_map=label_map, model=args.model, label_name=args.label_name, shard=args.shard,
+                          force=args.force)
     source = (f"label files in {args.labels}" if args.labels else f"label map '{args.label_name}'" if args.label_name
               else "segmentations of " + (", ".join(r.models) or "no model"))
-    print(f"{r.measured} studies measured from {source}, {r.failed} failed, {r.carried_failures} failed earlier "
-          f"(convert) in {r.seconds:.1f} s -> {Path(args.out) / 'measurements.parquet'}")
+    print(f"{r.measured} studies measured from {source}, {r.already_done} already done, {r.failed} failed, "
+          f"{r.carried_failures} failed earlier (convert) in {r.seconds:.1f} s")
+    _print_reasons(r.reasons)
+    _print_outputs(args, r)
     return 0
+
+
+def _print_outputs(args, r) -> None:
+    if args.shard.whole:
+        print(f"-> {Path(args.out) / 'measurements.parquet'}, {Path(args.out) / 'failures.parquet'}")
+    else:
+        print(f"shard {args.shard} saved; when every shard has finished: kneebatch merge {args.out}")
 
 
 def cmd_run(args) -> int:
@@ -91,12 +101,27 @@ def cmd_run(args) -> int:
         workers = 1 if args.device == "cuda" else None
     with _client(workers) as client:
         r = run(args.store, args.out, options, client=client, batch_size=args.batch_size,
-                show_progress=not args.quiet, force=args.force)
+                show_progress=not args.quiet, force=args.force, shard=args.shard)
     print(f"{r.studies} studies: {r.segmented} segmented, {r.already_done} already done, {r.failed} failed, "
           f"{r.carried_failures} failed at convert; {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s)")
     _print_reasons(r.reasons)
-    print(f"-> {Path(args.out) / 'measurements.parquet'}, {Path(args.out) / 'failures.parquet'}"
-          + (", label maps in the store" if r.segmented or r.already_done else ""))
+    _print_outputs(args, r)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from kneebatch.jobs.job import merge
+
+    m = merge(args.out)
+    print(f"{m['shards']} shards merged: {m['rows']} rows, {m['failed']} failed, {m['carried_failures']} failed at "
+          f"convert, of {m['studies']} studies -> {Path(args.out) / 'measurements.parquet'}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from kneebatch.jobs.status import job_status, print_status
+
+    print_status(job_status(args.out))
     return 0
 
 
@@ -185,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def sharded(sp):
+        sp.add_argument("--shard", type=_shard, default=_shard("0/1"), metavar="i/N",
+                        help="do only shard i of N (0 <= i < N): a stable share of the studies, so N processes "
+                             "(a SLURM array) can share one store and one OUT; then 'kneebatch merge OUT'")
+
     def common(sp, workers=True):
         if workers:
             sp.add_argument("--workers", type=_whole(0), default=None,
@@ -244,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None,
                    help="measure the segmentation of these engines (a model hash prefix; default: the newest)")
     s.add_argument("--label-name", default=None, help="measure another label map of the store, e.g. truth")
+    s.add_argument("--force", action="store_true",
+                   help="OUT was made with other settings: start it clean (only kneebatch's files go)")
+    sharded(s)
     common(s)
     s.set_defaults(func=cmd_measure)
 
@@ -264,8 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="OUT was made with other engines or settings: start it clean (only kneebatch's files go)")
     s.add_argument("--threads", type=_positive, default=None, help="CPU threads per worker for the engines")
+    sharded(s)
     common(s)
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("merge", help="gather the shards of a run or measure (--shard i/N) into the final tables")
+    s.add_argument("out", type=Path, help="the job's output folder")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("status", help="a job's shards: finished, running, failed, missing; studies and studies/s")
+    s.add_argument("out", type=Path, help="the job's output folder")
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("export", help="label maps from the store as NIfTI (+ ITK-SNAP / Slicer colour tables)")
     s.add_argument("store", type=Path, help="cohort store")
@@ -362,6 +404,15 @@ def _whole(minimum: int):
 
 
 _positive = _whole(1)
+
+
+def _shard(text: str):
+    from kneebatch.jobs.shards import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> int:

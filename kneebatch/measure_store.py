@@ -10,31 +10,17 @@ are carried over.
 
 from __future__ import annotations
 
-import json
-import platform
-import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
-from kneebatch import __version__
-from kneebatch.distributed.tasks import map_unordered
 from kneebatch.errors import StudyError, failure_row
 from kneebatch.ingest.label_import import label_file, read_label_file, study_names
 from kneebatch.ingest.nifti import volume_stem
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.job import Job, JobReport
+from kneebatch.jobs.shards import Shard
 from kneebatch.measure import measure_study, measurement_schema
-from kneebatch.outputs import FAILURE_SCHEMA, claim_output_dir, merge_rows, read_rows, write_rows, write_text_atomic
-from kneebatch.progress import progress_bar
 
-
-@dataclass
-class MeasureReport:
-    measured: int = 0
-    failed: int = 0
-    carried_failures: int = 0
-    seconds: float = 0.0
-    models: list = field(default_factory=list)  # model hashes of the measured segmentations
+BATCH = 8  # studies per task and per part file
 
 
 def measure_one(job, store_path: str, label_map: dict | None = None) -> dict:
@@ -58,19 +44,28 @@ def measure_one(job, store_path: str, label_map: dict | None = None) -> dict:
         return {"failure": failure_row(key, "measure", e)}
 
 
+def measure_batch(jobs, store_path: str, label_map: dict | None = None) -> dict:
+    results = [measure_one(job, store_path, label_map) for job in jobs]
+    return {"keys": [job[0] for job in jobs], "rows": [r["row"] for r in results if "row" in r],
+            "failures": [r["failure"] for r in results if "failure" in r]}
+
+
 def measure_store(store_path, out, labels_dir=None, client=None, show_progress=None, label_map=None,
-                  model: str | None = None, label_name: str | None = None) -> MeasureReport:
-    """Measure every study of the store: its label maps in the store (the newest segmentation,
-    or the one of ``model``, or the set ``label_name``) or the files in ``labels_dir``."""
-    t0 = time.perf_counter()
+                  model: str | None = None, label_name: str | None = None, shard: Shard | None = None,
+                  force: bool = False) -> JobReport:
+    """Measure every study of the store (of ``shard``): its label maps in the store (the newest
+    segmentation, or the one of ``model``, or the set ``label_name``) or the files in
+    ``labels_dir``. A re-run into the same ``out`` resumes; other settings are refused."""
     store = CohortStore(store_path, create=False)
     if labels_dir is not None and not Path(labels_dir).is_dir():
         raise FileNotFoundError(f"labels folder {labels_dir} does not exist")
-    out = claim_output_dir(out, "measure", {}, owned=("measurements.parquet", "failures.parquet", "provenance.json"))
-    keys = store.study_keys()
+    settings = {"labels": str(Path(labels_dir).resolve()) if labels_dir is not None else None,
+                "label_map": {str(k): v for k, v in (label_map or {}).items()}, "model": model,
+                "label_name": label_name}
+    job = Job("measure", store, out, settings, measurement_schema(), shard, force)
     jobs, failures = [], []
     names = study_names(store) if labels_dir is not None else {}
-    for k in keys:
+    for k in job.todo:
         if labels_dir is not None:
             path = label_file(labels_dir, names[k])
             if path is None:
@@ -84,37 +79,14 @@ def measure_store(store_path, out, labels_dir=None, client=None, show_progress=N
             continue
         name = label_name or store.segmentation(k, model)
         if name is None or name not in store.label_names(k):
-            failures.append(failure_row(k, "measure", StudyError("no_labels", "run segmentation first, or pass --labels")))
+            failures.append(failure_row(k, "measure", StudyError("no_labels",
+                                                                 "run segmentation first, or pass --labels")))
         else:
             jobs.append((k, None, name))
-    report = MeasureReport()
-    rows = []
-    with progress_bar(len(jobs), "measuring studies", show_progress) as advance:
-        for r in map_unordered(measure_one, jobs, client, store_path=str(store.path), label_map=label_map):
-            if "row" in r:
-                rows.append(r["row"])
-            else:
-                failures.append(r["failure"])
-            advance()
-    carried = [f for f in read_rows(store.failures_path) if f["study_key"] not in set(keys)]
-    report.carried_failures = len(carried)
-    rows.sort(key=lambda r: r["study_key"])
-    write_rows(rows, measurement_schema(), out / "measurements.parquet")
-    write_rows(merge_rows(carried, failures), FAILURE_SCHEMA, out / "failures.parquet")
-    report.measured, report.failed = len(rows), len(failures)
-    report.models = sorted({r["model_hash"] for r in rows if r["model_hash"]})
-    report.seconds = time.perf_counter() - t0
-    provenance = {
-        "kneebatch_version": __version__,
-        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "measure",
-        "label_source": "file" if labels_dir is not None else "store",
-        "label_map": {str(k): v for k, v in (label_map or {}).items()},
-        "models": report.models,
-        "studies_in_store": len(keys),
-        "measured": report.measured,
-        "failed": report.failed + report.carried_failures,
-        "python": platform.python_version(),
-    }
-    write_text_atomic(out / "provenance.json", json.dumps(provenance, indent=2))
-    return report
+    if failures:
+        job.save([f["study_key"] for f in failures], [], failures)
+    batches = [jobs[i:i + BATCH] for i in range(0, len(jobs), BATCH)]
+    job.map(measure_batch, batches, client, "measure", "measuring studies", show_progress,
+            store_path=str(store.path), label_map=label_map)
+    return job.finish({"command": "measure", "label_source": "file" if labels_dir is not None else "store",
+                       **settings})

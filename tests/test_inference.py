@@ -168,9 +168,9 @@ def test_run_writes_labels_rows_and_resumes(store, tiny_engines, tmp_path):
     assert row["label_source"] == "segmentation" and len(row["model_hash"]) == 25
     assert len(list((tmp_path / "out" / "parts").glob("part-*.failures.parquet"))) == 2  # 2 batches
     prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
-    assert prov["backend"] == "onnxruntime" and prov["segmented_this_run"] == 6
+    assert prov["backend"] == "onnxruntime" and (prov["studies"], prov["rows"], prov["failed"]) == (6, 6, 0)
     assert prov["half_precision"] is False and prov["mirror_tta"] is False
-    assert prov["outputs"]["measurements.parquet"]["rows"] == 6 and len(prov["parts"]) == 4
+    assert prov["outputs"]["measurements.parquet"]["rows"] == 6 and prov["parts"] == 2
     # a re-run recomputes nothing and yields the same table
     r2 = run(work, tmp_path / "out", engines_path=tiny_engines, batch_size=4, show_progress=False)
     assert (r2.segmented, r2.already_done) == (0, 6)

@@ -1,0 +1,192 @@
+"""One skeleton for the batch jobs over a store (``run``, ``measure``).
+
+A job claims its output folder, finds what is left to do (its shard's studies without a
+saved row), maps batches over a Dask client (or in-process), saves each finished batch
+as part files at once, and at the end gathers the parts into the final tables with the
+convert failures carried over, plus a provenance manifest. A job run as one shard of N
+(``--shard i/N``) writes its parts and a shard record instead; ``kneebatch merge OUT``
+gathers once every shard has finished. Per-study work stays with the command; the
+skeleton never looks inside a row.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from kneebatch import __version__
+from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
+from kneebatch.errors import StudyError, failure_row
+from kneebatch.jobs.parts import Parts, concat
+from kneebatch.jobs.shards import Shard
+from kneebatch.outputs import FAILURE_SCHEMA, MARKER, claim_output_dir, write_table_atomic, write_text_atomic
+from kneebatch.progress import progress_bar
+
+FINAL = ("measurements.parquet", "failures.parquet", "provenance.json")
+OWNED = ("parts/part-*.parquet", "shards/shard-*.json", *FINAL)
+
+
+@dataclass
+class JobReport:
+    command: str
+    shard: str = "0/1"
+    studies: int = 0  # of the store (of the shard)
+    saved: int = 0  # studies with a row saved by this run
+    failed: int = 0  # studies without a row at the end (this shard's, or all when gathered)
+    already_done: int = 0
+    carried_failures: int = 0  # convert failures carried into failures.parquet
+    seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)
+    reasons: dict = field(default_factory=dict)  # reason -> studies that failed with it in this run
+    models: list = field(default_factory=list)  # model hashes of the gathered rows
+
+    @property
+    def segmented(self) -> int:  # run's word for a saved row
+        return self.saved
+
+    @property
+    def measured(self) -> int:  # measure's
+        return self.saved
+
+    @property
+    def studies_per_s(self) -> float:
+        return self.saved / self.seconds if self.seconds else 0.0
+
+
+class Job:
+    def __init__(self, command: str, store, out, settings: dict, schema: pa.Schema, shard: Shard | None = None,
+                 force: bool = False):
+        self.t0 = time.perf_counter()
+        self.shard = shard or Shard()
+        if force and not self.shard.whole:
+            raise ValueError("--force starts the folder clean, which would remove the other shards' work; "
+                             "give a new folder instead")
+        self.store = store
+        self.out = claim_output_dir(out, command, {**settings, "store": str(Path(store.path).resolve())}, force,
+                                    owned=OWNED)
+        self.parts = Parts(self.out, schema)
+        self.keys = self.shard.select(store.study_keys())
+        done = self.parts.done_keys()
+        self.todo = [k for k in self.keys if k not in done]
+        self.report = JobReport(command, str(self.shard), studies=len(self.keys),
+                                already_done=len(self.keys) - len(self.todo))
+
+    def save(self, keys, rows: list[dict], failures: list[dict], seconds: dict | None = None) -> None:
+        self.parts.save(keys, rows, failures)
+        self.report.saved += len(rows)
+        for f in failures:
+            self.report.reasons[f["reason"]] = self.report.reasons.get(f["reason"], 0) + 1
+        for k, v in (seconds or {}).items():
+            self.report.stage_seconds[k] = self.report.stage_seconds.get(k, 0.0) + v
+
+    def map(self, batch_fn, batches: list, client, stage: str, label: str, show_progress=None, **kwargs) -> None:
+        """Run ``batch_fn(batch, **kwargs) -> {"keys", "rows", "failures", "seconds"}`` over the
+        batches; every result is saved as it comes. A batch that killed its worker is split,
+        and a study that kills its worker even alone becomes a ``worker_died`` row."""
+        def split_or_record(batch, exc):
+            if len(batch) > 1:
+                return None, [[item] for item in batch]
+            return retry_alone(batch, exc, lambda batch, exc: {
+                "keys": [study_key_of(batch[0])], "rows": [], "seconds": {},
+                "failures": [failure_row(study_key_of(batch[0]), stage, StudyError("worker_died", died_message(exc)))]})
+
+        with progress_bar(sum(len(b) for b in batches), label, show_progress) as advance:
+            for result in map_unordered(batch_fn, batches, client, on_error=split_or_record, **kwargs):
+                self.save(result["keys"], result["rows"], result["failures"], result.get("seconds"))
+                advance(len(result["keys"]))
+
+    def finish(self, provenance: dict) -> JobReport:
+        """Gather (a whole job) or record this shard (one of N: ``merge`` gathers)."""
+        self.report.seconds = time.perf_counter() - self.t0
+        if self.shard.whole:
+            gathered = gather(self.out, self.parts, self.store, provenance)
+            self.report.failed, self.report.carried_failures = gathered["failed"], gathered["carried_failures"]
+            self.report.models = gathered["models"]
+        else:
+            failed = self.parts.gather()[1]
+            mine = pc.is_in(failed["study_key"], value_set=pa.array(self.keys, pa.string()))
+            self.report.failed = int(pc.sum(mine).as_py() or 0)
+            record = {"report": {**asdict(self.report), "studies_per_s": self.report.studies_per_s},
+                      "finished_utc": _now(), "provenance": provenance}
+            (self.out / "shards").mkdir(exist_ok=True)
+            write_text_atomic(self.out / "shards" / f"{self.shard.name}.json", json.dumps(record, indent=1))
+        return self.report
+
+
+def study_key_of(item) -> str:
+    """A batch item is a study key or a tuple that starts with one."""
+    return item if isinstance(item, str) else item[0]
+
+
+def gather(out: Path, parts: Parts, store, provenance: dict) -> dict:
+    """The final tables: every study of the store in exactly one of measurements.parquet and
+    failures.parquet (convert failures carried over), and provenance.json naming them."""
+    from kneebatch.models.checkpoints import sha256_file
+
+    rows, failures = parts.gather()
+    keys = pa.array(store.study_keys(), pa.string())
+    carried = pq.read_table(store.failures_path, schema=FAILURE_SCHEMA) if Path(store.failures_path).exists() \
+        else FAILURE_SCHEMA.empty_table()
+    carried = carried.filter(pc.invert(pc.is_in(carried["study_key"], value_set=keys)))
+    rows = rows.filter(pc.is_in(rows["study_key"], value_set=keys))  # a study removed from the store since
+    failures = failures.filter(pc.is_in(failures["study_key"], value_set=keys))
+    write_table_atomic(rows, out / "measurements.parquet")
+    write_table_atomic(concat([carried, failures], FAILURE_SCHEMA).sort_by("study_key"), out / "failures.parquet")
+    models = rows["model_hash"].unique().drop_null().to_pylist() if "model_hash" in rows.column_names else []
+    summary = {"studies": len(keys), "rows": rows.num_rows, "failed": failures.num_rows,
+               "carried_failures": carried.num_rows, "models": sorted(models)}
+    write_text_atomic(out / "provenance.json", json.dumps({
+        "kneebatch_version": __version__,
+        "created_utc": _now(),
+        **provenance,
+        **summary,
+        "python": platform.python_version(),
+        # the manifest: what a complete job wrote; a table not listed here is not final
+        "outputs": {name: {"rows": pq.ParquetFile(out / name).metadata.num_rows, "sha256": sha256_file(out / name)}
+                    for name in ("measurements.parquet", "failures.parquet")},
+        "parts": len(parts.row_files()),
+    }, indent=1))
+    return summary
+
+
+def shard_records(out) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((Path(out) / "shards").glob("shard-*.json"))]
+
+
+def merge(out) -> dict:
+    """``kneebatch merge OUT``: the final tables of a job run as N shards, once all N have finished."""
+    from kneebatch.ingest.store import CohortStore
+    from kneebatch.measure import measurement_schema
+
+    out = Path(out)
+    if not (out / MARKER).exists():
+        raise ValueError(f"{out} holds no kneebatch job outputs")
+    marker = json.loads((out / MARKER).read_text())
+    records = shard_records(out)
+    if not records:
+        raise ValueError(f"{out} has no finished shards (shards/*.json); a job run without --shard gathers itself")
+    counts = {Shard.parse(r["report"]["shard"]).count for r in records}
+    if len(counts) != 1:
+        raise ValueError(f"{out} holds shards of different counts {sorted(counts)}; one job, one N")
+    n = counts.pop()
+    finished = {Shard.parse(r["report"]["shard"]).index for r in records}
+    missing = sorted(set(range(n)) - finished)
+    if missing:
+        raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in missing)} have not finished; run or resubmit them, "
+                         "then merge again")
+    store = CohortStore(marker["settings"]["store"], create=False)
+    provenance = {**records[0]["provenance"], "shards": [r["report"] for r in records]}
+    summary = gather(out, Parts(out, measurement_schema()), store, provenance)
+    return {**summary, "shards": n, "seconds": max(r["report"]["seconds"] for r in records)}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,92 @@
+"""``kneebatch status OUT``: where a job stands, shard by shard.
+
+A shard is *finished* when its record (``OUT/shards/*.json``) exists. Of a SLURM
+submission (``OUT/slurm/submit.json``), the other shards are *running* or *pending* as
+``squeue`` reports them, and *failed* when SLURM no longer knows them (exited without a
+record: out of time or memory, cancelled, crashed). Without SLURM they are *missing*.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from kneebatch.jobs.job import shard_records
+from kneebatch.jobs.shards import Shard
+from kneebatch.outputs import MARKER
+
+
+def job_status(out) -> dict:
+    out = Path(out)
+    if not (out / MARKER).exists():
+        raise ValueError(f"{out} holds no kneebatch job outputs")
+    marker = json.loads((out / MARKER).read_text())
+    records = {Shard.parse(r["report"]["shard"]).index: r["report"] for r in shard_records(out)}
+    submit = _submission(out)
+    count = submit["shards"] if submit else max([Shard.parse(r["shard"]).count for r in records.values()] or [1])
+    queue = _squeue(submit["job_id"]) if submit else None
+    shards = []
+    for i in range(count):
+        if i in records:
+            r = records[i]
+            shards.append({"shard": f"{i}/{count}", "state": "finished", "studies": r["studies"],
+                           "saved": r["saved"] + r["already_done"], "failed": r["failed"],
+                           "studies_per_s": r["studies_per_s"], "seconds": r["seconds"]})
+        else:
+            if not submit:
+                state = "missing"
+            elif queue is None:
+                state = "unknown"  # SLURM cannot be asked from here
+            else:
+                state = queue.get(i, "failed").lower()
+            shards.append({"shard": f"{i}/{count}", "state": state})
+    merged = (out / "provenance.json").exists() and all(s["state"] == "finished" for s in shards) and (
+        not records or (out / "provenance.json").stat().st_mtime >= max(
+            (p.stat().st_mtime for p in (out / "shards").glob("shard-*.json")), default=0))
+    return {"out": str(out), "command": marker["command"], "shards": shards, "merged": merged,
+            "slurm_job": submit["job_id"] if submit else None}
+
+
+def _submission(out: Path) -> dict | None:
+    path = out / "slurm" / "submit.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _squeue(job_id: str) -> dict | None:
+    """Array task index -> SLURM state of the job's tasks still queued or running; None when
+    SLURM cannot be asked (then no shard is called failed)."""
+    if shutil.which("squeue") is None:
+        return None
+    done = subprocess.run(["squeue", "-h", "-r", "-j", str(job_id), "-o", "%K %T"], capture_output=True, text=True)
+    if done.returncode != 0:
+        return {} if "Invalid job id" in done.stderr else None  # a job that ended is forgotten
+    states = {}
+    for line in done.stdout.split("\n"):
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            states[int(parts[0])] = parts[1]
+    return states
+
+
+def print_status(status: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kneebatch {status['command']}: {status['out']}"
+                  + (f" (SLURM job {status['slurm_job']})" if status["slurm_job"] else ""))
+    for col in ("shard", "state", "studies", "saved", "failed", "studies/s"):
+        table.add_column(col, justify="right" if col not in ("shard", "state") else "left")
+    for s in status["shards"]:
+        table.add_row(s["shard"], s["state"], *(str(s.get(k, "")) for k in ("studies", "saved", "failed")),
+                      f"{s['studies_per_s']:.2f}" if "studies_per_s" in s else "")
+    console = Console()
+    console.print(table)
+    states = [s["state"] for s in status["shards"]]
+    if status["merged"]:
+        console.print("merged: the final tables are up to date")
+    elif all(s == "finished" for s in states):
+        console.print(f"every shard has finished: kneebatch merge {status['out']}")
+    elif any(s in ("failed", "missing") for s in states):
+        console.print("some shards failed or never ran: resubmit them (they resume), then merge")

@@ -1,0 +1,103 @@
+"""The job skeleton: shards of the study keys, part files, gathering, merge and status."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from kneebatch.cli import main
+from kneebatch.inference.run import run
+from kneebatch.ingest.store import CohortStore, segmentation_name
+from kneebatch.jobs.job import merge
+from kneebatch.jobs.parts import Parts
+from kneebatch.jobs.shards import Shard
+from kneebatch.jobs.status import job_status
+from kneebatch.measure_store import measure_store
+from kneebatch.outputs import FAILURE_SCHEMA, read_rows
+from tests.conftest import comparable
+
+
+def test_shards_partition_the_keys_exactly_once_and_stably():
+    keys = [f"k{i:05d}" for i in range(2000)]
+    for n in (1, 2, 7):
+        taken = [Shard(i, n).select(keys) for i in range(n)]
+        assert sorted(k for part in taken for k in part) == keys  # each key in exactly one shard
+        assert min(len(p) for p in taken) > 0.8 * len(keys) / n  # and evenly spread
+    assert Shard.parse(" 3/8 ") == Shard(3, 8) and str(Shard(3, 8)) == "3/8"
+    assert Shard(1, 3).select(keys) == Shard.parse("1/3").select(list(reversed(keys)))[::-1]  # order-free
+    for bad in ("3/3", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="i/N"):
+            Shard.parse(bad)
+
+
+def test_gather_keeps_the_last_save_of_a_study_and_drops_failures_of_studies_with_a_row(tmp_path):
+    schema = pa.schema([pa.field("study_key", pa.string(), nullable=False), pa.field("x", pa.float64())])
+    parts = Parts(tmp_path, schema)
+    fail = {"study_key": "b", "stage": "run", "reason": "internal_error", "message": "m"}
+    parts.save(["a", "b"], [{"study_key": "a", "x": 1.0}], [fail])
+    parts.save(["b"], [{"study_key": "b", "x": 2.0}], [])  # b succeeds on a re-run
+    parts.save(["a"], [{"study_key": "a", "x": 3.0}], [])  # a saved twice: the later counts
+    parts.save(["c"], [], [{**fail, "study_key": "c"}])
+    rows, failures = parts.gather()
+    assert rows.to_pylist() == [{"study_key": "a", "x": 3.0}, {"study_key": "b", "x": 2.0}]
+    assert failures.schema == FAILURE_SCHEMA and failures["study_key"].to_pylist() == ["c"]
+    assert parts.done_keys() == {"a", "b"}
+
+
+def test_two_shards_merged_equal_one_whole_run(store, tiny_engines, tmp_path):
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    whole = run(work, tmp_path / "whole", engines_path=tiny_engines, batch_size=2, show_progress=False)
+    assert whole.segmented == 6
+    out = tmp_path / "sharded"
+    # shard 1 first; the final tables come only from merge
+    r1 = run(work, out, engines_path=tiny_engines, batch_size=2, show_progress=False, shard=Shard(1, 2))
+    assert not (out / "measurements.parquet").exists()
+    with pytest.raises(ValueError, match="shards 0/2 have not finished"):
+        merge(out)
+    assert [s["state"] for s in job_status(out)["shards"]] == ["missing", "finished"]
+    r0 = run(work, out, engines_path=tiny_engines, batch_size=2, show_progress=False, shard=Shard(0, 2))
+    assert r0.studies + r1.studies == 6 and r0.segmented + r1.segmented == 6 and min(r0.studies, r1.studies) > 0
+    m = merge(out)
+    assert (m["shards"], m["rows"], m["failed"]) == (2, 6, 0)
+    assert comparable(read_rows(out / "measurements.parquet")) == comparable(
+        read_rows(tmp_path / "whole" / "measurements.parquet"))
+    status = job_status(out)
+    assert status["merged"] and [s["saved"] for s in status["shards"]] == [r0.studies, r1.studies]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["outputs"]["measurements.parquet"]["rows"] == 6 and len(prov["shards"]) == 2
+    # a resubmitted shard resumes: nothing is segmented again
+    again = run(work, out, engines_path=tiny_engines, batch_size=2, show_progress=False, shard=Shard(0, 2))
+    assert (again.segmented, again.already_done) == (0, r0.studies)
+    with pytest.raises(ValueError, match="--force"):
+        run(work, out, engines_path=tiny_engines, show_progress=False, shard=Shard(0, 2), force=True)
+
+
+def test_measure_resumes_and_shards_from_the_command_line(store, tmp_path, capsys):
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    s = CohortStore(work)
+    keys = s.study_keys()
+    for k in keys[:4]:  # two studies without labels: failure rows
+        s.write_labels(k, np.ones(s.grid(k).shape, np.uint8), {"model_hash": "aaaa+bbbb"}, name=segmentation_name("aaaa+bbbb"))
+    first = measure_store(work, tmp_path / "m", show_progress=False)
+    assert (first.measured, first.failed, first.already_done) == (4, 2, 0)
+    again = measure_store(work, tmp_path / "m", show_progress=False)
+    assert (again.measured, again.already_done, again.failed) == (0, 4, 2)
+    assert len(read_rows(tmp_path / "m" / "measurements.parquet")) == 4
+    with pytest.raises(ValueError, match="other label_name"):
+        measure_store(work, tmp_path / "m", label_name="truth", show_progress=False)
+    for i in (0, 1):
+        assert main(["measure", str(work), str(tmp_path / "ms"), "--shard", f"{i}/2", "-q", "--workers", "1"]) == 0
+    assert "kneebatch merge" in capsys.readouterr().out
+    assert main(["merge", str(tmp_path / "ms")]) == 0
+    assert comparable(read_rows(tmp_path / "ms" / "measurements.parquet")) == comparable(
+        read_rows(tmp_path / "m" / "measurements.parquet"))
+    assert read_rows(tmp_path / "ms" / "failures.parquet") == read_rows(tmp_path / "m" / "failures.parquet")
+    assert main(["status", str(tmp_path / "ms")]) == 0
+    assert "merged" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse refuses it, with the i/N rule
+        main(["run", str(work), str(tmp_path / "x"), "--shard", "2/2"])
+    assert "0 <= i < N" in capsys.readouterr().err
