@@ -118,6 +118,70 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def submit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kneebatch submit",
+        description="Run a job on a SLURM cluster as an array, one task per shard: kneebatch submit run STORE OUT "
+                    "[run's options] --slurm --shards 8 [--partition … --time … --setup '…'] [--wait]. Each task "
+                    "runs the command with --shard i/N; 'kneebatch merge OUT' (automatic with --wait) gathers "
+                    "the shards; 'kneebatch status OUT' shows them; --resubmit OUT sends the failed ones again "
+                    "(they resume).")
+    p.add_argument("command", nargs="?", choices=["run", "measure"], help="the job (its own options follow it)")
+    p.add_argument("--slurm", action="store_true", help="submit with sbatch (the only scheduler so far)")
+    p.add_argument("--shards", type=_positive, default=None, help="array tasks, one shard each (default 4)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--time", default=None, help="per task, e.g. 02:00:00")
+    p.add_argument("--mem", default=None, help="per task, e.g. 16G")
+    p.add_argument("--cpus-per-task", type=_positive, default=None)
+    p.add_argument("--gpus-per-task", type=_positive, default=None, help="with --device cuda in the job's options")
+    p.add_argument("--setup", default="", help="shell lines each task runs first, e.g. 'module load cuda'")
+    p.add_argument("--wait", action="store_true", help="wait for every task, then merge")
+    p.add_argument("--resubmit", type=Path, default=None, metavar="OUT",
+                   help="submit again the shards of OUT's submission that failed or never ran")
+    return p
+
+
+def cmd_submit(argv: list[str]) -> int:
+    from kneebatch.jobs import slurm
+    from kneebatch.jobs.job import merge
+
+    sp = submit_parser()
+    args, job_argv = sp.parse_known_args(argv)
+    if args.resubmit is not None:
+        if args.command or job_argv:
+            sp.error("--resubmit OUT takes no job; the submission's own command is sent again")
+        out = args.resubmit
+        r = slurm.resubmit(out)
+        print(f"resubmitted shards {', '.join(map(str, r['resubmitted'])) or 'none (none failed or is missing)'}"
+              + (f" as SLURM job {r['jobs'][-1]['job_id']}" if r["resubmitted"] else ""))
+    else:
+        if not args.command:
+            sp.error("name the job: run or measure")
+        if not args.slurm:
+            sp.error("say where: --slurm")
+        if any(a == "--shard" or a.startswith("--shard=") for a in job_argv):
+            sp.error("submit gives each task its --shard; use --shards N")
+        job = build_parser().parse_args([args.command, *job_argv])  # the job's own errors, now, not in N tasks
+        out = job.out
+        r = slurm.submit([args.command, *job_argv], out, args.shards or 4, slurm.Resources(
+            args.partition, args.account, args.time, args.mem, args.cpus_per_task, args.gpus_per_task, args.setup))
+        print(f"submitted {r['shards']} shards as SLURM job {r['jobs'][0]['job_id']} ({r['script']}); "
+              f"kneebatch status {out}")
+    if args.wait:
+        slurm.wait(out)
+        try:
+            m = merge(out)
+        except ValueError as e:
+            print(f"kneebatch submit: {e}", file=sys.stderr)
+            print(f"logs: {Path(out) / 'slurm'}; kneebatch status {out}; kneebatch submit --resubmit {out}",
+                  file=sys.stderr)
+            return 1
+        print(f"{m['shards']} shards merged: {m['rows']} rows, {m['failed']} failed -> "
+              f"{Path(out) / 'measurements.parquet'}")
+    return 0
+
+
 def cmd_status(args) -> int:
     from kneebatch.jobs.status import job_status, print_status
 
@@ -305,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", type=Path, help="the job's output folder")
     s.set_defaults(func=cmd_merge)
 
+    sub.add_parser("submit", help="a run or measure as a SLURM array (kneebatch submit --help)", add_help=False)
+
     s = sub.add_parser("status", help="a job's shards: finished, running, failed, missing; studies and studies/s")
     s.add_argument("out", type=Path, help="the job's output folder")
     s.set_defaults(func=cmd_status)
@@ -416,6 +482,13 @@ def _shard(text: str):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["submit"]:  # its own parser: the job's options pass through to the job
+        try:
+            return cmd_submit(argv[1:])
+        except (FileNotFoundError, ValueError) as e:
+            print(f"kneebatch submit: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -92,7 +92,9 @@ def claim_output_dir(out, command: str, settings: dict, force: bool = False,
     marker = out / MARKER
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder")
-    if out.exists() and any(out.iterdir()) and not marker.exists():
+    # a SLURM submission's folder (kneebatch submit writes it before the tasks claim OUT) is kneebatch's
+    made_here = {"slurm"} if (out / "slurm" / "submit.json").exists() else set()
+    if out.exists() and any(p.name not in made_here for p in out.iterdir()) and not marker.exists():
         raise ValueError(f"{out} is not empty and was not made by kneebatch; choose a new or empty folder")
     wanted = {"command": command, "settings": settings}
     if marker.exists():

@@ -16,8 +16,20 @@ WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": N
                  "distributed.scheduler.allowed-failures": 2}
 
 
+def available_cores() -> int:
+    """The cores this process may use: a SLURM task's allocation (``SLURM_CPUS_PER_TASK``) or
+    the CPU affinity mask, not the whole node's count."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this OS
+        return max(1, os.cpu_count() or 1)
+
+
 def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))
+    return max(1, min(available_cores(), 8))
 
 
 @contextmanager

@@ -12,7 +12,6 @@ study of the store is in exactly one of them.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from dataclasses import replace
@@ -133,8 +132,10 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
     batches = [job.todo[i:i + batch_size] for i in range(0, len(job.todo), batch_size)]
     if options.threads is None and options.device == "cpu":  # share the cores between workers, no
         # oversubscription; explicit in every setting, as the thread count can change the last bits of the logits
+        from kneebatch.distributed.cluster import available_cores
+
         n_workers = len(client.nthreads()) if client is not None else 1
-        options = replace(options, threads=max(1, (os.cpu_count() or 1) // max(1, n_workers)))
+        options = replace(options, threads=max(1, available_cores() // max(1, n_workers)))
     kwargs = {"store_path": str(store.path)}
     if client is not None:
         from kneebatch.distributed.plugin import EngineLoader

@@ -9,24 +9,26 @@ record: out of time or memory, cancelled, crashed). Without SLURM they are *miss
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 from kneebatch.jobs.job import shard_records
 from kneebatch.jobs.shards import Shard
+from kneebatch.jobs.slurm import queued_tasks, submission
 from kneebatch.outputs import MARKER
 
 
 def job_status(out) -> dict:
     out = Path(out)
-    if not (out / MARKER).exists():
+    submit = submission(out)
+    if (out / MARKER).exists():
+        command = json.loads((out / MARKER).read_text())["command"]
+    elif submit:  # submitted, no task has started yet
+        command = submit["command"][0]
+    else:
         raise ValueError(f"{out} holds no kneebatch job outputs")
-    marker = json.loads((out / MARKER).read_text())
     records = {Shard.parse(r["report"]["shard"]).index: r["report"] for r in shard_records(out)}
-    submit = _submission(out)
     count = submit["shards"] if submit else max([Shard.parse(r["shard"]).count for r in records.values()] or [1])
-    queue = _squeue(submit["job_id"]) if submit else None
+    queue = queued_tasks(submit) if submit else None
     shards = []
     for i in range(count):
         if i in records:
@@ -45,29 +47,8 @@ def job_status(out) -> dict:
     merged = (out / "provenance.json").exists() and all(s["state"] == "finished" for s in shards) and (
         not records or (out / "provenance.json").stat().st_mtime >= max(
             (p.stat().st_mtime for p in (out / "shards").glob("shard-*.json")), default=0))
-    return {"out": str(out), "command": marker["command"], "shards": shards, "merged": merged,
-            "slurm_job": submit["job_id"] if submit else None}
-
-
-def _submission(out: Path) -> dict | None:
-    path = out / "slurm" / "submit.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _squeue(job_id: str) -> dict | None:
-    """Array task index -> SLURM state of the job's tasks still queued or running; None when
-    SLURM cannot be asked (then no shard is called failed)."""
-    if shutil.which("squeue") is None:
-        return None
-    done = subprocess.run(["squeue", "-h", "-r", "-j", str(job_id), "-o", "%K %T"], capture_output=True, text=True)
-    if done.returncode != 0:
-        return {} if "Invalid job id" in done.stderr else None  # a job that ended is forgotten
-    states = {}
-    for line in done.stdout.split("\n"):
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit():
-            states[int(parts[0])] = parts[1]
-    return states
+    return {"out": str(out), "command": command, "shards": shards, "merged": merged,
+            "slurm_job": ", ".join(str(j["job_id"]) for j in submit["jobs"]) if submit else None}
 
 
 def print_status(status: dict) -> None:

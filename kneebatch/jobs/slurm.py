@@ -1,0 +1,145 @@
+"""``kneebatch submit … --slurm``: a job as a SLURM array, one task per shard.
+
+The sbatch script (``OUT/slurm/array.sbatch``) runs the same command with
+``--shard $SLURM_ARRAY_TASK_ID/N``, with the interpreter that submitted it (a cluster's
+shared file system), after the user's ``--setup`` lines (``module load …``, a venv).
+``OUT/slurm/submit.json`` records the submissions; ``kneebatch status`` reads it, and
+``--resubmit OUT`` sends only the shards that neither finished nor are queued (a
+resubmitted shard resumes from its saved parts). ``--wait`` polls the queue and merges.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kneebatch.outputs import write_text_atomic
+
+SLURM_DIR = "slurm"
+
+
+@dataclass
+class Resources:
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None  # e.g. 02:00:00
+    mem: str | None = None  # e.g. 16G
+    cpus_per_task: int | None = None
+    gpus_per_task: int | None = None
+    setup: str = ""  # shell lines run before kneebatch in every task
+
+    def directives(self) -> list[str]:
+        pairs = [("partition", self.partition), ("account", self.account), ("time", self.time), ("mem", self.mem),
+                 ("cpus-per-task", self.cpus_per_task), ("gpus-per-task", self.gpus_per_task)]
+        return [f"#SBATCH --{name}={value}" for name, value in pairs if value not in (None, "")]
+
+
+def array_script(argv: list[str], shards: int, out: Path, resources: Resources) -> str:
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "kneebatch", *argv])
+    return "\n".join([
+        "#!/bin/bash",
+        f"#SBATCH --job-name=kneebatch-{argv[0]}",
+        f"#SBATCH --array=0-{shards - 1}",
+        f"#SBATCH --output={out.resolve() / SLURM_DIR}/%A_%a.log",
+        f"#SBATCH --chdir={Path.cwd()}",
+        *resources.directives(),
+        "set -euo pipefail",
+        resources.setup,
+        f'exec {command} --quiet --shard "${{SLURM_ARRAY_TASK_ID}}/{shards}"',
+        "",
+    ])
+
+
+def submit(argv: list[str], out, shards: int, resources: Resources) -> dict:
+    """Write the array script into ``OUT/slurm`` and submit all ``shards`` tasks."""
+    _need("sbatch")
+    out = Path(out)
+    folder = out / SLURM_DIR
+    if (folder / "submit.json").exists():
+        raise ValueError(f"{out} already has a SLURM submission; resubmit its unfinished shards with "
+                         f"'kneebatch submit --resubmit {out}', or choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "array.sbatch"
+    write_text_atomic(script, array_script(argv, shards, out, resources))
+    job_id = _sbatch(script)
+    record = {"command": argv, "shards": shards, "script": str(script.resolve()),
+              "jobs": [{"job_id": job_id, "tasks": list(range(shards)), "submitted_utc": _now()}]}
+    write_text_atomic(folder / "submit.json", json.dumps(record, indent=1))
+    return record
+
+
+def resubmit(out) -> dict:
+    """Submit again the shards that have no record and are not queued or running."""
+    from kneebatch.jobs.status import job_status
+
+    out = Path(out)
+    record = submission(out)
+    if record is None:
+        raise ValueError(f"{out} has no SLURM submission (slurm/submit.json)")
+    status = job_status(out)
+    if any(s["state"] == "unknown" for s in status["shards"]):
+        raise ValueError("SLURM cannot be asked which shards are still queued (squeue failed); try again")
+    again = [int(s["shard"].split("/")[0]) for s in status["shards"] if s["state"] in ("failed", "missing")]
+    if again:
+        job_id = _sbatch(Path(record["script"]), "--array=" + ",".join(map(str, again)))
+        record["jobs"].append({"job_id": job_id, "tasks": again, "submitted_utc": _now()})
+        write_text_atomic(out / SLURM_DIR / "submit.json", json.dumps(record, indent=1))
+    return {**record, "resubmitted": again}
+
+
+def submission(out) -> dict | None:
+    path = Path(out) / SLURM_DIR / "submit.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def queued_tasks(record: dict) -> dict[int, str] | None:
+    """Shard index -> SLURM state of the submission's tasks still queued or running (the newest
+    submission of a shard counts); None when ``squeue`` cannot be asked."""
+    if shutil.which("squeue") is None:
+        return None
+    ids = ",".join(str(j["job_id"]) for j in record["jobs"])
+    done = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%F %K %T"], capture_output=True, text=True)
+    if done.returncode != 0:
+        if "Invalid job id" in done.stderr:  # every job has ended and SLURM has forgotten them
+            return {}
+        return None
+    states = {}
+    for line in done.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1].isdigit():
+            states[int(parts[1])] = parts[2]
+    return states
+
+
+def wait(out, poll_s: float = 2.0, show=print) -> None:
+    """Until none of the submission's tasks is queued or running."""
+    record = submission(out)
+    while True:
+        queue = queued_tasks(record)
+        if queue is not None and not queue:
+            return
+        time.sleep(poll_s)
+
+
+def _sbatch(script: Path, *options: str) -> str:
+    done = subprocess.run(["sbatch", "--parsable", *options, str(script)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"sbatch refused the job: {done.stderr.strip()}")
+    return done.stdout.strip().split(";")[0]
+
+
+def _need(exe: str) -> None:
+    if shutil.which(exe) is None:
+        raise FileNotFoundError(f"{exe} not found: submit from a SLURM login node (or start cluster/local-slurm.sh "
+                                "and export SLURM_CONF)")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
