@@ -12,12 +12,34 @@ from kneebatch import __version__
 from kneebatch.errors import StudyError
 
 
-def _client(workers: int | None):
-    """A local Dask cluster for ``workers`` > 1 (default: one per core); in-process for 0 or 1."""
+def _client(workers: int | None, args=None):
+    """A local Dask cluster for ``workers`` > 1 (default: one per core); in-process for 0 or 1;
+    with ``--cluster slurm``, up to ``workers`` SLURM jobs (default 4)."""
     from kneebatch.distributed.cluster import dask_client, default_workers
 
+    if getattr(args, "cluster", "local") == "slurm":
+        return dask_client("slurm", n_workers=workers or 4, resources=_resources(args))
     n = default_workers() if workers is None else workers
     return dask_client("local", n_workers=n) if n > 1 else nullcontext(None)
+
+
+def _resources(args):
+    from kneebatch.jobs.slurm import Resources
+
+    return Resources(args.partition, args.account, args.time, args.mem, args.cpus_per_task, args.gpus_per_task,
+                     args.setup)
+
+
+def slurm_options(p) -> None:
+    """What every SLURM job of kneebatch's asks for (array tasks and jobqueue workers alike)."""
+    g = p.add_argument_group("SLURM jobs")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--account", default=None)
+    g.add_argument("--time", default=None, help="per job, e.g. 02:00:00")
+    g.add_argument("--mem", default=None, help="per job, e.g. 16G")
+    g.add_argument("--cpus-per-task", type=_positive, default=None)
+    g.add_argument("--gpus-per-task", type=_positive, default=None, help="with --device cuda")
+    g.add_argument("--setup", default="", help="shell lines each job runs first, e.g. 'module load cuda'")
 
 
 def cmd_labels(args) -> int:
@@ -70,7 +92,7 @@ def cmd_measure(args) -> int:
     from kneebatch.measure_store import measure_store
 
     label_map = parse_label_map(args.label_map) if args.label_map else None
-    with _client(args.workers) as client:
+    with _client(args.workers, args) as client:
         r = measure_store(args.store, args.out, labels_dir=args.labels, client=client, show_progress=not args.quiet,
                           label_map=label_map, model=args.model, label_name=args.label_name, shard=args.shard,
                           force=args.force)
@@ -97,9 +119,9 @@ def cmd_run(args) -> int:
     options = InferenceOptions(str(args.engines) if args.engines else None, args.backend, args.device, args.threads,
                                args.fp16, args.tta)
     workers = args.workers
-    if workers is None:
-        workers = 1 if args.device == "cuda" else None
-    with _client(workers) as client:
+    if workers is None and args.device == "cuda" and args.cluster == "local":
+        workers = 1  # one process per GPU
+    with _client(workers, args) as client:
         r = run(args.store, args.out, options, client=client, batch_size=args.batch_size,
                 show_progress=not args.quiet, force=args.force, shard=args.shard)
     print(f"{r.studies} studies: {r.segmented} segmented, {r.already_done} already done, {r.failed} failed, "
@@ -129,13 +151,7 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs="?", choices=["run", "measure"], help="the job (its own options follow it)")
     p.add_argument("--slurm", action="store_true", help="submit with sbatch (the only scheduler so far)")
     p.add_argument("--shards", type=_positive, default=None, help="array tasks, one shard each (default 4)")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--time", default=None, help="per task, e.g. 02:00:00")
-    p.add_argument("--mem", default=None, help="per task, e.g. 16G")
-    p.add_argument("--cpus-per-task", type=_positive, default=None)
-    p.add_argument("--gpus-per-task", type=_positive, default=None, help="with --device cuda in the job's options")
-    p.add_argument("--setup", default="", help="shell lines each task runs first, e.g. 'module load cuda'")
+    slurm_options(p)
     p.add_argument("--wait", action="store_true", help="wait for every task, then merge")
     p.add_argument("--resubmit", type=Path, default=None, metavar="OUT",
                    help="submit again the shards of OUT's submission that failed or never ran")
@@ -164,8 +180,7 @@ def cmd_submit(argv: list[str]) -> int:
             sp.error("submit gives each task its --shard; use --shards N")
         job = build_parser().parse_args([args.command, *job_argv])  # the job's own errors, now, not in N tasks
         out = job.out
-        r = slurm.submit([args.command, *job_argv], out, args.shards or 4, slurm.Resources(
-            args.partition, args.account, args.time, args.mem, args.cpus_per_task, args.gpus_per_task, args.setup))
+        r = slurm.submit([args.command, *job_argv], out, args.shards or 4, _resources(args))
         print(f"submitted {r['shards']} shards as SLURM job {r['jobs'][0]['job_id']} ({r['script']}); "
               f"kneebatch status {out}")
     if args.wait:
@@ -274,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def clustered(sp):
+        sp.add_argument("--cluster", default="local", choices=["local", "slurm"],
+                        help="local: worker processes on this machine (default); slurm: SLURM jobs as Dask workers "
+                             "(dask-jobqueue; up to --workers jobs, adaptive; see the SLURM options)")
+        slurm_options(sp)
+
     def sharded(sp):
         sp.add_argument("--shard", type=_shard, default=_shard("0/1"), metavar="i/N",
                         help="do only shard i of N (0 <= i < N): a stable share of the studies, so N processes "
@@ -341,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="OUT was made with other settings: start it clean (only kneebatch's files go)")
     sharded(s)
+    clustered(s)
     common(s)
     s.set_defaults(func=cmd_measure)
 
@@ -362,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OUT was made with other engines or settings: start it clean (only kneebatch's files go)")
     s.add_argument("--threads", type=_positive, default=None, help="CPU threads per worker for the engines")
     sharded(s)
+    clustered(s)
     common(s)
     s.set_defaults(func=cmd_run)
 

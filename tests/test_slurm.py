@@ -89,3 +89,17 @@ def test_a_cancelled_shard_is_failed_in_status_and_a_resubmit_finishes_it(slurm,
     assert "resubmitted shards 1" in printed and "2 shards merged: 6 rows, 0 failed" in printed
     assert len(json.loads((out / "slurm" / "submit.json").read_text())["jobs"]) == 2
     assert len(read_rows(out / "measurements.parquet")) == 6
+
+
+def test_a_jobqueue_run_on_slurm_workers_equals_the_local_run(slurm, store, tiny_engines, tmp_path):
+    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is not installed (pip install 'kneebatch[slurm]')")
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    run(work, tmp_path / "local", engines_path=tiny_engines, batch_size=2, threads=1, show_progress=False)
+    out = tmp_path / "jobqueue"
+    assert main(["run", str(work), str(out), "--engines", str(tiny_engines), "--cluster", "slurm", "--workers", "2",
+                 "--batch-size", "2", "--mem", "3GB", "-q"]) == 0
+    assert comparable(read_rows(out / "measurements.parquet")) == comparable(
+        read_rows(tmp_path / "local" / "measurements.parquet"))
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["threads"] is None  # each worker took its SLURM allocation's cores

@@ -1,4 +1,5 @@
-"""One factory for Dask clusters. Later backends (LocalCUDACluster, SLURM) plug in here.
+"""One factory for Dask clusters: local processes, a running scheduler's address, or SLURM jobs
+(dask-jobqueue, adaptive).
 
 Per-worker state belongs in a ``WorkerPlugin``; nothing here creates globals.
 """
@@ -34,10 +35,13 @@ def default_workers() -> int:
 
 @contextmanager
 def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_worker: int = 1,
-                processes: bool = True, address: str | None = None):
+                processes: bool = True, address: str | None = None, resources=None):
     """Yields a ``distributed.Client``; the cluster lives as long as the block.
 
-    ``kind``: ``local`` (CPU processes) or ``address`` (connect to a running scheduler).
+    ``kind``: ``local`` (CPU processes), ``address`` (connect to a running scheduler) or ``slurm``
+    (up to ``n_workers`` SLURM jobs of one worker each, started and stopped as work needs them;
+    ``resources``: :class:`kneebatch.jobs.slurm.Resources`, the jobs' partition, time, memory,
+    cores, GPUs and setup lines).
     """
     import logging
 
@@ -50,8 +54,13 @@ def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_w
         with Client(address) as client:
             yield client
         return
+    if kind == "slurm":
+        with dask.config.set(WORKER_CONFIG), slurm_cluster(n_workers or 4, resources) as cluster:
+            with Client(cluster) as client:
+                yield client
+        return
     if kind != "local":
-        raise ValueError(f"unknown cluster kind {kind!r}; choose 'local' or give an address")
+        raise ValueError(f"unknown cluster kind {kind!r}; choose 'local' or 'slurm', or give an address")
     with dask.config.set(WORKER_CONFIG):
         cluster = LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=threads_per_worker,
                                processes=processes, dashboard_address=None, scheduler_kwargs={"dashboard": False},
@@ -59,5 +68,31 @@ def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_w
     try:
         with Client(cluster) as client:
             yield client
+    finally:
+        cluster.close()
+
+
+@contextmanager
+def slurm_cluster(max_jobs: int, resources=None):
+    """dask-jobqueue's SLURMCluster: one worker process per job with the job's cores as threads,
+    adaptive between one job and ``max_jobs``. Workers run this interpreter (a shared file system)."""
+    import sys
+
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ValueError("--cluster slurm needs dask-jobqueue: pip install 'kneebatch[slurm]'") from None
+    from kneebatch.jobs.slurm import Resources
+
+    r = resources or Resources()
+    cores = r.cpus_per_task or 1
+    extra = [f"--gpus-per-task={r.gpus_per_task}"] if r.gpus_per_task else []
+    cluster = SLURMCluster(cores=cores, processes=1, memory=r.mem or f"{4 * cores}GB", queue=r.partition,
+                           account=r.account, walltime=r.time or "04:00:00", job_extra_directives=extra,
+                           job_script_prologue=[r.setup] if r.setup else [], python=sys.executable,
+                           scheduler_options={"dashboard_address": None})
+    cluster.adapt(minimum=1, maximum=max_jobs)
+    try:
+        yield cluster
     finally:
         cluster.close()

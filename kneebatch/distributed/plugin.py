@@ -14,11 +14,18 @@ class EngineLoader(WorkerPlugin):
         self.options = options  # kneebatch.inference.engine_dir.InferenceOptions
 
     def setup(self, worker):
+        from dataclasses import replace
+
         import torch
 
-        if self.options.threads:
-            torch.set_num_threads(self.options.threads)
-        setattr(worker, ATTR, self.options.load())
+        from kneebatch.distributed.cluster import available_cores
+
+        options = self.options
+        if options.threads is None and options.device == "cpu":  # a SLURM job's worker: its own allocation
+            options = replace(options, threads=available_cores())
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        setattr(worker, ATTR, options.load())
 
     def teardown(self, worker):
         if hasattr(worker, ATTR):

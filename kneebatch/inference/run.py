@@ -130,8 +130,10 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
     # before anything is written: missing engines stop here
     job = Job("run", store, out, options.settings(), measurement_schema(), shard, force)
     batches = [job.todo[i:i + batch_size] for i in range(0, len(job.todo), batch_size)]
-    if options.threads is None and options.device == "cpu":  # share the cores between workers, no
-        # oversubscription; explicit in every setting, as the thread count can change the last bits of the logits
+    local = client is None or type(getattr(client, "cluster", None)).__name__ == "LocalCluster"
+    if options.threads is None and options.device == "cpu" and local:  # share this machine's cores between
+        # workers, no oversubscription; explicit in every setting, as the thread count can change the last bits
+        # of the logits. Remote workers (SLURM jobs) size themselves to their allocation.
         from kneebatch.distributed.cluster import available_cores
 
         n_workers = len(client.nthreads()) if client is not None else 1
