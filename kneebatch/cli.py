@@ -70,9 +70,9 @@ def cmd_convert(args) -> int:
 
     channels = parse_channels(args.channels) if args.channels else None
 
-    with _client(args.workers) as client:
+    with _client(args.workers, args) as client:
         r = convert(args.src, args.store, client=client, key_file=args.key_file, show_progress=not args.quiet,
-                    channels=channels)
+                    channels=channels, shard=args.shard)
     print(f"{r.studies_found} studies found ({r.files_scanned} files, {r.files_rejected} not usable images): "
           f"{r.converted} converted, {r.already_done} already in the store, {r.failed} failed "
           f"in {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s, {r.mb_per_s:.1f} MB/s)")
@@ -132,12 +132,24 @@ def cmd_run(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    print(merge_shards(args.out))
+    return 0
+
+
+def merge_shards(out) -> str:
+    """Merge a job's (or a store's convert) shards; what was merged, in a line."""
+    from kneebatch.ingest.dicom import _is_store
     from kneebatch.jobs.job import merge
 
-    m = merge(args.out)
-    print(f"{m['shards']} shards merged: {m['rows']} rows, {m['failed']} failed, {m['carried_failures']} failed at "
-          f"convert, of {m['studies']} studies -> {Path(args.out) / 'measurements.parquet'}")
-    return 0
+    if _is_store(str(out)):
+        from kneebatch.ingest.convert import merge_store
+
+        m = merge_store(out)
+        return (f"{m['shards']} shards merged: {m['studies']} studies in the store, {m['failed']} failed -> "
+                f"{Path(out) / 'keymap.parquet'}, {Path(out) / 'failures.parquet'}")
+    m = merge(out)
+    return (f"{m['shards']} shards merged: {m['rows']} rows, {m['failed']} failed, {m['carried_failures']} failed "
+            f"at convert, of {m['studies']} studies -> {Path(out) / 'measurements.parquet'}")
 
 
 def submit_parser() -> argparse.ArgumentParser:
@@ -148,7 +160,8 @@ def submit_parser() -> argparse.ArgumentParser:
                     "runs the command with --shard i/N; 'kneebatch merge OUT' (automatic with --wait) gathers "
                     "the shards; 'kneebatch status OUT' shows them; --resubmit OUT sends the failed ones again "
                     "(they resume).")
-    p.add_argument("command", nargs="?", choices=["run", "measure"], help="the job (its own options follow it)")
+    p.add_argument("command", nargs="?", choices=["convert", "run", "measure"],
+                   help="the job (its own options follow it)")
     p.add_argument("--slurm", action="store_true", help="submit with sbatch (the only scheduler so far)")
     p.add_argument("--shards", type=_positive, default=None, help="array tasks, one shard each (default 4)")
     slurm_options(p)
@@ -160,7 +173,6 @@ def submit_parser() -> argparse.ArgumentParser:
 
 def cmd_submit(argv: list[str]) -> int:
     from kneebatch.jobs import slurm
-    from kneebatch.jobs.job import merge
 
     sp = submit_parser()
     args, job_argv = sp.parse_known_args(argv)
@@ -173,27 +185,29 @@ def cmd_submit(argv: list[str]) -> int:
               + (f" as SLURM job {r['jobs'][-1]['job_id']}" if r["resubmitted"] else ""))
     else:
         if not args.command:
-            sp.error("name the job: run or measure")
+            sp.error("name the job: convert, run or measure")
         if not args.slurm:
             sp.error("say where: --slurm")
         if any(a == "--shard" or a.startswith("--shard=") for a in job_argv):
             sp.error("submit gives each task its --shard; use --shards N")
         job = build_parser().parse_args([args.command, *job_argv])  # the job's own errors, now, not in N tasks
-        out = job.out
+        out = job.store if args.command == "convert" else job.out
+        if args.command == "convert":  # made (and its key recorded) once here, not raced by N tasks
+            from kneebatch.ingest.convert import prepare_store
+
+            prepare_store(job.src, job.store, job.key_file)
         r = slurm.submit([args.command, *job_argv], out, args.shards or 4, _resources(args))
         print(f"submitted {r['shards']} shards as SLURM job {r['jobs'][0]['job_id']} ({r['script']}); "
               f"kneebatch status {out}")
     if args.wait:
         slurm.wait(out)
         try:
-            m = merge(out)
+            print(merge_shards(out))
         except ValueError as e:
             print(f"kneebatch submit: {e}", file=sys.stderr)
             print(f"logs: {Path(out) / 'slurm'}; kneebatch status {out}; kneebatch submit --resubmit {out}",
                   file=sys.stderr)
             return 1
-        print(f"{m['shards']} shards merged: {m['rows']} rows, {m['failed']} failed -> "
-              f"{Path(out) / 'measurements.parquet'}")
     return 0
 
 
@@ -342,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key-file", type=Path, default=None,
                    help="secret key for pseudonymous study keys (default $KNEEBATCH_KEY_FILE or "
                         "~/.config/kneebatch/study.key, created if missing); keep it outside shared outputs")
+    sharded(s)
+    clustered(s)
     common(s)
     s.set_defaults(func=cmd_convert)
 
@@ -388,11 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("merge", help="gather the shards of a run or measure (--shard i/N) into the final tables")
-    s.add_argument("out", type=Path, help="the job's output folder")
+    s = sub.add_parser("merge", help="gather the shards of a convert, run or measure (--shard i/N)")
+    s.add_argument("out", type=Path, help="the job's output folder (a store, for convert)")
     s.set_defaults(func=cmd_merge)
 
-    sub.add_parser("submit", help="a run or measure as a SLURM array (kneebatch submit --help)", add_help=False)
+    sub.add_parser("submit", help="a convert, run or measure as a SLURM array (kneebatch submit --help)",
+                   add_help=False)
 
     s = sub.add_parser("status", help="a job's shards: finished, running, failed, missing; studies and studies/s")
     s.add_argument("out", type=Path, help="the job's output folder")

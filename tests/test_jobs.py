@@ -101,3 +101,23 @@ def test_measure_resumes_and_shards_from_the_command_line(store, tmp_path, capsy
     with pytest.raises(SystemExit):  # argparse refuses it, with the i/N rule
         main(["run", str(work), str(tmp_path / "x"), "--shard", "2/2"])
     assert "0 <= i < N" in capsys.readouterr().err
+
+
+def test_a_convert_in_two_shards_merged_equals_one_whole_convert(cohort, key_file, tmp_path):
+    from kneebatch.ingest.convert import convert, merge_store
+
+    whole = convert(cohort / "dicom", tmp_path / "whole.zarr", key_file=key_file, show_progress=False)
+    parts = [convert(cohort / "dicom", tmp_path / "sharded.zarr", key_file=key_file, show_progress=False,
+                     shard=Shard(i, 2)) for i in (1, 0)]
+    assert sum(p.converted for p in parts) == whole.converted == 6 and min(p.converted for p in parts) > 0
+    assert all(p.studies_found == 6 for p in parts)  # every shard scans everything, converts its own
+    assert merge_store(tmp_path / "sharded.zarr") == {"shards": 2, "studies": 6, "failed": 0}
+    a, b = CohortStore(tmp_path / "whole.zarr"), CohortStore(tmp_path / "sharded.zarr")
+    assert a.study_keys() == b.study_keys()
+    assert read_rows(a.keymap_path) == read_rows(b.keymap_path)
+    for k in a.study_keys():
+        assert np.array_equal(a.read_image(k)[0], b.read_image(k)[0])
+    assert main(["merge", str(tmp_path / "sharded.zarr")]) == 0  # again: the same tables
+    assert read_rows(a.keymap_path) == read_rows(b.keymap_path)
+    status = job_status(tmp_path / "sharded.zarr")
+    assert status["command"] == "convert" and status["merged"]

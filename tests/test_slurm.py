@@ -54,7 +54,7 @@ def test_an_array_run_merges_to_exactly_the_local_run(slurm, store, tiny_engines
     local = run(work, tmp_path / "local", engines_path=tiny_engines, batch_size=2, threads=1, show_progress=False)
     out = tmp_path / "array"
     assert main(["submit", *_job(work, out, tiny_engines), "--slurm", "--shards", "2", "--wait"]) == 0
-    assert "2 shards merged: 6 rows, 0 failed" in capsys.readouterr().out
+    assert "2 shards merged: 6 rows, 0 failed, 0 failed at convert" in capsys.readouterr().out
     rows = read_rows(out / "measurements.parquet")
     assert len(rows) == local.segmented == 6 and len({r["study_key"] for r in rows}) == 6  # exactly once
     assert comparable(rows) == comparable(read_rows(tmp_path / "local" / "measurements.parquet"))
@@ -86,7 +86,7 @@ def test_a_cancelled_shard_is_failed_in_status_and_a_resubmit_finishes_it(slurm,
     capsys.readouterr()
     assert main(["submit", "--resubmit", str(out), "--wait"]) == 0
     printed = capsys.readouterr().out
-    assert "resubmitted shards 1" in printed and "2 shards merged: 6 rows, 0 failed" in printed
+    assert "resubmitted shards 1" in printed and "2 shards merged: 6 rows, 0 failed," in printed
     assert len(json.loads((out / "slurm" / "submit.json").read_text())["jobs"]) == 2
     assert len(read_rows(out / "measurements.parquet")) == 6
 
@@ -103,3 +103,17 @@ def test_a_jobqueue_run_on_slurm_workers_equals_the_local_run(slurm, store, tiny
         read_rows(tmp_path / "local" / "measurements.parquet"))
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["threads"] is None  # each worker took its SLURM allocation's cores
+
+
+def test_an_array_convert_builds_the_store_a_local_convert_builds(slurm, cohort, key_file, tmp_path, capsys):
+    from kneebatch.ingest.convert import convert
+    from kneebatch.ingest.store import CohortStore
+
+    convert(cohort / "dicom", tmp_path / "local.zarr", key_file=key_file, show_progress=False)
+    capsys.readouterr()
+    assert main(["submit", "convert", str(cohort / "dicom"), str(tmp_path / "array.zarr"), "--key-file", str(key_file),
+                 "--workers", "1", "--slurm", "--shards", "2", "--wait"]) == 0
+    assert "2 shards merged: 6 studies in the store, 0 failed" in capsys.readouterr().out
+    a, b = CohortStore(tmp_path / "local.zarr"), CohortStore(tmp_path / "array.zarr")
+    assert a.study_keys() == b.study_keys() and read_rows(a.keymap_path) == read_rows(b.keymap_path)
+    assert all(a.grid(k).same_as(b.grid(k)) for k in a.study_keys())

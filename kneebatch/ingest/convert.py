@@ -9,6 +9,7 @@ or in failures.parquet.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -18,13 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
-from kneebatch.errors import REASONS, StudyError, failure_row
+from kneebatch.errors import StudyError, failure_row
 from kneebatch.geometry import Grid, obliquity_deg, resample, to_canonical
 from kneebatch.ingest import dicom, nifti
 from kneebatch.ingest.roles import ROLES
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.shards import Shard
 from kneebatch.keys import key_fingerprint, load_or_create_key, study_key
-from kneebatch.outputs import FAILURE_SCHEMA, KEYMAP_SCHEMA, merge_rows, read_rows, write_rows
+from kneebatch.outputs import FAILURE_SCHEMA, KEYMAP_SCHEMA, merge_rows, read_rows, write_rows, write_text_atomic
 from kneebatch.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ SCAN_CHUNK = 256  # files per header-scan task
 class ConvertReport:
     store_path: str = ""
     studies_found: int = 0
+    studies_in_shard: int = 0  # of those, this shard's (all, without --shard)
     converted: int = 0
     already_done: int = 0
     failed: int = 0
@@ -228,23 +231,17 @@ def _onto(volume, src_grid: Grid, dst_grid: Grid) -> tuple[np.ndarray, bool, flo
 
 
 def convert(src, store_path, client=None, key_file=None, show_progress=None, channels=None,
-            study_fn=None) -> ConvertReport:
+            study_fn=None, shard: Shard | None = None) -> ConvertReport:
     """Convert every study under ``src`` into the store at ``store_path`` (resumable).
     ``channels``: nnU-Net channel suffix -> role for ``<case>_0000`` files; ``study_fn`` (a
-    ``(source, key), store_path`` function) is for fault injection in tests."""
+    ``(source, key), store_path`` function) is for fault injection in tests. ``shard``: only the
+    studies of shard i of N (every shard scans the whole source); the keymap and failure rows
+    then go to ``STORE/shards/`` and ``kneebatch merge STORE`` folds them in."""
+    shard = shard or Shard()
     t0 = time.perf_counter()
     src, store_path = Path(src), Path(store_path)
-    if not src.exists():
-        raise FileNotFoundError(f"source {src} does not exist")
-    if src.resolve().is_relative_to(store_path.resolve()):
-        raise ValueError(f"the source {src} lies inside the store {store_path}; choose another store folder")
-    inside = next((p for p in store_path.resolve().parents if dicom._is_store(str(p))), None)
-    if inside is not None:
-        raise ValueError(f"{store_path} lies inside the cohort store {inside}; choose a folder outside it")
-    key = load_or_create_key(key_file)
-    store = CohortStore(store_path)
-    store.check_key(key_fingerprint(key))
-    store.clear_partial()
+    store, key = prepare_store(src, store_path, key_file)
+    store.clear_partial(shard.owns)
     report = ConvertReport(store_path=str(store.path))
     studies, report.files_scanned, problems = discover(src, client, show_progress, channels, skip=store.path)
     report.studies_found = len(studies)
@@ -253,17 +250,24 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
     file_failures = []
     for problem in problems:
         k = "f" + study_key(problem.path, key)[1:]  # a keyed hash of the path: no path in the table
+        if not shard.owns(k):
+            continue
         keymap.append({"study_key": k, "study_uid": "", "source_path": _text(problem.path)})
-        file_failures.append({"study_key": k, "stage": "scan", "reason": problem.reason,
-                              "message": REASONS[problem.reason] + (f": {problem.detail}" if problem.detail else "")})
+        file_failures.append(failure_row(k, "scan", StudyError(problem.reason, problem.detail or "")))
     for uid, source in studies.items():
         k = study_key(uid, key)
+        if not shard.owns(k):
+            continue
+        report.studies_in_shard += 1
         keymap.append({"study_key": k, "study_uid": uid, "source_path": _text(source.source_path)})
         if store.has_study(k):
             report.already_done += 1
         else:
             todo.append((source, k))
-    write_rows(merge_rows(read_rows(store.keymap_path), keymap), KEYMAP_SCHEMA, store.keymap_path)
+    if shard.whole:
+        write_rows(merge_rows(read_rows(store.keymap_path), keymap), KEYMAP_SCHEMA, store.keymap_path)
+    else:
+        write_rows(merge_rows([], keymap), KEYMAP_SCHEMA, store.path / SHARDS / f"keymap-{shard.name}.parquet")
 
     failures = list(file_failures)
     with progress_bar(len(todo), "converting studies", show_progress) as advance:
@@ -278,11 +282,66 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
                 failures.append({"study_key": r["study_key"], "stage": "convert", "reason": r["reason"],
                                  "message": r["message"]})
             advance()
+    report.seconds = time.perf_counter() - t0
+    if shard.whole:
+        done = set(store.study_keys())
+        old = [f for f in read_rows(store.failures_path) if f["study_key"] not in done]
+        write_rows(merge_rows(old, failures, drop_keys=done), FAILURE_SCHEMA, store.failures_path)
+    else:
+        write_rows(merge_rows([], failures), FAILURE_SCHEMA, store.path / SHARDS / f"failures-{shard.name}.parquet")
+        record = {"report": {"shard": str(shard), "studies": report.studies_in_shard, "saved": report.converted,
+                             "already_done": report.already_done, "failed": report.failed,
+                             "seconds": report.seconds, "studies_per_s": report.studies_per_s}}
+        write_text_atomic(store.path / SHARDS / f"{shard.name}.json", json.dumps(record, indent=1))
+    return report
+
+
+SHARDS = "shards"  # a sharded convert's keymap and failure rows, which merge_store folds in
+
+
+def merge_store(store_path) -> dict:
+    """``kneebatch merge STORE``: fold the shards' keymap and failure rows into the store's tables,
+    once every shard has finished (again and again gives the same tables)."""
+    from kneebatch.jobs.job import shard_records
+
+    store = CohortStore(store_path, create=False)
+    folder = store.path / SHARDS
+    records = shard_records(store.path)
+    if not records:
+        raise ValueError(f"{store.path} has no finished convert shards to merge")
+    n = {Shard.parse(r["report"]["shard"]).count for r in records}
+    if len(n) != 1:
+        raise ValueError(f"{store.path} holds convert shards of different counts {sorted(n)}")
+    n = n.pop()
+    missing = sorted(set(range(n)) - {Shard.parse(r["report"]["shard"]).index for r in records})
+    if missing:
+        raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in missing)} have not finished; run or resubmit "
+                         "them, then merge again")
+    keymap = [r for p in sorted(folder.glob("keymap-*.parquet")) for r in read_rows(p)]
+    failures = [r for p in sorted(folder.glob("failures-*.parquet")) for r in read_rows(p)]
+    write_rows(merge_rows(read_rows(store.keymap_path), keymap), KEYMAP_SCHEMA, store.keymap_path)
     done = set(store.study_keys())
     old = [f for f in read_rows(store.failures_path) if f["study_key"] not in done]
-    write_rows(merge_rows(old, failures, drop_keys=done), FAILURE_SCHEMA, store.failures_path)
-    report.seconds = time.perf_counter() - t0
-    return report
+    merged = merge_rows(old, failures, drop_keys=done)
+    write_rows(merged, FAILURE_SCHEMA, store.failures_path)
+    return {"shards": n, "studies": len(done), "failed": len(merged)}
+
+
+def prepare_store(src, store_path, key_file=None) -> tuple[CohortStore, bytes]:
+    """The store to convert ``src`` into (made if new; refused where it would hold or lie in the
+    source, or inside another store), with the study-key secret it was (or is now) made with."""
+    src, store_path = Path(src), Path(store_path)
+    if not src.exists():
+        raise FileNotFoundError(f"source {src} does not exist")
+    if src.resolve().is_relative_to(store_path.resolve()):
+        raise ValueError(f"the source {src} lies inside the store {store_path}; choose another store folder")
+    inside = next((p for p in store_path.resolve().parents if dicom._is_store(str(p))), None)
+    if inside is not None:
+        raise ValueError(f"{store_path} lies inside the cohort store {inside}; choose a folder outside it")
+    key = load_or_create_key(key_file)
+    store = CohortStore(store_path)
+    store.check_key(key_fingerprint(key))
+    return store, key
 
 
 def convert_pair(pair, store_path):
@@ -292,8 +351,12 @@ def convert_pair(pair, store_path):
 
 def _worker_died(pair, exc):
     """A study whose convert killed its worker: once more alone, then recorded as poison."""
-    return retry_alone(pair, exc, lambda pair, exc: {"study_key": pair[1], "status": "failed", "reason": "worker_died",
-                                                     "seconds": 0.0, "bytes": 0, "message": died_message(exc)})
+    def poison(pair, exc):
+        row = failure_row(pair[1], "convert", StudyError("worker_died", died_message(exc)))
+        return {"study_key": pair[1], "status": "failed", "reason": row["reason"], "message": row["message"],
+                "seconds": 0.0, "bytes": 0}
+
+    return retry_alone(pair, exc, poison)
 
 
 def _text(path: str) -> str:

@@ -82,12 +82,15 @@ class CohortStore:
             raise ValueError(f"{self.path} was converted with another study-key secret (fingerprint {recorded}, "
                              f"this key {fingerprint}); use that key file (--key-file) or a new store")
 
-    def clear_partial(self) -> int:
-        """Remove half-written studies left by a killed writer (one writer per store at a time)."""
+    def clear_partial(self, owns=lambda key: True) -> int:
+        """Remove half-written studies left by a killed writer: those of the keys this writer
+        ``owns`` (a shard's), never another shard's study in the making."""
         partial = self.path / PARTIAL
         n = 0
         if partial.exists():
             for p in partial.iterdir():
+                if not owns(p.name.rsplit("-", 1)[0]):
+                    continue
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
             try:

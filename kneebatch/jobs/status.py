@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kneebatch.ingest.dicom import _is_store
 from kneebatch.jobs.job import shard_records
 from kneebatch.jobs.shards import Shard
 from kneebatch.jobs.slurm import queued_tasks, submission
@@ -22,6 +23,8 @@ def job_status(out) -> dict:
     submit = submission(out)
     if (out / MARKER).exists():
         command = json.loads((out / MARKER).read_text())["command"]
+    elif _is_store(str(out)):
+        command = "convert"
     elif submit:  # submitted, no task has started yet
         command = submit["command"][0]
     else:
@@ -44,8 +47,9 @@ def job_status(out) -> dict:
             else:
                 state = queue.get(i, "failed").lower()
             shards.append({"shard": f"{i}/{count}", "state": state})
-    merged = (out / "provenance.json").exists() and all(s["state"] == "finished" for s in shards) and (
-        not records or (out / "provenance.json").stat().st_mtime >= max(
+    final = out / ("keymap.parquet" if command == "convert" else "provenance.json")  # what merge writes last
+    merged = final.exists() and all(s["state"] == "finished" for s in shards) and (
+        not records or final.stat().st_mtime >= max(
             (p.stat().st_mtime for p in (out / "shards").glob("shard-*.json")), default=0))
     return {"out": str(out), "command": command, "shards": shards, "merged": merged,
             "slurm_job": ", ".join(str(j["job_id"]) for j in submit["jobs"]) if submit else None}
