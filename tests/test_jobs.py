@@ -121,3 +121,17 @@ def test_a_convert_in_two_shards_merged_equals_one_whole_convert(cohort, key_fil
     assert read_rows(a.keymap_path) == read_rows(b.keymap_path)
     status = job_status(tmp_path / "sharded.zarr")
     assert status["command"] == "convert" and status["merged"]
+
+
+def test_a_store_lists_its_studies_from_one_index_file(store, tmp_path):
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    s = CohortStore(work)
+    keys = s.study_keys()
+    assert len(keys) == 6 and sorted(s.index_path.read_text().split()) == keys
+    s.index_path.unlink()  # a store from before the index: listed by its folders
+    assert CohortStore(work).study_keys() == keys
+    image, grid = s.read_image(keys[0])
+    new = "s" + "0" * (len(keys[0]) - 1)
+    s.write_study(new, image, grid, s.channels(keys[0]), {})  # the first write builds the index whole
+    assert sorted(s.index_path.read_text().split()) == sorted([*keys, new]) == CohortStore(work).study_keys()

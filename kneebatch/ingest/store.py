@@ -37,6 +37,7 @@ _KEY = re.compile(r"^[a-z][0-9a-f]{8,64}$")  # study keys are hex digests: never
 FORMAT_VERSION = 2  # 2: canonical voxel order, channels by contrast role, label maps per model
 CHUNK_ZYX = (32, 128, 128)
 PARTIAL = ".partial"
+INDEX = "studies.idx"  # the store's study keys, a line each
 SEGMENTATION_PREFIX = "labels-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # label map names: never a path
 
@@ -68,6 +69,7 @@ class CohortStore:
             self.path.mkdir(parents=True, exist_ok=True)
             root = zarr.open_group(str(self.path), mode="w")
             root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": __version__})
+            self.index_path.touch()
         else:
             raise FileNotFoundError(f"no cohort store at {self.path}")
 
@@ -108,11 +110,35 @@ class CohortStore:
     def failures_path(self) -> Path:
         return self.path / "failures.parquet"
 
+    @property
+    def index_path(self) -> Path:
+        return self.path / INDEX
+
     def study_keys(self) -> list[str]:
+        """The studies of the store, from its index (one file, however many studies), or, for a
+        store without one, from a walk of its folders."""
+        if self.index_path.exists():
+            return sorted(set(self.index_path.read_text().split()))
+        return self._walk()
+
+    def _walk(self) -> list[str]:
         return sorted(
             p.name for p in self.path.iterdir()
             if p.is_dir() and not p.name.startswith(".") and (p / "image" / "zarr.json").exists()
         )
+
+    def _index(self, key: str) -> None:
+        """Record a written study: one short line appended (O_APPEND: whole lines, also from
+        several writers at once)."""
+        if not self.index_path.exists():  # a store from before the index: list what is there first
+            from kneebatch.outputs import write_text_atomic
+
+            write_text_atomic(self.index_path, "".join(f"{k}\n" for k in self._walk() if k != key))
+        fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{key}\n".encode())
+        finally:
+            os.close(fd)
 
     def has_study(self, key: str) -> bool:
         return (self._dir(key) / "image" / "zarr.json").exists()
@@ -142,6 +168,7 @@ class CohortStore:
             if target.exists():  # a half-removed or stale copy: the new one wins
                 shutil.rmtree(target)
             os.replace(partial, target)
+            self._index(key)
         finally:
             if partial.exists():
                 shutil.rmtree(partial, ignore_errors=True)
