@@ -6,12 +6,14 @@ place, so a reader never sees a half-written table.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 KEYMAP_SCHEMA = pa.schema([
@@ -28,13 +30,24 @@ FAILURE_SCHEMA = pa.schema([
 ])
 
 
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp)
+        if path.suffix == ".arrow":  # Arrow IPC: what kneebatch writes for itself (part files), quick to read back
+            feather.write_feather(table, tmp, compression="uncompressed")
+        else:
+            pq.write_table(table, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -76,11 +76,11 @@ def test_driver_sigkill_then_rerun_equals_uninterrupted_run(work_store, tiny_eng
            "--workers", "1", "--batch-size", "1", "-q"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "parts").glob("part-*[0-9a-f].parquet"))) < 2:
+    while time.time() < deadline and len(list((out / "parts").glob("part-*[0-9a-f].arrow"))) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = len(list((out / "parts").glob("part-*[0-9a-f].parquet")))
+    saved = len(list((out / "parts").glob("part-*[0-9a-f].arrow")))
     assert 2 <= saved < 6, "the kill must land mid-run"
     assert not (out / "measurements.parquet").exists()
     report = run(work, out, engines_path=tiny_engines, batch_size=1, show_progress=False)

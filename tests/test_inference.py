@@ -166,7 +166,7 @@ def test_run_writes_labels_rows_and_resumes(store, tiny_engines, tmp_path):
         assert labels is not None and labels.shape == s.grid(k).shape and labels.dtype == np.uint8
     row = rows[0]
     assert row["label_source"] == "segmentation" and len(row["model_hash"]) == 25
-    assert len(list((tmp_path / "out" / "parts").glob("part-*.failures.parquet"))) == 2  # 2 batches
+    assert len(list((tmp_path / "out" / "parts").glob("part-*.failures.arrow"))) == 2  # 2 batches
     prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert prov["backend"] == "onnxruntime" and (prov["studies"], prov["rows"], prov["failed"]) == (6, 6, 0)
     assert prov["half_precision"] is False and prov["mirror_tta"] is False

@@ -27,11 +27,11 @@ from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
 from kneebatch.errors import StudyError, failure_row
 from kneebatch.jobs.parts import Parts, concat
 from kneebatch.jobs.shards import Shard
-from kneebatch.outputs import FAILURE_SCHEMA, MARKER, claim_output_dir, write_table_atomic, write_text_atomic
+from kneebatch.outputs import FAILURE_SCHEMA, MARKER, claim_output_dir, sha256_file, write_table_atomic, write_text_atomic
 from kneebatch.progress import progress_bar
 
 FINAL = ("measurements.parquet", "failures.parquet", "provenance.json")
-OWNED = ("parts/part-*.parquet", "shards/shard-*.json", *FINAL)
+OWNED = ("parts/part-*.arrow", "parts/part-*.parquet", "shards/shard-*.json", *FINAL)
 
 
 @dataclass
@@ -111,9 +111,8 @@ class Job:
             self.report.failed, self.report.carried_failures = gathered["failed"], gathered["carried_failures"]
             self.report.models = gathered["models"]
         else:
-            failed = self.parts.gather()[1]
-            mine = pc.is_in(failed["study_key"], value_set=pa.array(self.keys, pa.string()))
-            self.report.failed = int(pc.sum(mine).as_py() or 0)
+            # every study left to do was tried in this run (failed ones too): its failures are this run's
+            self.report.failed = sum(self.report.reasons.values())
             record = {"report": {**asdict(self.report), "studies_per_s": self.report.studies_per_s},
                       "finished_utc": _now(), "provenance": provenance}
             (self.out / "shards").mkdir(exist_ok=True)
@@ -129,8 +128,6 @@ def study_key_of(item) -> str:
 def gather(out: Path, parts: Parts, store, provenance: dict) -> dict:
     """The final tables: every study of the store in exactly one of measurements.parquet and
     failures.parquet (convert failures carried over), and provenance.json naming them."""
-    from kneebatch.models.checkpoints import sha256_file
-
     rows, failures = parts.gather()
     keys = pa.array(store.study_keys(), pa.string())
     carried = pq.read_table(store.failures_path, schema=FAILURE_SCHEMA) if Path(store.failures_path).exists() \

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from kneebatch.outputs import sha256_file  # noqa: F401  (the engines' and publish's import)
 
 
 def save_weights(path, state: dict, metadata: dict | None = None, dtype: torch.dtype | None = None) -> str:
