@@ -78,6 +78,8 @@ def slurm_cluster(max_jobs: int, resources=None):
     adaptive between one job and ``max_jobs``. Workers run this interpreter (a shared file system)."""
     import sys
 
+    import dask
+
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
@@ -85,12 +87,14 @@ def slurm_cluster(max_jobs: int, resources=None):
     from kneebatch.jobs.slurm import Resources
 
     r = resources or Resources()
-    cores = r.cpus_per_task or 1
-    extra = [f"--gpus-per-task={r.gpus_per_task}"] if r.gpus_per_task else []
-    cluster = SLURMCluster(cores=cores, processes=1, memory=r.mem or f"{4 * cores}GB", queue=r.partition,
-                           account=r.account, walltime=r.time or "04:00:00", job_extra_directives=extra,
-                           job_script_prologue=[r.setup] if r.setup else [], python=sys.executable,
-                           scheduler_options={"dashboard_address": None})
+    # what the command line does not say comes from dask's jobqueue.slurm config (cluster/jobqueue.yaml)
+    cores = r.cpus_per_task or dask.config.get("jobqueue.slurm.cores", None) or 1
+    chosen = {"queue": r.partition, "account": r.account, "walltime": r.time,
+              "memory": r.mem or dask.config.get("jobqueue.slurm.memory", None) or f"{4 * cores}GB",
+              "job_extra_directives": [f"--gpus-per-task={r.gpus_per_task}"] if r.gpus_per_task else None,
+              "job_script_prologue": [r.setup] if r.setup else None}
+    cluster = SLURMCluster(cores=cores, processes=1, python=sys.executable, scheduler_options={"dashboard_address": None},
+                           **{k: v for k, v in chosen.items() if v is not None})
     cluster.adapt(minimum=1, maximum=max_jobs)
     try:
         yield cluster
