@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -50,6 +51,18 @@ def cmd_labels(args) -> int:
     else:
         for label in L.LABELS:
             print(f"{label.id:3d}  {label.name:26s} {label.group:10s} {label.color}")
+    return 0
+
+
+def cmd_columns(args) -> int:
+    from kneebatch.measure import columns_markdown, measurement_schema
+
+    if args.markdown:
+        print(columns_markdown(), end="")
+    else:
+        for f in measurement_schema():
+            meta = {k.decode(): v.decode() for k, v in (f.metadata or {}).items()}
+            print(f"{f.name:44s} {str(f.type):14s} {meta['unit']:14s} {meta['doc']}")
     return 0
 
 
@@ -324,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help='as JSON: [{"id", "name", "group", "color"}, ...]')
     s.set_defaults(func=cmd_labels)
 
+    s = sub.add_parser("columns", help="every column of measurements.parquet: type, unit, meaning")
+    s.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/columns.md")
+    s.set_defaults(func=cmd_columns)
+
     s = sub.add_parser("synth", help="write a synthetic knee MRI cohort (DICOM, truth labels, clinical.csv)")
     s.add_argument("out", type=Path, help="output folder")
     s.add_argument("--n", type=_positive, default=24, help="number of studies (alternating normal / OA; default 24)")
@@ -538,6 +555,9 @@ def main(argv=None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"kneebatch {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (| head): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"\nkneebatch {args.command}: interrupted — rerun the same command to resume", file=sys.stderr)
         return 130

@@ -36,34 +36,63 @@ def _cartilage_plates():
     return [label for label in L.LABELS if label.group == "cartilage"]
 
 
+def _field(name: str, type_, unit: str, doc: str, nullable: bool = True) -> pa.Field:
+    """A column with its unit and meaning in the schema itself (Parquet keeps them; docs/columns.md
+    is made from them)."""
+    return pa.field(name, type_, nullable=nullable, metadata={"unit": unit, "doc": doc})
+
+
 def measurement_schema() -> pa.Schema:
-    fields = [pa.field("study_key", pa.string(), nullable=False)]
+    f64 = pa.float64()
+    fields = [_field("study_key", pa.string(), "", "pseudonymous study key (keyed hash of the StudyInstanceUID)",
+                     nullable=False)]
     for label in L.LABELS:
-        fields += [pa.field(f"{label.name}_volume_mm3", pa.float64()), pa.field(f"{label.name}_volume_ml", pa.float64())]
+        fields += [_field(f"{label.name}_volume_mm3", f64, "mm3", f"{label.name}: voxel count x voxel volume"),
+                   _field(f"{label.name}_volume_ml", f64, "mL", f"{label.name}: volume in millilitres (mm3 / 1000)")]
     for group in GROUP_TOTALS:
-        fields += [pa.field(f"total_{group}_volume_mm3", pa.float64()), pa.field(f"total_{group}_volume_ml", pa.float64())]
+        fields += [_field(f"total_{group}_volume_mm3", f64, "mm3", f"all {group} labels together"),
+                   _field(f"total_{group}_volume_ml", f64, "mL", f"all {group} labels together")]
     for plate in _cartilage_plates():
-        fields += [pa.field(f"{plate.name}_thickness_mean_mm", pa.float64()),
-                   pa.field(f"{plate.name}_thickness_p95_mm", pa.float64())]
+        fields += [_field(f"{plate.name}_thickness_mean_mm", f64, "mm",
+                          f"{plate.name}: mean distance from its articular-surface voxels to its bone; NaN if absent"),
+                   _field(f"{plate.name}_thickness_p95_mm", f64, "mm",
+                          f"{plate.name}: 95th percentile of those distances; NaN if absent")]
     for label in L.LABELS:
-        fields += [pa.field(f"{label.name}_{role.lower()}_mean", pa.float64()) for role in ROLES]
+        fields += [_field(f"{label.name}_{role.lower()}_mean", f64, "scanner units",
+                          f"{label.name}: mean intensity in the {role} channel; NaN without one") for role in ROLES]
+    text = pa.string()
     fields += [
-        pa.field("voxel_volume_mm3", pa.float64()),
-        pa.field("spacing_z_mm", pa.float64()),
-        pa.field("spacing_y_mm", pa.float64()),
-        pa.field("spacing_x_mm", pa.float64()),
-        pa.field("qc_flags", pa.list_(pa.string())),
-        pa.field("qc_ok", pa.bool_()),
-        pa.field("knee_side", pa.string()),  # left / right, from the DICOM headers or the fibula
-        pa.field("knee_side_source", pa.string()),  # dicom, anatomy or null (undetermined)
-        pa.field("label_source", pa.string()),  # segmentation (run), store (measure) or file (--labels)
-        pa.field("label_name", pa.string()),  # the label map's name in the store, or which name a --labels file matched
-        pa.field("label_grid", pa.string()),  # same_grid, reoriented (exact) or resampled (nearest)
-        pa.field("model_hash", pa.string()),  # engines that made the labels (null for imported labels)
-        pa.field("channels_used", pa.string()),  # the series (roles) the engines segmented, e.g. T1+T2FS
-        pa.field("kneebatch_version", pa.string()),
+        _field("voxel_volume_mm3", f64, "mm3", "voxel volume of the label map (the store's grid)"),
+        _field("spacing_z_mm", f64, "mm", "voxel spacing along z (patient right)"),
+        _field("spacing_y_mm", f64, "mm", "voxel spacing along y (inferior)"),
+        _field("spacing_x_mm", f64, "mm", "voxel spacing along x (posterior)"),
+        _field("qc_flags", pa.list_(text), "", "missing:<label>, fov_truncates:<label>, "
+               "thickness_implausible:<plate>, fragmented:<bone>, sides_unresolved"),
+        _field("qc_ok", pa.bool_(), "", "no QC flags"),
+        _field("knee_side", text, "", "left / right, from the DICOM headers or the fibula"),
+        _field("knee_side_source", text, "", "dicom, anatomy or null (undetermined)"),
+        _field("label_source", text, "", "segmentation (run), store (measure) or file (measure --labels)"),
+        _field("label_name", text, "", "the label map's name in the store, or which name a --labels file matched"),
+        _field("label_grid", text, "", "same_grid, reoriented (exact) or resampled (nearest neighbour)"),
+        _field("model_hash", text, "", "coarse+fine engine hashes that made the labels (null for imported labels)"),
+        _field("channels_used", text, "", "the series (contrast roles) the engines segmented, e.g. T1+T2FS"),
+        _field("kneebatch_version", text, "", "the version that measured"),
     ]
     return pa.schema(fields)
+
+
+def columns_markdown(schema: pa.Schema | None = None) -> str:
+    """Every column of measurements.parquet with its type, unit and meaning, from the schema."""
+    schema = schema or measurement_schema()
+    lines = ["# measurements.parquet: every column", "",
+             "Made from the schema (`kneebatch columns --markdown > docs/columns.md`); the Parquet files carry the "
+             "same unit and meaning in each field's metadata. What the measurements are: "
+             "[outputs.md](outputs.md).", "",
+             "| column | type | unit | meaning |", "| --- | --- | --- | --- |"]
+    for f in schema:
+        meta = {k.decode(): v.decode() for k, v in (f.metadata or {}).items()}
+        lines.append(f"| `{f.name}` | {f.type} | {meta.get('unit', '')} | {meta.get('doc', '')} |")
+    return "\n".join(lines) + "\n"
 
 
 def dice_per_label(pred, truth) -> dict[str, float]:

@@ -22,3 +22,20 @@ def test_no_pickle_or_runtime_downloads_in_the_package():
         text = path.read_text()
         assert "import pickle" not in text and "torch.load(" not in text, path
         assert "urllib.request" not in text and "requests.get" not in text, path
+
+
+def test_the_column_reference_is_made_from_the_schema():
+    from kneebatch.measure import columns_markdown, measurement_schema
+
+    schema = measurement_schema()
+    assert all(f.metadata and f.metadata[b"doc"] for f in schema)  # every column says what it is
+    assert (ROOT / "docs" / "columns.md").read_text() == columns_markdown(schema), \
+        "regenerate: kneebatch columns --markdown > docs/columns.md"
+
+
+def test_the_readme_is_a_front_page_and_its_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 8192
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
+            assert (doc.parent / target).exists(), (doc.name, target)
