@@ -85,7 +85,7 @@ def _kneebatch(store_path, engines, out, backend, workers, device, half, tta, q)
     import torch  # noqa: F401
 
     from kneebatch.distributed.cluster import dask_client
-    from kneebatch.inference.run import run
+    from kneebatch.jobs.run import run
 
     t0 = time.perf_counter()
     if workers > 1:

@@ -127,7 +127,7 @@ def _print_outputs(args, r) -> None:
 
 def cmd_run(args) -> int:
     from kneebatch.inference.engine_dir import InferenceOptions
-    from kneebatch.inference.run import run
+    from kneebatch.jobs.run import run
 
     options = InferenceOptions(str(args.engines) if args.engines else None, args.backend, args.device, args.threads,
                                args.fp16, args.tta)

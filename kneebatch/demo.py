@@ -27,8 +27,8 @@ TABLE_COLUMNS = [
 def run_demo(out: Path, n: int = 24, seed: int = 2024, preset: str = "clinical", workers: int | None = None,
              show_progress: bool | None = None, truth: bool = False, backend: str = "onnxruntime") -> int:
     from kneebatch.distributed.cluster import dask_client, default_workers
-    from kneebatch.inference.run import run
     from kneebatch.ingest.convert import convert
+    from kneebatch.jobs.run import run
     from kneebatch.measure_store import measure_store
     from kneebatch.stats import group_summary, join_clinical
     from kneebatch.synth.cohort import generate_cohort

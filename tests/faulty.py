@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kneebatch.inference.run import process_batch
+from kneebatch.inference.batch import process_batch
 from kneebatch.ingest.convert import convert_pair
 
 

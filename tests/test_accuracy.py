@@ -12,9 +12,9 @@ import pytest
 
 from kneebatch import labels as L
 from kneebatch.inference.engine_dir import DEFAULT_ENGINES
-from kneebatch.inference.run import run
 from kneebatch.ingest.convert import convert
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.run import run
 from kneebatch.outputs import read_rows
 from kneebatch.synth.cohort import generate_cohort
 from kneebatch.training.evaluate import dice_against_truth

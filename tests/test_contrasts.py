@@ -224,7 +224,7 @@ def one_channel_engines(tmp_path_factory):
 def test_one_channel_engines_segment_every_protocol_with_every_series(protocol_stores, one_channel_engines, tmp_path):
     import shutil
 
-    from kneebatch.inference.run import run
+    from kneebatch.jobs.run import run
     from kneebatch.outputs import read_rows
 
     for protocol, roles in EXPECTED_ROLES.items():

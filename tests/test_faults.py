@@ -11,7 +11,7 @@ from functools import partial
 import pytest
 
 from kneebatch.distributed.cluster import dask_client
-from kneebatch.inference.run import run
+from kneebatch.jobs.run import run
 from kneebatch.outputs import read_rows
 from tests import faulty
 from tests.conftest import comparable

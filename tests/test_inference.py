@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from kneebatch.inference.engine_dir import load_engines
 from kneebatch.inference.engines import EngineHashMismatch
-from kneebatch.inference.run import run
 from kneebatch.inference.segment import channel_argmax, upsample_argmax
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.run import run
 from kneebatch.models.preprocess import box_from_mask, normalize, resize, working_shape
 from kneebatch.outputs import read_rows
 from tests.conftest import comparable
@@ -180,7 +180,7 @@ def test_run_writes_labels_rows_and_resumes(store, tiny_engines, tmp_path):
 def test_a_study_failing_while_measured_becomes_a_failure_row(store, tiny_engines, tmp_path, monkeypatch):
     # saving and measuring run on a second thread beside the next study's segmentation:
     # an error there is still that study's failure row, and the other studies go on
-    import kneebatch.inference.run as run_module
+    import kneebatch.inference.batch as run_module
     from kneebatch.inference.engine_dir import load_engines
 
     work = tmp_path / "store.zarr"
@@ -203,8 +203,8 @@ def test_a_study_failing_while_measured_becomes_a_failure_row(store, tiny_engine
 
 def test_a_study_whose_sides_could_not_be_told_is_flagged(store, tiny_engines, tmp_path, monkeypatch):
     import kneebatch.inference.segment as segment_module
+    from kneebatch.inference.batch import process_batch
     from kneebatch.inference.engine_dir import load_engines
-    from kneebatch.inference.run import process_batch
 
     work = tmp_path / "store.zarr"
     shutil.copytree(store, work)

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 
 from kneebatch.cli import main
-from kneebatch.inference.run import run
 from kneebatch.ingest.store import CohortStore, segmentation_name
 from kneebatch.jobs.job import merge
 from kneebatch.jobs.parts import Parts
+from kneebatch.jobs.run import run
 from kneebatch.jobs.shards import Shard
 from kneebatch.jobs.status import job_status
 from kneebatch.measure_store import measure_store

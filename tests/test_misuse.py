@@ -137,7 +137,7 @@ def test_a_store_refuses_a_second_key(cohort, store, tmp_path, capsys):
 
 # ---------------------------------------------------------------- outputs never mix or vanish
 def test_rerun_with_other_settings_refuses_and_force_starts_clean(store, tiny_engines, tmp_path):
-    from kneebatch.inference.run import run
+    from kneebatch.jobs.run import run
 
     work = tmp_path / "store.zarr"
     shutil.copytree(store, work)
@@ -163,7 +163,7 @@ def test_rerun_with_other_settings_refuses_and_force_starts_clean(store, tiny_en
 
 
 def test_run_into_a_folder_kneebatch_did_not_make_is_refused(store, tiny_engines, tmp_path):
-    from kneebatch.inference.run import run
+    from kneebatch.jobs.run import run
 
     out = tmp_path / "papers"
     out.mkdir()
@@ -178,7 +178,7 @@ def test_two_engines_keep_two_label_maps(store, tiny_engines, tmp_path):
     import torch
 
     from kneebatch.export import export_nifti
-    from kneebatch.inference.run import run
+    from kneebatch.jobs.run import run
     from kneebatch.models.checkpoints import save_weights
     from kneebatch.models.config import build_network
     from kneebatch.models.publish import publish

@@ -109,8 +109,8 @@ def paths(tmp_path_factory, key_file):
     if not (DEFAULT_ENGINES / "engines.json").exists():
         pytest.skip("no shipped engines")
     exe = _dcm2niix()
-    from kneebatch.inference.run import run
     from kneebatch.ingest.convert import convert
+    from kneebatch.jobs.run import run
 
     root = tmp_path_factory.mktemp("orientation")
     generate_cohort(root / "c2d", 2, seed=HELD_OUT_SEED, workers=1, ranges=replace(PRESETS["clinical"], p_3d=0.0))

@@ -62,7 +62,7 @@ def test_oai_study_keeps_both_series_with_their_roles(oai, key_file):
 
 
 def test_run_records_unsupported_contrast_for_the_oai_protocol(oai, tiny_engines, tmp_path):
-    from kneebatch.inference.run import run
+    from kneebatch.jobs.run import run
 
     work = tmp_path / "store"
     shutil.copytree(oai / "store", work)

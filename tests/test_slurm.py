@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kneebatch.cli import main
-from kneebatch.inference.run import run
+from kneebatch.jobs.run import run
 from kneebatch.jobs.status import job_status
 from kneebatch.outputs import read_rows
 from tests.conftest import comparable

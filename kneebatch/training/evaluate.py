@@ -34,8 +34,8 @@ class Accuracy:
 def held_out_accuracy(root, protocol: str, n: int, seed: int, engines=None, preset: str = "clinical",
                       key_file=None, ranges=None, **run_options) -> Accuracy:
     """Synthesise ``n`` studies of ``protocol`` under ``root``, convert, run, score against truth."""
-    from kneebatch.inference.run import run
     from kneebatch.ingest.convert import convert
+    from kneebatch.jobs.run import run
     from kneebatch.outputs import read_rows
     from kneebatch.synth.cohort import generate_cohort
 

@@ -1,7 +1,8 @@
 """``kneebatch run``: segment and measure every study of a cohort store on a Dask cluster.
 
-Tasks carry batches of study keys; workers hold the engines (loaded once per worker
-by :class:`kneebatch.distributed.plugin.EngineLoader`). The job skeleton
+Tasks carry batches of study keys (:func:`kneebatch.inference.batch.process_batch`);
+workers hold the engines (loaded once per worker by
+:class:`kneebatch.distributed.plugin.EngineLoader`). The job skeleton
 (:mod:`kneebatch.jobs.job`) keeps a bounded number of batches in flight, saves each
 finished batch at once as part files, so an interrupted run loses at most the batches
 in flight and a re-run skips every study already saved, and gathers the parts into
@@ -13,98 +14,14 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 from dataclasses import replace
 
-import numpy as np
-
-from kneebatch import __version__
-from kneebatch.errors import failure_row
+from kneebatch.inference.batch import STAGES, process_batch
 from kneebatch.inference.engine_dir import InferenceOptions, read_manifest
 from kneebatch.ingest.store import CohortStore
 from kneebatch.jobs.job import Job, JobReport
 from kneebatch.jobs.shards import Shard
-from kneebatch.measure import measure_study, measurement_schema
-
-STAGES = ("read", "normalize", "coarse", "fine", "paste", "write", "measure")
-
-
-def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
-    """Segment, save and measure a batch of studies; never raises.
-
-    Pasting, saving and measuring study *i* run on a second thread while the engines
-    work on study *i+1*, so the engines' cores do not wait for that (mostly
-    single-threaded) work; at most one study is being finished at a time.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from kneebatch.inference.segment import SegmentInfo, fine_stage, paste
-
-    if engines is None:
-        from kneebatch.distributed.plugin import worker_engines
-
-        engines = worker_engines()
-    store = CohortStore(store_path, create=False)
-    rows, failures = [], []
-    seconds = dict.fromkeys(STAGES, 0.0)
-
-    def fail(key, exc):
-        failures.append(failure_row(key, "run", exc))
-
-    def finish(key, result, info, image, grid, used):
-        labels = paste(result, info)
-        image = torch.from_numpy(image).to(labels.device)  # measured beside the labels
-        t = time.perf_counter()
-        store.write_labels(key, labels.cpu().numpy(), {"model_hash": engines.model_hash,
-                                                       "kneebatch_version": __version__},
-                           name=engines.label_name)
-        t_write = time.perf_counter() - t
-        t = time.perf_counter()
-        # sides_unresolved: medial/lateral labels as the net gave them
-        flags = ["sides_unresolved"] if info.sides_found is False else []
-        row = measure_study(key, labels, image, grid, store.channels(key), "segmentation", flags,
-                            knee_side=store.study_attrs(key).get("knee_side"))
-        row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid",
-                   channels_used=used)
-        return row, t_write, time.perf_counter() - t
-
-    def collect(key, future, info):
-        try:
-            row, t_write, t_measure = future.result()
-        except Exception as e:
-            fail(key, e)
-            return
-        rows.append(row)
-        seconds["paste"] += info.seconds["paste"]
-        seconds["write"] += t_write
-        seconds["measure"] += t_measure
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
-        pending = None
-        for key in keys:
-            try:
-                t = time.perf_counter()
-                channels = store.channels(key)
-                inputs = engines.config.input_channels(channels)  # unsupported_contrast
-                image, grid = store.read_image(key)
-                image = image.astype(np.float32)
-                seconds["read"] += time.perf_counter() - t
-                info = SegmentInfo()
-                result = fine_stage(image[inputs], grid, engines.coarse, engines.fine, engines.config, info)
-                for k, v in info.seconds.items():
-                    seconds[k] += v
-            except Exception as e:
-                fail(key, e)
-                continue
-            if pending is not None:
-                collect(*pending)
-            used = "+".join(channels[i] for i in inputs)
-            pending = key, finisher.submit(finish, key, result, info, image, grid, used), info
-        if pending is not None:
-            collect(*pending)
-    return {"keys": list(keys), "rows": rows, "failures": failures, "seconds": seconds}
+from kneebatch.measure import measurement_schema
 
 
 def run(store_path, out, options: InferenceOptions | None = None, client=None, batch_size: int = 4,
