@@ -302,21 +302,11 @@ SHARDS = "shards"  # a sharded convert's keymap and failure rows, which merge_st
 def merge_store(store_path) -> dict:
     """``kneebatch merge STORE``: fold the shards' keymap and failure rows into the store's tables,
     once every shard has finished (again and again gives the same tables)."""
-    from kneebatch.jobs.job import shard_records
+    from kneebatch.jobs.job import all_shards
 
     store = CohortStore(store_path, create=False)
     folder = store.path / SHARDS
-    records = shard_records(store.path)
-    if not records:
-        raise ValueError(f"{store.path} has no finished convert shards to merge")
-    n = {Shard.parse(r["report"]["shard"]).count for r in records}
-    if len(n) != 1:
-        raise ValueError(f"{store.path} holds convert shards of different counts {sorted(n)}")
-    n = n.pop()
-    missing = sorted(set(range(n)) - {Shard.parse(r["report"]["shard"]).index for r in records})
-    if missing:
-        raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in missing)} have not finished; run or resubmit "
-                         "them, then merge again")
+    _, n = all_shards(store.path)
     keymap = [r for p in sorted(folder.glob("keymap-*.parquet")) for r in read_rows(p)]
     failures = [r for p in sorted(folder.glob("failures-*.parquet")) for r in read_rows(p)]
     write_rows(merge_rows(read_rows(store.keymap_path), keymap), KEYMAP_SCHEMA, store.keymap_path)

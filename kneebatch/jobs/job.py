@@ -158,6 +158,23 @@ def shard_records(out) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((Path(out) / "shards").glob("shard-*.json"))]
 
 
+def all_shards(out) -> tuple[list[dict], int]:
+    """The shard records in ``out/shards`` and N, once all N shards have finished; otherwise a
+    ValueError that names the missing ones."""
+    records = shard_records(out)
+    if not records:
+        raise ValueError(f"{out} has no finished shards (shards/*.json); a job run without --shard gathers itself")
+    counts = {Shard.parse(r["report"]["shard"]).count for r in records}
+    if len(counts) != 1:
+        raise ValueError(f"{out} holds shards of different counts {sorted(counts)}; one job, one N")
+    n = counts.pop()
+    missing = sorted(set(range(n)) - {Shard.parse(r["report"]["shard"]).index for r in records})
+    if missing:
+        raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in missing)} have not finished; run or resubmit them, "
+                         "then merge again")
+    return records, n
+
+
 def merge(out) -> dict:
     """``kneebatch merge OUT``: the final tables of a job run as N shards, once all N have finished."""
     from kneebatch.ingest.store import CohortStore
@@ -167,18 +184,7 @@ def merge(out) -> dict:
     if not (out / MARKER).exists():
         raise ValueError(f"{out} holds no kneebatch job outputs")
     marker = json.loads((out / MARKER).read_text())
-    records = shard_records(out)
-    if not records:
-        raise ValueError(f"{out} has no finished shards (shards/*.json); a job run without --shard gathers itself")
-    counts = {Shard.parse(r["report"]["shard"]).count for r in records}
-    if len(counts) != 1:
-        raise ValueError(f"{out} holds shards of different counts {sorted(counts)}; one job, one N")
-    n = counts.pop()
-    finished = {Shard.parse(r["report"]["shard"]).index for r in records}
-    missing = sorted(set(range(n)) - finished)
-    if missing:
-        raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in missing)} have not finished; run or resubmit them, "
-                         "then merge again")
+    records, n = all_shards(out)
     store = CohortStore(marker["settings"]["store"], create=False)
     provenance = {**records[0]["provenance"], "shards": [r["report"] for r in records]}
     summary = gather(out, Parts(out, measurement_schema()), store, provenance)
