@@ -91,8 +91,9 @@ def test_a_cancelled_shard_is_failed_in_status_and_a_resubmit_finishes_it(slurm,
     assert len(read_rows(out / "measurements.parquet")) == 6
 
 
-def test_a_jobqueue_run_on_slurm_workers_equals_the_local_run(slurm, store, tiny_engines, tmp_path):
+def test_a_jobqueue_run_on_slurm_workers_equals_the_local_run(slurm, store, tiny_engines, tmp_path, monkeypatch):
     pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is not installed (pip install 'kneebatch[slurm]')")
+    monkeypatch.chdir(tmp_path)  # the worker jobs' slurm-<id>.out logs land in the submitting folder
     work = tmp_path / "store.zarr"
     shutil.copytree(store, work)
     run(work, tmp_path / "local", engines_path=tiny_engines, batch_size=2, threads=1, show_progress=False)
