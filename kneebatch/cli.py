@@ -194,8 +194,10 @@ def cmd_submit(argv: list[str]) -> int:
             sp.error("--resubmit OUT takes no job; the submission's own command is sent again")
         out = args.resubmit
         r = slurm.resubmit(out)
-        print(f"resubmitted shards {', '.join(map(str, r['resubmitted'])) or 'none (none failed or is missing)'}"
-              + (f" as SLURM job {r['jobs'][-1]['job_id']}" if r["resubmitted"] else ""))
+        if r["resubmitted"]:
+            print(f"resubmitted shards {', '.join(map(str, r['resubmitted']))} as SLURM job {r['jobs'][-1]['job_id']}")
+        else:
+            print("nothing to resubmit: every shard has finished or is still queued")
     else:
         if not args.command:
             sp.error("name the job: convert, run or measure")
@@ -205,6 +207,12 @@ def cmd_submit(argv: list[str]) -> int:
             sp.error("submit gives each task its --shard; use --shards N")
         job = build_parser().parse_args([args.command, *job_argv])  # the job's own errors, now, not in N tasks
         out = job.store if args.command == "convert" else job.out
+        if getattr(job, "force", False):
+            sp.error("--force starts OUT clean, which would remove the other shards' work; give a new OUT")
+        if args.command != "convert":  # the store must be there before N tasks find out it is not
+            from kneebatch.ingest.store import CohortStore
+
+            CohortStore(job.store, create=False)
         if args.command == "convert":  # made (and its key recorded) once here, not raced by N tasks
             from kneebatch.ingest.convert import prepare_store
 

@@ -135,3 +135,28 @@ def test_a_store_lists_its_studies_from_one_index_file(store, tmp_path):
     new = "s" + "0" * (len(keys[0]) - 1)
     s.write_study(new, image, grid, s.channels(keys[0]), {})  # the first write builds the index whole
     assert sorted(s.index_path.read_text().split()) == sorted([*keys, new]) == CohortStore(work).study_keys()
+
+
+def test_submit_and_merge_refuse_what_cannot_work_before_anything_is_submitted(cohort, store, key_file, tmp_path,
+                                                                                capsys):
+    from kneebatch.ingest.convert import convert
+
+    # a job that would fail in every task is refused at submit time, and leaves nothing behind
+    with pytest.raises(SystemExit):
+        main(["submit", "run", str(store), str(tmp_path / "r"), "--force", "--slurm", "--shards", "2"])
+    assert "other shards' work" in capsys.readouterr().err
+    assert main(["submit", "run", str(tmp_path / "nostore.zarr"), str(tmp_path / "r"), "--slurm"]) == 2
+    assert "no cohort store" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    # merge and status speak of jobs with shards only
+    (tmp_path / "synth").mkdir()
+    from kneebatch.outputs import claim_output_dir
+
+    claim_output_dir(tmp_path / "synth", "synth", {})
+    for command in ("merge", "status"):
+        assert main([command, str(tmp_path / "synth")]) == 2
+        assert "'kneebatch synth'" in capsys.readouterr().err
+    # a store made with one secret never gets a new secret made for it
+    convert(cohort / "dicom", tmp_path / "s.zarr", key_file=key_file, show_progress=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        convert(cohort / "dicom", tmp_path / "s.zarr", key_file=tmp_path / "other.key", show_progress=False)
+    assert not (tmp_path / "other.key").exists()

@@ -25,7 +25,7 @@ from kneebatch.ingest import dicom, nifti
 from kneebatch.ingest.roles import ROLES
 from kneebatch.ingest.store import CohortStore
 from kneebatch.jobs.shards import Shard
-from kneebatch.keys import key_fingerprint, load_or_create_key, study_key
+from kneebatch.keys import default_key_file, key_fingerprint, load_or_create_key, study_key
 from kneebatch.outputs import FAILURE_SCHEMA, KEYMAP_SCHEMA, merge_rows, read_rows, write_rows, write_text_atomic
 from kneebatch.progress import progress_bar
 
@@ -328,8 +328,13 @@ def prepare_store(src, store_path, key_file=None) -> tuple[CohortStore, bytes]:
     inside = next((p for p in store_path.resolve().parents if dicom._is_store(str(p))), None)
     if inside is not None:
         raise ValueError(f"{store_path} lies inside the cohort store {inside}; choose a folder outside it")
-    key = load_or_create_key(key_file)
     store = CohortStore(store_path)
+    key_path = Path(key_file) if key_file else default_key_file()
+    recorded = store.key_fingerprint()
+    if not key_path.exists() and recorded is not None:  # a new secret could never fit: none is made
+        raise ValueError(f"{store_path} was converted with another study-key secret (fingerprint {recorded}) and the "
+                         f"key file {key_path} does not exist; give that store's key file (--key-file)")
+    key = load_or_create_key(key_path)
     store.check_key(key_fingerprint(key))
     return store, key
 

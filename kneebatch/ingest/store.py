@@ -73,6 +73,10 @@ class CohortStore:
         else:
             raise FileNotFoundError(f"no cohort store at {self.path}")
 
+    def key_fingerprint(self) -> str | None:
+        """The fingerprint of the study-key secret the store was converted with (None: none yet)."""
+        return zarr.open_group(str(self.path), mode="r").attrs.get("key_fingerprint")
+
     def check_key(self, fingerprint: str) -> None:
         """Record the study-key secret's fingerprint, or refuse another key: keys made with two
         secrets would store every study twice under two names."""

@@ -31,6 +31,7 @@ from kneebatch.outputs import FAILURE_SCHEMA, MARKER, claim_output_dir, sha256_f
 from kneebatch.progress import progress_bar
 
 FINAL = ("measurements.parquet", "failures.parquet", "provenance.json")
+SHARDED = ("run", "measure")  # the jobs with an OUT of their own (convert's is the store)
 OWNED = ("parts/part-*.arrow", "parts/part-*.parquet", "shards/shard-*.json", *FINAL)
 
 
@@ -178,12 +179,20 @@ def all_shards(out) -> tuple[list[dict], int]:
 def merge(out) -> dict:
     """``kneebatch merge OUT``: the final tables of a job run as N shards, once all N have finished."""
     from kneebatch.ingest.store import CohortStore
+    from kneebatch.jobs.slurm import submission
     from kneebatch.measure import measurement_schema
 
     out = Path(out)
     if not (out / MARKER).exists():
+        submitted = submission(out)
+        if submitted:  # submitted, and no task has started yet
+            n = submitted["shards"]
+            raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in range(n))} have not finished; "
+                             f"kneebatch status {out}")
         raise ValueError(f"{out} holds no kneebatch job outputs")
     marker = json.loads((out / MARKER).read_text())
+    if marker["command"] not in SHARDED:
+        raise ValueError(f"{out} holds the outputs of 'kneebatch {marker['command']}', which has no shards to merge")
     records, n = all_shards(out)
     store = CohortStore(marker["settings"]["store"], create=False)
     provenance = {**records[0]["provenance"], "shards": [r["report"] for r in records]}

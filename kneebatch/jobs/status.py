@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from kneebatch.ingest.dicom import _is_store
-from kneebatch.jobs.job import shard_records
+from kneebatch.jobs.job import SHARDED, shard_records
 from kneebatch.jobs.shards import Shard
 from kneebatch.jobs.slurm import queued_tasks, submission
 from kneebatch.outputs import MARKER
@@ -23,6 +23,8 @@ def job_status(out) -> dict:
     submit = submission(out)
     if (out / MARKER).exists():
         command = json.loads((out / MARKER).read_text())["command"]
+        if command not in SHARDED:
+            raise ValueError(f"{out} holds the outputs of 'kneebatch {command}', a command without shards")
     elif _is_store(str(out)):
         command = "convert"
     elif submit:  # submitted, no task has started yet
