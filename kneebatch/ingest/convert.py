@@ -265,7 +265,7 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
         else:
             todo.append((source, k))
     if shard.whole:
-        write_rows(merge_rows(read_rows(store.keymap_path), keymap), KEYMAP_SCHEMA, store.keymap_path)
+        _add_to_keymap(store, keymap)
     else:
         write_rows(merge_rows([], keymap), KEYMAP_SCHEMA, store.path / SHARDS / f"keymap-{shard.name}.parquet")
 
@@ -284,9 +284,7 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
             advance()
     report.seconds = time.perf_counter() - t0
     if shard.whole:
-        done = set(store.study_keys())
-        old = [f for f in read_rows(store.failures_path) if f["study_key"] not in done]
-        write_rows(merge_rows(old, failures, drop_keys=done), FAILURE_SCHEMA, store.failures_path)
+        _add_failures(store, failures)
     else:
         write_rows(merge_rows([], failures), FAILURE_SCHEMA, store.path / SHARDS / f"failures-{shard.name}.parquet")
         record = {"report": {"shard": str(shard), "studies": report.studies_in_shard, "saved": report.converted,
@@ -309,12 +307,21 @@ def merge_store(store_path) -> dict:
     _, n = all_shards(store.path)
     keymap = [r for p in sorted(folder.glob("keymap-*.parquet")) for r in read_rows(p)]
     failures = [r for p in sorted(folder.glob("failures-*.parquet")) for r in read_rows(p)]
-    write_rows(merge_rows(read_rows(store.keymap_path), keymap), KEYMAP_SCHEMA, store.keymap_path)
-    done = set(store.study_keys())
-    old = [f for f in read_rows(store.failures_path) if f["study_key"] not in done]
-    merged = merge_rows(old, failures, drop_keys=done)
+    _add_to_keymap(store, keymap)
+    merged = _add_failures(store, failures)
+    return {"shards": n, "studies": len(store.study_keys()), "failed": len(merged)}
+
+
+def _add_to_keymap(store: CohortStore, rows: list[dict]) -> None:
+    write_rows(merge_rows(read_rows(store.keymap_path), rows), KEYMAP_SCHEMA, store.keymap_path)
+
+
+def _add_failures(store: CohortStore, failures: list[dict]) -> list[dict]:
+    """The store's failure rows with ``failures`` added (a study's newest row wins); a study now in
+    the store has none."""
+    merged = merge_rows(read_rows(store.failures_path), failures, drop_keys=set(store.study_keys()))
     write_rows(merged, FAILURE_SCHEMA, store.failures_path)
-    return {"shards": n, "studies": len(done), "failed": len(merged)}
+    return merged
 
 
 def prepare_store(src, store_path, key_file=None) -> tuple[CohortStore, bytes]:
