@@ -66,14 +66,26 @@ def cmd_columns(args) -> int:
     return 0
 
 
+def _months(text: str) -> list[int]:
+    try:
+        months = [int(m) for m in text.split(",") if m.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: months as whole numbers, comma-separated (0,12,24,48)") from None
+    if not months or min(months) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: months after baseline, 0 or more")
+    return months
+
+
 def cmd_synth(args) -> int:
     from kneebatch.distributed.cluster import default_workers
     from kneebatch.synth.cohort import generate_cohort
 
     out = generate_cohort(args.out, args.n, seed=args.seed, preset=args.preset, protocol=args.protocol,
-                          anatomy=args.anatomy, workers=args.workers or default_workers(), progress=not args.quiet)
-    print(f"wrote {args.n} synthetic studies ({args.protocol or 'clinical'}) to {out}/dicom, truth to {out}/truth, "
-          f"{out}/clinical.csv")
+                          anatomy=args.anatomy, workers=args.workers or default_workers(), progress=not args.quiet,
+                          visits=args.visits)
+    studies = args.n * len(set(args.visits))
+    print(f"wrote {studies} synthetic studies of {args.n} subjects ({args.protocol or 'clinical'}) to {out}/dicom, "
+          f"truth to {out}/truth, {out}/clinical.csv")
     return 0
 
 
@@ -300,6 +312,59 @@ def cmd_train_synthetic(args) -> int:
     return 0
 
 
+def cmd_clinical(args) -> int:
+    from kneebatch.clinical import pseudonymise_clinical
+
+    r = pseudonymise_clinical(args.store, args.csv, args.out, key_file=args.key_file, study_column=args.study_column,
+                              subject_column=args.subject_column, drop=tuple(args.drop), keep=tuple(args.keep))
+    keys = " and ".join(f"{c} -> {k}" for c, k in ((r.study_column, "study_key"), (r.subject_column, "subject_key")) if c)
+    print(f"{r.rows} rows -> {args.out}: {keys}; dropped {', '.join(r.dropped)}; kept {', '.join(r.kept) or 'nothing'}")
+    if r.study_column:
+        print(f"{r.studies_in_store} rows name a study in the store, {r.studies_not_in_store} do not")
+    return 0
+
+
+def _columns(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def cmd_stats(args) -> int:
+    from kneebatch import stats
+    from kneebatch.findings import StatsSettings, run_stats
+
+    settings = StatsSettings(by=args.by, reference=args.reference, measures=args.measures, adjust=args.adjust,
+                             trend=args.trend, longitudinal=args.longitudinal, plots=not args.no_plots)
+    result = run_stats(args.out, args.clinical, args.dest, settings)
+    comparison = result["comparison"]
+    shown = comparison.sort_values("mannwhitney_p").head(args.top)
+    cols = ["measure", "group", "reference_median", "group_median", "hl_shift", "cliffs_delta", "mannwhitney_p",
+            "mannwhitney_p_holm", "welch_p"]
+    visits = f" (each subject's first of {result['studies']} studies)" if result["studies_compared"] < result["studies"] else ""
+    print(f"{result['studies_compared']} studies{visits}, {result['measures']} measurements by {args.by}; "
+          f"the {len(shown)} smallest Mann-Whitney p:")
+    print(stats.markdown(shown[cols]))
+    print(f"tables and figures: {result['dest']}")
+    return 0
+
+
+def cmd_mesh(args) -> int:
+    from kneebatch.mesh import mesh_study
+
+    r = mesh_study(args.store, args.study_key, args.out, label_name=args.label_name, step=args.step,
+                   smooth=args.smooth, tissues=args.tissues)
+    print(f"{len(r['tissues'])} tissues ({r['faces']:,} triangles, from {r['label_name']}) -> {r['glb']}, {r['png']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kneebatch.report import build_report
+
+    path = build_report(args.out, args.output, store=args.store, clinical=args.clinical, by=args.by,
+                        reference=args.reference, meshes=args.meshes, study_pages=args.studies)
+    print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from kneebatch.demo import run_demo
 
@@ -368,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "also flexion 0-30 deg, varus/valgus, patella height and tilt, condyle and plateau shape, "
                         "meniscal extrusion and tears, Baker's cysts, habitus, field of view; extreme: every knee at "
                         "those ranges' ends (flexed, valgus, patella alta, large effusion, KL 4)")
+    s.add_argument("--visits", type=_months, default=[0], metavar="MONTHS",
+                   help="scan each subject at these months after baseline, e.g. 0,12,24,48 (the OAI's schedule): "
+                        "OA knees lose 5 %% of their cartilage thickness and gain 20 %% effusion a year, normal "
+                        "knees stay (default 0: one study per subject)")
     common(s)
     s.set_defaults(func=cmd_synth)
 
@@ -439,6 +508,63 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="a job's shards: finished, running, failed, missing; studies and studies/s")
     s.add_argument("out", type=Path, help="the job's output folder")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("clinical", help="a clinical CSV with its identifiers replaced by the store's study and "
+                                        "subject keys -> Parquet (join it with kneebatch stats)")
+    s.add_argument("store", type=Path, help="cohort store the studies were converted into")
+    s.add_argument("csv", type=Path, help="clinical table (CSV with a header row)")
+    s.add_argument("out", type=Path, help="the pseudonymous table to write (.parquet)")
+    s.add_argument("--key-file", type=Path, default=None,
+                   help="the study-key secret the store was converted with (default: convert's default)")
+    s.add_argument("--study-column", default=None, help="StudyInstanceUID column (default: found by name)")
+    s.add_argument("--subject-column", default=None, help="PatientID column (default: found by name)")
+    s.add_argument("--drop", type=_columns, default=[], help="more columns to leave out, comma-separated")
+    s.add_argument("--keep", type=_columns, default=[],
+                   help="columns to keep although their name looks identifying (names, dates, UIDs), comma-separated")
+    s.set_defaults(func=cmd_clinical)
+
+    s = sub.add_parser("stats", help="compare measurements between groups, along a grade and over time "
+                                     "(tables + figures)")
+    s.add_argument("out", type=Path, help="output folder of kneebatch run or measure")
+    s.add_argument("--clinical", type=Path, default=None, help="table from kneebatch clinical (Parquet)")
+    s.add_argument("--by", default="group", help="column to group by (default group), e.g. kl_grade, sex")
+    s.add_argument("--reference", default=None, help="the group the others are compared with (default normal, "
+                                                     "else the first in order)")
+    s.add_argument("--measures", type=_columns, default=None,
+                   help="measurement columns, comma-separated (default: every volume in mL and mean thickness)")
+    s.add_argument("--adjust", type=_columns, default=[],
+                   help="covariates of a linear model per measurement, e.g. age,sex (statsmodels OLS)")
+    s.add_argument("--trend", default=None, help="an ordinal column (e.g. kl_grade): Spearman and slope per step")
+    s.add_argument("--longitudinal", action="store_true",
+                   help="change per year per subject (needs several visits) and between groups, with a mixed model")
+    s.add_argument("--dest", type=Path, default=None, help="folder for tables and figures (default OUT/stats)")
+    s.add_argument("--top", type=int, default=10, help="rows of the summary printed (default 10)")
+    s.add_argument("--no-plots", action="store_true", help="tables only")
+    s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("mesh", help="3-D reconstruction of a study: a surface per tissue in patient mm -> GLB + PNG")
+    s.add_argument("store", type=Path, help="cohort store")
+    s.add_argument("study_key", help="the study's key (a row of measurements.parquet)")
+    s.add_argument("out", type=Path, help="output folder: <key>.glb (glTF binary, opens in any 3-D viewer) and <key>.png")
+    s.add_argument("--label-name", default=None, help="which label map (default the newest segmentation), e.g. truth")
+    s.add_argument("--tissues", type=_columns, default=None, help="only these labels, comma-separated (kneebatch labels)")
+    s.add_argument("--step", type=_positive, default=1, help="marching-cubes step in voxels (2: ~4x fewer triangles, "
+                                                             "thin tissues lose volume)")
+    s.add_argument("--smooth", type=int, default=10, help="Taubin smoothing iterations (0: the raw voxel surface)")
+    s.set_defaults(func=cmd_mesh)
+
+    s = sub.add_parser("report", help="one self-contained HTML file: tables, figures, QC, per-study slices and 3-D views")
+    s.add_argument("out", type=Path, help="output folder of kneebatch run or measure")
+    s.add_argument("--output", type=Path, default=None, help="the HTML file to write (default OUT/report.html)")
+    s.add_argument("--store", type=Path, default=None, help="the cohort store (default: the one OUT was made from)")
+    s.add_argument("--clinical", type=Path, default=None, help="table from kneebatch clinical: adds group tables")
+    s.add_argument("--by", default="group", help="column to group by (default group)")
+    s.add_argument("--reference", default=None, help="the reference group (default normal)")
+    s.add_argument("--meshes", type=int, default=3, help="studies with an interactive 3-D view (default 3; each adds "
+                                                         "~2-3 MB)")
+    s.add_argument("--studies", type=int, default=200, help="studies with a section of their own (default 200; "
+                                                            "flagged and outlying studies always)")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("export", help="label maps from the store as NIfTI (+ ITK-SNAP / Slicer colour tables)")
     s.add_argument("store", type=Path, help="cohort store")

@@ -5,14 +5,11 @@ segmentation's Dice against the generator's ground truth.
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-
-from kneebatch.outputs import read_rows
 
 TABLE_COLUMNS = [
     ("effusion_volume_ml", "effusion (mL)"),
@@ -26,11 +23,13 @@ TABLE_COLUMNS = [
 
 def run_demo(out: Path, n: int = 24, seed: int = 2024, preset: str = "clinical", workers: int | None = None,
              show_progress: bool | None = None, truth: bool = False, backend: str = "onnxruntime") -> int:
+    from kneebatch.clinical import pseudonymise_clinical
     from kneebatch.distributed.cluster import dask_client, default_workers
+    from kneebatch.findings import StatsSettings, run_stats
     from kneebatch.ingest.convert import convert
     from kneebatch.jobs.run import run
     from kneebatch.measure_store import measure_store
-    from kneebatch.stats import group_summary, join_clinical
+    from kneebatch.report import build_report
     from kneebatch.synth.cohort import generate_cohort
 
     console = Console()
@@ -59,31 +58,36 @@ def run_demo(out: Path, n: int = 24, seed: int = 2024, preset: str = "clinical",
             console.print(f"      {rr.segmented} segmented, {rr.already_done} already done, {rr.failed} failed "
                           f"({rr.studies_per_s:.2f} studies/s)")
             failed = rr.failed + rr.carried_failures
-    with open(cohort / "clinical.csv") as f:
-        clinical = list(csv.DictReader(f))
-    rows = join_clinical(read_rows(results / "measurements.parquet"), read_rows(store / "keymap.parquet"), clinical)
-    summary = group_summary(rows, [c for c, _ in TABLE_COLUMNS])
-    _write_csv(summary, results / "group_summary.csv")
+    # the analyst's side: identifiers replaced by keys, then the paper's comparison and a report
+    clinical = pseudonymise_clinical(store, cohort / "clinical.csv", results / "clinical.parquet",
+                                     key_file=out / "study.key")
+    summary = run_stats(results, results / "clinical.parquet",
+                        settings=StatsSettings(measures=[c for c, _ in TABLE_COLUMNS]))
+    comparison = summary["comparison"].set_index("measure")
 
     source = "ground-truth labels" if truth else "automatic segmentation"
-    table = Table(title=f"Normal vs OA ({len(rows)} studies, {source})")
-    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "normal", g))
+    table = Table(title=f"Normal vs OA ({summary['studies']} studies, {source})")
     table.add_column("measure")
-    for g in groups:
-        table.add_column(f"{g} mean ± SD (n)", justify="right")
+    for side in ("reference", "group"):
+        table.add_column(f"{comparison[side].iloc[0] if side == 'group' else comparison['reference'].iloc[0]} "
+                         "mean ± SD (n)", justify="right")
+    table.add_column("Mann-Whitney p", justify="right")
     table.add_column("Welch p", justify="right")
-    for entry, (_, title) in zip(summary, TABLE_COLUMNS):
-        cells = [f"{entry[f'{g}_mean']:.2f} ± {entry[f'{g}_sd']:.2f} ({entry[f'{g}_n']})" for g in groups]
-        table.add_row(title, *cells, f"{entry['welch_p']:.3g}")
+    for column, title in TABLE_COLUMNS:
+        e = comparison.loc[column]
+        cells = [f"{e[f'{side}_mean']:.2f} ± {e[f'{side}_sd']:.2f} ({e[f'{side}_n']})" for side in ("reference", "group")]
+        table.add_row(title, *cells, f"{e['mannwhitney_p']:.3g}", f"{e['welch_p']:.3g}")
     console.print(table)
+    report = build_report(results, store=store, clinical=results / "clinical.parquet", meshes=3)
     if not truth:
         dice = _dice_by_group(store, cohort / "truth")
         if dice:
             console.print("segmentation Dice vs ground truth (mean over studies): " +
                           ", ".join(f"{k} {v:.2f}" for k, v in dice.items()))
-    console.print(f"{len(rows)} studies measured, {failed} failed, {time.perf_counter() - t0:.0f} s in all")
+    console.print(f"{summary['studies']} studies measured, {failed} failed, {time.perf_counter() - t0:.0f} s in all")
     console.print(f"outputs: {results / 'measurements.parquet'}, {results / 'failures.parquet'}, "
-                  f"{results / 'group_summary.csv'}; store: {store}")
+                  f"{results / 'stats'}/ (tables, figures), {report} ({clinical.rows} clinical rows joined by key); "
+                  f"store: {store}")
     return 0
 
 
@@ -99,9 +103,3 @@ def _dice_by_group(store_path: Path, truth_dir: Path) -> dict[str, float]:
         groups.setdefault(L.by_name(name).group, []).extend(dices)
     return {g: float(np.mean(v)) for g, v in groups.items()}
 
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)

@@ -40,6 +40,12 @@ def study_key(study_uid: str, key: bytes) -> str:
     return "k" + hmac.new(key, os.fsencode(study_uid), hashlib.sha256).hexdigest()[:20]  # any file name too
 
 
+def subject_key(patient_id: str, key: bytes) -> str:
+    """The subject's name across visits: ``s`` + 20 hex digits of a keyed hash of the PatientID
+    (its own domain in the hash, so a subject key never equals a study key)."""
+    return "s" + hmac.new(key, b"subject\0" + os.fsencode(patient_id), hashlib.sha256).hexdigest()[:20]
+
+
 def key_fingerprint(key: bytes) -> str:
     """Names a secret without revealing it (recorded in a store so another key is refused)."""
     return hmac.new(key, b"kneebatch key fingerprint", hashlib.sha256).hexdigest()[:16]

@@ -45,7 +45,11 @@ def _field(name: str, type_, unit: str, doc: str, nullable: bool = True) -> pa.F
 def measurement_schema() -> pa.Schema:
     f64 = pa.float64()
     fields = [_field("study_key", pa.string(), "", "pseudonymous study key (keyed hash of the StudyInstanceUID)",
-                     nullable=False)]
+                     nullable=False),
+              _field("subject_key", pa.string(), "", "pseudonymous subject key (keyed hash of the PatientID); "
+                     "null without one"),
+              _field("visit_days", pa.int64(), "days", "days since the subject's first study in the store "
+                     "(from StudyDate; no absolute date leaves the store's keymap); null without one")]
     for label in L.LABELS:
         fields += [_field(f"{label.name}_volume_mm3", f64, "mm3", f"{label.name}: voxel count x voxel volume"),
                    _field(f"{label.name}_volume_ml", f64, "mL", f"{label.name}: volume in millilitres (mm3 / 1000)")]
@@ -208,13 +212,14 @@ def knee_side_from_anatomy(labels, grid: Grid) -> str | None:
 
 
 def measure_study(key: str, labels, image, grid: Grid, channels, label_source: str, extra_flags=(),
-                  knee_side: str | None = None) -> dict:
+                  knee_side: str | None = None, visit: dict | None = None) -> dict:
     """One row of ``measurements.parquet``. ``labels``/``image`` may live on any xp device;
     ``extra_flags``: QC flags known from how the labels were made (segmentation);
-    ``knee_side``: from the DICOM headers when they said, else found from the anatomy."""
+    ``knee_side``: from the DICOM headers when they said, else found from the anatomy;
+    ``visit``: the study's subject key and visit day (:func:`kneebatch.ingest.visits.visit_of`)."""
     if tuple(labels.shape) != grid.shape:
         raise ValueError(f"labels {tuple(labels.shape)} do not match grid {grid.shape}")
-    row = {"study_key": key}
+    row = {"study_key": key, "subject_key": None, "visit_days": None, **(visit or {})}
     counts = ops.label_counts(labels, L.N_CLASSES)
     row.update(volumes(labels, grid, counts))
     for plate in _cartilage_plates():

@@ -20,6 +20,17 @@ KEYMAP_SCHEMA = pa.schema([
     pa.field("study_key", pa.string(), nullable=False),
     pa.field("study_uid", pa.string(), nullable=False),
     pa.field("source_path", pa.string(), nullable=False),
+    # the subject and the visit (identifiers, null where the source has none); subject_key is not
+    pa.field("patient_id", pa.string()),
+    pa.field("study_date", pa.string()),  # YYYYMMDD
+    pa.field("subject_key", pa.string()),
+])
+
+# STORE/visits.parquet, made from the keymap: the pseudonymous side of the subject and the visit
+VISIT_SCHEMA = pa.schema([
+    pa.field("study_key", pa.string(), nullable=False),
+    pa.field("subject_key", pa.string()),
+    pa.field("visit_days", pa.int64()),  # days since the subject's first study in the store
 ])
 
 FAILURE_SCHEMA = pa.schema([

@@ -24,8 +24,9 @@ from kneebatch.geometry import Grid, obliquity_deg, resample, to_canonical
 from kneebatch.ingest import dicom, nifti
 from kneebatch.ingest.roles import ROLES
 from kneebatch.ingest.store import CohortStore
+from kneebatch.ingest.visits import write_visits
 from kneebatch.jobs.shards import Shard
-from kneebatch.keys import default_key_file, key_fingerprint, load_or_create_key, study_key
+from kneebatch.keys import default_key_file, key_fingerprint, load_or_create_key, study_key, subject_key
 from kneebatch.outputs import FAILURE_SCHEMA, KEYMAP_SCHEMA, merge_rows, read_rows, write_rows, write_text_atomic
 from kneebatch.progress import progress_bar
 
@@ -259,7 +260,10 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
         if not shard.owns(k):
             continue
         report.studies_in_shard += 1
-        keymap.append({"study_key": k, "study_uid": uid, "source_path": _text(source.source_path)})
+        patient = getattr(source, "patient_id", "")  # NIfTI cases have none
+        keymap.append({"study_key": k, "study_uid": uid, "source_path": _text(source.source_path),
+                       "patient_id": patient or None, "study_date": getattr(source, "study_date", "") or None,
+                       "subject_key": subject_key(patient, key) if patient else None})
         if store.has_study(k):
             report.already_done += 1
         else:
@@ -313,7 +317,9 @@ def merge_store(store_path) -> dict:
 
 
 def _add_to_keymap(store: CohortStore, rows: list[dict]) -> None:
-    write_rows(merge_rows(read_rows(store.keymap_path), rows), KEYMAP_SCHEMA, store.keymap_path)
+    keymap = merge_rows(read_rows(store.keymap_path), rows)
+    write_rows(keymap, KEYMAP_SCHEMA, store.keymap_path)
+    write_visits(store.path, keymap)
 
 
 def _add_failures(store: CohortStore, failures: list[dict]) -> list[dict]:

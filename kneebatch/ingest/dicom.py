@@ -40,6 +40,8 @@ HEADER_TAGS = [
     # contrast role (kneebatch.ingest.roles) and knee side
     "ScanningSequence", "SequenceVariant", "SequenceName", "ScanOptions", "InversionTime", "FlipAngle",
     "ProtocolName", "Manufacturer", "Laterality", "ImageLaterality", "BodyPartExamined",
+    # the subject and the visit: only the driver sees them, and only the keymap keeps them
+    "PatientID", "StudyDate",
     # enhanced (multi-frame) MR: functional groups and the MR Pulse Sequence module
     *enhanced.HEADER_TAGS,
 ]
@@ -88,6 +90,8 @@ class SliceHeader:
     laterality: str = ""  # L, R or "" (Laterality, ImageLaterality)
     body_part: str = ""
     frame: int = -1  # frame index in an enhanced (multi-frame) object; -1 for a single-frame file
+    patient_id: str = ""  # identifiers: the keymap's, never a store's or an output's
+    study_date: str = ""  # YYYYMMDD as DICOM writes it
 
 
 @dataclass
@@ -111,6 +115,14 @@ class StudyFiles:
     def source_path(self) -> str:
         paths = [s.path for series in self.series.values() for s in series.slices]
         return os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+
+    @property
+    def patient_id(self) -> str:
+        return next((s.patient_id for series in self.series.values() for s in series.slices if s.patient_id), "")
+
+    @property
+    def study_date(self) -> str:
+        return next((s.study_date for series in self.series.values() for s in series.slices if s.study_date), "")
 
 
 def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
@@ -166,6 +178,8 @@ def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
         manufacturer=str(ds.get("Manufacturer", "") or ""),
         laterality=str(ds.get("Laterality", "") or ds.get("ImageLaterality", "") or "").upper()[:1],
         body_part=str(ds.get("BodyPartExamined", "") or "").upper(),
+        patient_id=str(ds.get("PatientID", "") or "").strip(),
+        study_date=str(ds.get("StudyDate", "") or "").strip(),
     )
     if header.frames <= 1:
         return header

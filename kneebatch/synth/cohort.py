@@ -337,6 +337,52 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
                        protocol=protocol)
 
 
+# Longitudinal change of the synthetic cohort, per year since baseline (the OAI's visits are
+# 0, 12, 24, 36, 48 months). OA knees lose cartilage thickness on every plate and gain effusion;
+# normal knees keep both, and differ between visits only by repositioning (measurement noise).
+# Rates of this size are seen in fast-progressing OAI knees (cartilage loss of several % a
+# year in the worst quartile); they are set large enough to be recovered from a small cohort.
+OA_CARTILAGE_CHANGE_PER_YEAR = -0.05  # fraction of the baseline thickness
+OA_EFFUSION_CHANGE_PER_YEAR = 0.20  # fraction of the baseline effusion scale
+REPOSITION_DEG, REPOSITION_MM = 1.5, 1.5  # knee placement between visits, at most
+
+
+def plan_visit(plan: SubjectPlan, months: int) -> SubjectPlan:
+    """The same subject's study ``months`` after its baseline ``plan``: new UIDs and date,
+    the age and the anatomy moved on (OA: cartilage thinner, more effusion), the knee placed
+    in the coil a little differently. ``months=0`` is the baseline itself."""
+    if months == 0:
+        return plan
+    seed, index = plan.seed
+    rng = np.random.default_rng([seed, index, 7, months])
+    years = months / 12.0
+    anatomy = replace(plan.anatomy)
+    if plan.group == "OA":
+        thin = 1.0 + OA_CARTILAGE_CHANGE_PER_YEAR * years
+        for name in ("cart_femoral_mm", "cart_medial_tibial_mm", "cart_lateral_tibial_mm", "cart_patellar_mm"):
+            setattr(anatomy, name, getattr(anatomy, name) * thin)
+        anatomy.effusion_scale = plan.anatomy.effusion_scale * (1.0 + OA_EFFUSION_CHANGE_PER_YEAR * years)
+    turn = _rotation(*rng.uniform(-REPOSITION_DEG, REPOSITION_DEG, 3))
+    pose = replace(plan.pose, rotation=turn @ plan.pose.rotation,
+                   translation=plan.pose.translation + rng.uniform(-REPOSITION_MM, REPOSITION_MM, 3))
+
+    def renamed(acq: Acquisition | None, what: str) -> Acquisition | None:
+        if acq is None:
+            return None
+        return replace(acq, series=replace(acq.series, uid=_uid(seed, index, f"{what}-m{months}")))
+
+    day = plan.study_date + timedelta(days=round(months * 365.25 / 12))
+    age = plan.age + months // 12
+    study_uid = _uid(seed, index, f"study-m{months}")
+    study = {**plan.study, "StudyInstanceUID": study_uid, "StudyDate": day.strftime("%Y%m%d"),
+             "AccessionNumber": f"A{rng.integers(0, 10**8):08d}", "FrameOfReferenceUID": _uid(seed, index, f"for-m{months}")}
+    return replace(plan, age=age, anatomy=anatomy, pose=pose, study_uid=study_uid, study_date=day,
+                   visit=f"{months:02d}m", patient={**plan.patient, "PatientAge": f"{age:03d}Y"}, study=study,
+                   t1=renamed(plan.t1, "t1"), t2=renamed(plan.t2, "t2"),
+                   extras=[renamed(a, f"x{i}") for i, a in enumerate(plan.extras)],
+                   seed=(seed, index, months))  # its own image noise
+
+
 def _oai_series(rng, seed, index, centre, ranges: ProtocolRanges, oblique, side: str):
     """The OAI's two sagittal series, with headers as its Siemens scanners write them
     (the knee's side is in the series description, as in the OAI)."""
@@ -489,22 +535,26 @@ def write_subject(plan: SubjectPlan, out: Path) -> dict:
 
 
 def clinical_row(plan: SubjectPlan) -> dict:
-    return {"subject_id": plan.subject_id, "study_uid": plan.study_uid, "group": plan.group, "age": plan.age,
-            "sex": plan.sex, "kl_grade": plan.kl_grade, "side": plan.side}
+    return {"subject_id": plan.subject_id, "study_uid": plan.study_uid, "study_date": plan.study.get("StudyDate"),
+            "group": plan.group, "age": plan.age, "sex": plan.sex, "kl_grade": plan.kl_grade, "side": plan.side}
 
 
 def _write_one(args):
-    seed, index, ranges, out = args
+    seed, index, ranges, out, months = args
     plan = plan_subject(seed, index, ranges)
-    return clinical_row(plan), write_subject(plan, Path(out))
+    if months is not None:  # a longitudinal cohort: the baseline is the 00m visit
+        plan = plan_visit(plan, months) if months else replace(plan, visit="00m")
+    return clinical_row(plan), {**write_subject(plan, Path(out)), "visit_months": months or 0}
 
 
 def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", workers: int = 1,
                     progress: bool | None = False, ranges: ProtocolRanges | None = None,
-                    protocol: str | None = None, anatomy: str | None = None) -> Path:
-    """Write ``n`` studies under ``out``: ``dicom/``, ``truth/``, ``clinical.csv``, ``manifest.json``.
+                    protocol: str | None = None, anatomy: str | None = None, visits=(0,)) -> Path:
+    """Write ``n`` subjects under ``out``: ``dicom/``, ``truth/``, ``clinical.csv``, ``manifest.json``.
 
-    ``protocol`` (:data:`PROTOCOLS`) sets the series; ``ranges`` overrides preset and protocol.
+    ``protocol`` (:data:`PROTOCOLS`) sets the series; ``ranges`` overrides preset and protocol;
+    ``visits``: months after baseline at which each subject is scanned (a study each, see
+    :func:`plan_visit`).
     """
     from kneebatch.outputs import claim_output_dir
     from kneebatch.progress import progress_map
@@ -515,9 +565,12 @@ def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", worker
     ranges = ranges or ranges_for(preset, protocol, anatomy)
     # a cohort folder holds one cohort: a rerun with the same seed and ranges rewrites the same files
     # (study i is the same for any n), another cohort into it would mix series of both
-    settings = json.loads(json.dumps({"seed": seed, "ranges": asdict(ranges)}))
+    visits = sorted({int(m) for m in visits})
+    if not visits or visits[0] < 0:
+        raise ValueError("--visits are months after baseline: 0 or more")
+    settings = json.loads(json.dumps({"seed": seed, "ranges": asdict(ranges), **({"visits": visits} if visits != [0] else {})}))
     claim_output_dir(out, "synth", settings)
-    jobs = [(seed, i, ranges, str(out)) for i in range(n)]
+    jobs = [(seed, i, ranges, str(out), m if len(visits) > 1 else None) for i in range(n) for m in visits]
     results = progress_map(_write_one, jobs, workers=workers, description="synthesising studies",
                            show=progress)
     rows = [r[0] for r in results]
@@ -525,7 +578,7 @@ def generate_cohort(out, n: int, seed: int = 0, preset: str = "clinical", worker
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    manifest = {"seed": seed, "n": n, "preset": preset, "protocol": ranges.protocol, "anatomy": ranges.anatomy,
-                "studies": [r[1] for r in results]}
+    manifest = {"seed": seed, "n": n, "visits_months": visits, "preset": preset, "protocol": ranges.protocol,
+                "anatomy": ranges.anatomy, "studies": [r[1] for r in results]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out

@@ -1,0 +1,138 @@
+"""Figures for a cohort (matplotlib, Agg: no display needed): measurements by group, along a
+grade, over time, and a study's orthogonal slices with its label overlay. Each figure is
+written as PNG and SVG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from kneebatch import labels as L  # noqa: E402
+
+PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
+
+
+def nice_name(column: str) -> str:
+    """``effusion_volume_ml`` -> ``effusion volume (mL)``."""
+    for suffix, unit in (("_volume_ml", " volume (mL)"), ("_volume_mm3", " volume (mm³)"),
+                         ("_thickness_mean_mm", " thickness (mm)"), ("_thickness_p95_mm", " thickness p95 (mm)")):
+        if column.endswith(suffix):
+            return column[: -len(suffix)].replace("_", " ") + unit
+    return column.replace("_", " ")
+
+
+def save(fig, folder: Path, name: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.svg"]
+    fig.savefig(paths[0], dpi=110, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _panels(n: int, width: float = 3.2, height: float = 3.0):
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, axes.ravel()[:n]
+
+
+def by_group(df: pd.DataFrame, by: str, measures: list[str], order: list) -> plt.Figure:
+    """Box plots with every study as a jittered point, one panel per measurement."""
+    rng = np.random.default_rng(0)
+    fig, axes = _panels(len(measures))
+    for ax, col in zip(axes, measures):
+        data = [pd.to_numeric(df.loc[df[by] == g, col], errors="coerce").dropna().to_numpy() for g in order]
+        ax.boxplot(data, showfliers=False, widths=0.55, medianprops={"color": "black"})
+        for i, v in enumerate(data):
+            ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, v.size), v, s=14, alpha=0.75, color=PALETTE[i % len(PALETTE)],
+                       zorder=3)
+        ax.set_xticks(range(1, len(order) + 1), [f"{g}\n(n={len(v)})" for g, v in zip(order, data)])
+        ax.set_title(nice_name(col), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def along_grade(df: pd.DataFrame, grade: str, measures: list[str]) -> plt.Figure:
+    """Each study against an ordinal grade (e.g. KL), with the mean per grade."""
+    rng = np.random.default_rng(1)
+    fig, axes = _panels(len(measures))
+    for ax, col in zip(axes, measures):
+        data = pd.DataFrame({"x": pd.to_numeric(df[grade], errors="coerce"),
+                             "y": pd.to_numeric(df[col], errors="coerce")}).dropna()
+        ax.scatter(data["x"] + rng.uniform(-0.12, 0.12, len(data)), data["y"], s=14, alpha=0.7, color=PALETTE[0])
+        means = data.groupby("x")["y"].mean()
+        ax.plot(means.index, means.to_numpy(), "-o", color="black", lw=1.5, ms=4)
+        ax.set_xlabel(grade.replace("_", " "))
+        ax.set_title(nice_name(col), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def trajectories(df: pd.DataFrame, by: str, measures: list[str], order: list) -> plt.Figure:
+    """Each subject's measurement over the years since its first visit, coloured by group."""
+    fig, axes = _panels(len(measures))
+    colour = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(order)}
+    for ax, col in zip(axes, measures):
+        for _, g in df.dropna(subset=["subject_key", "visit_days"]).groupby("subject_key"):
+            g = g.sort_values("visit_days")
+            ax.plot(g["visit_days"] / 365.25, pd.to_numeric(g[col], errors="coerce"), "-o", ms=3, lw=1, alpha=0.8,
+                    color=colour.get(g[by].iloc[0], "grey") if by in g else "grey")
+        ax.set_xlabel("years since first visit")
+        ax.set_title(nice_name(col), fontsize=9)
+    handles = [plt.Line2D([], [], color=c, marker="o", label=str(g)) for g, c in colour.items()]
+    axes[0].legend(handles=handles, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- a study's slices
+def _colour_table() -> np.ndarray:
+    table = np.zeros((L.N_CLASSES, 4))
+    for label in L.LABELS:
+        table[label.id, :3] = [int(label.color[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        table[label.id, 3] = 0.45
+    return table
+
+
+def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str = "") -> plt.Figure:
+    """Sagittal, coronal and axial slices through the labelled knee's centre, the label map
+    over the image, at the true aspect ratio (the store's axes: z right, y inferior, x
+    posterior)."""
+    fg = np.argwhere(labels > 0)
+    centre = fg.mean(0).round().astype(int) if fg.size else np.array(labels.shape) // 2
+    lo, hi = np.percentile(image, [1, 99.5]) if image.size else (0, 1)
+    colours = _colour_table()
+    sz, sy, sx = map(float, spacing_zyx)
+    views = [("sagittal", image[centre[0]], labels[centre[0]], sy / sx),
+             ("coronal", image[:, :, centre[2]].T, labels[:, :, centre[2]].T, sy / sz),
+             ("axial", image[:, centre[1], :], labels[:, centre[1], :], sz / sx)]
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.8))
+    for ax, (name, img, lab, aspect) in zip(axes, views):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+        ax.imshow(colours[lab], aspect=aspect, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def study_slices(store, key: str, label_name: str | None = None) -> plt.Figure:
+    """:func:`slices_figure` of a study in the store (the first channel, its segmentation or
+    ``label_name``)."""
+    name = label_name or store.segmentation(key)
+    labels = store.read_schema_labels(key, name) if name else None
+    if labels is None:
+        raise ValueError(f"study {key} has no label map{f' named {name}' if name else ''}")
+    image, grid = store.read_image(key, [0])
+    return slices_figure(image[0], labels, grid.spacing, f"{key} · {name} · {store.channels(key)[0]}")
