@@ -255,8 +255,9 @@ def cmd_export(args) -> int:
     from kneebatch.export import export_nifti
 
     n, missing, used = export_nifti(args.store, args.out, name=args.label_name, model=args.model, names=args.names,
-                                    images=args.images, show_progress=not args.quiet)
-    print(f"wrote {n} label maps ({', '.join(used) or 'none'}){' and their images' if args.images else ''} to "
+                                    images=args.images, show_progress=not args.quiet, format=args.format)
+    what = "DICOM SEG objects" if args.format == "seg" else "label maps"
+    print(f"wrote {n} {what} ({', '.join(used) or 'none'}){' and their images' if args.images else ''} to "
           f"{args.out} in each source's voxel order ({len(missing)} studies have none), "
           f"with ITK-SNAP and 3D Slicer colour tables")
     return 0
@@ -569,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="label maps from the store as NIfTI (+ ITK-SNAP / Slicer colour tables)")
     s.add_argument("store", type=Path, help="cohort store")
     s.add_argument("out", type=Path, help="output folder: <name>_labels.nii.gz in each source's voxel order")
-    s.add_argument("--format", default="nifti", choices=["nifti"], help="file format (default nifti)")
+    s.add_argument("--format", default="nifti", choices=["nifti", "seg"],
+                   help="nifti (default): <name>_labels.nii.gz; seg: <name>_seg.dcm, a DICOM SEG on the source series "
+                        "(carries the source's patient and study identifiers, as a SEG must)")
     s.add_argument("--names", default="key", choices=["key", "uid"],
                    help="file names: the pseudonymous study key (default) or the StudyInstanceUID / case name "
                         "(identifiers: keep such exports private)")

@@ -40,6 +40,9 @@ REASONS = {
     "unsupported_contrast": "the engines need contrasts this study does not have",
     "worker_died": "the worker processing this study died every time it was tried (out of memory, crash); "
                    "recorded as poison and not retried in this run",
+    "source_missing": "the study's DICOM source is not where it was converted from (exports that need it: SEG)",
+    "source_changed": "the study's DICOM source differs from what was converted (slices added, removed or moved)",
+    "unsupported": "kneebatch cannot do this for this kind of input yet; the message says what",
     "internal_error": "an unexpected error; the message says which",
 }
 

@@ -43,14 +43,23 @@ def source_order(store: CohortStore, key: str) -> tuple[Reorientation, Grid]:
     return Reorientation.from_attrs(attrs["to_canonical"]), source
 
 
+FORMATS = ("nifti", "seg")
+
+
 def export_nifti(store_path, out, name: str | None = None, model: str | None = None, names: str = "key",
-                 images: bool = False, show_progress=None) -> tuple[int, list[str], list[str]]:
+                 images: bool = False, show_progress=None, format: str = "nifti") -> tuple[int, list[str], list[str]]:
     """``OUT/<name>_labels.nii.gz`` (and with ``images``, ``OUT/<name>_<ROLE>.nii.gz`` per channel)
     for every study with a label map, in the voxel order of the study's source (the reference
     series) so they open aligned with it. ``<name>`` is the study key, or with
     ``names="uid"`` the StudyInstanceUID / case name (identifiers: for the user's own use).
     The label map is ``name`` (e.g. ``truth``), else the segmentation of ``model``, else the
-    newest. Returns (written, keys without a label map, the label map names used)."""
+    newest. Returns (written, keys without a label map, the label map names used).
+
+    ``format="seg"``: ``OUT/<name>_seg.dcm``, a DICOM SEG on the study's source series
+    (:mod:`kneebatch.dicom_seg`; the source must still be where it was converted from); a study
+    whose SEG cannot be made is listed in ``OUT/seg_failures.txt``."""
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if names not in ("key", "uid"):
         raise ValueError(f"--names must be key or uid, not {names!r}")
     store = CohortStore(store_path, create=False)
@@ -58,7 +67,7 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
     out = claim_output_dir(out, "export", {})
     keys = store.study_keys()
     file_name = {k: (n[1] or k) if names == "uid" else n[0] for k, n in study_names(store).items()}
-    written, missing, used = 0, [], set()
+    written, missing, used, failures = 0, [], set(), []
     with progress_bar(len(keys), "exporting label maps", show_progress) as advance:
         for key in keys:
             label_name = name or store.segmentation(key, model)
@@ -69,7 +78,18 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
                 continue
             reorientation, source = source_order(store, key)
             stem = _safe_name(file_name[key])
-            write_label_nifti(out / f"{stem}_labels.nii.gz", reorientation.invert(labels, source), source)
+            if format == "seg":
+                from kneebatch.dicom_seg import write_seg
+
+                try:
+                    write_seg(store, key, reorientation.invert(labels, source), out / f"{stem}_seg.dcm")
+                except Exception as e:  # one study's missing source never stops the export
+                    failures.append(f"{key}\t{type(e).__name__}: {e}")
+                    missing.append(key)
+                    advance()
+                    continue
+            else:
+                write_label_nifti(out / f"{stem}_labels.nii.gz", reorientation.invert(labels, source), source)
             if images:
                 image, _ = store.read_image(key)
                 back = reorientation.invert(image, source)
@@ -79,6 +99,8 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
             written += 1
             advance()
     write_colour_tables(out)
+    if failures:
+        (out / "seg_failures.txt").write_text("\n".join(failures) + "\n")
     return written, missing, sorted(used)
 
 

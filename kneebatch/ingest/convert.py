@@ -240,7 +240,8 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
     then go to ``STORE/shards/`` and ``kneebatch merge STORE`` folds them in."""
     shard = shard or Shard()
     t0 = time.perf_counter()
-    src, store_path = Path(src), Path(store_path)
+    # absolute: the keymap's source paths must lead back to the files from anywhere (SEG export)
+    src, store_path = Path(src).absolute(), Path(store_path)
     store, key = prepare_store(src, store_path, key_file)
     store.clear_partial(shard.owns)
     report = ConvertReport(store_path=str(store.path))
