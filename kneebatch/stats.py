@@ -90,10 +90,29 @@ def hodges_lehmann(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
         return math.nan, math.nan, math.nan
     diffs = np.sort((b[:, None] - a[None, :]).ravel())
     shift = float(np.median(diffs))
-    c = int(math.floor(m * n / 2 - Z95 * math.sqrt(m * n * (m + n + 1) / 12)))
+    c = _mann_whitney_lower(m, n) + 1
     if c < 1:  # too few pairs for a 95 % interval
         return shift, math.nan, math.nan
     return shift, float(diffs[c - 1]), float(diffs[m * n - c])
+
+
+def _mann_whitney_lower(m: int, n: int, alpha: float = 0.05) -> int:
+    """The largest u with P(U <= u) <= alpha/2 under the null (-1 if none): exact from U's
+    generating function, the Gaussian binomial [m+n, m]_q, up to 10,000 pairs; else the
+    normal approximation."""
+    if m * n > 10_000:
+        return int(round(m * n / 2 - Z95 * math.sqrt(m * n * (m + n + 1) / 12) - 0.5))
+    counts = np.zeros(m * n + 1, dtype=object)  # Python ints: exact however many arrangements
+    counts[0] = 1
+    for i in range(1, m + 1):  # times (1 - q^(n+i)) / (1 - q^i)
+        shifted = np.zeros_like(counts)
+        shifted[n + i:] = counts[:m * n + 1 - n - i]
+        counts = counts - shifted
+        for k in range(i, m * n + 1):  # division by (1 - q^i): a running sum with stride i
+            counts[k] += counts[k - i]
+    cdf = np.cumsum(counts) / math.comb(m + n, m)
+    below = np.nonzero(cdf.astype(float) <= alpha / 2)[0]
+    return int(below[-1]) if below.size else -1
 
 
 def adjust_p(p: list[float], method: str) -> list[float]:
