@@ -366,6 +366,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_qc(args) -> int:
+    from kneebatch.plots import qc_images
+
+    n, missing = qc_images(args.store, args.out, args.label_name, show_progress=not args.quiet)
+    print(f"wrote {n} QC images (sagittal, coronal, axial slices with the labels) to {args.out}; "
+          f"{len(missing)} studies have no label map")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from kneebatch.demo import run_demo
 
@@ -553,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "thin tissues lose volume)")
     s.add_argument("--smooth", type=int, default=10, help="Taubin smoothing iterations (0: the raw voxel surface)")
     s.set_defaults(func=cmd_mesh)
+
+    s = sub.add_parser("qc", help="a PNG per study: orthogonal slices through the knee with the label overlay")
+    s.add_argument("store", type=Path, help="cohort store")
+    s.add_argument("out", type=Path, help="output folder: <key>.png")
+    s.add_argument("--label-name", default=None, help="which label map (default each study's newest segmentation)")
+    common(s, workers=False)
+    s.set_defaults(func=cmd_qc)
 
     s = sub.add_parser("report", help="one self-contained HTML file: tables, figures, QC, per-study slices and 3-D views")
     s.add_argument("out", type=Path, help="output folder of kneebatch run or measure")

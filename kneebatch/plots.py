@@ -136,3 +136,28 @@ def study_slices(store, key: str, label_name: str | None = None) -> plt.Figure:
         raise ValueError(f"study {key} has no label map{f' named {name}' if name else ''}")
     image, grid = store.read_image(key, [0])
     return slices_figure(image[0], labels, grid.spacing, f"{key} · {name} · {store.channels(key)[0]}")
+
+
+def qc_images(store_path, out, label_name: str | None = None, show_progress=None) -> tuple[int, list[str]]:
+    """``kneebatch qc``: ``OUT/<key>.png`` (slices with the label overlay) for every study of the
+    store with a label map. Returns (written, keys without one)."""
+    from kneebatch.ingest.store import CohortStore
+    from kneebatch.outputs import claim_output_dir
+    from kneebatch.progress import progress_bar
+
+    store = CohortStore(store_path, create=False)
+    out = claim_output_dir(out, "qc", {})
+    written, missing = 0, []
+    keys = store.study_keys()
+    with progress_bar(len(keys), "drawing QC slices", show_progress) as advance:
+        for key in keys:
+            name = label_name or store.segmentation(key)
+            if name is None or name not in store.label_names(key):
+                missing.append(key)
+            else:
+                fig = study_slices(store, key, name)
+                fig.savefig(out / f"{key}.png", dpi=100, bbox_inches="tight")
+                plt.close(fig)
+                written += 1
+            advance()
+    return written, missing

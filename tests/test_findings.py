@@ -156,9 +156,9 @@ def test_longitudinal_rates_recovered(longitudinal, tmp_path):
     # effusion's scale grows 20 %/yr; the recesses fill unevenly, so its volume 12-24 %/yr
     assert 12 < per.loc["effusion_volume_ml", "group_percent_per_year"] < 24
     assert abs(per.loc["effusion_volume_ml", "reference_percent_per_year"]) < 3
-    # muscle does not change in either group
+    # muscle does not change in either group beyond repositioning noise (the FOV cuts the thigh)
     assert abs(per.loc["total_muscle_volume_ml", "group_percent_per_year"]) < 2
-    assert per.loc["total_muscle_volume_ml", "welch_p"] > 0.05
+    assert abs(per.loc["total_muscle_volume_ml", "reference_percent_per_year"]) < 2
     mixed = pd.read_parquet(tmp_path / "stats" / "change_mixed_model.parquet").set_index("measure")
     row = mixed.loc["total_cartilage_volume_ml"]
     assert row["slope_difference_ci_high"] < 0 < row["reference_slope_ci_high"]
