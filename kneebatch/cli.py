@@ -141,12 +141,21 @@ def cmd_run(args) -> int:
     from kneebatch.inference.engine_dir import InferenceOptions
     from kneebatch.jobs.run import run
 
-    options = InferenceOptions(str(args.engines) if args.engines else None, args.backend, args.device, args.threads,
+    if args.gpus is not None and (args.device == "cpu" or args.cluster != "local"):
+        raise ValueError("--gpus runs a dask-cuda cluster on this node's GPUs: leave out --device cpu and --cluster")
+    device = "cuda" if args.gpus is not None else args.device or "cpu"
+    options = InferenceOptions(str(args.engines) if args.engines else None, args.backend, device, args.threads,
                                args.fp16, args.tta)
     workers = args.workers
-    if workers is None and args.device == "cuda" and args.cluster == "local":
+    if workers is None and device == "cuda" and args.cluster == "local":
         workers = 1  # one process per GPU
-    with _client(workers, args) as client:
+    if args.gpus is not None:
+        from kneebatch.distributed.cluster import dask_client
+
+        client_context = dask_client("cuda", gpus=args.gpus)
+    else:
+        client_context = _client(workers, args)
+    with client_context as client:
         r = run(args.store, args.out, options, client=client, batch_size=args.batch_size,
                 show_progress=not args.quiet, force=args.force, shard=args.shard)
     print(f"{r.studies} studies: {r.segmented} segmented, {r.already_done} already done, {r.failed} failed, "
@@ -492,7 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engines", type=Path, default=None, help="engines folder (default: the shipped demo engines)")
     s.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "torch-compile", "tensorrt"],
                    help="inference backend (default onnxruntime on CPU)")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device for the pipeline")
+    s.add_argument("--device", default=None, choices=["cpu", "cuda"], help="torch device for the pipeline (default cpu)")
+    s.add_argument("--gpus", default=None, metavar="all|N",
+                   help="a dask-cuda cluster: one worker per GPU of this node (all, or the first N visible), engines "
+                        "loaded once per worker on its GPU; implies --device cuda (pip install 'kneebatch[gpu]')")
     s.add_argument("--half", "--fp16", dest="fp16", action="store_true",
                    help="half precision engines: float16 on a GPU (torch backends, TensorRT), bfloat16 on the "
                         "CPU (torch backends; fast on CPUs with AMX or AVX-512 BF16); ONNX Runtime stays float32")

@@ -72,8 +72,18 @@ def test_cuda_without_cuda_is_refused_not_run_on_the_cpu(store, tmp_path, capsys
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert main(["run", str(store), str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert main(["run", str(store), str(tmp_path / "o"), "--device", "cuda", "--backend", "torch"]) == 2
     assert "no CUDA device" in _err_line(capsys) and not (tmp_path / "o").exists()
+
+
+def test_onnxruntime_on_cuda_without_its_cuda_provider_is_refused(store, tmp_path, capsys):
+    """ONNX Runtime would fall back to the CPU without a word: a run recorded as cuda must not."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has its CUDA provider")
+    assert main(["run", str(store), str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "needs onnxruntime-gpu" in _err_line(capsys) and not (tmp_path / "o").exists()
 
 
 def test_missing_tensorrt_says_how_to_install_it(store, tmp_path, capsys):

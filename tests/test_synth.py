@@ -44,7 +44,8 @@ def test_protocol_ranges_cover_the_spec():
 
 def test_cohort_files(cohort, manifest):
     rows = list(csv.DictReader(open(cohort / "clinical.csv")))
-    assert [list(r) for r in rows][0] == ["subject_id", "study_uid", "group", "age", "sex", "kl_grade", "side"]
+    assert [list(r) for r in rows][0] == ["subject_id", "study_uid", "study_date", "group", "age", "sex", "kl_grade",
+                                         "side"]
     assert len(rows) == 6 and [r["group"] for r in rows] == ["normal", "OA"] * 3
     for entry in manifest["studies"]:
         truth = nib.load(cohort / "truth" / f"{entry['study_uid']}.nii.gz")

@@ -35,13 +35,14 @@ def default_workers() -> int:
 
 @contextmanager
 def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_worker: int = 1,
-                processes: bool = True, address: str | None = None, resources=None):
+                processes: bool = True, address: str | None = None, resources=None, gpus: str = "all"):
     """Yields a ``distributed.Client``; the cluster lives as long as the block.
 
     ``kind``: ``local`` (CPU processes), ``address`` (connect to a running scheduler) or ``slurm``
     (up to ``n_workers`` SLURM jobs of one worker each, started and stopped as work needs them;
     ``resources``: :class:`kneebatch.jobs.slurm.Resources`, the jobs' partition, time, memory,
-    cores, GPUs and setup lines).
+    cores, GPUs and setup lines) or ``cuda`` (dask-cuda: one worker per GPU of ``gpus``, ``all``
+    or a count).
     """
     import logging
 
@@ -59,8 +60,13 @@ def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_w
             with Client(cluster) as client:
                 yield client
         return
+    if kind == "cuda":
+        with dask.config.set(WORKER_CONFIG), cuda_cluster(gpus) as cluster:
+            with Client(cluster) as client:
+                yield client
+        return
     if kind != "local":
-        raise ValueError(f"unknown cluster kind {kind!r}; choose 'local' or 'slurm', or give an address")
+        raise ValueError(f"unknown cluster kind {kind!r}; choose 'local', 'cuda' or 'slurm', or give an address")
     with dask.config.set(WORKER_CONFIG):
         cluster = LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=threads_per_worker,
                                processes=processes, dashboard_address=None, scheduler_kwargs={"dashboard": False},
@@ -68,6 +74,39 @@ def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_w
     try:
         with Client(cluster) as client:
             yield client
+    finally:
+        cluster.close()
+
+
+def cuda_devices(gpus: str, visible: str | None = None) -> list[str] | None:
+    """The GPUs ``--gpus`` names: None for ``all`` (dask-cuda finds them), else the first N of
+    those this process may use (``CUDA_VISIBLE_DEVICES``, as SLURM sets it), else 0..N-1."""
+    if str(gpus) == "all":
+        return None
+    n = int(gpus)
+    if n < 1:
+        raise ValueError(f"--gpus must be 'all' or a positive count, not {gpus!r}")
+    listed = [d.strip() for d in (visible or "").split(",") if d.strip()]
+    if listed and n > len(listed):
+        raise ValueError(f"--gpus {n}: only {len(listed)} GPU(s) visible (CUDA_VISIBLE_DEVICES={visible})")
+    return listed[:n] if listed else [str(i) for i in range(n)]
+
+
+@contextmanager
+def cuda_cluster(gpus: str = "all"):
+    """dask-cuda's LocalCUDACluster: a worker process per GPU, each pinned to its device (and its
+    CPU cores) before it starts; the client process never touches CUDA."""
+    import logging
+
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        raise ValueError("--gpus needs dask-cuda: pip install 'kneebatch[gpu]'") from None
+    devices = cuda_devices(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    kwargs = {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {}
+    cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=None, silence_logs=logging.ERROR, **kwargs)
+    try:
+        yield cluster
     finally:
         cluster.close()
 

@@ -21,6 +21,7 @@ class EngineLoader(WorkerPlugin):
         from kneebatch.distributed.cluster import available_cores
 
         options = self.options
+        options.check()  # on this worker's own device (a dask-cuda worker sees only its GPU)
         if options.threads is None and options.device == "cpu":  # a SLURM job's worker: its own allocation
             options = replace(options, threads=available_cores())
         if options.threads:

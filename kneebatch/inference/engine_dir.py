@@ -68,10 +68,13 @@ class InferenceOptions:
     half: bool = False  # float16 on GPUs, bfloat16 on CPUs
     tta: bool = False  # mirror test-time augmentation
 
-    def check(self) -> None:
+    def check(self, device_here: bool = True) -> None:
+        """Refuse what cannot run. ``device_here=False``: the engines run in other processes
+        (a dask-cuda cluster's workers), which check the device themselves; this process must
+        not start CUDA."""
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
-        check_backend(self.backend, self.device)
+        check_backend(self.backend, self.device if device_here else "cpu")
 
     def load(self) -> Engines:
         return load_engines(self.engines, self.backend, self.device, self.threads, self.half, self.tta)
@@ -118,7 +121,8 @@ def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", t
         entry = manifest[stage]
         net = cfg.coarse if stage == "coarse" else cfg.fine
         if backend == "onnxruntime":
-            eng = OnnxRuntimeEngine(root / entry["onnx"], expected_sha256=entry["sha256"][entry["onnx"]], threads=threads)
+            eng = OnnxRuntimeEngine(root / entry["onnx"], expected_sha256=entry["sha256"][entry["onnx"]], threads=threads,
+                                    device=device)
         elif backend == "tensorrt":
             from kneebatch.inference.tensorrt_engine import TensorRTEngine
 
@@ -147,6 +151,12 @@ def check_backend(backend: str, device: str) -> None:
                              "pip install tensorrt (from NVIDIA's package index), or use --backend torch-compile")
         if device != "cuda":
             raise ValueError("the tensorrt backend runs on a GPU only: add --device cuda")
+    if backend == "onnxruntime" and device == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError("--device cuda with --backend onnxruntime needs onnxruntime-gpu (this onnxruntime has "
+                             f"{', '.join(ort.get_available_providers())}); or use --backend torch-compile")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA device here; "
                          "use --device cpu, or install a CUDA build of torch on a machine with a GPU")

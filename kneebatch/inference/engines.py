@@ -63,8 +63,7 @@ class OnnxRuntimeEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, path, expected_sha256: str | None = None, threads: int | None = None,
-                 providers: list[str] | None = None):
+    def __init__(self, path, expected_sha256: str | None = None, threads: int | None = None, device: str = "cpu"):
         import onnxruntime as ort
 
         self.sha256 = verify_hash(path, expected_sha256)
@@ -72,13 +71,37 @@ class OnnxRuntimeEngine:
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            index = self.device.index or 0
+            providers = [("CUDAExecutionProvider", {"device_id": index})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        if self.device.type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # ONNX Runtime falls back to the CPU quietly; a run recorded as cuda must not
+            raise ValueError("--device cuda: ONNX Runtime could not start its CUDA provider (onnxruntime-gpu and a "
+                             "matching CUDA are needed); use --backend torch-compile")
         self.input_name = self.session.get_inputs()[0].name
-        self.device = torch.device("cpu")
+        self.output = self.session.get_outputs()[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return self._on_device(x)
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().cpu().numpy(), np.float32)})[0]
         return torch.from_numpy(out)
+
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Input and logits stay in GPU memory (I/O binding on torch's buffers): no host copy."""
+        x = x.detach().to(self.device, torch.float32).contiguous()
+        out = torch.empty((x.shape[0], self.output.shape[1], *x.shape[2:]), device=self.device, dtype=torch.float32)
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(self.output.name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # x is written before ONNX Runtime reads it
+        self.session.run_with_iobinding(binding)
+        return out
 
 
 def export_onnx(model: torch.nn.Module, path, example_shape, opset: int = 17) -> str:

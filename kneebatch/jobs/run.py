@@ -42,7 +42,8 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
         options = InferenceOptions(**option_fields)
     elif option_fields:
         raise TypeError("give run() either options or its fields, not both")
-    options.check()
+    gpu_workers = type(getattr(client, "cluster", None)).__name__ == "LocalCUDACluster"
+    options.check(device_here=not gpu_workers)  # dask-cuda's workers check their GPU; the client never touches CUDA
     store = CohortStore(store_path, create=False)
     # before anything is written: missing engines stop here
     job = Job("run", store, out, options.settings(), measurement_schema(), shard, force)
