@@ -43,7 +43,11 @@ def fake_dask_cuda(monkeypatch):
 
 
 def test_run_on_a_cuda_cluster_loads_engines_per_worker(store, tiny_engines, tmp_path, fake_dask_cuda):
+    import shutil
+
     from kneebatch.distributed.cluster import dask_client
+
+    store = shutil.copytree(store, tmp_path / "store")  # run writes label maps: not into the shared store
     from kneebatch.inference.engine_dir import InferenceOptions
     from kneebatch.jobs.run import run
 
@@ -72,9 +76,12 @@ def test_gpus_without_dask_cuda_says_what_to_install(store, tmp_path, capsys, mo
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and dask-cuda")
 def test_run_on_every_gpu_with_no_cuda_in_the_client(store, tmp_path):
+    import shutil
+
     pytest.importorskip("dask_cuda")
     from kneebatch.cli import main
 
+    store = shutil.copytree(store, tmp_path / "store")
     assert main(["run", str(store), str(tmp_path / "out"), "--gpus", "all", "--backend", "torch", "-q"]) == 0
     assert len(pd.read_parquet(tmp_path / "out" / "measurements.parquet")) == 6
     assert not torch.cuda.is_initialized()  # the client process never made a CUDA context
