@@ -10,7 +10,9 @@ Per study, measured on this machine (CPU, the shipped engines):
 * the coarse input (fixed) and the fine net's working-grid crop (from the coarse stage
   run here, as ``run`` does), per series for one-channel engines;
 * FLOPs of the coarse and fine nets at those shapes (``torch.utils.flop_counter`` on
-  the meta device: counted, not timed; a multiply-add is 2 FLOPs).
+  the meta device: counted, not timed; a multiply-add is 2 FLOPs);
+* the host-side seconds per study a GPU worker still spends on the CPU today (the
+  measurements' k-d tree distances, compressing the label map), timed on one core here.
 
 Assumed, stated in the output, never measured here: the H100 SXM's dense FP16 tensor
 peak (989.4 TFLOP/s, NVIDIA's datasheet), the fraction of it small-channel 3-D
@@ -61,12 +63,16 @@ def main() -> None:
     args = ap.parse_args()
 
     import numpy as np
+    import torch
+    from numcodecs import Blosc
 
     from kneebatch.inference.engine_dir import load_engines
-    from kneebatch.inference.segment import SegmentInfo, fine_stage
+    from kneebatch.inference.segment import SegmentInfo, fine_stage, paste
     from kneebatch.ingest.store import CohortStore
+    from kneebatch.measure import measure_study
 
     store = CohortStore(args.store, create=False)
+    codec = Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE)  # the store's label codec
     engines = load_engines(args.engines)
     cfg = engines.config
     coarse_shape = [int(-(-s // d) * d) for s, d in zip(cfg.coarse_shape, cfg.coarse.divisor())]
@@ -77,16 +83,27 @@ def main() -> None:
         image, grid = store.read_image(key)
         t_read += time.perf_counter() - t
         info = SegmentInfo()
-        fine_stage(image, grid, engines.coarse, engines.fine, cfg, info)
+        result = fine_stage(image, grid, engines.coarse, engines.fine, cfg, info)
+        labels = paste(result, info)
+        # the host-side work a GPU worker still does per study today: measurements (k-d tree
+        # thickness on the CPU) and compressing the label map for the store
+        t = time.perf_counter()
+        measure_study(key, labels, torch.from_numpy(image), grid, store.channels(key), "segmentation")
+        t_measure = time.perf_counter() - t
+        t = time.perf_counter()
+        codec.encode(np.ascontiguousarray(labels.numpy()))
+        t_compress = time.perf_counter() - t
         work = [int(-(-s // d) * d) for s, d in zip(info.working_shape, cfg.fine.divisor())]
         passes = image.shape[0] if cfg.per_series else 1  # one-channel engines: a pass per series
         fine_flops = passes * flops(cfg.fine, cfg.in_channels, cfg.n_classes, work)
         studies.append({"shape_czyx": list(image.shape), "image_bytes": int(image.nbytes),
                         "disk_bytes": study_bytes_on_disk(store.path, key), "working_shape": work,
                         "passes": passes, "coarse_gflop": passes * coarse_flops / 1e9, "fine_gflop": fine_flops / 1e9,
-                        "logit_bytes_fp16": 2 * cfg.n_classes * int(np.prod(work))})
+                        "logit_bytes_fp16": 2 * cfg.n_classes * int(np.prod(work)),
+                        "host_measure_s": t_measure, "host_compress_s": t_compress})
     mean = {k: float(np.mean([s[k] for s in studies])) for k in
-            ("image_bytes", "disk_bytes", "coarse_gflop", "fine_gflop", "logit_bytes_fp16")}
+            ("image_bytes", "disk_bytes", "coarse_gflop", "fine_gflop", "logit_bytes_fp16", "host_measure_s",
+             "host_compress_s")}
     decode_mb_s = sum(s["image_bytes"] for s in studies) / 1e6 / t_read  # one core, this machine
 
     flop = (mean["coarse_gflop"] + mean["fine_gflop"]) * 1e9
@@ -96,9 +113,12 @@ def main() -> None:
         # the logits are written once and read ~4 times (mirror, upsample, argmax, paste)
         memory_s = 5 * mean["logit_bytes_fp16"] / (H100["hbm_tb_s"] * 1e12)
         read_s = mean["image_bytes"] / (decode_mb_s * 1e6 * H100["cpu_cores_per_gpu"])
-        per_gpu = 1.0 / max(compute_s + memory_s, read_s)  # reads overlap compute (prefetch)
+        host_s = (mean["host_measure_s"] + mean["host_compress_s"]) / H100["cpu_cores_per_gpu"]
+        stages = {"gpu": compute_s + memory_s, "store read": read_s, "host measure + compress": host_s}
+        per_gpu = 1.0 / max(stages.values())  # the stages overlap (prefetch, a second thread): the slowest bounds
         projection.append({"fp16_utilisation": u, "compute_s_per_study": compute_s, "hbm_s_per_study": memory_s,
-                           "read_s_per_study": read_s, "bound": "read" if read_s > compute_s + memory_s else "compute",
+                           "read_s_per_study": read_s, "host_s_per_study": host_s,
+                           "bound": max(stages, key=stages.get),
                            "studies_per_s_per_gpu": per_gpu,
                            "studies_per_s_per_node": per_gpu * H100["gpus_per_node"],
                            "oai_47000_dess_hours_per_node": 47000 / (per_gpu * H100["gpus_per_node"]) / 3600})
