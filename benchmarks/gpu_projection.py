@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("store", type=Path)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--engines", default=None)
+    ap.add_argument("--tag", default="", help="in the result's file name, e.g. the protocol")
     args = ap.parse_args()
 
     import numpy as np
@@ -127,7 +128,7 @@ def main() -> None:
               "measured_here": {"store_read_decode_mb_s_one_core": decode_mb_s,
                                 "coarse_gflop_per_pass": coarse_flops / 1e9},
               "assumed": {**H100, "fp16_utilisation_range": UTILISATION}, "projection": projection}
-    out = ROOT / "results" / f"gpu-projection-{date.today().isoformat()}-{machine.host()}.json"
+    out = ROOT / "results" / f"gpu-projection-{date.today().isoformat()}-{machine.host()}{'-' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(record, indent=1))
     print(json.dumps({"mean": mean, "decode_mb_s_one_core": decode_mb_s, "projection": projection}, indent=1))
     print(f"-> {out}")
