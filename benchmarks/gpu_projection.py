@@ -128,7 +128,8 @@ def main() -> None:
               "measured_here": {"store_read_decode_mb_s_one_core": decode_mb_s,
                                 "coarse_gflop_per_pass": coarse_flops / 1e9},
               "assumed": {**H100, "fp16_utilisation_range": UTILISATION}, "projection": projection}
-    out = ROOT / "results" / f"gpu-projection-{date.today().isoformat()}-{machine.host()}{'-' + args.tag if args.tag else ''}.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    out = ROOT / "results" / f"gpu-projection-{date.today().isoformat()}-{machine.host()}{tag}.json"
     out.write_text(json.dumps(record, indent=1))
     print(json.dumps({"mean": mean, "decode_mb_s_one_core": decode_mb_s, "projection": projection}, indent=1))
     print(f"-> {out}")

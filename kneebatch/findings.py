@@ -46,7 +46,10 @@ def run_stats(out, clinical=None, dest=None, settings: StatsSettings | None = No
     df = load(out, clinical)
     if df.empty:
         raise ValueError("no measurement row matched the clinical table: were both made from the same store and key?")
-    dest = claim_output_dir(Path(dest) if dest else Path(out) / "stats", "stats", {})
+    if s.by not in df:
+        hint = "" if clinical else " (no --clinical table given: make one with kneebatch clinical)"
+        raise ValueError(f"no column {s.by!r} to group by{hint}; the table has: "
+                         f"{', '.join(c for c in df.columns if not c.endswith(('_mm3', '_ml', '_mm', '_mean')))}")
     measures = s.measures or stats.default_measures(df)
     missing = [m for m in measures if m not in df]
     if missing:
@@ -54,6 +57,7 @@ def run_stats(out, clinical=None, dest=None, settings: StatsSettings | None = No
     for c in s.adjust:
         if c not in df:
             raise ValueError(f"no column {c!r} to adjust for")
+    dest = claim_output_dir(Path(dest) if dest else Path(out) / "stats", "stats", {})
     written = []
     cross = stats.first_visits(df)  # the cross-sectional tables: one study per subject
     summary = {"studies": len(df), "studies_compared": len(cross), "by": s.by, "measures": len(measures)}
