@@ -9,7 +9,9 @@ Layout::
         image/                  uint16 [C, Z, Y, X], C = channels attr (T1, T2)
         labels-<model>/         uint8 [Z, Y, X], one per engines that segmented it (same grid)
         truth/                  uint8 [Z, Y, X], reference labels (training, tests)
-      keymap.parquet            study_key, study_uid, source_path (the only identifiers)
+      keymap.parquet            study_key, study_uid, source_path, patient_id, study_date,
+                                subject_key (the only identifiers)
+      visits.parquet            study_key, subject_key, visit_days (made from the keymap)
       failures.parquet          study_key, stage, reason, message
 
 A study group is written under ``STORE/.partial/`` and renamed into place, so a
