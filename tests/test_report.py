@@ -29,6 +29,7 @@ def job(tmp_path_factory):
     from kneebatch.synth.cohort import generate_cohort
 
     root = tmp_path_factory.mktemp("report")
+    (root / "study.key").write_text("5e" * 32 + "\n")  # a fixed secret: the same study keys (and order) every run
     generate_cohort(root / "cohort", 4, seed=9090, ranges=HARD, workers=2)
     convert(root / "cohort" / "dicom", root / "store", key_file=root / "study.key", show_progress=False)
     assert import_labels(root / "store", root / "cohort" / "truth", name="truth")[0] == 4
@@ -49,18 +50,19 @@ def test_meshes_enclose_the_label_maps_volume_in_patient_mm(job):
     from kneebatch.mesh import glb_bytes, tissue_meshes
 
     store = CohortStore(job / "store", create=False)
-    key = _keys(job)[0]
-    labels, grid = store.read_schema_labels(key, "truth"), store.grid(key)
-    meshes = {m.label.name: m for m in tissue_meshes(labels, grid, step=1)}
-    assert set(meshes) == {lab.name for lab in L.LABELS if (labels == lab.id).any()}
-    for name, tol in (("femur", 0.03), ("tibia", 0.03), ("patella", 0.05), ("femoral_cartilage", 0.08)):
-        voxels = (labels == L.by_name(name).id).sum() * grid.voxel_volume_mm3
-        assert abs(meshes[name].volume_mm3 / voxels - 1) < tol, (name, meshes[name].volume_mm3, voxels)
-        # where the voxels are, in LPS mm: the mesh's centroid sits on theirs
-        index = np.argwhere(labels == L.by_name(name).id).mean(0)
-        centre = grid.affine[:3, :3] @ index + grid.affine[:3, 3]
-        mesh = trimesh.Trimesh(meshes[name].vertices, meshes[name].faces)
-        assert np.linalg.norm(mesh.center_mass - centre) < 1.5, name
+    for key in _keys(job):
+        labels, grid = store.read_schema_labels(key, "truth"), store.grid(key)
+        meshes = {m.label.name: m for m in tissue_meshes(labels, grid, step=1)}
+        assert set(meshes) == {lab.name for lab in L.LABELS if (labels == lab.id).any()}
+        # thin cartilage on ~1.2 mm voxels: the surface runs through its edge voxels' centres
+        for name, tol in (("femur", 0.03), ("tibia", 0.03), ("patella", 0.05), ("femoral_cartilage", 0.12)):
+            voxels = (labels == L.by_name(name).id).sum() * grid.voxel_volume_mm3
+            assert abs(meshes[name].volume_mm3 / voxels - 1) < tol, (key, name, meshes[name].volume_mm3, voxels)
+            # where the voxels are, in LPS mm: the mesh's centroid sits on theirs
+            index = np.argwhere(labels == L.by_name(name).id).mean(0)
+            centre = grid.affine[:3, :3] @ index + grid.affine[:3, 3]
+            mesh = trimesh.Trimesh(meshes[name].vertices, meshes[name].faces)
+            assert np.linalg.norm(mesh.center_mass - centre) < 1.5, (key, name)
     scene = trimesh.load(trimesh.util.wrap_as_stream(glb_bytes(list(meshes.values()))), file_type="glb")
     assert set(scene.geometry) == set(meshes)
     assert sum(len(g.faces) for g in scene.geometry.values()) == sum(len(m.faces) for m in meshes.values())
