@@ -18,6 +18,8 @@ def _client(workers: int | None, args=None):
     with ``--cluster slurm``, up to ``workers`` SLURM jobs (default 4)."""
     from kneebatch.distributed.cluster import dask_client, default_workers
 
+    if getattr(args, "gpus", None) is not None:  # run --gpus: one dask-cuda worker per GPU
+        return dask_client("cuda", gpus=args.gpus)
     if getattr(args, "cluster", "local") == "slurm":
         return dask_client("slurm", n_workers=workers or 4, resources=_resources(args))
     n = default_workers() if workers is None else workers
@@ -149,13 +151,7 @@ def cmd_run(args) -> int:
     workers = args.workers
     if workers is None and device == "cuda" and args.cluster == "local":
         workers = 1  # one process per GPU
-    if args.gpus is not None:
-        from kneebatch.distributed.cluster import dask_client
-
-        client_context = dask_client("cuda", gpus=args.gpus)
-    else:
-        client_context = _client(workers, args)
-    with client_context as client:
+    with _client(workers, args) as client:
         r = run(args.store, args.out, options, client=client, batch_size=args.batch_size,
                 show_progress=not args.quiet, force=args.force, shard=args.shard)
     print(f"{r.studies} studies: {r.segmented} segmented, {r.already_done} already done, {r.failed} failed, "

@@ -21,7 +21,6 @@ from kneebatch import labels as L
 from kneebatch.errors import StudyError
 from kneebatch.ingest import dicom
 from kneebatch.ingest.store import CohortStore
-from kneebatch.outputs import read_rows
 
 # SNOMED CT concepts by label, else by group (pydicom's code dictionary names)
 _TYPE_BY_NAME = {"femur": "Femur", "tibia": "Tibia", "fibula": "Fibula", "patella": "Patella",
@@ -47,15 +46,14 @@ def segment_descriptions() -> list:
     return out
 
 
-def reference_datasets(store: CohortStore, key: str) -> list[pydicom.Dataset]:
-    """The reference series' files of a study, read again from its source (the keymap's path),
-    in the order of the source grid's slice axis."""
+def reference_datasets(store: CohortStore, key: str, row: dict | None) -> list[pydicom.Dataset]:
+    """The reference series' files of a study, read again from its source (``row``: its keymap
+    row, with the path), in the order of the source grid's slice axis."""
     from kneebatch.export import source_order
 
     attrs = store.study_attrs(key)
     if attrs.get("source_kind") != "dicom":
         raise StudyError("unsupported", "the study was converted from volume files: a SEG needs its DICOM series")
-    row = next((r for r in read_rows(store.keymap_path) if r["study_key"] == key), None)
     if row is None or not Path(row["source_path"]).exists():
         raise StudyError("source_missing", "its source folder (keymap.parquet) is not there any more")
     headers = []
@@ -80,11 +78,13 @@ def reference_datasets(store: CohortStore, key: str) -> list[pydicom.Dataset]:
     return datasets
 
 
-def write_seg(store: CohortStore, key: str, labels_source_order: np.ndarray, path: Path, series_number: int = 900):
-    """A LABELMAP SEG of ``labels_source_order`` (the label map in the source's voxel order)."""
+def write_seg(store: CohortStore, key: str, labels_source_order: np.ndarray, path: Path, keymap_row: dict | None,
+              series_number: int = 900):
+    """A LABELMAP SEG of ``labels_source_order`` (the label map in the source's voxel order);
+    ``keymap_row``: the study's row of ``keymap.parquet`` (where its source is)."""
     import highdicom as hd
 
-    datasets = reference_datasets(store, key)
+    datasets = reference_datasets(store, key, keymap_row)
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=labels_source_order.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP, segment_descriptions=segment_descriptions(),

@@ -11,7 +11,7 @@ from kneebatch.geometry import Grid, Reorientation
 from kneebatch.ingest.label_import import study_names
 from kneebatch.ingest.nifti import write_image_nifti, write_label_nifti
 from kneebatch.ingest.store import CohortStore
-from kneebatch.outputs import claim_output_dir
+from kneebatch.outputs import claim_output_dir, read_rows
 from kneebatch.progress import progress_bar
 
 
@@ -68,10 +68,11 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
     keys = store.study_keys()
     file_name = {k: (n[1] or k) if names == "uid" else n[0] for k, n in study_names(store).items()}
     written, missing, used, failures = 0, [], set(), []
+    # read once, not per study: a SEG needs each study's source path
+    keymap = {r["study_key"]: r for r in read_rows(store.keymap_path)} if format == "seg" else {}
     with progress_bar(len(keys), "exporting label maps", show_progress) as advance:
         for key in keys:
-            label_name = name or store.segmentation(key, model)
-            labels = store.read_schema_labels(key, label_name) if label_name else None
+            label_name, labels = store.chosen_labels(key, name, model)
             if labels is None:
                 missing.append(key)
                 advance()
@@ -82,7 +83,7 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
                 from kneebatch.dicom_seg import write_seg
 
                 try:
-                    write_seg(store, key, reorientation.invert(labels, source), out / f"{stem}_seg.dcm")
+                    write_seg(store, key, reorientation.invert(labels, source), out / f"{stem}_seg.dcm", keymap.get(key))
                 except Exception as e:  # one study's missing source never stops the export
                     failures.append(f"{key}\t{type(e).__name__}: {e}")
                     missing.append(key)

@@ -19,6 +19,7 @@ from kneebatch import __version__, ops
 from kneebatch import labels as L
 from kneebatch.geometry import Grid
 from kneebatch.ingest.roles import ROLES
+from kneebatch.ingest.visits import NO_VISIT
 
 GROUP_TOTALS = ("bone", "cartilage", "meniscus", "ligament", "muscle")
 EXPECTED = ("femur", "tibia", "patella", "femoral_cartilage", "medial_tibial_cartilage",
@@ -219,7 +220,7 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
     ``visit``: the study's subject key and visit day (:func:`kneebatch.ingest.visits.visit_of`)."""
     if tuple(labels.shape) != grid.shape:
         raise ValueError(f"labels {tuple(labels.shape)} do not match grid {grid.shape}")
-    row = {"study_key": key, "subject_key": None, "visit_days": None, **(visit or {})}
+    row = {"study_key": key, **NO_VISIT, **(visit or {})}
     counts = ops.label_counts(labels, L.N_CLASSES)
     row.update(volumes(labels, grid, counts))
     for plate in _cartilage_plates():

@@ -16,7 +16,7 @@ from kneebatch.errors import StudyError, failure_row
 from kneebatch.ingest.label_import import label_file, read_label_file, study_names
 from kneebatch.ingest.nifti import volume_stem
 from kneebatch.ingest.store import CohortStore
-from kneebatch.ingest.visits import visit_of
+from kneebatch.ingest.visits import study_context
 from kneebatch.jobs.job import Job, JobReport
 from kneebatch.jobs.shards import Shard
 from kneebatch.measure import measure_study, measurement_schema
@@ -38,7 +38,7 @@ def measure_one(job, store_path: str, label_map: dict | None = None) -> dict:
             model_hash = store.label_attrs(key, label_name).get("model_hash")
             source = "store"
         row = measure_study(key, labels.astype("uint8"), image, grid, store.channels(key), source,
-                            knee_side=store.study_attrs(key).get("knee_side"), visit=visit_of(store.path, key))
+                            **study_context(store, key))
         row.update(model_hash=model_hash, label_name=label_name, label_grid=how)
         return {"row": row}
     except Exception as e:  # one bad study never stops a run

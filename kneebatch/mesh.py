@@ -151,8 +151,7 @@ def mesh_study(store_path, key: str, out, label_name: str | None = None, step: i
     store = CohortStore(store_path, create=False)
     if not store.has_study(key):
         raise ValueError(f"no study {key} in {store.path} (study keys: kneebatch status, or measurements.parquet)")
-    name = label_name or store.segmentation(key)
-    labels = store.read_schema_labels(key, name) if name else None
+    name, labels = store.chosen_labels(key, label_name)
     if labels is None:
         raise ValueError(f"study {key} has no label map{f' named {name}' if name else ''}: run or import one first")
     meshes = tissue_meshes(labels, store.grid(key), step=step, smooth=smooth, names=tissues)

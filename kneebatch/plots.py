@@ -130,8 +130,7 @@ def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str
 def study_slices(store, key: str, label_name: str | None = None) -> plt.Figure:
     """:func:`slices_figure` of a study in the store (the first channel, its segmentation or
     ``label_name``)."""
-    name = label_name or store.segmentation(key)
-    labels = store.read_schema_labels(key, name) if name else None
+    name, labels = store.chosen_labels(key, label_name)
     if labels is None:
         raise ValueError(f"study {key} has no label map{f' named {name}' if name else ''}")
     image, grid = store.read_image(key, [0])

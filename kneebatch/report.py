@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from kneebatch import __version__, plots, stats
+from kneebatch import labels as L
 from kneebatch.findings import KEY_MEASURES
 from kneebatch.outputs import MARKER, write_text_atomic
 
@@ -263,11 +264,8 @@ def build_report(out, path=None, store=None, clinical=None, by: str = "group", r
     for key in keys:
         glb = None
         if key in with_mesh:
-            name = rows.loc[key].get("label_name") or cohort_store.segmentation(key)
-            labels = cohort_store.read_schema_labels(key, name) if name else None
+            _, labels = cohort_store.chosen_labels(key, rows.loc[key].get("label_name"))
             if labels is not None:
-                from kneebatch import labels as L
-
                 names = [lab.name for lab in L.LABELS if lab.group != "fat"]  # the joint, not the skin
                 glb = glb_bytes(tissue_meshes(labels, cohort_store.grid(key), step=3, bulky_step=6, names=names))
         parts.append(_study_section(cohort_store, key, rows.loc[key], shown, glb))

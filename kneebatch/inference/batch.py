@@ -13,7 +13,7 @@ import numpy as np
 from kneebatch import __version__
 from kneebatch.errors import failure_row
 from kneebatch.ingest.store import CohortStore
-from kneebatch.ingest.visits import visit_of
+from kneebatch.ingest.visits import study_context
 from kneebatch.measure import measure_study
 
 STAGES = ("read", "normalize", "coarse", "fine", "paste", "write", "measure")
@@ -55,7 +55,7 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
         # sides_unresolved: medial/lateral labels as the net gave them
         flags = ["sides_unresolved"] if info.sides_found is False else []
         row = measure_study(key, labels, image, grid, store.channels(key), "segmentation", flags,
-                            knee_side=store.study_attrs(key).get("knee_side"), visit=visit_of(store.path, key))
+                            **study_context(store, key))
         row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid",
                    channels_used=used)
         return row, t_write, time.perf_counter() - t

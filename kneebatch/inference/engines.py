@@ -72,9 +72,9 @@ class OnnxRuntimeEngine:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.device = torch.device(device)
+        self.device_id = self.device.index or 0
         if self.device.type == "cuda":
-            index = self.device.index or 0
-            providers = [("CUDAExecutionProvider", {"device_id": index})]
+            providers = [("CUDAExecutionProvider", {"device_id": self.device_id})]
         else:
             providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
@@ -96,9 +96,8 @@ class OnnxRuntimeEngine:
         x = x.detach().to(self.device, torch.float32).contiguous()
         out = torch.empty((x.shape[0], self.output.shape[1], *x.shape[2:]), device=self.device, dtype=torch.float32)
         binding = self.session.io_binding()
-        index = self.device.index or 0
-        binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
-        binding.bind_output(self.output.name, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+        binding.bind_input(self.input_name, "cuda", self.device_id, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(self.output.name, "cuda", self.device_id, np.float32, tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # x is written before ONNX Runtime reads it
         self.session.run_with_iobinding(binding)
         return out

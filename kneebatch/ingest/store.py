@@ -259,6 +259,12 @@ class CohortStore:
             raise StudyError("partial_label_set", f"'{name}' holds {found} ids")
         return labels
 
+    def chosen_labels(self, key: str, name: str | None = None, model: str | None = None):
+        """(name, schema label map) of the label map ``name``, else the segmentation of ``model``,
+        else the newest segmentation; (name or None, None) when the study has no such map."""
+        name = name or self.segmentation(key, model)
+        return name, (self.read_schema_labels(key, name) if name else None)
+
     def label_attrs(self, key: str, name: str) -> dict:
         return dict(self._array(key, name).attrs)
 

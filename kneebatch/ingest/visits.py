@@ -43,6 +43,9 @@ def write_visits(store_path, keymap: list[dict]) -> Path:
     return write_rows(visit_rows(keymap), VISIT_SCHEMA, Path(store_path) / VISITS)
 
 
+NO_VISIT = {"subject_key": None, "visit_days": None}
+
+
 @lru_cache(maxsize=4)
 def _visits(path: str, mtime_ns: int) -> dict[str, dict]:
     return {r["study_key"]: {"subject_key": r["subject_key"], "visit_days": r["visit_days"]}
@@ -54,5 +57,11 @@ def visit_of(store_path, key: str) -> dict:
     recorded, and for sources without a PatientID or StudyDate)."""
     path = Path(store_path) / VISITS
     if not path.exists():
-        return {"subject_key": None, "visit_days": None}
-    return _visits(str(path), path.stat().st_mtime_ns).get(key, {"subject_key": None, "visit_days": None})
+        return dict(NO_VISIT)
+    return dict(_visits(str(path), path.stat().st_mtime_ns).get(key, NO_VISIT))
+
+
+def study_context(store, key: str) -> dict:
+    """What a measurement row takes from the store besides the arrays: the knee side the DICOM
+    headers gave and the study's subject and visit (``measure_study(..., **study_context(...))``)."""
+    return {"knee_side": store.study_attrs(key).get("knee_side"), "visit": visit_of(store.path, key)}
