@@ -112,9 +112,10 @@ def dice_per_label(pred, truth) -> dict[str, float]:
 
 
 def volumes(labels, grid: Grid, counts=None) -> dict:
-    """``<label>_volume_mm3`` / ``_ml`` for every label and group totals (``counts``: reuse ``label_counts``)."""
-    counts = ops.label_counts(labels, L.N_CLASSES) if counts is None else counts
-    counts = np.asarray(ops.to_numpy(counts)).astype(np.float64)
+    """``<label>_volume_mm3`` / ``_ml`` for every label and group totals (``counts``: host voxel
+    counts per label id, else counted here)."""
+    counts = ops.to_host(ops.label_counts(labels, L.N_CLASSES)) if counts is None else counts
+    counts = np.asarray(counts).astype(np.float64)
     vv = grid.voxel_volume_mm3
     out = {}
     for label in L.LABELS:
@@ -128,24 +129,24 @@ def volumes(labels, grid: Grid, counts=None) -> dict:
     return out
 
 
-def cartilage_thickness(labels, grid: Grid, plate: str) -> tuple[float, float]:
-    """(mean, 95th percentile) thickness in mm of one plate; NaN when the plate is absent.
+def _thickness(labels, grid: Grid, plate: str):
+    """``[mean, p95]`` thickness (mm, float64, on ``labels``' device) of one plate; NaN when absent.
 
     Not the maximum: where a plate curves away from the slice plane (thick 2-D slices) or
     meets the bone at a margin, a few surface voxels see their bone across a whole slice
     or along the plate, and the maximum measured 2-2.5 times the true thickness."""
     xp = ops.namespace(labels)
+    missing = xp.full((2,), float("nan"), dtype=xp.float64, device=ops.device_of(labels))
     label = L.by_name(plate)
-    cart = labels == label.id
     margin = tuple(int(math.ceil(THICKNESS_MARGIN_MM / s)) for s in grid.spacing)
-    box = ops.bounding_box(cart, margin)
+    box = ops.bounding_box(labels == label.id, margin)
     if box is None:
-        return math.nan, math.nan
+        return missing
     sub = labels[box]
     cart = sub == label.id
     bone = sub == L.by_name(label.bone).id
     if not bool(xp.any(bone)):
-        return math.nan, math.nan
+        return missing
     articular = ops.surface(cart, exclude=bone)
     # plate voxels farther from their bone than any cartilage is thick are segmentation
     # strays (a few voxels of the wrong plate), not thickness
@@ -153,29 +154,88 @@ def cartilage_thickness(labels, grid: Grid, plate: str) -> tuple[float, float]:
         if bool(xp.any(part)):
             dist = ops.distances_to(bone, part, grid.spacing)
             samples = dist[dist <= THICKNESS_PLAUSIBLE_MM[1]]
-            if samples.size:
-                return float(np.mean(samples)), float(np.percentile(samples, THICKNESS_HIGH_PERCENTILE))
-    return math.nan, math.nan
+            if samples.shape[0]:
+                return xp.stack([xp.mean(samples), ops.quantile(samples, THICKNESS_HIGH_PERCENTILE / 100)])
+    return missing
 
 
-def intensity_means(labels, image, channels, counts=None) -> dict:
-    """``<label>_<role>_mean`` for every contrast role; NaN for the roles the study lacks."""
-    out = {f"{label.name}_{role.lower()}_mean": math.nan for label in L.LABELS for role in ROLES}
-    for c, name in enumerate(channels):
-        means = ops.to_numpy(ops.label_means(labels, image[c], L.N_CLASSES, counts))
-        for label in L.LABELS:
-            out[f"{label.name}_{name.lower()}_mean"] = float(means[label.id])
+def cartilage_thickness(labels, grid: Grid, plate: str) -> tuple[float, float]:
+    """(mean, 95th percentile) thickness in mm of one plate; NaN when the plate is absent."""
+    mean, p95 = ops.to_host(_thickness(labels, grid, plate))
+    return float(mean), float(p95)
+
+
+def _centroid(mask):
+    """``[voxels, z, y, x]`` (float64): a mask's size and mean index (0 when empty)."""
+    xp = ops.namespace(mask)
+    m = xp.astype(mask, xp.float64)
+    count = xp.sum(m)
+    per_voxel = 1.0 / xp.where(count > 0, count, xp.ones_like(count))  # an empty mask: 0, and count says so
+    out = [count]
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        index = xp.arange(mask.shape[axis], dtype=xp.float64, device=ops.device_of(mask))
+        out.append(xp.sum(xp.sum(m, axis=others) * index) * per_voxel)
+    return xp.stack(out)
+
+
+def _fragment_sizes(mask):
+    """``[largest piece, all]`` voxels of a mask (components only inside its box)."""
+    xp = ops.namespace(mask)
+    box = ops.bounding_box(mask)
+    if box is None:
+        return xp.zeros((2,), dtype=xp.int64, device=ops.device_of(mask))
+    mask = mask[box]
+    return xp.stack([xp.sum(xp.astype(ops.largest_component(mask), xp.int64)),
+                     xp.sum(xp.astype(mask, xp.int64))])
+
+
+def study_values(labels, image, grid: Grid, channels) -> dict:
+    """Every number a row needs, reduced where ``labels`` live (any namespace and device):
+    small arrays, brought to the host in one copy by :func:`measure_study`."""
+    xp = ops.namespace(labels)
+    values = {"counts": ops.label_counts(labels, L.N_CLASSES)}
+    for plate in _cartilage_plates():
+        values[f"thickness:{plate.name}"] = _thickness(labels, grid, plate.name)
+    if image is not None:
+        for c, name in enumerate(channels):
+            values[f"means:{name}"] = ops.label_means(labels, image[c, ...], L.N_CLASSES, values["counts"])
+    for name in FOV_CHECKED:
+        values[f"border:{name}"] = ops.touches_border(labels == L.by_name(name).id)
+    for name in FRAGMENT_CHECKED:
+        values[f"pieces:{name}"] = _fragment_sizes(labels == L.by_name(name).id)
+    for name in ("fibula", "tibia"):
+        values[f"centroid:{name}"] = _centroid(labels == L.by_name(name).id)
+    return {k: xp.reshape(xp.astype(v, xp.float64), (-1,)) for k, v in values.items()}
+
+
+def values_to_host(values: dict) -> dict:
+    """The arrays of :func:`study_values` as NumPy, through one device-to-host copy."""
+    xp = ops.namespace(*values.values())
+    host = ops.to_host(xp.concat(list(values.values())))
+    out, at = {}, 0
+    for k, v in values.items():
+        out[k] = host[at:at + v.shape[0]]
+        at += v.shape[0]
     return out
 
 
-def qc_flags(labels, row: dict) -> list[str]:
+def intensity_means(means: dict, channels) -> dict:
+    """``<label>_<role>_mean`` for every contrast role; NaN for the roles the study lacks."""
+    out = {f"{label.name}_{role.lower()}_mean": math.nan for label in L.LABELS for role in ROLES}
+    for name in channels:
+        for label in L.LABELS:
+            out[f"{label.name}_{name.lower()}_mean"] = float(means[f"means:{name}"][label.id])
+    return out
+
+
+def qc_flags(values: dict, row: dict) -> list[str]:
     flags = []
     for name in EXPECTED:
         if row[f"{name}_volume_mm3"] == 0:
             flags.append(f"missing:{name}")
     for name in FOV_CHECKED:
-        mask = labels == L.by_name(name).id
-        if row[f"{name}_volume_mm3"] > 0 and ops.touches_border(mask):
+        if row[f"{name}_volume_mm3"] > 0 and values[f"border:{name}"][0]:
             flags.append(f"fov_truncates:{name}")
     for plate in _cartilage_plates():
         mean = row[f"{plate.name}_thickness_mean_mm"]
@@ -183,12 +243,8 @@ def qc_flags(labels, row: dict) -> list[str]:
         if not math.isnan(mean) and not lo <= mean <= hi:
             flags.append(f"thickness_implausible:{plate.name}")
     for name in FRAGMENT_CHECKED:
-        if row[f"{name}_volume_mm3"] == 0:
-            continue
-        mask = labels == L.by_name(name).id
-        mask = mask[ops.bounding_box(mask)]  # components only inside its box
-        largest = np.count_nonzero(ops.to_numpy(ops.largest_component(mask)))
-        if largest < 0.95 * np.count_nonzero(ops.to_numpy(mask)):
+        largest, total = values[f"pieces:{name}"]
+        if total and largest < 0.95 * total:
             flags.append(f"fragmented:{name}")
     return flags
 
@@ -196,16 +252,15 @@ def qc_flags(labels, row: dict) -> list[str]:
 SIDE_MIN_OFFSET_MM = 10.0  # the fibula's centre lies 25-40 mm lateral of the tibia's
 
 
-def knee_side_from_anatomy(labels, grid: Grid) -> str | None:
+def knee_side_from_anatomy(values: dict, grid: Grid) -> str | None:
     """'left' or 'right': the fibula is lateral, so the side of the patient it lies on
     relative to the tibia names the knee; None when either is missing or too close."""
-    xp = ops.namespace(labels)
     centres = []
     for name in ("fibula", "tibia"):
-        idx = xp.nonzero(labels == L.by_name(name).id)
-        if int(idx[0].shape[0]) == 0:
+        count, *index = values[f"centroid:{name}"]
+        if count == 0:
             return None
-        centres.append(grid.index_to_world([float(xp.mean(xp.astype(i, xp.float64))) for i in idx]))
+        centres.append(grid.index_to_world([float(i) for i in index]))
     left_of_tibia_mm = centres[0][0] - centres[1][0]  # LPS x grows to the patient's left
     if abs(left_of_tibia_mm) < SIDE_MIN_OFFSET_MM:
         return None
@@ -214,27 +269,28 @@ def knee_side_from_anatomy(labels, grid: Grid) -> str | None:
 
 def measure_study(key: str, labels, image, grid: Grid, channels, label_source: str, extra_flags=(),
                   knee_side: str | None = None, visit: dict | None = None) -> dict:
-    """One row of ``measurements.parquet``. ``labels``/``image`` may live on any xp device;
-    ``extra_flags``: QC flags known from how the labels were made (segmentation);
-    ``knee_side``: from the DICOM headers when they said, else found from the anatomy;
-    ``visit``: the study's subject key and visit day (:func:`kneebatch.ingest.visits.visit_of`)."""
+    """One row of ``measurements.parquet``. ``labels``/``image`` may live on any xp device (only
+    one vector of results comes back); ``extra_flags``: QC flags known from how the labels were
+    made (segmentation); ``knee_side``: from the DICOM headers when they said, else found from
+    the anatomy; ``visit``: the study's subject key and visit day
+    (:func:`kneebatch.ingest.visits.visit_of`)."""
     if tuple(labels.shape) != grid.shape:
         raise ValueError(f"labels {tuple(labels.shape)} do not match grid {grid.shape}")
+    values = values_to_host(study_values(labels, image, grid, channels if image is not None else ()))
     row = {"study_key": key, **NO_VISIT, **(visit or {})}
-    counts = ops.label_counts(labels, L.N_CLASSES)
-    row.update(volumes(labels, grid, counts))
+    row.update(volumes(None, grid, values["counts"]))
     for plate in _cartilage_plates():
-        mean, mx = cartilage_thickness(labels, grid, plate.name)
-        row[f"{plate.name}_thickness_mean_mm"] = mean
-        row[f"{plate.name}_thickness_p95_mm"] = mx
+        mean, p95 = values[f"thickness:{plate.name}"]
+        row[f"{plate.name}_thickness_mean_mm"] = float(mean)
+        row[f"{plate.name}_thickness_p95_mm"] = float(p95)
     if image is not None:
-        row.update(intensity_means(labels, image, channels, counts))
+        row.update(intensity_means(values, channels))
     row["voxel_volume_mm3"] = grid.voxel_volume_mm3
     row["spacing_z_mm"], row["spacing_y_mm"], row["spacing_x_mm"] = grid.spacing
-    flags = [*qc_flags(labels, row), *extra_flags]
+    flags = [*qc_flags(values, row), *extra_flags]
     row["qc_flags"] = flags
     row["qc_ok"] = not flags
-    side = knee_side or knee_side_from_anatomy(labels, grid)
+    side = knee_side or knee_side_from_anatomy(values, grid)
     row["knee_side"] = side
     row["knee_side_source"] = None if side is None else "dicom" if knee_side else "anatomy"
     row["label_source"] = label_source

@@ -255,7 +255,7 @@ def test_torch_and_onnxruntime_pipelines_give_the_same_labels(store, tiny_engine
     labels = {}
     for backend in ("onnxruntime", "torch"):
         e = load_engines(tiny_engines, backend)
-        labels[backend], info = segment(image, grid, e.coarse, e.fine, e.config)
+        labels[backend], info = segment(torch.from_numpy(image), grid, e.coarse, e.fine, e.config)
         assert tuple(labels[backend].shape) == grid.shape and set(info.seconds) == {"normalize", "coarse", "fine", "paste"}
     agree = (labels["onnxruntime"] == labels["torch"]).float().mean()
     assert agree > 0.999

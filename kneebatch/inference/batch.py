@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from kneebatch import __version__
+from kneebatch import __version__, ops
 from kneebatch.errors import failure_row
 from kneebatch.ingest.store import CohortStore
 from kneebatch.ingest.visits import study_context
@@ -19,16 +19,20 @@ from kneebatch.measure import measure_study
 STAGES = ("read", "normalize", "coarse", "fine", "paste", "write", "measure")
 
 
-def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
+def process_batch(keys: list[str], store_path: str, engines=None, xp=None, device=None) -> dict:
     """Segment, save and measure a batch of studies; never raises.
 
-    Pasting, saving and measuring study *i* run on a second thread while the engines
-    work on study *i+1*, so the engines' cores do not wait for that (mostly
-    single-threaded) work; at most one study is being finished at a time.
+    Each study's image goes to the engines' device once (torch tensors; ``xp``/``device``:
+    another array namespace and device, as the tests use); segmentation and measurement run
+    there, and the label map and one vector of measurements come back.
+
+    Three threads overlap: study *i+1* is read, decompressed and moved to the device while
+    the engines work on study *i*, and pasting, saving and measuring study *i-1* run beside
+    both, so the engines' cores do not wait for that (mostly single-threaded) work; at most
+    one study is being read and one finished at a time. ``seconds["read"]``: the time the
+    engines waited for a read, not the read itself.
     """
     from concurrent.futures import ThreadPoolExecutor
-
-    import torch
 
     from kneebatch.inference.segment import SegmentInfo, fine_stage, paste
 
@@ -37,6 +41,8 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
 
         engines = worker_engines()
     store = CohortStore(store_path, create=False)
+    if xp is None:  # every backend takes torch tensors on its device
+        xp, device = ops.torch_namespace(), engines.device
     rows, failures = [], []
     seconds = dict.fromkeys(STAGES, 0.0)
 
@@ -45,9 +51,8 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
 
     def finish(key, result, info, image, grid, used):
         labels = paste(result, info)
-        image = torch.from_numpy(image).to(labels.device)  # measured beside the labels
         t = time.perf_counter()
-        store.write_labels(key, labels.cpu().numpy(), {"model_hash": engines.model_hash,
+        store.write_labels(key, ops.to_host(labels), {"model_hash": engines.model_hash,
                                                        "kneebatch_version": __version__},
                            name=engines.label_name)
         t_write = time.perf_counter() - t
@@ -71,18 +76,26 @@ def process_batch(keys: list[str], store_path: str, engines=None) -> dict:
         seconds["write"] += t_write
         seconds["measure"] += t_measure
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
+    def load(key):
+        channels = store.channels(key)
+        inputs = engines.config.input_channels(channels)  # unsupported_contrast
+        image, grid = store.read_image(key)
+        # the one copy in: segmentation and measurement both work on the device
+        return channels, inputs, ops.to_device(image.astype(np.float32), xp, device), grid
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
         pending = None
-        for key in keys:
+        ahead = reader.submit(load, keys[0]) if keys else None
+        for i, key in enumerate(keys):
             try:
                 t = time.perf_counter()
-                channels = store.channels(key)
-                inputs = engines.config.input_channels(channels)  # unsupported_contrast
-                image, grid = store.read_image(key)
-                image = image.astype(np.float32)
+                loading, ahead = ahead, reader.submit(load, keys[i + 1]) if i + 1 < len(keys) else None
+                channels, inputs, image, grid = loading.result()
                 seconds["read"] += time.perf_counter() - t
                 info = SegmentInfo()
-                result = fine_stage(image[inputs], grid, engines.coarse, engines.fine, engines.config, info)
+                chosen = image if inputs == list(range(image.shape[0])) else xp.stack([image[i, ...] for i in inputs])
+                result = fine_stage(chosen, grid, engines.coarse, engines.fine, engines.config, info)
                 for k, v in info.seconds.items():
                     seconds[k] += v
             except Exception as e:

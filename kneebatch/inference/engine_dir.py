@@ -44,6 +44,11 @@ class Engines:
     half: bool = False
 
     @property
+    def device(self):
+        """The torch device the engines take their input on (where a study's arrays live)."""
+        return self.fine.device
+
+    @property
     def model_hash(self) -> str:
         return f"{self.hashes['coarse'][:12]}+{self.hashes['fine'][:12]}"
 

@@ -16,10 +16,10 @@ the lateral side. A crop whose fibula does not tell the side (none found, or les
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from kneebatch import labels as L
 from kneebatch import ops
+from kneebatch.models.preprocess import pad_to_multiple
 
 SIDE_PAIRS = (("medial_meniscus", "lateral_meniscus"),
               ("medial_tibial_cartilage", "lateral_tibial_cartilage"),
@@ -33,20 +33,22 @@ def left_right_axis(direction) -> int:
     return int(np.argmax(np.abs(np.asarray(direction, dtype=np.float64)[0])))
 
 
-def _centre(mask: torch.Tensor, axis: int) -> float | None:
+def _centre(mask, axis: int) -> float | None:
     """Centroid index of ``mask`` along ``axis``; None when empty."""
+    xp = ops.namespace(mask)
     others = tuple(a for a in range(mask.ndim) if a != axis)
-    profile = mask.sum(dim=others, dtype=torch.float64)
-    total = float(profile.sum())
+    profile = xp.sum(xp.astype(mask, xp.float64), axis=others)
+    total = float(xp.sum(profile))
     if total == 0:
         return None
-    index = torch.arange(profile.shape[0], dtype=torch.float64, device=profile.device)
-    return float((profile * index).sum()) / total
+    index = xp.arange(profile.shape[0], dtype=xp.float64, device=ops.device_of(mask))
+    return float(xp.sum(profile * index)) / total
 
 
-def lateral_side(labels: torch.Tensor, axis: int, spacing_mm: float) -> torch.Tensor | None:
+def lateral_side(labels, axis: int, spacing_mm: float):
     """Bool per index along ``axis``, True on the lateral side of the cruciates (the side of
     the fibula's largest piece); None when the fibula does not tell the side."""
+    xp = ops.namespace(labels)
     fibula = ops.largest_component(labels == L.by_name("fibula").id)
     at_fibula = _centre(fibula, axis)
     cruciates = (labels == L.by_name("acl").id) | (labels == L.by_name("pcl").id)
@@ -55,25 +57,38 @@ def lateral_side(labels: torch.Tensor, axis: int, spacing_mm: float) -> torch.Te
         at_notch = _centre(labels == L.by_name("tibia").id, axis)
     if at_fibula is None or at_notch is None or abs(at_fibula - at_notch) * spacing_mm < MIN_FIBULA_OFFSET_MM:
         return None
-    index = torch.arange(labels.shape[axis], device=labels.device)
+    index = xp.astype(xp.arange(labels.shape[axis], device=ops.device_of(labels)), xp.float64)
     return index > at_notch if at_fibula > at_notch else index < at_notch
 
 
-def keep_sides(logits: torch.Tensor, labels: torch.Tensor, axis: int, spacing_mm: float) -> bool:
-    """Forbid, in place, side labels on the wrong side (``logits [K, z, y, x]``, ``labels``
-    their argmax). Returns whether the side was found (the logits are untouched if not)."""
+def keep_sides(logits, valid, axis: int, spacing_mm: float) -> bool:
+    """Forbid, in place, side labels on the wrong side (``logits [K, ...]``, the working crop's
+    extent ``valid`` at the start of each axis; any padding beyond is left alone). Returns
+    whether the side was found (the logits are untouched if not)."""
+    xp = ops.namespace(logits)
+    labels = ops.channel_argmax(logits[:, :valid[0], :valid[1], :valid[2]])
     lateral = lateral_side(labels, axis, spacing_mm)
     if lateral is None:
         return False
+    padded = tuple(logits.shape[1:])
+    fibula = labels == L.by_name("fibula").id
     shape = [1, 1, 1]
     shape[axis] = -1
-    lateral = lateral.reshape(shape)
-    fibula = labels == L.by_name("fibula").id
-    stray = fibula & ~ops.largest_component(fibula & lateral)
+    side = xp.reshape(lateral, tuple(shape))
+    stray = xp.logical_and(fibula, xp.logical_not(ops.largest_component(xp.logical_and(fibula, side))))
+    # masks over the padded logits (the padding is never read back)
+    side = pad_to_multiple(xp.broadcast_to(side, tuple(labels.shape)), padded)[0]
+    stray = pad_to_multiple(stray, padded)[0]
+    forbidden = xp.asarray(FORBIDDEN, dtype=logits.dtype, device=ops.device_of(logits))
+
+    def forbid(name, where):
+        k = L.by_name(name).id
+        logits[k, ...] = xp.where(where, forbidden, logits[k, ...])
+
     for medial_name, lateral_name in SIDE_PAIRS:
-        logits[L.by_name(medial_name).id].masked_fill_(lateral, FORBIDDEN)
-        logits[L.by_name(lateral_name).id].masked_fill_(~lateral, FORBIDDEN)
+        forbid(medial_name, side)
+        forbid(lateral_name, xp.logical_not(side))
     # stray pieces only: forbidding the fibula around its kept piece would bend the
     # interpolated logits there and shrink it
-    logits[L.by_name("fibula").id].masked_fill_(stray | ~lateral, FORBIDDEN)
+    forbid("fibula", xp.logical_or(stray, xp.logical_not(side)))
     return True

@@ -362,7 +362,7 @@ class Trainer:
         scores = []
         for case in self.cases["test"]:
             image, labels, grid = case.native
-            pred, _ = segment(image.astype(np.float32), grid, ce, fe, self.cfg)
+            pred, _ = segment(torch.from_numpy(image.astype(np.float32)), grid, ce, fe, self.cfg)
             scores.append(self.score(pred, torch.from_numpy(labels)))
         return scores
 
