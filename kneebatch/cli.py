@@ -146,8 +146,11 @@ def cmd_run(args) -> int:
     if args.gpus is not None and (args.device == "cpu" or args.cluster != "local"):
         raise ValueError("--gpus runs a dask-cuda cluster on this node's GPUs: leave out --device cpu and --cluster")
     device = "cuda" if args.gpus is not None else args.device or "cpu"
-    options = InferenceOptions(str(args.engines) if args.engines else None, args.backend, device, args.threads,
-                               args.fp16, args.tta)
+    # on a GPU the compiled float16 engines unless told otherwise (ONNX Runtime would need onnxruntime-gpu)
+    backend = args.backend or ("torch-compile" if device == "cuda" else "onnxruntime")
+    half = args.fp16 or (args.backend is None and device == "cuda")
+    options = InferenceOptions(str(args.engines) if args.engines else None, backend, device, args.threads, half,
+                               args.tta)
     workers = args.workers
     if workers is None and device == "cuda" and args.cluster == "local":
         workers = 1  # one process per GPU
@@ -495,8 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", type=Path, help="cohort store")
     s.add_argument("out", type=Path, help="output folder: measurements.parquet, failures.parquet, provenance.json")
     s.add_argument("--engines", type=Path, default=None, help="engines folder (default: the shipped demo engines)")
-    s.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "torch-compile", "tensorrt"],
-                   help="inference backend (default onnxruntime on CPU)")
+    s.add_argument("--backend", default=None, choices=["onnxruntime", "torch", "torch-compile", "tensorrt"],
+                   help="inference backend (default: onnxruntime on a CPU; torch-compile with --half on a GPU). "
+                        "torch-compile pads crops to a few static sizes and compiles each once per worker (~20 s "
+                        "each on a CPU), then runs 1.15-1.3x ONNX Runtime's speed: worth it for large cohorts")
     s.add_argument("--device", default=None, choices=["cpu", "cuda"], help="torch device for the pipeline (default cpu)")
     s.add_argument("--gpus", default=None, metavar="all|N",
                    help="a dask-cuda cluster: one worker per GPU of this node (all, or the first N visible), engines "

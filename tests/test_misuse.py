@@ -82,8 +82,26 @@ def test_onnxruntime_on_cuda_without_its_cuda_provider_is_refused(store, tmp_pat
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has its CUDA provider")
-    assert main(["run", str(store), str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert main(["run", str(store), str(tmp_path / "o"), "--device", "cuda", "--backend", "onnxruntime"]) == 2
     assert "needs onnxruntime-gpu" in _err_line(capsys) and not (tmp_path / "o").exists()
+
+
+def test_the_default_engines_on_a_gpu_are_compiled_float16(store, tmp_path, monkeypatch):
+    """``--device cuda`` alone: torch-compile in float16 (ONNX Runtime would need onnxruntime-gpu);
+    the CPU default stays ONNX Runtime in float32."""
+    import kneebatch.jobs.run as job
+
+    chosen = []
+
+    def stand_in(store, out, options, **kw):
+        chosen.append(options)
+        raise ValueError("stopped before running")
+
+    monkeypatch.setattr(job, "run", stand_in)
+    for extra in (["--device", "cuda"], [], ["--device", "cuda", "--backend", "torch"]):
+        assert main(["run", str(store), str(tmp_path / "o"), *extra]) == 2
+    assert [(o.backend, o.device, o.half) for o in chosen] == [
+        ("torch-compile", "cuda", True), ("onnxruntime", "cpu", False), ("torch", "cuda", False)]
 
 
 def test_missing_tensorrt_says_how_to_install_it(store, tmp_path, capsys):

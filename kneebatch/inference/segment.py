@@ -146,6 +146,8 @@ def _fine_logits_once(fine, x, cfg: ModelConfig):
     # replicated edges, not zeros: a band of z-score 0 (mean tissue) at the crop's far
     # ends is nothing the net saw in training, and its context reaches far into the knee
     xpad, shape = pad_to_multiple(x, cfg.fine.divisor(), mode="replicate")
+    if hasattr(fine, "input_shape"):  # compiled engines with static shapes: up to a bucket
+        xpad, _ = pad_to_multiple(xpad, fine.input_shape(xpad.shape[1:], cfg.fine.divisor()), mode="replicate")
     n_voxels = math.prod(xpad.shape[1:])
     if cfg.fine_whole_crop:
         if n_voxels <= WHOLE_CROP_VOXELS:
