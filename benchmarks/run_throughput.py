@@ -201,6 +201,10 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         suffix = "" if args.protocol == "clinical" else f"-{args.protocol}"
         path = args.out / f"run-{date.today().isoformat()}-{machine.host()}{suffix}.json"
+        n = 2
+        while path.exists():  # a second run of the day is a second record
+            path = path.with_name(f"run-{date.today().isoformat()}-{machine.host()}{suffix}-{n}.json")
+            n += 1
         path.write_text(json.dumps(records, indent=1))
         print(f"wrote {path}")
     finally:

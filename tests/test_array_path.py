@@ -100,3 +100,38 @@ def test_the_stand_in_device_refuses_a_silent_host_copy():
     with pytest.raises(ValueError):
         x + xps.asarray([1.0, 2.0])
     assert not ops.on_host(x) and array_api_compat.is_array_api_strict_namespace(ops.namespace(x))
+
+
+def _gpu_namespaces():
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = [("torch-cuda", ops.torch_namespace(), "cuda")]
+    try:
+        import cupy
+
+        out.append(("cupy", cupy, None))
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,xp,device", _gpu_namespaces() or [pytest.param(
+    "gpu", None, None, marks=pytest.mark.skip(reason="needs a CUDA GPU (torch CUDA tensors; CuPy where installed)"))])
+def test_on_a_gpu_labels_and_measurements_are_those_of_the_cpu(runs, store, shipped, tmp_path, name, xp, device):
+    rows_ref, labels_ref, _ = runs["numpy"]
+    copy = tmp_path / "cohort.zarr"
+    shutil.copytree(store, copy)
+    keys = CohortStore(copy).study_keys()[:N_STUDIES]
+    ops.TRANSFERS.clear()
+    result = process_batch(keys, str(copy), shipped, xp=xp, device=device)
+    assert not result["failures"] and dict(ops.TRANSFERS) == {"to_device": N_STUDIES, "to_host": 2 * N_STUDIES}
+    s = CohortStore(copy)
+    for row in result["rows"]:
+        key = row["study_key"]
+        labels = s.read_labels(key, shipped.label_name)[0]
+        # GPU kernels sum in other orders: a handful of boundary voxels may differ
+        assert np.mean(labels != labels_ref[key]) < 1e-4
+        assert row["femur_volume_mm3"] == pytest.approx(rows_ref[key]["femur_volume_mm3"], rel=1e-3)

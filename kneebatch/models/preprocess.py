@@ -34,8 +34,9 @@ def normalize(image):
         stds.append(max(float(xp.std(vals, correction=1)), 1e-6))
     dev = ops.device_of(image)
     per_channel = (image.shape[0], 1, 1, 1)
-    mean = xp.reshape(xp.asarray(means, dtype=xp.float32, device=dev), per_channel)
-    return (image - mean) / xp.reshape(xp.asarray(stds, dtype=xp.float32, device=dev), per_channel)
+    out = image - xp.reshape(xp.asarray(means, dtype=xp.float32, device=dev), per_channel)
+    out /= xp.reshape(xp.asarray(stds, dtype=xp.float32, device=dev), per_channel)  # in place: one volume, not two
+    return out
 
 
 def linear_taps(n_out: int, n_in: int, xp, device):
@@ -61,7 +62,7 @@ def resize(t, shape, labels: bool = False):
     lead = t.ndim - 3
     if tuple(t.shape[lead:]) == shape:
         return t
-    out = t if labels else xp.astype(t, xp.float32)
+    out = t if labels else xp.astype(t, xp.float32, copy=False)
     # the most shrinking axis first: later passes then work on fewer voxels
     for a in sorted(range(3), key=lambda a: shape[a] / t.shape[lead + a]):
         axis, n_in, n_out = lead + a, out.shape[lead + a], shape[a]
