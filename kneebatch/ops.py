@@ -105,12 +105,19 @@ def call_net(net, x):
     through DLPack: no copy where ``x`` already sits on the net's device."""
     xp = namespace(x)
     if array_api_compat.is_torch_namespace(xp):
-        return net(x)
+        out = net(x)
+        if out.device != x.device:  # a silent crossing here would be a host copy nobody counted
+            raise ValueError(f"the engines run on {out.device} but the study is on {x.device}")
+        return out
     import torch
 
     out = net(torch.from_dlpack(x)).contiguous()
     if array_api_compat.is_numpy_namespace(xp):
-        return np.from_dlpack(out.cpu())
+        if out.device.type != "cpu":
+            raise ValueError(f"the engines run on {out.device} but the study is a NumPy array")
+        return np.from_dlpack(out)
+    if array_api_compat.is_cupy_namespace(xp):
+        return xp.from_dlpack(out)  # already on x's GPU
     return xp.from_dlpack(out, device=device_of(x))
 
 
@@ -375,10 +382,14 @@ def _pairwise_distances(mask, edge, query, sampling):
 
 
 def synchronize(x) -> None:
-    """Wait for the device work queued on ``x``'s device (for stage timings; a no-op on the host)."""
+    """Wait for the work queued on this thread's stream (for stage timings; a no-op on the host)."""
+    # the current stream only: a whole-device wait from the finishing thread could land inside
+    # another thread's CUDA graph capture
     if array_api_compat.is_torch_array(x) and x.is_cuda:
         import torch
 
-        torch.cuda.synchronize(x.device)
+        torch.cuda.current_stream(x.device).synchronize()
     elif array_api_compat.is_cupy_array(x):
-        x.device.synchronize()
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()

@@ -120,18 +120,29 @@ def _gpu_namespaces():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,xp,device", _gpu_namespaces() or [pytest.param(
     "gpu", None, None, marks=pytest.mark.skip(reason="needs a CUDA GPU (torch CUDA tensors; CuPy where installed)"))])
-def test_on_a_gpu_labels_and_measurements_are_those_of_the_cpu(runs, store, shipped, tmp_path, name, xp, device):
+def test_on_a_gpu_labels_and_measurements_are_those_of_the_cpu(runs, store, tmp_path, name, xp, device):
     rows_ref, labels_ref, _ = runs["numpy"]
     copy = tmp_path / "cohort.zarr"
     shutil.copytree(store, copy)
     keys = CohortStore(copy).study_keys()[:N_STUDIES]
     ops.TRANSFERS.clear()
-    result = process_batch(keys, str(copy), shipped, xp=xp, device=device)
+    on_gpu = load_engines(None, "torch", device="cuda")  # engines and study on the same device
+    result = process_batch(keys, str(copy), on_gpu, xp=xp, device=device)
     assert not result["failures"] and dict(ops.TRANSFERS) == {"to_device": N_STUDIES, "to_host": 2 * N_STUDIES}
     s = CohortStore(copy)
     for row in result["rows"]:
         key = row["study_key"]
-        labels = s.read_labels(key, shipped.label_name)[0]
+        labels = s.read_labels(key, on_gpu.label_name)[0]
         # GPU kernels sum in other orders: a handful of boundary voxels may differ
         assert np.mean(labels != labels_ref[key]) < 1e-4
         assert row["femur_volume_mm3"] == pytest.approx(rows_ref[key]["femur_volume_mm3"], rel=1e-3)
+
+
+def test_engines_on_another_device_than_the_study_are_refused():
+    import torch
+
+    def net_on_cpu(x):
+        return torch.zeros((1, 3, 2, 2, 2))
+
+    with pytest.raises(ValueError, match="engines run on cpu"):
+        ops.call_net(net_on_cpu, torch.zeros((1, 2, 2, 2, 2), device="meta"))

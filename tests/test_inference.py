@@ -273,3 +273,26 @@ def test_mirror_tta_makes_the_fine_logits_mirror_symmetric(tiny_engines):
     assert torch.allclose(fine_logits(engines.fine, x.flip(1), engines.config).flip(1), tta, atol=1e-5)
     assert tta.shape == plain.shape and not torch.allclose(tta, plain, atol=1e-3)
     assert load_engines(tiny_engines, "torch", tta=True).config.mirror_tta
+
+
+@pytest.mark.parametrize("shape", [(7, 33, 20), (40, 64, 64), (12, 90, 15)])
+def test_array_api_resize_and_padding_equal_torch_interpolate_and_pad(shape):
+    """The array-API resampling is torch's trilinear (align_corners=False) and nearest-exact,
+    and its padding torch's: pinned to the library the engines were first trained with."""
+    import torch.nn.functional as F
+
+    from kneebatch.models.preprocess import pad_to_multiple, resize
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.rand((2, 19, 47, 31), generator=g)
+    want = F.interpolate(x[None], size=shape, mode="trilinear", align_corners=False)[0]
+    assert torch.allclose(resize(x, shape), want, rtol=0, atol=1e-5)
+    assert np.allclose(resize(x.numpy(), shape), want.numpy(), rtol=0, atol=1e-5)
+    labels = torch.randint(0, 21, (19, 47, 31), generator=g, dtype=torch.uint8)
+    nearest = F.interpolate(labels[None, None].float(), size=shape, mode="nearest-exact")[0, 0].to(torch.uint8)
+    assert torch.equal(resize(labels, shape, labels=True), nearest)
+    assert np.array_equal(resize(labels.numpy(), shape, labels=True), nearest.numpy())
+    padded, before = pad_to_multiple(x, (4, 16, 16), mode="replicate")
+    assert before == (19, 47, 31) and tuple(padded.shape[1:]) == (20, 48, 32)
+    assert torch.equal(padded, F.pad(x[None], [0, 1, 0, 1, 0, 1], mode="replicate")[0])
+    assert torch.equal(pad_to_multiple(x, (4, 16, 16))[0], F.pad(x, [0, 1, 0, 1, 0, 1]))

@@ -97,7 +97,7 @@ class TorchEngine:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.forward(x.to(self.device, self.dtype))
-        if self.buckets and out.dtype == torch.float32:
+        if self.buckets and self.device.type == "cuda" and out.dtype == torch.float32:
             out = out.clone()  # a CUDA graph's output buffer is overwritten by its next replay
         return out.float()
 
