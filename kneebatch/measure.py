@@ -165,20 +165,6 @@ def cartilage_thickness(labels, grid: Grid, plate: str) -> tuple[float, float]:
     return float(mean), float(p95)
 
 
-def _centroid(mask):
-    """``[voxels, z, y, x]`` (float64): a mask's size and mean index (0 when empty)."""
-    xp = ops.namespace(mask)
-    m = xp.astype(mask, xp.float64)
-    count = xp.sum(m)
-    per_voxel = 1.0 / xp.where(count > 0, count, xp.ones_like(count))  # an empty mask: 0, and count says so
-    out = [count]
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        index = xp.arange(mask.shape[axis], dtype=xp.float64, device=ops.device_of(mask))
-        out.append(xp.sum(xp.sum(m, axis=others) * index) * per_voxel)
-    return xp.stack(out)
-
-
 def _fragment_sizes(mask):
     """``[largest piece, all]`` voxels of a mask (components only inside its box)."""
     xp = ops.namespace(mask)
@@ -205,7 +191,7 @@ def study_values(labels, image, grid: Grid, channels) -> dict:
     for name in FRAGMENT_CHECKED:
         values[f"pieces:{name}"] = _fragment_sizes(labels == L.by_name(name).id)
     for name in ("fibula", "tibia"):
-        values[f"centroid:{name}"] = _centroid(labels == L.by_name(name).id)
+        values[f"centroid:{name}"] = ops.centroid(labels == L.by_name(name).id)
     return {k: xp.reshape(xp.astype(v, xp.float64), (-1,)) for k, v in values.items()}
 
 

@@ -90,16 +90,6 @@ def to_numpy(x):
     return np.asarray(x)
 
 
-def like(host: np.ndarray, ref):
-    """Host values computed beside the pipeline (SciPy) as an array like ``ref`` (host namespaces only)."""
-    xp = namespace(ref)
-    if array_api_compat.is_torch_namespace(xp):
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(host))
-    return host if array_api_compat.is_numpy_namespace(xp) else xp.asarray(host, device=device_of(ref))
-
-
 def call_net(net, x):
     """``net`` (torch tensors in and out, on its own device) applied to an array of any namespace,
     through DLPack: no copy where ``x`` already sits on the net's device."""
@@ -208,6 +198,21 @@ def bounding_box(mask, margin=(0, 0, 0)):
         hi = min(int(idx[-1]) + 1 + margin[axis], mask.shape[axis])
         slices.append(slice(lo, hi))
     return tuple(slices)
+
+
+def centroid(mask, axes=(0, 1, 2)):
+    """``[voxels, mean index along each of axes]`` (float64, 0-d arrays stacked) of a 3-D mask; the
+    mean indices are 0 when the mask is empty (its voxel count says so)."""
+    xp = namespace(mask)
+    m = xp.astype(mask, xp.float64)
+    count = xp.sum(m)
+    per_voxel = 1.0 / xp.where(count > 0, count, xp.ones_like(count))
+    out = [count]
+    for axis in axes:
+        others = tuple(a for a in range(3) if a != axis)
+        index = xp.arange(mask.shape[axis], dtype=xp.float64, device=device_of(mask))
+        out.append(xp.sum(xp.sum(m, axis=others) * index) * per_voxel)
+    return xp.stack(out)
 
 
 def touches_border(mask):
@@ -341,7 +346,7 @@ def distances_to(mask, query, sampling):
         return _back(dist[_native(query, nd)], query)
     edge = surface(mask, xp.zeros_like(mask))
     if nd is not None:
-        return like(_kdtree_distances(to_numpy(mask), to_numpy(edge), to_numpy(query), sampling), query)
+        return _back(_kdtree_distances(to_numpy(mask), to_numpy(edge), to_numpy(query), sampling), query)
     return _pairwise_distances(mask, edge, query, sampling)
 
 

@@ -49,7 +49,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
     def fail(key, exc):
         failures.append(failure_row(key, "run", exc))
 
-    def finish(key, result, info, image, grid, used):
+    def finish(key, result, info, image, grid, channels, used):
         labels = paste(result, info)
         t = time.perf_counter()
         store.write_labels(key, ops.to_host(labels), {"model_hash": engines.model_hash,
@@ -59,7 +59,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         t = time.perf_counter()
         # sides_unresolved: medial/lateral labels as the net gave them
         flags = ["sides_unresolved"] if info.sides_found is False else []
-        row = measure_study(key, labels, image, grid, store.channels(key), "segmentation", flags,
+        row = measure_study(key, labels, image, grid, channels, "segmentation", flags,
                             **study_context(store, key))
         row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid",
                    channels_used=used)
@@ -104,7 +104,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
             if pending is not None:
                 collect(*pending)
             used = "+".join(channels[i] for i in inputs)
-            pending = key, finisher.submit(finish, key, result, info, image, grid, used), info
+            pending = key, finisher.submit(finish, key, result, info, image, grid, channels, used), info
         if pending is not None:
             collect(*pending)
     return {"keys": list(keys), "rows": rows, "failures": failures, "seconds": seconds}

@@ -35,14 +35,8 @@ def left_right_axis(direction) -> int:
 
 def _centre(mask, axis: int) -> float | None:
     """Centroid index of ``mask`` along ``axis``; None when empty."""
-    xp = ops.namespace(mask)
-    others = tuple(a for a in range(mask.ndim) if a != axis)
-    profile = xp.sum(xp.astype(mask, xp.float64), axis=others)
-    total = float(xp.sum(profile))
-    if total == 0:
-        return None
-    index = xp.arange(profile.shape[0], dtype=xp.float64, device=ops.device_of(mask))
-    return float(xp.sum(profile * index)) / total
+    count, at = (float(v) for v in ops.centroid(mask, axes=(axis,)))
+    return at if count else None
 
 
 def lateral_side(labels, axis: int, spacing_mm: float):
