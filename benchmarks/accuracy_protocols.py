@@ -12,9 +12,7 @@ and printed as a table. ``stir`` is the contrast held out of training.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import machine  # benchmarks/machine.py
@@ -56,12 +54,9 @@ def main() -> None:
     print("| tissue | " + " | ".join(records) + " |\n| --- |" + " --- |" * len(records))
     for name in names:
         print(f"| {name} | " + " | ".join(f"{records[p]['dice'].get(name, float('nan')):.3f}" for p in records) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"accuracy-{date.today().isoformat()}-{machine.host()}.json"
-    path.write_text(json.dumps({"device": machine.device("cpu"), "engines": str(args.engines), "n": args.n,
-                                "seed": args.seed, "anatomy": args.anatomy or "typical", "protocols": records},
-                               indent=1))
-    print(f"wrote {path}")
+    machine.save_record(args.out, "accuracy", {"device": machine.device("cpu"), "engines": str(args.engines),
+                                               "n": args.n, "seed": args.seed, "anatomy": args.anatomy or "typical",
+                                               "protocols": records})
 
 
 if __name__ == "__main__":

@@ -89,10 +89,7 @@ def main() -> None:
         "dicom_mb": round(dicom_mb, 1),
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"convert-{record['date']}-{machine.host()}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}")
+    machine.save_record(args.out, "convert", record)
 
 
 if __name__ == "__main__":

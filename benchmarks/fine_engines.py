@@ -128,10 +128,7 @@ def main() -> None:
         result = {"device": machine.device("cpu"), "date": date.today().isoformat(), "threads": threads,
                   "crops": [list(c.shape[2:]) for c in timed], "calibration_crops": args.calibrate,
                   "variants": records}
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"fine-engines-{date.today().isoformat()}-{machine.host()}.json"
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+        machine.save_record(args.out, "fine-engines", result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -129,11 +129,8 @@ def main() -> None:
               "measured_here": {"store_read_decode_mb_s_one_core": decode_mb_s,
                                 "coarse_gflop_per_pass": coarse_flops / 1e9},
               "assumed": {**H100, "fp16_utilisation_range": UTILISATION}, "projection": projection}
-    tag = f"-{args.tag}" if args.tag else ""
-    out = ROOT / "results" / f"gpu-projection-{date.today().isoformat()}-{machine.host()}{tag}.json"
-    out.write_text(json.dumps(record, indent=1))
     print(json.dumps({"mean": mean, "decode_mb_s_one_core": decode_mb_s, "projection": projection}, indent=1))
-    print(f"-> {out}")
+    machine.save_record(ROOT / "results", "gpu-projection", record, args.tag or "")
 
 
 if __name__ == "__main__":

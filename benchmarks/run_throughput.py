@@ -68,10 +68,11 @@ def _baseline(store_path, engines, keys, device, q):
     q.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()})
 
 
-def _setting(setting: str, half_everywhere: bool) -> tuple[str, int, bool, bool]:
-    """``BACKEND:WORKERS[:half][:tta]`` -> backend, workers, half, tta."""
+def _setting(setting: str, half_everywhere: bool) -> tuple[str, int, bool, bool, int | None]:
+    """``BACKEND:WORKERS[:half][:tta][:batchN]`` -> backend, workers, half, tta, studies per engine call."""
     backend, workers, *flags = setting.split(":")
-    return backend, int(workers), half_everywhere or "half" in flags, "tta" in flags
+    net_batch = next((int(f[5:]) for f in flags if f.startswith("batch")), None)
+    return backend, int(workers), half_everywhere or "half" in flags, "tta" in flags, net_batch
 
 
 def _precision(backend: str, device: str, half: bool) -> str:
@@ -80,7 +81,7 @@ def _precision(backend: str, device: str, half: bool) -> str:
     return "bf16" if device == "cpu" and backend != "tensorrt" else "fp16"
 
 
-def _kneebatch(store_path, engines, out, backend, workers, device, half, tta, q):
+def _kneebatch(store_path, engines, out, backend, workers, device, half, tta, net_batch, q):
     import onnxruntime  # noqa: F401  library imports are process start-up, outside both timings
     import torch  # noqa: F401
 
@@ -91,10 +92,10 @@ def _kneebatch(store_path, engines, out, backend, workers, device, half, tta, q)
     if workers > 1:
         with dask_client("local", n_workers=workers) as client:
             r = run(store_path, out, engines_path=engines, backend=backend, client=client, device=device, half=half,
-                    tta=tta, show_progress=False)
+                    tta=tta, net_batch=net_batch, show_progress=False)
     else:
         r = run(store_path, out, engines_path=engines, backend=backend, device=device, half=half, tta=tta,
-                show_progress=False)
+                net_batch=net_batch, show_progress=False)
     q.put({"seconds": time.perf_counter() - t0, "segmented": r.segmented, "stage_seconds": r.stage_seconds,
            "peak_rss_mb": _peak_rss_mb()})
 
@@ -132,8 +133,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=91)
     ap.add_argument("--engines", type=Path, default=DEFAULT_ENGINES)
     ap.add_argument("--settings", nargs="+", default=["onnxruntime:1", "onnxruntime:2", "torch:1"],
-                    help="BACKEND:WORKERS[:half][:tta] for kneebatch run (half: bfloat16 on the CPU, float16 on a "
-                         "GPU; tta: mirror test-time augmentation)")
+                    help="BACKEND:WORKERS[:half][:tta][:batchN] for kneebatch run (half: bfloat16 on the CPU, float16 "
+                         "on a GPU; tta: mirror test-time augmentation; batchN: N studies per engine call)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (baseline and the torch backends)")
     ap.add_argument("--fp16", action="store_true", help="half precision for every setting (see BACKEND:WORKERS:half)")
     ap.add_argument("--repeat", type=int, default=3,
@@ -155,12 +156,12 @@ def main() -> None:
         for round_ in range(args.repeat):
             base_runs.append(_in_process(_baseline, str(store), str(args.engines), keys, args.device))
             for i, setting in enumerate(args.settings):
-                backend, workers, half, tta = _setting(setting, args.fp16)
+                backend, workers, half, tta, net_batch = _setting(setting, args.fp16)
                 out = work / f"out-{i}-{round_}"
                 work_store = work / f"store-{i}-{round_}.zarr"
                 shutil.copytree(store, work_store)
                 runs[setting].append(_in_process(_kneebatch, str(work_store), str(args.engines), str(out), backend,
-                                                 workers, args.device, half, tta))
+                                                 workers, args.device, half, tta, net_batch))
                 shutil.rmtree(work_store)
         base = sorted(base_runs, key=lambda r: r["seconds"])[len(base_runs) // 2]
         base_sps = len(keys) / base["seconds"]
@@ -168,7 +169,7 @@ def main() -> None:
               f"read ceiling {len(keys) / read['seconds']:.2f} studies/s")
         records = []
         for setting in args.settings:
-            backend, workers, half, tta = _setting(setting, args.fp16)
+            backend, workers, half, tta, net_batch = _setting(setting, args.fp16)
             r = sorted(runs[setting], key=lambda r: r["seconds"])[len(runs[setting]) // 2]
             sps = r["segmented"] / r["seconds"]
             record = {
@@ -181,6 +182,7 @@ def main() -> None:
                 "workers": workers,
                 "precision": _precision(backend, args.device, half),
                 "mirror_tta": tta,
+                "net_batch": net_batch or 1,
                 "studies_per_s": round(sps, 4),
                 "speedup_vs_baseline": round(sps / base_sps, 2),
                 "baseline": {"name": f"MONAI sliding_window_inference, fine net, whole full-res volume, torch eager "
@@ -195,18 +197,10 @@ def main() -> None:
                 "stage_seconds": {k: round(v, 2) for k, v in r["stage_seconds"].items()},
                 "peak_rss_mb": round(r["peak_rss_mb"]),
             }
-            print(json.dumps({k: record[k] for k in ("backend", "workers", "precision", "mirror_tta", "studies_per_s",
-                                                     "speedup_vs_baseline", "speedup_per_round")}))
+            print(json.dumps({k: record[k] for k in ("backend", "workers", "precision", "mirror_tta", "net_batch",
+                                                     "studies_per_s", "speedup_vs_baseline", "speedup_per_round")}))
             records.append(record)
-        args.out.mkdir(parents=True, exist_ok=True)
-        suffix = "" if args.protocol == "clinical" else f"-{args.protocol}"
-        path = args.out / f"run-{date.today().isoformat()}-{machine.host()}{suffix}.json"
-        n = 2
-        while path.exists():  # a second run of the day is a second record
-            path = path.with_name(f"run-{date.today().isoformat()}-{machine.host()}{suffix}-{n}.json")
-            n += 1
-        path.write_text(json.dumps(records, indent=1))
-        print(f"wrote {path}")
+        machine.save_record(args.out, "run", records, "" if args.protocol == "clinical" else args.protocol)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -150,7 +150,7 @@ def cmd_run(args) -> int:
     backend = args.backend or ("torch-compile" if device == "cuda" else "onnxruntime")
     half = args.fp16 or (args.backend is None and device == "cuda")
     options = InferenceOptions(str(args.engines) if args.engines else None, backend, device, args.threads, half,
-                               args.tta)
+                               args.tta, args.net_batch)
     workers = args.workers
     if workers is None and device == "cuda" and args.cluster == "local":
         workers = 1  # one process per GPU
@@ -513,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mirror test-time augmentation: the fine net also sees each crop mirrored left-right and "
                         "the logits are averaged (as nnU-Net does; more accurate, twice the fine net's time)")
     s.add_argument("--batch-size", type=_positive, default=4, help="studies per task (default 4)")
+    s.add_argument("--net-batch", type=_positive, default=None, metavar="N",
+                   help="studies whose same-shape inputs (coarse volumes, fine crops of one size) share an engine "
+                        "call (default: 1 on the CPU, 4 on a GPU; at most --batch-size takes effect)")
     s.add_argument("--force", action="store_true",
                    help="OUT was made with other engines or settings: start it clean (only kneebatch's files go)")
     s.add_argument("--threads", type=_positive, default=None, help="CPU threads per worker for the engines")

@@ -226,14 +226,17 @@ def touches_border(mask):
     return xp.any(xp.stack(faces))
 
 
-def _shift(x, axis: int, step: int, fill):
-    """``x`` moved by ``step`` (+1/-1) along ``axis``; the vacated face is ``fill`` (an array like ``x``)."""
+def shift(x, axis: int, step: int, fill=None):
+    """``x`` moved by ``step`` (+1/-1) along ``axis``; the vacated face is ``fill`` (an array like
+    ``x``), or without it the face's own voxels (edges replicated)."""
     xp = namespace(x)
     n = x.shape[axis]
     keep = tuple((slice(0, n - 1) if step > 0 else slice(1, n)) if a == axis else slice(None)
                  for a in range(x.ndim))
-    edge = tuple(slice(0, 1) if a == axis else slice(None) for a in range(x.ndim))
-    parts = (fill[edge], x[keep]) if step > 0 else (x[keep], fill[edge])
+    face = 0 if step > 0 or fill is not None else n - 1
+    edge = tuple(slice(face, face + 1) if a == axis else slice(None) for a in range(x.ndim))
+    source = x if fill is None else fill
+    parts = (source[edge], x[keep]) if step > 0 else (x[keep], source[edge])
     return xp.concat(parts, axis=axis)
 
 
@@ -245,7 +248,7 @@ def surface(mask, exclude):
     out = none
     for axis in range(mask.ndim):
         for step in (1, -1):
-            out = xp.logical_or(out, _shift(free, axis, step, none))
+            out = xp.logical_or(out, shift(free, axis, step, none))
     return xp.logical_and(mask, out)
 
 
@@ -315,7 +318,7 @@ def _largest_by_propagation(mask):
         grown = ids
         for axis in range(mask.ndim):
             for step in (1, -1):
-                grown = xp.maximum(grown, _shift(ids, axis, step, zero))
+                grown = xp.maximum(grown, shift(ids, axis, step, zero))
         grown = xp.where(mask, grown, zero)
         if bool(xp.all(grown == ids)):
             break

@@ -9,6 +9,7 @@ arrays and cannot be read by NumPy) the copies across the boundary are counted: 
 image goes in once, the label map and one vector of measurements come out.
 """
 
+import dataclasses
 import math
 import shutil
 
@@ -24,11 +25,12 @@ from kneebatch.ingest.store import CohortStore
 
 N_STUDIES = 2
 
-NAMESPACES = {
-    "numpy": (np, None),
-    "torch": (ops.torch_namespace(), "cpu"),
-    "array_api_strict": (xps, xps.Device("CPU_DEVICE")),
-    "array_api_strict-device1": (xps, xps.Device("device1")),
+NAMESPACES = {  # namespace, device, studies per engine call
+    "numpy": (np, None, 1),
+    "torch": (ops.torch_namespace(), "cpu", 1),
+    "array_api_strict": (xps, xps.Device("CPU_DEVICE"), 1),
+    "array_api_strict-device1": (xps, xps.Device("device1"), 1),
+    "array_api_strict-device1-shared-calls": (xps, xps.Device("device1"), N_STUDIES),
 }
 
 
@@ -41,12 +43,12 @@ def shipped():
 def runs(store, shipped, tmp_path_factory):
     """process_batch on a copy of the store per namespace: (rows by key, label maps by key, copies)."""
     out = {}
-    for name, (xp, device) in NAMESPACES.items():
+    for name, (xp, device, net_batch) in NAMESPACES.items():
         copy = tmp_path_factory.mktemp(name) / "cohort.zarr"
         shutil.copytree(store, copy)
         keys = CohortStore(copy).study_keys()[:N_STUDIES]
         ops.TRANSFERS.clear()
-        result = process_batch(keys, str(copy), shipped, xp=xp, device=device)
+        result = process_batch(keys, str(copy), dataclasses.replace(shipped, net_batch=net_batch), xp=xp, device=device)
         assert not result["failures"], result["failures"]
         s = CohortStore(copy)
         labels = {k: s.read_labels(k, shipped.label_name)[0] for k in keys}
@@ -58,7 +60,7 @@ def _numbers(row):
     return {k: v for k, v in row.items() if isinstance(v, float)}
 
 
-@pytest.mark.parametrize("name", ["torch", "array_api_strict", "array_api_strict-device1"])
+@pytest.mark.parametrize("name", [n for n in NAMESPACES if n != "numpy"])
 def test_labels_and_measurements_agree_across_namespaces(runs, name):
     rows_ref, labels_ref, _ = runs["numpy"]
     rows, labels, _ = runs[name]
@@ -88,8 +90,9 @@ def test_the_pipeline_segments_knees(runs):
         assert 1.0 < row["femoral_cartilage_thickness_mean_mm"] < 4.0
 
 
-def test_on_a_device_only_the_image_goes_in_and_labels_and_row_come_back(runs):
-    assert runs["array_api_strict-device1"][2] == {"to_device": N_STUDIES, "to_host": 2 * N_STUDIES}
+@pytest.mark.parametrize("name", ["array_api_strict-device1", "array_api_strict-device1-shared-calls"])
+def test_on_a_device_only_the_image_goes_in_and_labels_and_row_come_back(runs, name):
+    assert runs[name][2] == {"to_device": N_STUDIES, "to_host": 2 * N_STUDIES}
     assert runs["numpy"][2] == {} and runs["torch"][2] == {}  # host namespaces: nothing crosses
 
 

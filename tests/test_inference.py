@@ -296,3 +296,65 @@ def test_array_api_resize_and_padding_equal_torch_interpolate_and_pad(shape):
     assert before == (19, 47, 31) and tuple(padded.shape[1:]) == (20, 48, 32)
     assert torch.equal(padded, F.pad(x[None], [0, 1, 0, 1, 0, 1], mode="replicate")[0])
     assert torch.equal(pad_to_multiple(x, (4, 16, 16))[0], F.pad(x, [0, 1, 0, 1, 0, 1]))
+
+
+def test_stacked_calls_put_same_shapes_together_up_to_the_limit_in_order():
+    import kneebatch.inference.segment as seg
+
+    calls = []
+
+    class Net:
+        max_batch = None
+
+        def __call__(self, x):
+            calls.append(tuple(x.shape))
+            return x * 2
+
+    net = Net()
+    a = [torch.full((1, 2, 3, 4), float(i)) for i in range(4)]
+    b = torch.ones((1, 5, 3, 4))
+    inputs = [a[0], a[1], b, a[2], a[3]]
+    out = seg.stacked_calls(net, inputs, limit=3)
+    assert calls == [(3, 1, 2, 3, 4), (1, 1, 2, 3, 4), (1, 1, 5, 3, 4)]
+    assert all(torch.equal(got, x * 2) for got, x in zip(out, inputs))
+    calls.clear()
+    net.max_batch = 2  # an engine's own limit (TensorRT's optimization profile) wins
+    seg.stacked_calls(net, inputs, limit=8)
+    assert calls == [(2, 1, 2, 3, 4), (2, 1, 2, 3, 4), (1, 1, 5, 3, 4)]
+
+
+def test_studies_sharing_engine_calls_get_the_labels_they_get_alone(store, tiny_engines, tmp_path):
+    """net_batch 3 over 4 studies: two coarse calls instead of four, the same label maps, the same
+    rows; and a study that breaks inside a shared group fails alone."""
+    import dataclasses
+
+    import kneebatch.inference.segment as seg
+    from kneebatch.inference.batch import process_batch
+
+    engines = load_engines(tiny_engines, "torch")
+    keys = CohortStore(store).study_keys()[:4]
+    results, coarse_calls = {}, {}
+    for per_call in (1, 3):
+        copy = tmp_path / f"b{per_call}.zarr"
+        shutil.copytree(store, copy)
+        counted = dataclasses.replace(engines, net_batch=per_call)
+        calls = []
+        counted.coarse = lambda x, net=engines.coarse, calls=calls: calls.append(x.shape[0]) or net(x)
+        r = process_batch(keys, str(copy), counted)
+        assert not r["failures"] and len(r["rows"]) == 4
+        s = CohortStore(copy)
+        results[per_call] = ({row["study_key"]: row for row in r["rows"]},
+                             {k: s.read_labels(k, engines.label_name)[0] for k in keys})
+        coarse_calls[per_call] = calls
+    assert coarse_calls == {1: [1, 1, 1, 1], 3: [3, 1]}
+    for key in keys:
+        assert np.array_equal(results[1][1][key], results[3][1][key])
+        assert results[1][0][key]["femur_volume_mm3"] == results[3][0][key]["femur_volume_mm3"]
+
+    image, grid = CohortStore(store).read_image(keys[0])
+    x = torch.from_numpy(image.astype(np.float32))
+    infos = [seg.SegmentInfo() for _ in range(3)]
+    out = seg.fine_stages([x, x[0], x], [grid] * 3, engines.coarse, engines.fine, engines.config, infos, limit=3)
+    assert isinstance(out[1], Exception) and not isinstance(out[0], Exception)
+    assert torch.equal(out[0].logits, out[2].logits)
+    assert infos[0].seconds["fine"] > 0 and infos[0].seconds["coarse"] > 0

@@ -26,15 +26,16 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
     another array namespace and device, as the tests use); segmentation and measurement run
     there, and the label map and one vector of measurements come back.
 
-    Three threads overlap: study *i+1* is read, decompressed and moved to the device while
-    the engines work on study *i*, and pasting, saving and measuring study *i-1* run beside
-    both, so the engines' cores do not wait for that (mostly single-threaded) work; at most
-    one study is being read and one finished at a time. ``seconds["read"]``: the time the
-    engines waited for a read, not the read itself.
+    Studies go through the engines ``engines.net_batch`` at a time (1 unless set): inputs of
+    one shape, such as their coarse volumes, share engine calls (:func:`~kneebatch.inference.
+    segment.drive`). Three threads overlap: group *i+1* is read, decompressed and moved to
+    the device while the engines work on group *i*, and pasting, saving and measuring group
+    *i-1* run beside both, so the engines' cores do not wait for that (mostly single-threaded)
+    work. ``seconds["read"]``: the time the engines waited for a read, not the read itself.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from kneebatch.inference.segment import SegmentInfo, fine_stage, paste
+    from kneebatch.inference.segment import SegmentInfo, fine_stages, paste
 
     if engines is None:
         from kneebatch.distributed.plugin import worker_engines
@@ -77,36 +78,53 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         seconds["measure"] += t_measure
 
     def load(key):
-        channels = store.channels(key)
-        inputs = engines.config.input_channels(channels)  # unsupported_contrast
-        image, grid = store.read_image(key)
-        # the one copy in: segmentation and measurement both work on the device
-        return channels, inputs, ops.to_device(image.astype(np.float32), xp, device), grid
+        try:
+            channels = store.channels(key)
+            inputs = engines.config.input_channels(channels)  # unsupported_contrast
+            image, grid = store.read_image(key)
+            # the one copy in: segmentation and measurement both work on the device
+            return key, channels, inputs, ops.to_device(image.astype(np.float32), xp, device), grid
+        except Exception as e:  # noqa: BLE001 - the study's row says why
+            return key, e
 
+    def load_group(group):
+        return [load(key) for key in group]
+
+    # studies go through the nets ``per_call`` at a time: their same-shape inputs share calls
+    per_call = max(1, int(getattr(engines, "net_batch", 1) or 1))
+    groups = [keys[i:i + per_call] for i in range(0, len(keys), per_call)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
-        pending = None
-        ahead = reader.submit(load, keys[0]) if keys else None
-        for i, key in enumerate(keys):
-            try:
-                t = time.perf_counter()
-                loading, ahead = ahead, reader.submit(load, keys[i + 1]) if i + 1 < len(keys) else None
-                channels, inputs, image, grid = loading.result()
-                seconds["read"] += time.perf_counter() - t
-                info = SegmentInfo()
+        pending = []
+        ahead = reader.submit(load_group, groups[0]) if groups else None
+        for g in range(len(groups)):
+            t = time.perf_counter()
+            loading, ahead = ahead, reader.submit(load_group, groups[g + 1]) if g + 1 < len(groups) else None
+            loaded = loading.result()
+            seconds["read"] += time.perf_counter() - t
+            studies = []
+            for item in loaded:
+                if isinstance(item[1], Exception):
+                    fail(*item)
+                    continue
+                key, channels, inputs, image, grid = item
                 chosen = image if inputs == list(range(image.shape[0])) else xp.stack([image[i, ...] for i in inputs])
-                result = fine_stage(chosen, grid, engines.coarse, engines.fine, engines.config, info)
+                studies.append((key, channels, inputs, image, grid, chosen, SegmentInfo()))
+            results = fine_stages([s[5] for s in studies], [s[4] for s in studies], engines.coarse, engines.fine,
+                                  engines.config, [s[6] for s in studies], per_call)
+            for p in pending:
+                collect(*p)
+            pending = []
+            for (key, channels, inputs, image, grid, _, info), result in zip(studies, results):
+                if isinstance(result, Exception):
+                    fail(key, result)
+                    continue
                 for k, v in info.seconds.items():
                     seconds[k] += v
-            except Exception as e:
-                fail(key, e)
-                continue
-            if pending is not None:
-                collect(*pending)
-            used = "+".join(channels[i] for i in inputs)
-            pending = key, finisher.submit(finish, key, result, info, image, grid, channels, used), info
-        if pending is not None:
-            collect(*pending)
+                used = "+".join(channels[i] for i in inputs)
+                pending.append((key, finisher.submit(finish, key, result, info, image, grid, channels, used), info))
+        for p in pending:
+            collect(*p)
     return {"keys": list(keys), "rows": rows, "failures": failures, "seconds": seconds}
 
 

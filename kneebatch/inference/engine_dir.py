@@ -32,6 +32,10 @@ def shipped_engines() -> Path:
 # $KNEEBATCH_ENGINES points elsewhere
 DEFAULT_ENGINES = Path(os.environ.get("KNEEBATCH_ENGINES") or shipped_engines())
 BACKENDS = ("onnxruntime", "torch", "torch-compile", "tensorrt")
+# studies per engine call by default. CPU: 1 (two-core VM, 2026-11-30: 2 or 4 per call gained
+# nothing; benchmarks/README.md). GPU: 4, so the small coarse volumes (32 x 64 x 64) fill more
+# of the device per launch; chosen, not yet measured on a GPU.
+NET_BATCH = {"cpu": 1, "cuda": 4}
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Engines:
     backend: str
     hashes: dict  # stage -> sha256 of the file actually loaded
     half: bool = False
+    net_batch: int = 1  # studies whose same-shape inputs share an engine call
 
     @property
     def device(self):
@@ -72,6 +77,7 @@ class InferenceOptions:
     threads: int | None = None  # CPU threads per worker (None: the cores shared between workers)
     half: bool = False  # float16 on GPUs, bfloat16 on CPUs
     tta: bool = False  # mirror test-time augmentation
+    net_batch: int | None = None  # studies per engine call (None: NET_BATCH's default for the device)
 
     def check(self, device_here: bool = True) -> None:
         """Refuse what cannot run. ``device_here=False``: the engines run in other processes
@@ -82,7 +88,15 @@ class InferenceOptions:
         check_backend(self.backend, self.device if device_here else "cpu")
 
     def load(self) -> Engines:
-        return load_engines(self.engines, self.backend, self.device, self.threads, self.half, self.tta)
+        return load_engines(self.engines, self.backend, self.device, self.threads, self.half, self.tta,
+                            self.studies_per_call())
+
+    def studies_per_call(self) -> int:
+        if self.net_batch is not None:
+            if self.net_batch < 1:
+                raise ValueError(f"--net-batch {self.net_batch}: give 1 or more studies per engine call")
+            return self.net_batch
+        return NET_BATCH["cuda" if self.device.startswith("cuda") else "cpu"]
 
     def settings(self) -> dict:
         """What changes the output (recorded with it; a rerun with other settings is refused)."""
@@ -112,7 +126,7 @@ def half_dtype(device: str):
 
 
 def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
-                 half: bool = False, tta: bool = False) -> Engines:
+                 half: bool = False, tta: bool = False, net_batch: int = 1) -> Engines:
     from kneebatch.inference.engines import OnnxRuntimeEngine, TorchEngine
 
     if backend not in BACKENDS:
@@ -140,7 +154,7 @@ def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", t
                               dtype=half_dtype(device) if half else torch.float32, compile=backend == "torch-compile",
                               expected_sha256=entry["sha256"][entry["safetensors"]])
         built[stage], hashes[stage] = eng, eng.sha256
-    return Engines(built["coarse"], built["fine"], cfg, backend, hashes, half)
+    return Engines(built["coarse"], built["fine"], cfg, backend, hashes, half, net_batch)
 
 
 def check_backend(backend: str, device: str) -> None:

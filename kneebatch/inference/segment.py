@@ -36,18 +36,10 @@ class SegmentInfo:
     working_shape: tuple = ()
     sides_found: bool | None = None  # medial/lateral rule applied (None: switched off)
     seconds: dict = field(default_factory=dict)
+    suspended: float = 0.0  # seconds spent waiting for other studies' and the nets' work (:func:`drive`)
 
 
 channel_argmax = ops.channel_argmax
-
-
-def _forward(x, axis: int):
-    """``x`` with each voxel replaced by its next neighbour along ``axis`` (the last one kept)."""
-    xp = ops.namespace(x)
-    n = x.shape[axis]
-    rest = tuple(slice(1, n) if a == axis else slice(None) for a in range(x.ndim))
-    last = tuple(slice(n - 1, n) if a == axis else slice(None) for a in range(x.ndim))
-    return xp.concat([x[rest], x[last]], axis=axis)
 
 
 def upsample_argmax(logits, out_shape, valid=None):
@@ -73,7 +65,8 @@ def upsample_argmax(logits, out_shape, valid=None):
     moved = [a for a in range(3) if out_shape[a] != valid[a]]
     top, bottom = work, work
     for a in moved:
-        top, bottom = xp.maximum(top, _forward(top, a)), xp.minimum(bottom, _forward(bottom, a))
+        # each voxel against its next neighbour along a (the last one against itself)
+        top, bottom = xp.maximum(top, ops.shift(top, a, -1)), xp.minimum(bottom, ops.shift(bottom, a, -1))
 
     def at_corner0(v):  # v[i0z][:, i0y][:, :, i0x]: one gather per axis
         for axis in range(3):
@@ -112,20 +105,151 @@ def upsample_argmax(logits, out_shape, valid=None):
     return xp.reshape(out, out_shape)
 
 
+def stacked_calls(net, inputs: list, limit: int = 1) -> list:
+    """``net`` on each ``[C, ...]`` array of ``inputs``, outputs ``[K, ...]`` in the same order.
+
+    Inputs of one shape go through the net together, up to ``limit`` per call (and the
+    engine's own ``max_batch``): several studies' coarse volumes, one bucket's fine crops, a
+    crop and its mirror image. A GPU runs a batch of small inputs in about the time of one."""
+    limit = max(1, min(limit, getattr(net, "max_batch", None) or limit))
+    out = [None] * len(inputs)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, x in enumerate(inputs):
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    for members in by_shape.values():
+        for s in range(0, len(members), limit):
+            part = members[s:s + limit]
+            xp = ops.namespace(inputs[part[0]])
+            batch = inputs[part[0]][None, ...] if len(part) == 1 else xp.stack([inputs[i] for i in part])
+            y = ops.call_net(net, batch)
+            for j, i in enumerate(part):
+                out[i] = y[j, ...]
+    return out
+
+
+def drive(steps: list, nets: dict, infos: list, limit: int = 1) -> list:
+    """Run generators of net requests (one per study) side by side; returns what each returned,
+    or the exception that stopped it (one study's failure never stops the others).
+
+    A generator yields ``(stage, inputs)`` and is sent the net's outputs for ``inputs``;
+    the requests of every study waiting at the same stage go through :func:`stacked_calls`
+    together (if that call fails, each study's again alone: only the one that broke it
+    fails). Each study's ``info.seconds[stage]`` gets its share of the call's time;
+    ``info.suspended`` counts the time it waited, which its own clock leaves out."""
+    results: list = [None] * len(steps)
+    waiting: dict[int, tuple] = {}
+    since = {}
+
+    def advance(i, value):
+        try:
+            waiting[i] = steps[i].send(value)
+            since[i] = time.perf_counter()
+        except StopIteration as done:
+            results[i] = done.value
+        except Exception as e:  # noqa: BLE001 - the study's failure, reported as its row
+            results[i] = e
+
+    for i in range(len(steps)):
+        advance(i, None)
+    def answer(i, stage, outs, share, now):
+        infos[i].seconds[stage] = infos[i].seconds.get(stage, 0.0) + share
+        infos[i].suspended += now - since[i]
+        advance(i, outs)
+
+    while waiting:
+        round_, waiting = waiting, {}
+        for stage in dict.fromkeys(stage for stage, _ in round_.values()):
+            who = [i for i, (s, _) in round_.items() if s == stage]
+            t = time.perf_counter()
+            try:
+                outs = stacked_calls(nets[stage], [x for i in who for x in round_[i][1]], limit)
+            except Exception:  # noqa: BLE001 - each study alone, so only the one that breaks the call fails
+                outs = None
+            if outs is not None:
+                ops.synchronize(outs[0])
+                share, now, k = (time.perf_counter() - t) / len(who), time.perf_counter(), 0
+                for i in who:
+                    answer(i, stage, outs[k:k + len(round_[i][1])], share, now)
+                    k += len(round_[i][1])
+                continue
+            for i in who:
+                t = time.perf_counter()
+                try:
+                    own = stacked_calls(nets[stage], round_[i][1], limit)
+                    ops.synchronize(own[0])
+                except Exception as e:  # noqa: BLE001 - the study's failure, reported as its row
+                    results[i] = e
+                    steps[i].close()
+                    continue
+                answer(i, stage, own, time.perf_counter() - t, time.perf_counter())
+    return results
+
+
+def _alone(steps, net, info=None):
+    """A generator of ``net``'s requests run by itself (one input per call); its return value."""
+    result = drive([steps], {"fine": net}, [info or SegmentInfo()])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+class _Clock:
+    """A study's own time per stage: wall time less what it spent waiting in :func:`drive`."""
+
+    def __init__(self, info: SegmentInfo):
+        self.info, self.stage = info, None
+        self.t, self.waited = time.perf_counter(), info.suspended
+
+    def stage_is(self, stage: str | None, sync=None) -> None:
+        if sync is not None:
+            ops.synchronize(sync)
+        now, waited = time.perf_counter(), self.info.suspended
+        if self.stage is not None:
+            own = now - self.t - (waited - self.waited)
+            self.info.seconds[self.stage] = self.info.seconds.get(self.stage, 0.0) + own
+        self.stage, self.t, self.waited = stage, now, waited
+
+
+def fine_steps(fine, crops: list, cfg: ModelConfig):
+    """Fine-net logits for working-grid crops ``[C, z, y, x]``, as a generator of net requests
+    (:func:`drive`); returns ``[(padded logits, shape)]``: the logits ``[K, ...]`` over each crop
+    padded to the net's stride, ``shape`` the crop's own extent at the start of each axis (the
+    padding is left in place so the logits are not copied).
+
+    A batch-norm net runs on the whole crop in one call; only crops above
+    ``WHOLE_CROP_VOXELS`` are split, into large windows with little overlap. An
+    instance-norm net runs on windows of its training patch size, as nnU-Net does, so that
+    its normalisation sees the context it was trained with. With ``cfg.mirror_tta`` the
+    logits are averaged with those of the crop mirrored along z (the slice axis,
+    left-right in a sagittal study: the mirroring the net was trained with), as nnU-Net
+    does; crop and mirror image go in one request."""
+    xp = ops.namespace(crops[0])
+    copies = 2 if cfg.mirror_tta else 1
+    padded, shapes = [], []
+    for x in crops:
+        for v in ([x, xp.flip(x, axis=1)] if cfg.mirror_tta else [x]):
+            p, shape = _padded(fine, v, cfg)
+            padded.append(p)
+        shapes.append(shape)
+    whole = [cfg.fine_whole_crop and math.prod(p.shape[1:]) <= WHOLE_CROP_VOXELS for p in padded]
+    outs = (yield "fine", [p for p, w in zip(padded, whole) if w]) if any(whole) else []
+    outs = iter(outs)
+    logits = [next(outs) if w else _windowed_logits(fine, p, cfg) for p, w in zip(padded, whole)]
+    results = []
+    for i, shape in enumerate(shapes):
+        if not cfg.mirror_tta:
+            results.append((logits[i], shape))
+            continue
+        plain, mirrored = logits[copies * i], logits[copies * i + 1]
+        crop = (slice(None), slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+        results.append(((plain[crop] + xp.flip(mirrored[crop], axis=1)) * 0.5, shape))
+    return results
+
+
 @torch.inference_mode()
 def padded_fine_logits(fine, x, cfg: ModelConfig):
-    """``(logits, shape)``: fine-net logits ``[K, ...]`` for a working-grid crop ``x [C, z, y, x]``,
-    over ``x`` padded to the net's stride (``shape``: ``x``'s own extent, at the start of each
-    axis; the padding is left in place so the logits are not copied). With ``cfg.mirror_tta``,
-    averaged with those of the crop mirrored along z (the slice axis, left-right in a sagittal
-    study: the mirroring the net was trained with), as nnU-Net does."""
-    logits, shape = _fine_logits_once(fine, x, cfg)
-    if not cfg.mirror_tta:
-        return logits, shape
-    xp = ops.namespace(x)
-    mirrored, _ = _fine_logits_once(fine, xp.flip(x, axis=1), cfg)
-    crop = (slice(None), slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-    return (logits[crop] + xp.flip(mirrored[crop], axis=1)) * 0.5, shape
+    """``(logits, shape)`` for one working-grid crop ``x [C, z, y, x]`` (:func:`fine_steps`)."""
+    return _alone(fine_steps(fine, [x], cfg), fine)[0]
 
 
 def fine_logits(fine, x, cfg: ModelConfig):
@@ -135,23 +259,20 @@ def fine_logits(fine, x, cfg: ModelConfig):
     return logits[:, :shape[0], :shape[1], :shape[2]]
 
 
-def _fine_logits_once(fine, x, cfg: ModelConfig):
-    """``(padded logits, shape)`` for a working-grid crop ``x [C, z, y, x]``.
-
-    A batch-norm net runs on the whole crop in one call (padded to its stride); only
-    crops above ``WHOLE_CROP_VOXELS`` are split, into large windows with little overlap.
-    An instance-norm net runs on windows of its training patch size, as nnU-Net does, so
-    that its normalisation sees the context it was trained with.
-    """
+def _padded(fine, x, cfg: ModelConfig):
+    """``x`` padded to the net's stride, and to the engine's static bucket if it has them."""
     # replicated edges, not zeros: a band of z-score 0 (mean tissue) at the crop's far
     # ends is nothing the net saw in training, and its context reaches far into the knee
     xpad, shape = pad_to_multiple(x, cfg.fine.divisor(), mode="replicate")
     if hasattr(fine, "input_shape"):  # compiled engines with static shapes: up to a bucket
         xpad, _ = pad_to_multiple(xpad, fine.input_shape(xpad.shape[1:], cfg.fine.divisor()), mode="replicate")
-    n_voxels = math.prod(xpad.shape[1:])
+    return xpad, shape
+
+
+def _windowed_logits(fine, xpad, cfg: ModelConfig):
+    """Logits over ``xpad`` by windows: large ones for a crop too large for one call, the
+    training patch for an instance-norm net."""
     if cfg.fine_whole_crop:
-        if n_voxels <= WHOLE_CROP_VOXELS:
-            return ops.call_net(fine, xpad[None, ...])[0, ...], shape
         patch, overlap = _large_window(xpad.shape[1:], cfg.fine.divisor()), 0.1
     else:
         patch, overlap = tuple(cfg.fine_patch), cfg.sw_overlap
@@ -164,7 +285,7 @@ def _fine_logits_once(fine, x, cfg: ModelConfig):
         return sliding_window_inference(t, patch, sw_batch_size=1 if cfg.fine_whole_crop else 2,
                                         predictor=fine, overlap=overlap)
 
-    return ops.call_net(windows, xpad[None, ...])[0, ...], shape
+    return ops.call_net(windows, xpad[None, ...])[0, ...]
 
 
 def _large_window(shape, divisor) -> tuple[int, int, int]:
@@ -176,31 +297,39 @@ def _large_window(shape, divisor) -> tuple[int, int, int]:
     return tuple(win)
 
 
-def series_mean(net, x, cfg: ModelConfig, covered=None):
-    """``net(x)``; for one-channel nets trained on every contrast (``cfg.per_series``), the mean of
-    ``net`` on each series of ``x [C, ...]`` alone: one model, any number of series.
-
-    ``covered [C, ...]`` (0-1, on ``x``'s grid): where each series has data. A series resampled
-    onto the study grid is zero outside its own field of view; there it does not vote."""
+def series_inputs(x, cfg: ModelConfig) -> list:
+    """What a net is run on for ``x [C, ...]``: ``x`` itself, or for one-channel nets trained on
+    every contrast (``cfg.per_series``) each series alone: one model, any number of series."""
     if not cfg.per_series or x.shape[0] == 1:
-        return net(x)
+        return [x]
+    return [x[c:c + 1, ...] for c in range(x.shape[0])]
+
+
+def series_combine(outs: list, covered=None):
+    """The mean of the nets' outputs over the series of :func:`series_inputs`.
+
+    ``covered [C, ...]`` (0-1, on the outputs' grid): where each series has data. A series
+    resampled onto the study grid is zero outside its own field of view; there it does not vote."""
+    if len(outs) == 1:
+        return outs[0]
+    if covered is None:
+        total = outs[0]
+        for out in outs[1:]:
+            total = total + out
+        return total / len(outs)
+    xp = ops.namespace(outs[0])
     total, weight = None, None
-    for c in range(x.shape[0]):
-        out = net(x[c:c + 1, ...])
-        if covered is None:
-            total = out if total is None else total + out
-            continue
-        xp = ops.namespace(out)
+    for c, out in enumerate(outs):
         # a small floor: where no series has data (outside every field of view) the plain mean
         w = xp.astype(covered[c, ...], out.dtype) * (1 - 1e-3) + 1e-3
         total = out * w if total is None else total + out * w
         weight = w if weight is None else weight + w
-    return total / (x.shape[0] if covered is None else weight)
+    return total / weight
 
 
-def _net_on_one(net):
-    """``net`` (batched ``[N, C, ...]``) as a function of one ``[C, ...]`` array."""
-    return lambda v: ops.call_net(net, v[None, ...])[0, ...]
+def series_mean(net, x, cfg: ModelConfig, covered=None):
+    """``net`` on ``x [C, ...]`` as :func:`series_inputs` and :func:`series_combine` put it."""
+    return series_combine([net(v) for v in series_inputs(x, cfg)], covered)
 
 
 @torch.inference_mode()
@@ -227,34 +356,49 @@ def fine_stage(image, grid: Grid, coarse, fine, cfg: ModelConfig, info: SegmentI
     """normalize -> coarse -> box -> crop -> fine logits (the engines' part of ``segment``).
 
     ``image [C, Z, Y, X]`` float32, of any namespace; everything stays on its device."""
+    result = fine_stages([image], [grid], coarse, fine, cfg, [info])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+@torch.inference_mode()
+def fine_stages(images: list, grids: list, coarse, fine, cfg: ModelConfig, infos: list, limit: int = 1) -> list:
+    """:func:`fine_stage` for several studies, their net inputs of one shape up to ``limit``
+    per engine call; a study that fails is its exception in the returned list."""
+    steps = [_study_steps(image, grid, fine, cfg, info) for image, grid, info in zip(images, grids, infos)]
+    return drive(steps, {"coarse": coarse, "fine": fine}, infos, limit)
+
+
+def _study_steps(image, grid: Grid, fine, cfg: ModelConfig, info: SegmentInfo):
+    """One study's :func:`fine_stage` as a generator of net requests (:func:`drive`)."""
     xp = ops.namespace(image)
-    t = time.perf_counter()
+    clock = _Clock(info)
+    clock.stage_is("normalize")
     # one-channel engines over several series: where each series has data (zero outside its field of view)
     covered = xp.astype(image > 0, xp.float32) if cfg.per_series and image.shape[0] > 1 else None
     x = normalize(image)
     native = tuple(x.shape[1:])
-    ops.synchronize(x)
-    info.seconds["normalize"] = time.perf_counter() - t
 
-    t = time.perf_counter()
+    clock.stage_is("coarse", sync=x)
     xc, _ = pad_to_multiple(resize(x, cfg.coarse_shape), cfg.coarse.divisor())
     cc = None if covered is None else pad_to_multiple(resize(covered, cfg.coarse_shape), cfg.coarse.divisor())[0]
-    coarse_labels = ops.channel_argmax(series_mean(_net_on_one(coarse), xc, cfg, cc))
+    outs = yield "coarse", series_inputs(xc, cfg)
+    coarse_labels = ops.channel_argmax(series_combine(outs, cc))
     box = box_from_mask(coarse_labels > 0, native, grid.spacing, cfg.crop_margin_mm)
-    ops.synchronize(x)
-    info.seconds["coarse"] = time.perf_counter() - t
 
-    t = time.perf_counter()
+    clock.stage_is("fine", sync=x)
     crop, _ = fine_crop(x, box, grid.spacing, cfg)
-    if cfg.per_series and crop.shape[0] > 1:
-        crop_covered = None if covered is None else fine_crop(covered, box, grid.spacing, cfg)[0]
-        logits = series_mean(lambda v: fine_logits(fine, v, cfg), crop, cfg, crop_covered)
-        valid = tuple(crop.shape[1:])
+    pieces = series_inputs(crop, cfg)
+    found = yield from fine_steps(fine, pieces, cfg)
+    if len(pieces) == 1:
+        logits, valid = found[0]
     else:
-        logits, valid = padded_fine_logits(fine, crop, cfg)
+        crop_covered = None if covered is None else fine_crop(covered, box, grid.spacing, cfg)[0]
+        logits = series_combine([out[:, :s[0], :s[1], :s[2]] for out, s in found], crop_covered)
+        valid = tuple(crop.shape[1:])
     crop_shape, wshape = tuple(b.stop - b.start for b in box), tuple(crop.shape[1:])
-    ops.synchronize(x)
-    info.seconds["fine"] = time.perf_counter() - t
+    clock.stage_is(None, sync=x)
     info.box, info.working_shape = box, wshape
     left_right = None
     if cfg.keep_sides:

@@ -17,7 +17,8 @@ import torch
 from kneebatch.inference.engines import verify_hash
 
 # optimization profile over [N, C, Z, Y, X]: min / opt (a typical fine crop on the working
-# grid) / max (above segment.WHOLE_CROP_VOXELS the crop goes in windows anyway)
+# grid) / max (above segment.WHOLE_CROP_VOXELS the crop goes in windows anyway); C is the
+# ONNX file's own channel count. The max batch bounds how many inputs share a call.
 PROFILE = ((1, 2, 4, 16, 16), (1, 2, 40, 208, 208), (4, 2, 96, 512, 512))
 
 
@@ -35,6 +36,7 @@ class TensorRTEngine:
         self.context = self.engine.create_execution_context()
         self.input_name = self.engine.get_tensor_name(0)
         self.output_name = self.engine.get_tensor_name(1)
+        self.max_batch = int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
         self.stream = torch.cuda.Stream()
 
     @classmethod
@@ -60,7 +62,8 @@ class TensorRTEngine:
         if fp16:
             config.set_flag(trt.BuilderFlag.FP16)
         opt_profile = builder.create_optimization_profile()
-        opt_profile.set_shape(network.get_input(0).name, *profile)
+        channels = int(network.get_input(0).shape[1])  # static in kneebatch's export
+        opt_profile.set_shape(network.get_input(0).name, *((p[0], channels, *p[2:]) for p in profile))
         config.add_optimization_profile(opt_profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
