@@ -121,7 +121,7 @@ def _in_process(fn, *args):
 
 
 def main() -> None:
-    from kneebatch.inference.engine_dir import DEFAULT_ENGINES
+    from kneebatch.inference.engine_dir import DEFAULT_ENGINES, InferenceOptions
     from kneebatch.ingest.convert import convert
     from kneebatch.ingest.store import CohortStore
     from kneebatch.synth.cohort import generate_cohort
@@ -182,7 +182,7 @@ def main() -> None:
                 "workers": workers,
                 "precision": _precision(backend, args.device, half),
                 "mirror_tta": tta,
-                "net_batch": net_batch or 1,
+                "net_batch": InferenceOptions(device=args.device, net_batch=net_batch).studies_per_call(),
                 "studies_per_s": round(sps, 4),
                 "speedup_vs_baseline": round(sps / base_sps, 2),
                 "baseline": {"name": f"MONAI sliding_window_inference, fine net, whole full-res volume, torch eager "

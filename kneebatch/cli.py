@@ -514,8 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the logits are averaged (as nnU-Net does; more accurate, twice the fine net's time)")
     s.add_argument("--batch-size", type=_positive, default=4, help="studies per task (default 4)")
     s.add_argument("--net-batch", type=_positive, default=None, metavar="N",
-                   help="studies whose same-shape inputs (coarse volumes, fine crops of one size) share an engine "
-                        "call (default: 1 on the CPU, 4 on a GPU; at most --batch-size takes effect)")
+                   help="same-shape inputs per engine call: studies go through the engines N at a time and their "
+                        "coarse volumes, fine crops of one size, mirror copies (--tta) share calls (default: 1 on the "
+                        "CPU, 4 on a GPU; at most --batch-size studies at a time)")
     s.add_argument("--force", action="store_true",
                    help="OUT was made with other engines or settings: start it clean (only kneebatch's files go)")
     s.add_argument("--threads", type=_positive, default=None, help="CPU threads per worker for the engines")

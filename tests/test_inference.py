@@ -325,10 +325,9 @@ def test_stacked_calls_put_same_shapes_together_up_to_the_limit_in_order():
 
 def test_studies_sharing_engine_calls_get_the_labels_they_get_alone(store, tiny_engines, tmp_path):
     """net_batch 3 over 4 studies: two coarse calls instead of four, the same label maps, the same
-    rows; and a study that breaks inside a shared group fails alone."""
+    rows; and a study that breaks the net inside a shared group fails alone, with a reason."""
     import dataclasses
 
-    import kneebatch.inference.segment as seg
     from kneebatch.inference.batch import process_batch
 
     engines = load_engines(tiny_engines, "torch")
@@ -351,10 +350,91 @@ def test_studies_sharing_engine_calls_get_the_labels_they_get_alone(store, tiny_
         assert np.array_equal(results[1][1][key], results[3][1][key])
         assert results[1][0][key]["femur_volume_mm3"] == results[3][0][key]["femur_volume_mm3"]
 
-    image, grid = CohortStore(store).read_image(keys[0])
-    x = torch.from_numpy(image.astype(np.float32))
+    # a study whose fine crop breaks the net, in a shared group: it alone fails, with its reason
+    shapes = []
+    spy = dataclasses.replace(engines, net_batch=1)
+    spy.fine = _Watched(engines.fine, lambda x: shapes.append(tuple(x.shape[2:])))
+    copy = tmp_path / "shapes.zarr"
+    shutil.copytree(store, copy)
+    process_batch(keys, str(copy), spy)
+    culprit = next(i for i, shape in enumerate(shapes) if shapes.count(shape) == 1)
+    assert len(set(shapes)) < 4, "the test needs crops that share a call"
+
+    def breaks_on_the_culprit(x):
+        if tuple(x.shape[2:]) == shapes[culprit]:
+            raise RuntimeError("out of memory")
+
+    broken = dataclasses.replace(engines, net_batch=4)
+    broken.fine = _Watched(engines.fine, breaks_on_the_culprit)
+    copy = tmp_path / "broken.zarr"
+    shutil.copytree(store, copy)
+    r = process_batch(keys, str(copy), broken)
+    assert [f["study_key"] for f in r["failures"]] == [keys[culprit]]
+    assert r["failures"][0]["reason"] == "internal_error"
+    assert sorted(row["study_key"] for row in r["rows"]) == sorted(k for k in keys if k != keys[culprit])
+    for row in r["rows"]:
+        assert row["femur_volume_mm3"] == results[1][0][row["study_key"]]["femur_volume_mm3"]
+
+
+class _Watched:
+    """An engine that lets ``before(x)`` see (or refuse) each input first."""
+
+    def __init__(self, engine, before):
+        self.engine, self.before, self.device = engine, before, engine.device
+
+    def __call__(self, x):
+        self.before(x)
+        return self.engine(x)
+
+
+def _requests(name, work_after, log):
+    """A stand-in study for drive(): one net request, then ``work_after`` seconds of its own work."""
+    import time
+
+    from kneebatch.inference.segment import _Clock
+
+    def steps(info):
+        clock = _Clock(info)
+        clock.stage_is("own")
+        outs = yield "net", [torch.full((1, 2), float(name))]
+        time.sleep(work_after)
+        clock.stage_is(None)
+        log.append(name)
+        return float(outs[0].sum())
+
+    return steps
+
+
+def test_drive_charges_each_study_its_own_time_and_its_share_of_the_call():
+    import time
+
+    import kneebatch.inference.segment as seg
+
+    def slow_net(x):
+        time.sleep(0.1)
+        return x * 10
+
+    log = []
     infos = [seg.SegmentInfo() for _ in range(3)]
-    out = seg.fine_stages([x, x[0], x], [grid] * 3, engines.coarse, engines.fine, engines.config, infos, limit=3)
-    assert isinstance(out[1], Exception) and not isinstance(out[0], Exception)
-    assert torch.equal(out[0].logits, out[2].logits)
-    assert infos[0].seconds["fine"] > 0 and infos[0].seconds["coarse"] > 0
+    steps = [_requests(i, w, log)(info) for i, (w, info) in enumerate(zip((0.3, 0.0, 0.1), infos))]
+    out = seg.drive(steps, {"net": slow_net}, infos, limit=3)
+    assert out == [0.0, 20.0, 40.0] and log == [0, 1, 2]
+    own = [info.seconds["own"] for info in infos]
+    assert own[0] >= 0.3 and own[1] < 0.05 and 0.1 <= own[2] < 0.2  # not the studies resumed before it
+    assert all(0.025 <= info.seconds["net"] < 0.1 for info in infos)  # a third of one 0.1 s call each
+
+
+def test_drive_retries_a_failed_shared_call_one_input_at_a_time():
+    import kneebatch.inference.segment as seg
+
+    def one_at_a_time(x):  # e.g. memory for one crop, not for four
+        if x.shape[0] > 1:
+            raise RuntimeError("out of memory")
+        if float(x[0, 0, 0]) == 1.0:
+            raise ValueError("this study breaks the net")
+        return x * 10
+
+    infos = [seg.SegmentInfo() for _ in range(3)]
+    steps = [_requests(i, 0.0, [])(info) for i, info in enumerate(infos)]
+    out = seg.drive(steps, {"net": one_at_a_time}, infos, limit=4)
+    assert out[0] == 0.0 and out[2] == 40.0 and isinstance(out[1], ValueError)

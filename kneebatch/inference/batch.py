@@ -108,8 +108,13 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
                     fail(*item)
                     continue
                 key, channels, inputs, image, grid = item
-                chosen = image if inputs == list(range(image.shape[0])) else xp.stack([image[i, ...] for i in inputs])
+                try:
+                    chosen = image if inputs == list(range(image.shape[0])) else xp.stack([image[i, ...] for i in inputs])
+                except Exception as e:  # noqa: BLE001 - the study's row says why
+                    fail(key, e)
+                    continue
                 studies.append((key, channels, inputs, image, grid, chosen, SegmentInfo()))
+            del loaded
             results = fine_stages([s[5] for s in studies], [s[4] for s in studies], engines.coarse, engines.fine,
                                   engines.config, [s[6] for s in studies], per_call)
             for p in pending:
@@ -123,6 +128,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
                     seconds[k] += v
                 used = "+".join(channels[i] for i in inputs)
                 pending.append((key, finisher.submit(finish, key, result, info, image, grid, channels, used), info))
+            del studies, results  # the finisher holds what it needs; the next group's read may reuse the memory
         for p in pending:
             collect(*p)
     return {"keys": list(keys), "rows": rows, "failures": failures, "seconds": seconds}

@@ -32,9 +32,9 @@ def shipped_engines() -> Path:
 # $KNEEBATCH_ENGINES points elsewhere
 DEFAULT_ENGINES = Path(os.environ.get("KNEEBATCH_ENGINES") or shipped_engines())
 BACKENDS = ("onnxruntime", "torch", "torch-compile", "tensorrt")
-# studies per engine call by default. CPU: 1 (two-core VM, 2026-11-30: 2 or 4 per call gained
-# nothing; benchmarks/README.md). GPU: 4, so the small coarse volumes (32 x 64 x 64) fill more
-# of the device per launch; chosen, not yet measured on a GPU.
+# same-shape inputs per engine call (and studies taken at a time) by default. CPU: 1 (two-core
+# VM, 2026-11-30: 2 or 4 gained nothing; benchmarks/README.md). GPU: 4, so the small coarse
+# volumes (32 x 64 x 64) fill more of the device per launch; chosen, not yet measured on a GPU.
 NET_BATCH = {"cpu": 1, "cuda": 4}
 
 
@@ -46,7 +46,7 @@ class Engines:
     backend: str
     hashes: dict  # stage -> sha256 of the file actually loaded
     half: bool = False
-    net_batch: int = 1  # studies whose same-shape inputs share an engine call
+    net_batch: int = 1  # same-shape inputs per engine call; studies are taken this many at a time
 
     @property
     def device(self):
@@ -77,7 +77,7 @@ class InferenceOptions:
     threads: int | None = None  # CPU threads per worker (None: the cores shared between workers)
     half: bool = False  # float16 on GPUs, bfloat16 on CPUs
     tta: bool = False  # mirror test-time augmentation
-    net_batch: int | None = None  # studies per engine call (None: NET_BATCH's default for the device)
+    net_batch: int | None = None  # inputs per engine call (None: NET_BATCH's default for the device)
 
     def check(self, device_here: bool = True) -> None:
         """Refuse what cannot run. ``device_here=False``: the engines run in other processes
@@ -85,6 +85,7 @@ class InferenceOptions:
         not start CUDA."""
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        self.studies_per_call()
         check_backend(self.backend, self.device if device_here else "cpu")
 
     def load(self) -> Engines:
@@ -94,7 +95,7 @@ class InferenceOptions:
     def studies_per_call(self) -> int:
         if self.net_batch is not None:
             if self.net_batch < 1:
-                raise ValueError(f"--net-batch {self.net_batch}: give 1 or more studies per engine call")
+                raise ValueError(f"--net-batch {self.net_batch}: give 1 or more inputs per engine call")
             return self.net_batch
         return NET_BATCH["cuda" if self.device.startswith("cuda") else "cpu"]
 

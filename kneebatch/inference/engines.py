@@ -30,7 +30,8 @@ def verify_hash(path, expected: str | None) -> str:
 
 # A compiled engine sees each fine crop padded up to one of these sizes per axis (in units
 # of the net's divisor): steps of at most 25 %, so a cohort's crops share a few dozen
-# static shapes, each compiled (and on a GPU, CUDA-graph captured) once per worker.
+# static shapes, each compiled (and on a GPU, CUDA-graph captured) once per worker and
+# batch size (--net-batch).
 BUCKET_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
 

@@ -110,7 +110,8 @@ def stacked_calls(net, inputs: list, limit: int = 1) -> list:
 
     Inputs of one shape go through the net together, up to ``limit`` per call (and the
     engine's own ``max_batch``): several studies' coarse volumes, one bucket's fine crops, a
-    crop and its mirror image. A GPU runs a batch of small inputs in about the time of one."""
+    crop and its mirror image. A GPU runs a batch of small inputs in about the time of one.
+    The outputs are views of the batch's output (kept alive until every one is dropped)."""
     limit = max(1, min(limit, getattr(net, "max_batch", None) or limit))
     out = [None] * len(inputs)
     by_shape: dict[tuple, list[int]] = {}
@@ -133,55 +134,60 @@ def drive(steps: list, nets: dict, infos: list, limit: int = 1) -> list:
 
     A generator yields ``(stage, inputs)`` and is sent the net's outputs for ``inputs``;
     the requests of every study waiting at the same stage go through :func:`stacked_calls`
-    together (if that call fails, each study's again alone: only the one that broke it
-    fails). Each study's ``info.seconds[stage]`` gets its share of the call's time;
-    ``info.suspended`` counts the time it waited, which its own clock leaves out."""
+    together, up to ``limit`` inputs a call. If that fails, each study's inputs run again
+    one per call, as the study would alone: only the one that broke the call fails. Each
+    study's ``info.seconds[stage]`` gets its share of the call's time; ``info.suspended``
+    counts the time it waited, which its own clock leaves out."""
     results: list = [None] * len(steps)
     waiting: dict[int, tuple] = {}
-    since = {}
+    since: dict[int, float] = {}
 
-    def advance(i, value):
+    def advance(i, outs):
+        if outs is not None:
+            infos[i].suspended += time.perf_counter() - since[i]
         try:
-            waiting[i] = steps[i].send(value)
+            waiting[i] = steps[i].send(outs)
             since[i] = time.perf_counter()
         except StopIteration as done:
             results[i] = done.value
         except Exception as e:  # noqa: BLE001 - the study's failure, reported as its row
             results[i] = e
 
+    def call(net, inputs, cap):
+        outs = stacked_calls(net, inputs, cap)
+        if outs:
+            ops.synchronize(outs[0])  # a device error of the call surfaces here, not in a later study
+        return outs
+
     for i in range(len(steps)):
         advance(i, None)
-    def answer(i, stage, outs, share, now):
-        infos[i].seconds[stage] = infos[i].seconds.get(stage, 0.0) + share
-        infos[i].suspended += now - since[i]
-        advance(i, outs)
-
     while waiting:
         round_, waiting = waiting, {}
         for stage in dict.fromkeys(stage for stage, _ in round_.values()):
             who = [i for i, (s, _) in round_.items() if s == stage]
             t = time.perf_counter()
             try:
-                outs = stacked_calls(nets[stage], [x for i in who for x in round_[i][1]], limit)
-            except Exception:  # noqa: BLE001 - each study alone, so only the one that breaks the call fails
+                outs = call(nets[stage], [x for i in who for x in round_[i][1]], limit)
+            except Exception:  # noqa: BLE001 - retried per study below
                 outs = None
             if outs is not None:
-                ops.synchronize(outs[0])
-                share, now, k = (time.perf_counter() - t) / len(who), time.perf_counter(), 0
+                share, k = (time.perf_counter() - t) / len(who), 0
                 for i in who:
-                    answer(i, stage, outs[k:k + len(round_[i][1])], share, now)
-                    k += len(round_[i][1])
+                    n = len(round_[i][1])
+                    infos[i].seconds[stage] = infos[i].seconds.get(stage, 0.0) + share
+                    advance(i, outs[k:k + n])
+                    k += n
                 continue
             for i in who:
                 t = time.perf_counter()
                 try:
-                    own = stacked_calls(nets[stage], round_[i][1], limit)
-                    ops.synchronize(own[0])
+                    own = call(nets[stage], round_[i][1], 1)
                 except Exception as e:  # noqa: BLE001 - the study's failure, reported as its row
                     results[i] = e
                     steps[i].close()
                     continue
-                answer(i, stage, own, time.perf_counter() - t, time.perf_counter())
+                infos[i].seconds[stage] = infos[i].seconds.get(stage, 0.0) + time.perf_counter() - t
+                advance(i, own)
     return results
 
 

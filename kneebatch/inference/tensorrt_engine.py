@@ -10,6 +10,7 @@ is not exercised by CI.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -46,8 +47,9 @@ class TensorRTEngine:
 
         sha = verify_hash(onnx_path, expected_sha256)
         gpu = torch.cuda.get_device_name().replace(" ", "_")
+        shape_tag = hashlib.sha256(repr(profile).encode()).hexdigest()[:8]  # another profile, another plan
         cache = Path(onnx_path).with_name(f"{Path(onnx_path).stem}.{gpu}.trt{trt.__version__}.{sha[:12]}"
-                                          f"{'.fp16' if fp16 else ''}.plan")
+                                          f".{shape_tag}{'.fp16' if fp16 else ''}.plan")
         if cache.exists():
             return cls(cache.read_bytes(), sha)
         logger = trt.Logger(trt.Logger.WARNING)

@@ -30,7 +30,8 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
     """Segment and measure every study of the store (of ``shard``: one of N processes sharing
     ``out``; ``kneebatch merge`` gathers them). A re-run into the same ``out`` resumes; one with
     other engines or settings is refused (``force``: start ``out`` clean). ``options`` (or its
-    fields as keywords: ``engines_path``, ``backend``, ``device``, ``threads``, ``half``, ``tta``)
+    fields as keywords: ``engines_path``, ``backend``, ``device``, ``threads``, ``half``, ``tta``,
+    ``net_batch``)
     say how the engines run. ``batch_fn`` is for fault injection in tests."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
