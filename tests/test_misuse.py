@@ -118,9 +118,13 @@ def test_missing_tensorrt_says_how_to_install_it(store, tmp_path, capsys):
 
 def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(cohort, tmp_path, key_file):
     store = tmp_path / "store"
-    cmd = [sys.executable, "-m", "kneebatch.cli", "convert", str(cohort / "dicom"), str(store), "--workers", "1",
-           "--key-file", str(key_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["convert", str(cohort / "dicom"), str(store), "--workers", "1", "--key-file", str(key_file)]
+    # each study made to take a second longer, so the interrupt lands mid-run however fast the machine
+    slowed = ("import sys, time; import kneebatch.ingest.convert as c; pair = c.convert_pair; "
+              "c.convert_pair = lambda *a, **k: (time.sleep(1.0), pair(*a, **k))[1]; "
+              "from kneebatch.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", slowed, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 60
     while not (store / "keymap.parquet").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -128,7 +132,8 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(cohort, tmp_path, key_
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted — rerun the same command to resume" in err and "Traceback" not in err
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert len(CohortStore(store).study_keys()) < 6  # stopped part way: the rerun has work left
+    done = subprocess.run([sys.executable, "-m", "kneebatch.cli", *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert len(CohortStore(store).study_keys()) == 6 and read_rows(store / "failures.parquet") == []
 
