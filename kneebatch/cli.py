@@ -33,6 +33,13 @@ def _resources(args):
                      args.setup)
 
 
+def training_device(p) -> None:
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the nets train (cuda: bfloat16 autocast; images are still made on the CPU)")
+    p.add_argument("--batch-size", type=_positive, default=2,
+                   help="fine patches per step (default 2, sized for a CPU; a GPU takes more)")
+
+
 def slurm_options(p) -> None:
     """What every SLURM job of kneebatch's asks for (array tasks and jobqueue workers alike)."""
     g = p.add_argument_group("SLURM jobs")
@@ -282,7 +289,9 @@ def cmd_export_engines(args) -> int:
 
 def cmd_train(args) -> int:
     from kneebatch.ingest.datasets import label_set_from_map
-    from kneebatch.training.train import train
+    from kneebatch.training.train import check_training_device, train
+
+    check_training_device(args.device)  # before any label is imported
 
     # a map that leaves schema labels out (or merges some) is a partial label set: marginal loss
     label_set = label_set_from_map(args.label_map) if args.label_map else None
@@ -302,7 +311,7 @@ def cmd_train(args) -> int:
               f"kept as the initial weights know it (marginal loss)")
     metrics = train(args.store, args.out, minutes_coarse=args.minutes_coarse, minutes_fine=args.minutes_fine,
                     threads=args.threads, seed=args.seed, label_name=args.label_name, init_from=args.init,
-                    lr=args.lr, label_set=label_set)
+                    lr=args.lr, label_set=label_set, device=args.device, batch_size=args.batch_size)
     print(f"test mean Dice {metrics['test_mean_dice']:.3f}; weights, metrics and curves in {args.out}")
     return 0
 
@@ -311,11 +320,15 @@ def cmd_train_synthetic(args) -> int:
     from kneebatch.synth.cohort import PRESETS
     from kneebatch.training.domain import train_domain
     from kneebatch.training.synthesis import cached_volumes
+    from kneebatch.training.train import check_training_device
+
+    check_training_device(args.device)  # before the label volumes are drawn
 
     volumes = cached_volumes(args.volumes or args.out / "volumes", args.volume_seed, args.n, PRESETS[args.preset],
                              workers=args.workers or 1)
     metrics = train_domain(volumes, args.out, args.minutes_coarse, args.minutes_fine, threads=args.threads,
-                           seed=args.seed, init_from=args.init, lr=args.lr, p_random=args.p_random)
+                           seed=args.seed, init_from=args.init, lr=args.lr, p_random=args.p_random,
+                           device=args.device, batch_size=args.batch_size)
     print(f"test mean Dice {metrics['test_mean_dice']:.3f} (per contrast in metrics.json); weights, metrics and "
           f"curves in {args.out}")
     return 0
@@ -643,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--minutes-coarse", type=float, default=4.0, help="time budget of the coarse stage")
     s.add_argument("--minutes-fine", type=float, default=40.0, help="time budget of the fine stage")
     s.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    training_device(s)
     s.add_argument("--seed", type=int, default=0, help="split and sampling seed")
     s.add_argument("--lr", type=float, default=2e-3,
                    help="peak learning rate (cosine schedule over each stage's budget); lower it when fine-tuning with --init")
@@ -665,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--minutes-fine", type=float, default=120.0, help="time budget of the fine stage")
     s.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     s.add_argument("--workers", type=_positive, default=None, help="processes rendering the label volumes")
+    training_device(s)
     s.add_argument("--seed", type=int, default=0, help="split, sampling and appearance seed")
     s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule over each stage)")
     s.add_argument("--init", type=Path, default=None,

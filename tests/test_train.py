@@ -11,6 +11,10 @@ from kneebatch.measure import dice_per_label
 from kneebatch.training.train import split_keys, train
 from tests.conftest import TINY
 
+# where the nets train: the CPU here; a CUDA GPU (bfloat16 autocast) where there is one
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")])]
+
 
 def test_split_is_8_1_1_by_subject_and_stable():
     keys = [f"k{i:020x}" for i in range(50)]
@@ -98,7 +102,8 @@ def test_half_precision_weights_keep_out_of_range_tensors_exact(tmp_path):
     assert int(loaded["bn.num_batches_tracked"]) == 7
 
 
-def test_domain_randomised_training_runs_resumes_and_scores_each_contrast(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_domain_randomised_training_runs_resumes_and_scores_each_contrast(tmp_path, device):
     """Images made from label volumes during training; one-channel nets; per-contrast test Dice."""
     from dataclasses import replace
 
@@ -109,7 +114,7 @@ def test_domain_randomised_training_runs_resumes_and_scores_each_contrast(tmp_pa
     volumes = cached_volumes(tmp_path / "volumes", 5, 10, PRESETS["small"])
     assert len(list((tmp_path / "volumes").glob("*.npz"))) == 10
     cfg = replace(TINY, in_channels=1, input_roles=[], per_series=True)
-    m = train_domain(volumes, tmp_path / "run", 0.05, 0.05, cfg=cfg, eval_every_fine=3)
+    m = train_domain(volumes, tmp_path / "run", 0.05, 0.05, cfg=cfg, eval_every_fine=3, device=device)
     assert m["split"] == {"val": 1, "test": 1, "train": 8}
     assert set(m["test_dice_by_contrast"]) == {*VALIDATION_CONTRASTS, *HELD_OUT_FAMILIES}
     assert m["held_out_contrasts"] == list(HELD_OUT_FAMILIES)
@@ -117,12 +122,13 @@ def test_domain_randomised_training_runs_resumes_and_scores_each_contrast(tmp_pa
     assert saved["in_channels"] == 1 and saved["per_series"] is True
     with safe_open(str(tmp_path / "run" / "checkpoints" / "fine_last.safetensors"), "pt") as f:
         step = json.loads(f.metadata()["kneebatch"])["step"]
-    train_domain(volumes, tmp_path / "run", 0.05, 0.12, cfg=cfg, eval_every_fine=3)  # a longer budget resumes
+    train_domain(volumes, tmp_path / "run", 0.05, 0.12, cfg=cfg, eval_every_fine=3, device=device)  # resumes
     with safe_open(str(tmp_path / "run" / "checkpoints" / "fine_last.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["kneebatch"])["step"] > step
 
 
-def test_partial_labels_train_with_the_marginal_loss_and_score_the_set(cohort, store, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_partial_labels_train_with_the_marginal_loss_and_score_the_set(cohort, store, tmp_path, device):
     """An OAI-ZIB-like store (four classes) fine-tunes tiny engines; validation scores the set's classes."""
     import numpy as np
 
@@ -141,7 +147,7 @@ def test_partial_labels_train_with_the_marginal_loss_and_score_the_set(cohort, s
     for key in s.study_keys():
         s.write_labels(key, lut[s.read_labels(key, "truth")], name="zib")
     m = train(work, tmp_path / "run", minutes_coarse=0.05, minutes_fine=0.05, cfg=TINY, eval_every_fine=5,
-              label_name="zib", label_set=zib)
+              label_name="zib", label_set=zib, device=device)
     assert set(m["test_dice"]) <= set(zib.class_names()[1:]) and "femur" in m["test_dice"]
     tr = Trainer(work, tmp_path / "run2", cfg=TINY, label_name="zib", label_set=zib)
     case = tr._load(tr.split["train"][0], keep_native=False)
@@ -177,3 +183,18 @@ def test_optimizer_state_survives_two_resumes(tmp_path):
         for p in net.parameters():
             assert torch.equal(opt.state[p]["exp_avg"], before[id(p)]), round_
         step(opt)
+
+
+def test_training_on_cuda_without_a_gpu_is_refused_in_one_line(tmp_path):
+    import torch
+
+    from kneebatch.training.domain import train_domain
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(ValueError, match="sees no CUDA device here; train with --device cpu"):
+        train_domain([], tmp_path / "run", 0.05, 0.05, device="cuda")
+    from kneebatch.cli import main
+
+    assert main(["train-synthetic", str(tmp_path / "run"), "--device", "cuda", "--batch-size", "8"]) == 2
+    assert not (tmp_path / "run").exists()

@@ -43,9 +43,9 @@ VALIDATION_CONTRASTS = ("T1_TSE", "T2_TSE_FS", "PD_TSE_FS", "DESS_WE", "random")
 class DomainTrainer(Trainer):
     def __init__(self, volumes: list[LabelVolume], out, cfg: ModelConfig | None = None, seed: int = 0,
                  jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 1e-3, init_from=None,
-                 refresh_every: int = 2, p_random: float = 0.5, p_deform: float = 0.5):
+                 refresh_every: int = 2, p_random: float = 0.5, p_deform: float = 0.5, device: str = "cpu"):
         # every label of the schema is in the synthetic truth: no label set
-        self._setup(out, cfg, "synthetic", seed, jitter_mm, batch_size, lr, init_from, None)
+        self._setup(out, cfg, "synthetic", seed, jitter_mm, batch_size, lr, init_from, None, device)
         self.refresh_every, self.p_random, self.p_deform = refresh_every, p_random, p_deform
         self.volumes = {v.key: v for v in volumes}
         self._use_keys(sorted(self.volumes))
@@ -132,13 +132,14 @@ def _fixed_look(name: str, rng: np.random.Generator):
 
 def train_domain(volumes, out, minutes_coarse: float, minutes_fine: float, threads: int | None = None,
                  seed: int = 0, init_from=None, lr: float = 1e-3, cfg: ModelConfig | None = None,
-                 eval_every_fine: int = 150, p_random: float = 0.5) -> dict:
-    from kneebatch.training.train import finish
+                 eval_every_fine: int = 150, p_random: float = 0.5, device: str = "cpu", batch_size: int = 2) -> dict:
+    from kneebatch.training.train import check_training_device, finish
 
     if threads:
         torch.set_num_threads(threads)
+    check_training_device(device)
     tr = DomainTrainer(volumes, out, cfg=cfg or ModelConfig(in_channels=1, input_roles=[], per_series=True),
-                       seed=seed, init_from=init_from, lr=lr, p_random=p_random)
+                       seed=seed, init_from=init_from, lr=lr, p_random=p_random, device=device, batch_size=batch_size)
     tr.load()
     coarse = tr.run_stage("coarse", minutes_coarse, eval_every=100)
     fine = tr.run_stage("fine", minutes_fine, eval_every=eval_every_fine)

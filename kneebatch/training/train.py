@@ -15,6 +15,7 @@ the last full state of each stage, from which an interrupted run resumes.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -65,11 +66,12 @@ def _log(msg: str) -> None:
 
 class Trainer:
     def __init__(self, store_path, out, cfg: ModelConfig | None = None, label_name: str = "truth", seed: int = 0,
-                 jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 2e-3, init_from=None, label_set=None):
+                 jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 2e-3, init_from=None, label_set=None,
+                 device: str = "cpu"):
         from kneebatch.ingest.store import CohortStore
 
         self.store = CohortStore(store_path, create=False)
-        self._setup(out, cfg, label_name, seed, jitter_mm, batch_size, lr, init_from, label_set)
+        self._setup(out, cfg, label_name, seed, jitter_mm, batch_size, lr, init_from, label_set, device)
         labelled = [k for k in self.store.study_keys() if label_name in self.store.label_names(k)]
         keys = [k for k in labelled if self._has_inputs(k)]
         if len(keys) < 3:
@@ -80,8 +82,10 @@ class Trainer:
                              f"found {len(keys)} (labelled studies have: {', '.join(found)})")
         self._use_keys(keys)
 
-    def _setup(self, out, cfg, label_name, seed, jitter_mm, batch_size, lr, init_from, label_set) -> None:
-        """What every trainer holds, whatever its data."""
+    def _setup(self, out, cfg, label_name, seed, jitter_mm, batch_size, lr, init_from, label_set,
+               device: str = "cpu") -> None:
+        """What every trainer holds, whatever its data. The nets train on ``device`` (on a GPU in
+        bfloat16 autocast); cases and batches are made on the CPU and go there one batch at a time."""
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = self.out / "checkpoints"
@@ -93,6 +97,15 @@ class Trainer:
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         self.log_rows: list[dict] = []
+        self.device = torch.device(device)
+        self.autocast = self.device.type == "cuda"
+
+    def _on_host(self, model):
+        """``model`` (on the training device) as a function of CPU tensors: validation works on the
+        CPU-held cases with the same code on every device."""
+        if self.device.type == "cpu":
+            return model
+        return lambda v: model(v.to(self.device)).float().cpu()
 
     def _use_keys(self, keys) -> None:
         self.split = split_keys(keys, self.seed)
@@ -128,11 +141,12 @@ class Trainer:
         from kneebatch.inference.segment import series_mean
 
         coarse_model.eval()
+        net = self._on_host(coarse_model)
         for part, cases in self.cases.items():
             for case in cases:
                 with torch.inference_mode():
                     xc, _ = pad_to_multiple(case.coarse_x.float(), self.cfg.coarse.divisor())
-                    pred = series_mean(lambda v: coarse_model(v[None])[0], xc, self.cfg).argmax(0)
+                    pred = series_mean(lambda v: net(v[None])[0], xc, self.cfg).argmax(0)
                 native = tuple(case._x.shape[1:])
                 jitter = self.jitter_mm if part == "train" else 0.0
                 margin = self.cfg.crop_margin_mm + float(self.rng.uniform(-jitter, jitter))
@@ -214,9 +228,10 @@ class Trainer:
         from kneebatch.inference.segment import fine_logits, series_mean
 
         model.eval()
+        net = self._on_host(model)
         scores = []
         for case in self.cases["val"]:
-            pred = series_mean(lambda v: fine_logits(model, v, self.cfg), case.fine_x.float(), self.cfg).argmax(0)
+            pred = series_mean(lambda v: fine_logits(net, v, self.cfg), case.fine_x.float(), self.cfg).argmax(0)
             scores.append(self.score(pred, case.fine_y))
         model.train()
         return _mean_scores(scores)
@@ -226,10 +241,11 @@ class Trainer:
         from kneebatch.inference.segment import series_mean
 
         model.eval()
+        net = self._on_host(model)
         scores = []
         for case in self.cases["val"]:
             x, _ = pad_to_multiple(case.coarse_x.float(), self.cfg.coarse.divisor())
-            fg_pred = series_mean(lambda v: model(v[None])[0], x, self.cfg).argmax(0) > 0
+            fg_pred = series_mean(lambda v: net(v[None])[0], x, self.cfg).argmax(0) > 0
             fg = case.coarse_y > 0
             scores.append(2 * int((fg_pred & fg).sum()) / max(int(fg_pred.sum()) + int(fg.sum()), 1))
         model.train()
@@ -238,10 +254,10 @@ class Trainer:
     # ------------------------------------------------------------------ loops
     def run_stage(self, stage: str, minutes: float, eval_every: int) -> torch.nn.Module:
         net_cfg = self.cfg.coarse if stage == "coarse" else self.cfg.fine
-        model = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
-        ema = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
+        model = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes).to(self.device)
+        ema = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes).to(self.device)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=1e-4)
-        loss_fn = self.loss_function()
+        loss_fn = self.loss_function().to(self.device)  # the marginal loss holds its class map as a buffer
         step, elapsed, best = 0, 0.0, -1.0
         last = self.ckpt / f"{stage}_last.safetensors"
         final = self.out / f"{stage}.safetensors"
@@ -272,10 +288,10 @@ class Trainer:
             # partial labels: the initial net, frozen, keeps the unannotated tissues as they were
             from kneebatch.training.losses import KeepUnannotated
 
-            teacher = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
+            teacher = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes).to(self.device)
             self._initialise(teacher, self.init_from / f"{stage}.safetensors")
             teacher.eval().requires_grad_(False)
-            keep = KeepUnannotated(self.label_set.membership())
+            keep = KeepUnannotated(self.label_set.membership()).to(self.device)
         model.train()
         budget = minutes * 60.0
         t_start = time.perf_counter() - elapsed
@@ -288,12 +304,14 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = self.coarse_batch() if stage == "coarse" else self.fine_batch()
-            out = model(x)
-            loss = loss_fn(out, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    initial = teacher(x)
-                loss = loss + keep(out, initial, y)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = model(x)
+                loss = loss_fn(out.float(), y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        initial = teacher(x)
+                    loss = loss + keep(out.float(), initial.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
@@ -358,7 +376,8 @@ class Trainer:
         from kneebatch.inference.engines import TorchEngine
         from kneebatch.inference.segment import segment
 
-        ce, fe = TorchEngine.from_module(coarse), TorchEngine.from_module(fine)
+        # on the CPU whatever the training device: the whole-study pipeline, as the shipped engines run it
+        ce, fe = (TorchEngine.from_module(copy.deepcopy(m).float().cpu()) for m in (coarse, fine))
         scores = []
         for case in self.cases["test"]:
             image, labels, grid = case.native
@@ -438,20 +457,26 @@ def write_curves(rows: list[dict], path: Path) -> None:
 
 def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40.0, threads: int | None = None,
           seed: int = 0, label_name: str = "truth", eval_every_fine: int = 150, cfg: ModelConfig | None = None,
-          init_from=None, lr: float = 2e-3, label_set=None) -> dict:
+          init_from=None, lr: float = 2e-3, label_set=None, device: str = "cpu", batch_size: int = 2) -> dict:
     """``label_set`` (:class:`kneebatch.ingest.datasets.LabelSet`): the label maps annotate only its
     classes (marginal loss); the nets' configuration then comes from ``init_from``."""
     if threads:
         torch.set_num_threads(threads)
     if cfg is None and init_from is not None and (Path(init_from) / "model_config.json").exists():
         cfg = ModelConfig.load(Path(init_from) / "model_config.json")  # fine-tuning keeps the nets' design
+    check_training_device(device)
     tr = Trainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed, init_from=init_from, lr=lr,
-                 label_set=label_set)
+                 label_set=label_set, device=device, batch_size=batch_size)
     tr.load()
     coarse = tr.run_stage("coarse", minutes_coarse, eval_every=100)
     tr.make_fine_crops(coarse)
     fine = tr.run_stage("fine", minutes_fine, eval_every=eval_every_fine)
     return finish(tr, coarse, fine, seed, minutes_coarse, minutes_fine)
+
+
+def check_training_device(device: str) -> None:
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA device here; train with --device cpu")
 
 
 def finish(tr: Trainer, coarse, fine, seed: int, minutes_coarse: float, minutes_fine: float) -> dict:
