@@ -122,14 +122,19 @@ def test_domain_randomised_training_runs_resumes_and_scores_each_contrast(tmp_pa
     assert saved["in_channels"] == 1 and saved["per_series"] is True
     with safe_open(str(tmp_path / "run" / "checkpoints" / "fine_last.safetensors"), "pt") as f:
         step = json.loads(f.metadata()["kneebatch"])["step"]
-    train_domain(volumes, tmp_path / "run", 0.05, 0.12, cfg=cfg, eval_every_fine=3, device=device)  # resumes
+    train_domain(volumes, tmp_path / "run", 0.05, 0.2, cfg=cfg, eval_every_fine=3, device=device)  # resumes
     with safe_open(str(tmp_path / "run" / "checkpoints" / "fine_last.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["kneebatch"])["step"] > step
+    if device == "cuda":
+        import torch
+
+        assert torch.cuda.max_memory_allocated() > 0  # the nets did train on the GPU
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_partial_labels_train_with_the_marginal_loss_and_score_the_set(cohort, store, tmp_path, device):
-    """An OAI-ZIB-like store (four classes) fine-tunes tiny engines; validation scores the set's classes."""
+    """An OAI-ZIB-like store (four classes) trains tiny engines with the marginal loss, then fine-tunes them
+    (--init: the frozen teacher keeps what the set does not annotate); validation scores the set's classes."""
     import numpy as np
 
     from kneebatch.ingest.datasets import LABEL_SETS
@@ -149,6 +154,9 @@ def test_partial_labels_train_with_the_marginal_loss_and_score_the_set(cohort, s
     m = train(work, tmp_path / "run", minutes_coarse=0.05, minutes_fine=0.05, cfg=TINY, eval_every_fine=5,
               label_name="zib", label_set=zib, device=device)
     assert set(m["test_dice"]) <= set(zib.class_names()[1:]) and "femur" in m["test_dice"]
+    tuned = train(work, tmp_path / "tuned", minutes_coarse=0.02, minutes_fine=0.05, cfg=TINY, eval_every_fine=5,
+                  label_name="zib", label_set=zib, init_from=tmp_path / "run", device=device, lr=1e-4)
+    assert set(tuned["test_dice"]) <= set(zib.class_names()[1:]) and "femur" in tuned["test_dice"]
     tr = Trainer(work, tmp_path / "run2", cfg=TINY, label_name="zib", label_set=zib)
     case = tr._load(tr.split["train"][0], keep_native=False)
     assert set(case.coarse_y.unique().tolist()) <= {0, 1, 2, 3, 4}

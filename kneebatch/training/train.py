@@ -15,7 +15,6 @@ the last full state of each stage, from which an interrupted run resumes.
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import json
@@ -98,7 +97,8 @@ class Trainer:
         torch.manual_seed(seed)
         self.log_rows: list[dict] = []
         self.device = torch.device(device)
-        self.autocast = self.device.type == "cuda"
+        # bfloat16 where the GPU computes it natively (Ampere and later); float32 elsewhere
+        self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
     def _on_host(self, model):
         """``model`` (on the training device) as a function of CPU tensors: validation works on the
@@ -304,14 +304,16 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = self.coarse_batch() if stage == "coarse" else self.fine_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = x.to(self.device), y.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 out = model(x)
-                loss = loss_fn(out.float(), y)
                 if teacher is not None:
                     with torch.no_grad():
                         initial = teacher(x)
-                    loss = loss + keep(out.float(), initial.float(), y)
+            # the losses in float32, outside autocast (which would run the marginal loss's einsum in bfloat16)
+            loss = loss_fn(out.float(), y)
+            if teacher is not None:
+                loss = loss + keep(out.float(), initial.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
@@ -377,13 +379,22 @@ class Trainer:
         from kneebatch.inference.segment import segment
 
         # on the CPU whatever the training device: the whole-study pipeline, as the shipped engines run it
-        ce, fe = (TorchEngine.from_module(copy.deepcopy(m).float().cpu()) for m in (coarse, fine))
+        ce, fe = (TorchEngine.from_module(self._on_cpu(m, net)) for m, net in ((coarse, self.cfg.coarse),
+                                                                             (fine, self.cfg.fine)))
         scores = []
         for case in self.cases["test"]:
             image, labels, grid = case.native
             pred, _ = segment(torch.from_numpy(image.astype(np.float32)), grid, ce, fe, self.cfg)
             scores.append(self.score(pred, torch.from_numpy(labels)))
         return scores
+
+    def _on_cpu(self, model, net_cfg):
+        """``model`` itself on the CPU, else a CPU copy of it (no second copy on the GPU)."""
+        if self.device.type == "cpu":
+            return model
+        twin = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes)
+        twin.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+        return twin.eval()
 
     def evaluate_test(self, coarse, fine) -> dict:
         return _mean_scores(self.test_scores(coarse, fine))
