@@ -119,8 +119,10 @@ def test_missing_tensorrt_says_how_to_install_it(store, tmp_path, capsys):
 def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(cohort, tmp_path, key_file):
     store = tmp_path / "store"
     args = ["convert", str(cohort / "dicom"), str(store), "--workers", "1", "--key-file", str(key_file)]
-    # each study made to take a second longer, so the interrupt lands mid-run however fast the machine
-    slowed = ("import sys, time; import kneebatch.ingest.convert as c; pair = c.convert_pair; "
+    # each study made to take a second longer, so the interrupt lands mid-run however fast the machine;
+    # Ctrl-C's default handler, as in a terminal (a shell's background job inherits SIGINT ignored)
+    slowed = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "import kneebatch.ingest.convert as c; pair = c.convert_pair; "
               "c.convert_pair = lambda *a, **k: (time.sleep(1.0), pair(*a, **k))[1]; "
               "from kneebatch.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", slowed, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
