@@ -182,7 +182,7 @@ def main() -> None:
                 "workers": workers,
                 "precision": _precision(backend, args.device, half),
                 "mirror_tta": tta,
-                "net_batch": InferenceOptions(device=args.device, net_batch=net_batch).studies_per_call(),
+                "net_batch": InferenceOptions(device=args.device, net_batch=net_batch).effective_net_batch(),
                 "studies_per_s": round(sps, 4),
                 "speedup_vs_baseline": round(sps / base_sps, 2),
                 "baseline": {"name": f"MONAI sliding_window_inference, fine net, whole full-res volume, torch eager "

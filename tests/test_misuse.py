@@ -100,7 +100,7 @@ def test_the_default_engines_on_a_gpu_are_compiled_float16(store, tmp_path, monk
     monkeypatch.setattr(job, "run", stand_in)
     for extra in (["--device", "cuda"], [], ["--device", "cuda", "--backend", "torch", "--net-batch", "2"]):
         assert main(["run", str(store), str(tmp_path / "o"), *extra]) == 2
-    assert [(o.backend, o.device, o.half, o.studies_per_call()) for o in chosen] == [
+    assert [(o.backend, o.device, o.half, o.effective_net_batch()) for o in chosen] == [
         ("torch-compile", "cuda", True, 4), ("onnxruntime", "cpu", False, 1), ("torch", "cuda", False, 2)]
     with pytest.raises(SystemExit) as refused:
         main(["run", str(store), str(tmp_path / "o"), "--net-batch", "0"])

@@ -7,6 +7,7 @@ of the cluster carries one batch, on a worker that holds the engines.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,6 +18,17 @@ from kneebatch.ingest.visits import study_context
 from kneebatch.measure import measure_study
 
 STAGES = ("read", "normalize", "coarse", "fine", "paste", "write", "measure")
+
+
+class Loaded(NamedTuple):
+    """A study read and moved to the engines' device, with the channels the engines take."""
+
+    key: str
+    channels: list  # the store's roles
+    image: object  # [C, Z, Y, X] float32 on the device: every channel, for the measurements
+    grid: object
+    chosen: object  # the engines' input channels of ``image``
+    used: str  # their roles, as the row records them
 
 
 def process_batch(keys: list[str], store_path: str, engines=None, xp=None, device=None) -> dict:
@@ -77,13 +89,15 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         seconds["write"] += t_write
         seconds["measure"] += t_measure
 
-    def load(key):
+    def load(key) -> Loaded | tuple[str, Exception]:
         try:
             channels = store.channels(key)
             inputs = engines.config.input_channels(channels)  # unsupported_contrast
-            image, grid = store.read_image(key)
+            host, grid = store.read_image(key)
             # the one copy in: segmentation and measurement both work on the device
-            return key, channels, inputs, ops.to_device(image.astype(np.float32), xp, device), grid
+            image = ops.to_device(host.astype(np.float32), xp, device)
+            chosen = image if inputs == list(range(image.shape[0])) else xp.stack([image[i, ...] for i in inputs])
+            return Loaded(key, channels, image, grid, chosen, "+".join(channels[i] for i in inputs))
         except Exception as e:  # noqa: BLE001 - the study's row says why
             return key, e
 
@@ -91,7 +105,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         return [load(key) for key in group]
 
     # studies go through the nets ``per_call`` at a time: their same-shape inputs share calls
-    per_call = max(1, int(getattr(engines, "net_batch", 1) or 1))
+    per_call = engines.net_batch
     groups = [keys[i:i + per_call] for i in range(0, len(keys), per_call)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
@@ -102,32 +116,25 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
             loading, ahead = ahead, reader.submit(load_group, groups[g + 1]) if g + 1 < len(groups) else None
             loaded = loading.result()
             seconds["read"] += time.perf_counter() - t
-            studies = []
+            studies = [s for s in loaded if isinstance(s, Loaded)]
             for item in loaded:
-                if isinstance(item[1], Exception):
+                if not isinstance(item, Loaded):
                     fail(*item)
-                    continue
-                key, channels, inputs, image, grid = item
-                try:
-                    chosen = image if inputs == list(range(image.shape[0])) else xp.stack([image[i, ...] for i in inputs])
-                except Exception as e:  # noqa: BLE001 - the study's row says why
-                    fail(key, e)
-                    continue
-                studies.append((key, channels, inputs, image, grid, chosen, SegmentInfo()))
             del loaded
-            results = fine_stages([s[5] for s in studies], [s[4] for s in studies], engines.coarse, engines.fine,
-                                  engines.config, [s[6] for s in studies], per_call)
+            infos = [SegmentInfo() for _ in studies]
+            results = fine_stages([s.chosen for s in studies], [s.grid for s in studies], engines.coarse,
+                                  engines.fine, engines.config, infos, per_call)
             for p in pending:
                 collect(*p)
             pending = []
-            for (key, channels, inputs, image, grid, _, info), result in zip(studies, results):
+            for s, info, result in zip(studies, infos, results):
                 if isinstance(result, Exception):
-                    fail(key, result)
+                    fail(s.key, result)
                     continue
                 for k, v in info.seconds.items():
                     seconds[k] += v
-                used = "+".join(channels[i] for i in inputs)
-                pending.append((key, finisher.submit(finish, key, result, info, image, grid, channels, used), info))
+                pending.append((s.key, finisher.submit(finish, s.key, result, info, s.image, s.grid, s.channels,
+                                                       s.used), info))
             del studies, results  # the finisher holds what it needs; the next group's read may reuse the memory
         for p in pending:
             collect(*p)

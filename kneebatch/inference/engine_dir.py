@@ -85,14 +85,15 @@ class InferenceOptions:
         not start CUDA."""
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
-        self.studies_per_call()
+        self.effective_net_batch()
         check_backend(self.backend, self.device if device_here else "cpu")
 
     def load(self) -> Engines:
         return load_engines(self.engines, self.backend, self.device, self.threads, self.half, self.tta,
-                            self.studies_per_call())
+                            self.effective_net_batch())
 
-    def studies_per_call(self) -> int:
+    def effective_net_batch(self) -> int:
+        """Inputs per engine call (and studies taken at a time): the option, or the device's default."""
         if self.net_batch is not None:
             if self.net_batch < 1:
                 raise ValueError(f"--net-batch {self.net_batch}: give 1 or more inputs per engine call")

@@ -81,7 +81,7 @@ def _provenance(options: InferenceOptions, batch_size: int) -> dict:
         **options.settings(),
         "threads": options.threads,
         "batch_size": batch_size,
-        "net_batch": options.studies_per_call(),
+        "net_batch": options.effective_net_batch(),
         "model_config": json.loads((engines_dir(options.engines) / manifest["config"]).read_text()),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__},
