@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -60,6 +61,21 @@ def cmd_labels(args) -> int:
     else:
         for label in L.LABELS:
             print(f"{label.id:3d}  {label.name:26s} {label.group:10s} {label.color}")
+    return 0
+
+
+def cmd_engines_list(args) -> int:
+    from kneebatch.inference.engine_dir import describe_sets
+
+    rows = describe_sets(args.engines)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        dice = f"mean Dice {r['mean_dice']:.3f} ({r['evaluated_on']})" if r["mean_dice"] is not None else "not rated"
+        print(f"{r['name']:10s} {r['status']:8s} {r['needs']:18s} {dice}; model {r['model_hash']}")
+        if r["what"]:
+            print(f"{'':10s} {r['what']}")
     return 0
 
 
@@ -323,6 +339,8 @@ def cmd_train_synthetic(args) -> int:
     from kneebatch.training.train import check_training_device
 
     check_training_device(args.device)  # before the label volumes are drawn
+    if args.protocol:
+        return _train_protocol(args)
 
     volumes = cached_volumes(args.volumes or args.out / "volumes", args.volume_seed, args.n, PRESETS[args.preset],
                              workers=args.workers or 1)
@@ -331,6 +349,21 @@ def cmd_train_synthetic(args) -> int:
                            device=args.device, batch_size=args.batch_size)
     print(f"test mean Dice {metrics['test_mean_dice']:.3f} (per contrast in metrics.json); weights, metrics and "
           f"curves in {args.out}")
+    return 0
+
+
+def _train_protocol(args) -> int:
+    from kneebatch.inference.engine_dir import engines_dir
+    from kneebatch.models.engine_sets import spec_for
+    from kneebatch.training.protocol import train_protocol
+
+    spec = spec_for(args.protocol)
+    metrics = train_protocol(spec, args.out, n=args.n, seed=args.seed, volume_seed=args.volume_seed,
+                             init_from=args.init or engines_dir(None, "t1-t2"), minutes_coarse=args.minutes_coarse,
+                             minutes_fine=args.minutes_fine, lr=args.lr, threads=args.threads, workers=args.workers or 1,
+                             device=args.device, batch_size=args.batch_size)
+    print(f"engine set {spec.name}: test mean Dice {metrics['test_mean_dice']:.3f}; weights, metrics and curves in "
+          f"{args.out} (kneebatch export-engines {args.out} ENGINES/{spec.name})")
     return 0
 
 
@@ -437,6 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
                             help="parallel worker processes (default: one per core, at most 8; 1 = in-process)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
+    s = sub.add_parser("engines", help="the engine sets: which series each segments, its status and accuracy")
+    esub = s.add_subparsers(dest="engines_command", required=True)
+    e = esub.add_parser("list", help="every engine set, in order of preference: the series it takes, ready or "
+                                     "preview (shipped below its accuracy targets), mean Dice on held-out studies")
+    e.add_argument("--engines", default=None, help="a folder of engine sets or one set's folder (default: the shipped)")
+    e.add_argument("--json", action="store_true", help="as JSON")
+    e.set_defaults(func=cmd_engines_list)
+
     s = sub.add_parser("labels", help="print the label schema")
     s.add_argument("--json", action="store_true", help='as JSON: [{"id", "name", "group", "color"}, ...]')
     s.set_defaults(func=cmd_labels)
@@ -510,7 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="segment (coarse-to-fine U-Nets) and measure every study of a store (resumable)")
     s.add_argument("store", type=Path, help="cohort store")
     s.add_argument("out", type=Path, help="output folder: measurements.parquet, failures.parquet, provenance.json")
-    s.add_argument("--engines", type=Path, default=None, help="engines folder (default: the shipped demo engines)")
+    s.add_argument("--engines", default=None, metavar="SET|DIR",
+                   help="force one engine set (a shipped set's name, e.g. dess-pdfs, or a set's folder), or a folder "
+                        "of sets; default: the shipped sets, each study getting the one whose series it has "
+                        "(kneebatch engines list)")
     s.add_argument("--backend", default=None, choices=["onnxruntime", "torch", "torch-compile", "tensorrt"],
                    help="inference backend (default: onnxruntime on a CPU; torch-compile with --half on a GPU). "
                         "torch-compile pads crops to a few static sizes and compiles each once per worker (~20 s "
@@ -673,6 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--volume-seed", type=int, default=1000, help="seed of the synthetic subjects (default 1000)")
     s.add_argument("--preset", default="train", choices=["train", "small", "clinical"],
                    help="acquisition ranges of the label volumes (default train: 0.5-0.85 mm in-plane)")
+    s.add_argument("--protocol", default=None, metavar="SET",
+                   help="train one engine set on its protocol's synthetic studies instead (t1-t2, dess-pdfs, dess, "
+                        "pdfs, t2fs, or the synth protocol it segments: oai, skmtea, ...): studies are synthesised "
+                        "(physics contrasts, field, noise, bias, resolution, varied anatomy), written as DICOM and "
+                        "converted into OUT/data/store.zarr as a user's are, and the nets are fine-tuned from --init "
+                        "(default the shipped engines), the first convolution adapted to the set's inputs")
     s.add_argument("--p-random", type=float, default=0.5,
                    help="share of images with random intensities per label; the rest get a physical contrast")
     s.add_argument("--minutes-coarse", type=float, default=3.0, help="time budget of the coarse stage")

@@ -80,6 +80,8 @@ def measurement_schema() -> pa.Schema:
         _field("label_name", text, "", "the label map's name in the store, or which name a --labels file matched"),
         _field("label_grid", text, "", "same_grid, reoriented (exact) or resampled (nearest neighbour)"),
         _field("model_hash", text, "", "coarse+fine engine hashes that made the labels (null for imported labels)"),
+        _field("engine_set", text, "", "the engine set that segmented the study, e.g. t1-t2, dess-pdfs (null for imported "
+               "labels); model_hash names its files"),
         _field("channels_used", text, "", "the series (contrast roles) the engines segmented, e.g. T1+T2FS"),
         _field("kneebatch_version", text, "", "the version that measured"),
     ]
@@ -283,6 +285,7 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
     row["label_name"] = None
     row["label_grid"] = None
     row["model_hash"] = None
+    row["engine_set"] = None
     row["channels_used"] = None
     row["kneebatch_version"] = __version__
     return row

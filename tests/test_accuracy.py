@@ -33,7 +33,7 @@ FLOORS = {"femur": 0.98, "tibia": 0.97, "patella": 0.97, "fibula": 0.93, "femora
           "patellar_tendon": 0.91, "quadriceps_muscle": 0.96, "hamstring_muscle": 0.98,
           "gastrocnemius_muscle": 0.97, "subcutaneous_fat": 0.94, "effusion": 0.89}
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_ENGINES / "engines.json").exists(), reason="no shipped engines")
+pytestmark = pytest.mark.skipif(not (DEFAULT_ENGINES / "sets.json").exists(), reason="no shipped engines")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kneebatch import labels as L
-from kneebatch.inference.engine_dir import DEFAULT_ENGINES
+from kneebatch.inference.engine_dir import engines_dir
 from kneebatch.models.config import ModelConfig
 from kneebatch.training.evaluate import held_out_accuracy
 
@@ -22,7 +22,7 @@ MEDIAN_EFFUSION_ERROR_PCT = 5.0
 
 
 def _one_model_engines() -> bool:
-    path = DEFAULT_ENGINES / "model_config.json"
+    path = engines_dir() / "model_config.json"
     return path.exists() and ModelConfig.load(path).per_series
 
 
@@ -97,7 +97,7 @@ def test_partial_label_fine_tuning_lifts_its_labels_and_keeps_the_rest(tmp_path,
         truth, _ = read_label_file(label_file(tmp_path / "train" / "truth", [uid[key]]), store.grid(key))
         store.write_labels(key, lut[truth], {"label_set": zib.name}, name=zib.name)
     before = held_out_accuracy(tmp_path / "before", "stir", 3, 717171, key_file=key_file, preset="small")
-    train(tmp_path / "train.zarr", tmp_path / "run", minutes_coarse=0, minutes_fine=3, init_from=DEFAULT_ENGINES,
+    train(tmp_path / "train.zarr", tmp_path / "run", minutes_coarse=0, minutes_fine=3, init_from=engines_dir(),
           lr=3e-4, label_name=zib.name, label_set=zib, eval_every_fine=40)
     publish(tmp_path / "run", tmp_path / "engines")
     after = held_out_accuracy(tmp_path / "after", "stir", 3, 717171, key_file=key_file, preset="small",

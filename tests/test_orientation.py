@@ -106,7 +106,7 @@ def _mirrored(img):
 def paths(tmp_path_factory, key_file):
     """Two held-out 2-D studies and one 3-D slab study, each as DICOM and as dcm2niix NIfTI;
     the 2-D ones also rewritten in other axis orders and mirrored; all in one store, one run."""
-    if not (DEFAULT_ENGINES / "engines.json").exists():
+    if not (DEFAULT_ENGINES / "sets.json").exists():
         pytest.skip("no shipped engines")
     exe = _dcm2niix()
     from kneebatch.ingest.convert import convert

@@ -13,10 +13,13 @@ def test_the_wheel_lists_every_package_and_carries_the_engines():
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kneebatch").rglob("__init__.py")}
     assert found and found <= set(tool["packages"]), found - set(tool["packages"])
     assert tool["package-dir"] == {"kneebatch.engines": "engines"}
-    shipped = {p.name for p in (ROOT / "engines").iterdir()}
-    patterns = tool["package-data"]
-    packaged = {n for n in shipped if any(fnmatch(n, g) for g in patterns["kneebatch.engines"])}
-    manifest = json.loads((ROOT / "engines" / "engines.json").read_text())
-    needed = {manifest["config"], "engines.json"} | {manifest[s][f] for s in ("coarse", "fine")
-                                                      for f in ("safetensors", "onnx")}
-    assert needed <= packaged, needed - packaged
+    patterns = tool["package-data"]["kneebatch.engines"]
+    sets = json.loads((ROOT / "engines" / "sets.json").read_text())["sets"]
+    assert sets and any(fnmatch("sets.json", g) for g in patterns)
+    for name in sets:  # every file a set's manifest names goes into the wheel
+        manifest = json.loads((ROOT / "engines" / name / "engines.json").read_text())
+        needed = {manifest["config"], "engines.json"} | {manifest[s][f] for s in ("coarse", "fine")
+                                                          for f in ("safetensors", "onnx")}
+        packaged = {n for n in needed if any(fnmatch(f"{name}/{n}", g) for g in patterns)}
+        assert needed == packaged, (name, needed - packaged)
+        assert all((ROOT / "engines" / name / n).exists() for n in needed), name

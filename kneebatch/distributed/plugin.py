@@ -26,7 +26,7 @@ class EngineLoader(WorkerPlugin):
             options = replace(options, threads=available_cores())
         if options.threads:
             torch.set_num_threads(options.threads)
-        setattr(worker, ATTR, options.load())
+        setattr(worker, ATTR, options.load_sets())  # each set loaded on first use
 
     def teardown(self, worker):
         if hasattr(worker, ATTR):

@@ -29,10 +29,14 @@ class Loaded(NamedTuple):
     grid: object
     chosen: object  # the engines' input channels of ``image``
     used: str  # their roles, as the row records them
+    engines: object  # the engine set chosen for the study's series (Engines)
 
 
 def process_batch(keys: list[str], store_path: str, engines=None, xp=None, device=None) -> dict:
     """Segment, save and measure a batch of studies; never raises.
+
+    ``engines``: an :class:`~kneebatch.inference.engine_dir.EngineSets` (each study gets the set
+    its series fit, loaded on first use) or one set's :class:`~kneebatch.inference.engine_dir.Engines`.
 
     Each study's image goes to the engines' device once (torch tensors; ``xp``/``device``:
     another array namespace and device, as the tests use); segmentation and measurement run
@@ -47,22 +51,24 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from kneebatch.inference.engine_dir import EngineSets
     from kneebatch.inference.segment import SegmentInfo, fine_stages, paste
 
     if engines is None:
         from kneebatch.distributed.plugin import worker_engines
 
         engines = worker_engines()
+    sets = engines if isinstance(engines, EngineSets) else EngineSets.of(engines)
     store = CohortStore(store_path, create=False)
     if xp is None:  # every backend takes torch tensors on its device
-        xp, device = ops.torch_namespace(), engines.device
+        xp, device = ops.torch_namespace(), sets.device
     rows, failures = [], []
     seconds = dict.fromkeys(STAGES, 0.0)
 
     def fail(key, exc):
         failures.append(failure_row(key, "run", exc))
 
-    def finish(key, result, info, image, grid, channels, used):
+    def finish(key, result, info, image, grid, channels, used, engines):
         labels = paste(result, info)
         t = time.perf_counter()
         store.write_labels(key, ops.to_host(labels), {"model_hash": engines.model_hash,
@@ -75,7 +81,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         row = measure_study(key, labels, image, grid, channels, "segmentation", flags,
                             **study_context(store, key))
         row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid",
-                   channels_used=used)
+                   channels_used=used, engine_set=engines.name)
         return row, t_write, time.perf_counter() - t
 
     def collect(key, future, info):
@@ -92,12 +98,13 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
     def load(key) -> Loaded | tuple[str, Exception]:
         try:
             channels = store.channels(key)
-            inputs = engines.config.input_channels(channels)  # unsupported_contrast
+            name, inputs = sets.choose(channels)  # unsupported_contrast
+            engines = sets.get(name)
             host, grid = store.read_image(key)
             # the one copy in: segmentation and measurement both work on the device
             image = ops.to_device(host.astype(np.float32), xp, device)
             chosen = image if inputs == list(range(image.shape[0])) else xp.stack([image[i, ...] for i in inputs])
-            return Loaded(key, channels, image, grid, chosen, "+".join(channels[i] for i in inputs))
+            return Loaded(key, channels, image, grid, chosen, "+".join(channels[i] for i in inputs), engines)
         except Exception as e:  # noqa: BLE001 - the study's row says why
             return key, e
 
@@ -105,7 +112,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         return [load(key) for key in group]
 
     # studies go through the nets ``per_call`` at a time: their same-shape inputs share calls
-    per_call = engines.net_batch
+    per_call = sets.net_batch
     groups = [keys[i:i + per_call] for i in range(0, len(keys), per_call)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
@@ -122,8 +129,13 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
                     fail(*item)
             del loaded
             infos = [SegmentInfo() for _ in studies]
-            results = fine_stages([s.chosen for s in studies], [s.grid for s in studies], engines.coarse,
-                                  engines.fine, engines.config, infos, per_call)
+            results = [None] * len(studies)
+            for engines in {id(s.engines): s.engines for s in studies}.values():  # a group may mix sets
+                mine = [i for i, s in enumerate(studies) if s.engines is engines]
+                for i, r in zip(mine, fine_stages([studies[i].chosen for i in mine], [studies[i].grid for i in mine],
+                                                  engines.coarse, engines.fine, engines.config,
+                                                  [infos[i] for i in mine], per_call)):
+                    results[i] = r
             for p in pending:
                 collect(*p)
             pending = []
@@ -134,7 +146,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
                 for k, v in info.seconds.items():
                     seconds[k] += v
                 pending.append((s.key, finisher.submit(finish, s.key, result, info, s.image, s.grid, s.channels,
-                                                       s.used), info))
+                                                       s.used, s.engines), info))
             del studies, results  # the finisher holds what it needs; the next group's read may reuse the memory
         for p in pending:
             collect(*p)

@@ -1,13 +1,17 @@
-"""The engines folder: weights, ONNX exports and the manifest that names their hashes.
+"""The engines folder: engine sets, their weights, ONNX exports and the manifests that name their hashes.
 
-``engines/engines.json``::
+The shipped engines folder holds named **sets** (``engines/<set>/``), one coarse + fine pair per
+protocol family; ``engines/sets.json`` lists them in order of preference. Each set folder is
+a complete engines folder of its own (and a user's folder with an ``engines.json`` is one set)::
 
     {"config": "model_config.json",
      "coarse": {"safetensors": "coarse.safetensors", "onnx": "coarse.onnx", "sha256": {...}},
      "fine":   {...},
+     "set": {"name": ..., "status": "ready" | "preview", "test_dice": {...}},
      "training": {...}}
 
-Every file is checked against its recorded sha256 before it is loaded.
+``run`` takes for each study the set whose ``input_roles`` its series have, preferring more
+inputs (:class:`EngineSets`). Every file is checked against its recorded sha256 before it is loaded.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from pathlib import Path
 
 from kneebatch.models.config import ModelConfig
 
+SETS_INDEX = "sets.json"
+
 
 def shipped_engines() -> Path:
-    """The engines that come with kneebatch: a wheel carries them as package data
+    """The engine sets that come with kneebatch: a wheel carries them as package data
     (``kneebatch/engines``); a checkout (editable install) has their source, the top-level
     ``engines/``."""
     packaged = Path(str(resources.files("kneebatch").joinpath("engines")))
-    return packaged if (packaged / "engines.json").exists() else Path(__file__).resolve().parents[2] / "engines"
+    return packaged if (packaged / SETS_INDEX).exists() else Path(__file__).resolve().parents[2] / "engines"
 
 
 # $KNEEBATCH_ENGINES points elsewhere
@@ -47,6 +53,7 @@ class Engines:
     hashes: dict  # stage -> sha256 of the file actually loaded
     half: bool = False
     net_batch: int = 1  # same-shape inputs per engine call; studies are taken this many at a time
+    name: str = ""  # the engine set's name (its folder's)
 
     @property
     def device(self):
@@ -100,22 +107,58 @@ class InferenceOptions:
             return self.net_batch
         return NET_BATCH["cuda" if self.device.startswith("cuda") else "cpu"]
 
+    def load_sets(self) -> EngineSets:
+        """Every set these options name (each loaded when a study first needs it)."""
+        return EngineSets(set_dirs(self.engines), lambda folder: load_engines(
+            folder, self.backend, self.device, self.threads, self.half, self.tta, self.effective_net_batch()),
+            self.device, self.effective_net_batch())
+
     def settings(self) -> dict:
         """What changes the output (recorded with it; a rerun with other settings is refused)."""
-        manifest = read_manifest(self.engines)
-        return {"engines": {stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
-                "backend": self.backend, "device": self.device, "half_precision": self.half, "mirror_tta": self.tta}
+        sets = {name: {stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")}
+                for name, manifest in ((n, read_manifest(d)) for n, d in set_dirs(self.engines).items())}
+        return {"engines": sets, "backend": self.backend, "device": self.device, "half_precision": self.half,
+                "mirror_tta": self.tta}
 
 
-def engines_dir(path=None) -> Path:
+def set_dirs(path=None) -> dict[str, Path]:
+    """The engine sets ``path`` names, in order of preference: a folder of sets (``sets.json``
+    lists them), one set's folder (it has an ``engines.json``), or a shipped set's name."""
     p = Path(path) if path else DEFAULT_ENGINES
-    if not (p / "engines.json").exists():
-        raise FileNotFoundError(f"no engines.json in {p}: train with 'kneebatch train' and 'kneebatch export-engines'")
-    return p
+    if (p / "engines.json").exists():
+        return {p.name: p}
+    if (p / SETS_INDEX).exists():
+        names = json.loads((p / SETS_INDEX).read_text())["sets"]
+        missing = [n for n in names if not (p / n / "engines.json").exists()]
+        if missing:
+            raise FileNotFoundError(f"{p / SETS_INDEX} lists sets without an engines.json: {', '.join(missing)}")
+        return {n: p / n for n in names}
+    if path and not p.exists() and "/" not in str(path) and (DEFAULT_ENGINES / str(path) / "engines.json").exists():
+        return {str(path): DEFAULT_ENGINES / str(path)}
+    shipped = ", ".join(json.loads((DEFAULT_ENGINES / SETS_INDEX).read_text())["sets"]) \
+        if (DEFAULT_ENGINES / SETS_INDEX).exists() else "none"
+    raise FileNotFoundError(f"no engines.json or {SETS_INDEX} in {p} and no shipped engine set of that name (shipped: "
+                            f"{shipped}): train with 'kneebatch train' and 'kneebatch export-engines'")
+
+
+def engines_dir(path=None, name: str | None = None) -> Path:
+    """One set's folder: ``path`` itself when it is one, else its set ``name`` (default: the first)."""
+    sets = set_dirs(path)
+    if name is None:
+        return next(iter(sets.values()))
+    if name not in sets:
+        raise FileNotFoundError(f"no engine set {name!r} in {path or DEFAULT_ENGINES} (sets: {', '.join(sets)})")
+    return sets[name]
 
 
 def read_manifest(path=None) -> dict:
     return json.loads((engines_dir(path) / "engines.json").read_text())
+
+
+def set_status(manifest: dict) -> str:
+    """``ready`` (meets its accuracy targets), ``preview`` (shipped below them, with its table), or
+    ``unrated`` (a folder made by export-engines, not rated)."""
+    return manifest.get("set", {}).get("status", "unrated")
 
 
 def half_dtype(device: str):
@@ -156,7 +199,7 @@ def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", t
                               dtype=half_dtype(device) if half else torch.float32, compile=backend == "torch-compile",
                               expected_sha256=entry["sha256"][entry["safetensors"]])
         built[stage], hashes[stage] = eng, eng.sha256
-    return Engines(built["coarse"], built["fine"], cfg, backend, hashes, half, net_batch)
+    return Engines(built["coarse"], built["fine"], cfg, backend, hashes, half, net_batch, root.name)
 
 
 def check_backend(backend: str, device: str) -> None:
@@ -181,3 +224,68 @@ def check_backend(backend: str, device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA device here; "
                          "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+
+
+class EngineSets:
+    """Several engine sets, chosen per study by the roles of its series; a set's engines are
+    loaded once, when the first study that needs them comes (then kept, e.g. per worker)."""
+
+    def __init__(self, folders: dict[str, Path], loader, device: str = "cpu", net_batch: int = 1,
+                 configs: dict | None = None, loaded: dict | None = None):
+        import threading
+
+        import torch
+
+        self.folders, self._loader = dict(folders), loader
+        self.configs = configs or {n: ModelConfig.load(d / read_manifest(d)["config"]) for n, d in self.folders.items()}
+        self._loaded: dict[str, Engines] = dict(loaded or {})
+        self._lock = threading.Lock()
+        self.device, self.net_batch = torch.device(device), net_batch  # every set's: the options'
+
+    @classmethod
+    def of(cls, engines: Engines) -> EngineSets:
+        """One set already loaded (what a caller holding a single :class:`Engines` passes)."""
+        name = engines.name or "engines"
+        return cls({name: None}, None, str(engines.device), engines.net_batch, {name: engines.config}, {name: engines})
+
+    def choose(self, channels) -> tuple[str, list[int]]:
+        """The set for a study with these ``channels`` (roles) and its input channels: of the sets
+        whose inputs the study has, the one with the most inputs (the first listed on a tie).
+        Raises ``unsupported_contrast`` naming the study's roles and every set's needs."""
+        from kneebatch.errors import StudyError
+
+        fits = []
+        for name, cfg in self.configs.items():
+            try:
+                fits.append((name, cfg.input_channels(channels)))
+            except StudyError:
+                continue
+        if not fits:
+            need = "; ".join(f"{n} needs {cfg.needs()}" for n, cfg in self.configs.items())
+            raise StudyError("unsupported_contrast", f"found {', '.join(channels) or 'no series'}; engine sets: {need}")
+        return max(fits, key=lambda f: len(f[1]))  # max keeps the first of equals
+
+    def get(self, name: str) -> Engines:
+        with self._lock:
+            if name not in self._loaded:
+                engines = self._loader(self.folders[name])
+                engines.name = name
+                self._loaded[name] = engines
+            return self._loaded[name]
+
+
+def describe_sets(path=None) -> list[dict]:
+    """One line's worth per set (``kneebatch engines list``): what it takes and how good it is."""
+    rows = []
+    for name, folder in set_dirs(path).items():
+        manifest = read_manifest(folder)
+        block = manifest.get("set", {})
+        cfg = ModelConfig.load(folder / manifest["config"])
+        dice = block.get("test_dice") or {}
+        rows.append({"name": name, "status": set_status(manifest), "needs": cfg.needs(), "what": block.get("what", ""),
+                     "mean_dice": sum(dice.values()) / len(dice) if dice else None,
+                     "evaluated_on": block.get("evaluated_on", ""), "test_dice": dice,
+                     "model_hash": f"{manifest['coarse']['sha256'][manifest['coarse']['onnx']][:12]}+"
+                                   f"{manifest['fine']['sha256'][manifest['fine']['onnx']][:12]}",
+                     "folder": str(folder)})
+    return rows

@@ -63,7 +63,7 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
 
         client.register_plugin(EngineLoader(options))
     else:
-        kwargs["engines"] = options.load()
+        kwargs["engines"] = options.load_sets()
     job.report.stage_seconds = dict.fromkeys(STAGES, 0.0)
     job.map(batch_fn, batches, client, "run", "segmenting studies", show_progress, **kwargs)
     return job.finish(_provenance(options, batch_size))
@@ -73,16 +73,20 @@ def _provenance(options: InferenceOptions, batch_size: int) -> dict:
     import onnxruntime
     import torch
 
-    from kneebatch.inference.engine_dir import engines_dir
+    from kneebatch.inference.engine_dir import set_dirs, set_status
 
-    manifest = read_manifest(options.engines)
+    sets = {}
+    for name, folder in set_dirs(options.engines).items():
+        manifest = read_manifest(folder)
+        sets[name] = {"status": set_status(manifest),
+                      "model_config": json.loads((folder / manifest["config"]).read_text())}
     return {
         "command": "run",
         **options.settings(),
         "threads": options.threads,
         "batch_size": batch_size,
         "net_batch": options.effective_net_batch(),
-        "model_config": json.loads((engines_dir(options.engines) / manifest["config"]).read_text()),
+        "engine_sets": sets,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__},
     }

@@ -72,10 +72,14 @@ class ModelConfig:
             if found is None:
                 from kneebatch.errors import StudyError
 
-                need = " + ".join("|".join(a) for a in self.input_roles)
-                raise StudyError("unsupported_contrast", f"found {', '.join(channels) or 'none'}; engines need {need}")
+                raise StudyError("unsupported_contrast", f"found {', '.join(channels) or 'none'}; engines need "
+                                                         f"{self.needs()}")
             chosen.append(found)
         return chosen
+
+    def needs(self) -> str:
+        """The series the nets take, e.g. ``T1 + T2FS|T2``."""
+        return "any sagittal series" if self.per_series else " + ".join("|".join(a) for a in self.input_roles)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

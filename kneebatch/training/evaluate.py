@@ -21,6 +21,8 @@ class Accuracy:
     effusion_error_pct: list = field(default_factory=list)  # per study, |pred - truth| / truth
     channels_used: list = field(default_factory=list)
     failed: int = 0
+    engine_sets: list = field(default_factory=list)  # the set each study was segmented with
+    scores: list = field(default_factory=list)  # StudyScore per study
 
     @property
     def mean_dice(self) -> float:
@@ -43,30 +45,97 @@ def held_out_accuracy(root, protocol: str, n: int, seed: int, engines=None, pres
     generate_cohort(root / "cohort", n, seed=seed, preset=preset, protocol=protocol, ranges=ranges, workers=1)
     convert(root / "cohort" / "dicom", root / "store.zarr", key_file=key_file, show_progress=False)
     report = run(root / "store.zarr", root / "out", engines_path=engines, show_progress=False, **run_options)
-    per_label, effusion = dice_against_truth(root / "store.zarr", root / "cohort" / "truth")
-    used = [r.get("channels_used") for r in read_rows(root / "out" / "measurements.parquet")]
-    return Accuracy(protocol, {k: float(np.mean(v)) for k, v in per_label.items()}, effusion, used, report.failed)
+    scores = study_scores(root / "store.zarr", root / "cohort" / "truth")
+    names = sorted({n for sc in scores for n in sc.dice})
+    dice = {n: float(np.mean([sc.dice[n] for sc in scores if n in sc.dice])) for n in names}
+    effusion = [sc.effusion_error_pct for sc in scores if sc.effusion_error_pct is not None]
+    rows = read_rows(root / "out" / "measurements.parquet")
+    return Accuracy(protocol, dice, effusion, [r.get("channels_used") for r in rows], report.failed,
+                    [r.get("engine_set") for r in rows], scores)
 
 
 def dice_against_truth(store_path, truth_dir) -> tuple[dict[str, list[float]], list[float]]:
     """Dice per tissue of each study's newest label map against its truth file (named by study key,
     StudyInstanceUID or case), and each study's effusion-volume error in % (studies with effusion)."""
+    per_label, effusion = {}, []
+    for score in study_scores(store_path, truth_dir):
+        for name, dice in score.dice.items():
+            per_label.setdefault(name, []).append(dice)
+        if score.effusion_error_pct is not None:
+            effusion.append(score.effusion_error_pct)
+    return per_label, effusion
+
+
+@dataclass
+class StudyScore:
+    key: str
+    dice: dict  # tissue -> Dice
+    effusion_error_pct: float | None  # None: no effusion in the truth
+    slice_mm: float  # the study grid's slice spacing (its reference series')
+
+
+def study_scores(store_path, truth_dir) -> list[StudyScore]:
+    """Each study's newest label map scored against its truth file."""
     from kneebatch import labels as L
     from kneebatch.ingest.label_import import label_file, read_label_file, study_names
     from kneebatch.ingest.store import CohortStore
     from kneebatch.measure import dice_per_label
 
     store = CohortStore(store_path, create=False)
-    per_label, effusion = {}, []
     eff = L.by_name("effusion").id
+    scores = []
     for key, names in study_names(store).items():
         pred = store.read_labels(key)
         path = label_file(truth_dir, names)
         if pred is None or path is None:
             continue
-        truth, _ = read_label_file(path, store.grid(key))
-        for name, dice in dice_per_label(pred, truth).items():
-            per_label.setdefault(name, []).append(dice)
-        if np.any(truth == eff):
-            effusion.append(float(abs(np.sum(pred == eff) - np.sum(truth == eff)) / np.sum(truth == eff) * 100))
-    return per_label, effusion
+        grid = store.grid(key)
+        truth, _ = read_label_file(path, grid)
+        n_eff = int(np.sum(truth == eff))
+        error = float(abs(int(np.sum(pred == eff)) - n_eff) / n_eff * 100) if n_eff else None
+        scores.append(StudyScore(key, dice_per_label(pred, truth), error, float(grid.spacing[0])))
+    return scores
+
+
+# The accuracy targets of an engine set (issue 26), per tissue; the collateral ligaments are held to
+# theirs only on series with slices of at most THIN_SLICE_MM (on thicker ones they are a slice or two
+# wide and their Dice is reported)
+SET_TARGETS = {"femur": 0.95, "tibia": 0.95, "patella": 0.95,
+               "femoral_cartilage": 0.85, "medial_tibial_cartilage": 0.85, "lateral_tibial_cartilage": 0.85,
+               "patellar_cartilage": 0.85, "medial_meniscus": 0.80, "lateral_meniscus": 0.80, "acl": 0.80,
+               "pcl": 0.80, "mcl": 0.80, "lcl": 0.80, "quadriceps_muscle": 0.90, "hamstring_muscle": 0.90,
+               "gastrocnemius_muscle": 0.90, "effusion": 0.85}
+THIN_SLICE_MM = 1.5
+COLLATERAL = ("mcl", "lcl")
+MAX_MEDIAN_EFFUSION_ERROR_PCT = 10.0
+PREVIEW_MEAN_DICE = 0.85  # a set below its targets ships, marked preview, only from this mean Dice up
+
+
+def rate(scores: list[StudyScore]) -> dict:
+    """A set's accuracy table from its held-out studies, and its status: ``ready`` (every target
+    met), ``preview`` (missed some, mean Dice >= PREVIEW_MEAN_DICE) or ``not_shippable``."""
+    def mean(name, which):
+        values = [s.dice[name] for s in which if name in s.dice]
+        return float(np.mean(values)) if values else None
+
+    thin = [s for s in scores if s.slice_mm <= THIN_SLICE_MM + 1e-6]
+    names = sorted({n for s in scores for n in s.dice})
+    dice = {n: round(mean(n, scores), 4) for n in names}
+    collateral = {f"{n}_{part}_slices": round(v, 4) for n in COLLATERAL
+                  for part, which in (("thin", thin), ("thick", [s for s in scores if s not in thin]))
+                  if (v := mean(n, which)) is not None}
+    errors = [s.effusion_error_pct for s in scores if s.effusion_error_pct is not None]
+    median_error = float(np.median(errors)) if errors else None
+    misses = []
+    for name, target in SET_TARGETS.items():
+        value = (collateral.get(f"{name}_thin_slices") if name in COLLATERAL else dice.get(name))
+        if value is not None and value < target:
+            misses.append(f"{name} {value:.3f} < {target}")
+    if median_error is not None and median_error > MAX_MEDIAN_EFFUSION_ERROR_PCT:
+        misses.append(f"median effusion-volume error {median_error:.1f} % > {MAX_MEDIAN_EFFUSION_ERROR_PCT:g} %")
+    mean_dice = float(np.mean(list(dice.values())))
+    status = "ready" if not misses else "preview" if mean_dice >= PREVIEW_MEAN_DICE else "not_shippable"
+    return {"status": status, "test_dice": dice, "collateral_by_slices": collateral, "mean_dice": round(mean_dice, 4),
+            "median_effusion_error_pct": None if median_error is None else round(median_error, 2),
+            "effusion_error_pct": [round(e, 2) for e in errors], "misses": misses, "studies": len(scores),
+            "studies_thin_slices": len(thin)}
