@@ -95,10 +95,6 @@ class InferenceOptions:
         self.effective_net_batch()
         check_backend(self.backend, self.device if device_here else "cpu")
 
-    def load(self) -> Engines:
-        return load_engines(self.engines, self.backend, self.device, self.threads, self.half, self.tta,
-                            self.effective_net_batch())
-
     def effective_net_batch(self) -> int:
         """Inputs per engine call (and studies taken at a time): the option, or the device's default."""
         if self.net_batch is not None:
