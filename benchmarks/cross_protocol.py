@@ -37,7 +37,10 @@ def by_uid(store, table) -> dict:
 
 
 def pct(a, b) -> float:
-    return float(abs(a - b) / abs(b) * 100) if b and np.isfinite(a) and np.isfinite(b) else float("nan")
+    """|a - b| in % of b; NaN where either is missing (a tissue not found)."""
+    if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)) or b == 0:
+        return float("nan")
+    return float(abs(a - b) / abs(b) * 100)
 
 
 def main() -> None:
@@ -75,7 +78,7 @@ def main() -> None:
             vs_truth = [pct(r[m], truth[protocol][u][m]) for u, r in seg[protocol].items() if u in truth[protocol]]
             rows[m] = {"median_pct_vs_t1_t2": round(float(np.nanmedian(vs_ref)), 2) if vs_ref else None,
                        "median_pct_vs_truth": round(float(np.nanmedian(vs_truth)), 2) if vs_truth else None,
-                       "values": [round(float(r[m]), 3) for r in seg[protocol].values()]}
+                       "values": [None if r[m] is None else round(float(r[m]), 3) for r in seg[protocol].values()]}
         table[protocol] = {"engine_sets": sets[protocol], "measures": rows}
     print("| measurement | " + " | ".join(f"{p} ({'/'.join(table[p]['engine_sets'])})" for p in PROTOCOLS) + " |")
     print("| --- |" + " --- |" * len(PROTOCOLS))

@@ -73,7 +73,7 @@ def cmd_engines_list(args) -> int:
         return 0
     for r in rows:
         dice = f"mean Dice {r['mean_dice']:.3f} ({r['evaluated_on']})" if r["mean_dice"] is not None else "not rated"
-        print(f"{r['name']:10s} {r['status']:8s} {r['needs']:18s} {dice}; model {r['model_hash']}")
+        print(f"{r['name']:10s} {r['status']:8s} {r['needs']:18s} {dice}; ONNX model {r['model_hash']}")
         if r["what"]:
             print(f"{'':10s} {r['what']}")
     return 0
@@ -352,14 +352,20 @@ def cmd_train_synthetic(args) -> int:
     return 0
 
 
+def _t1_t2_engines():
+    """What a protocol's set starts from: the shipped t1-t2 set (or the engines $KNEEBATCH_ENGINES names)."""
+    from kneebatch.inference.engine_dir import engines_dir, set_dirs
+
+    return engines_dir(None, "t1-t2" if "t1-t2" in set_dirs() else None)
+
+
 def _train_protocol(args) -> int:
-    from kneebatch.inference.engine_dir import engines_dir
     from kneebatch.models.engine_sets import spec_for
     from kneebatch.training.protocol import train_protocol
 
     spec = spec_for(args.protocol)
     metrics = train_protocol(spec, args.out, n=args.n, seed=args.seed, volume_seed=args.volume_seed,
-                             init_from=args.init or engines_dir(None, "t1-t2"), minutes_coarse=args.minutes_coarse,
+                             init_from=args.init or _t1_t2_engines(), minutes_coarse=args.minutes_coarse,
                              minutes_fine=args.minutes_fine, lr=args.lr, threads=args.threads, workers=args.workers or 1,
                              device=args.device, batch_size=args.batch_size)
     print(f"engine set {spec.name}: test mean Dice {metrics['test_mean_dice']:.3f}; weights, metrics and curves in "

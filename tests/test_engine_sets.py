@@ -149,6 +149,56 @@ def test_a_set_is_named_by_its_folder_or_by_a_shipped_name(tiny_sets):
         set_dirs("no-such-set")
 
 
+def test_a_set_for_every_series_never_beats_one_made_for_the_study(tiny_sets, tmp_path):
+    from kneebatch.models.config import ModelConfig
+
+    configs = {"any": ModelConfig(in_channels=1, input_roles=[], per_series=True),
+               **{n: ModelConfig.load(tiny_sets / n / "model_config.json") for n in ("t1-t2", "dess")}}
+    sets = EngineSets({n: None for n in configs}, None, configs=configs)
+    assert sets.choose(["T1", "T2FS", "PDFS"])[0] == "t1-t2"
+    assert sets.choose(["DESS"])[0] == "dess"
+    assert sets.choose(["STIR"]) == ("any", [0])
+
+
+def test_an_exported_set_joins_the_folder_of_sets(tiny_sets, tiny_engines, tmp_path):
+    root = tmp_path / "engines"
+    shutil.copytree(tiny_sets, root)
+    train = tmp_path / "train"
+    train.mkdir()
+    for f in ("model_config.json", "coarse.safetensors", "fine.safetensors"):
+        shutil.copy(tiny_engines / f, train / f)
+    with pytest.raises(ValueError, match="folder of engine sets"):
+        publish(train, root)  # would hide every set behind one engines.json
+    publish(train, root / "mine")
+    assert list(set_dirs(root)) == [*ROLES, "mine"]
+
+
+def test_a_damaged_set_stops_the_run_before_any_study(tiny_sets, mixed_store, tmp_path):
+    from kneebatch.jobs.run import run
+
+    root = tmp_path / "engines"
+    shutil.copytree(tiny_sets, root)
+    fine = root / "pdfs" / "fine.onnx"
+    fine.write_bytes(fine.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ValueError, match="engine set pdfs: fine.onnx does not match"):
+        run(mixed_store[0], tmp_path / "out", engines_path=root, show_progress=False, threads=1)
+    assert not (tmp_path / "out" / "measurements.parquet").exists()
+
+
+def test_a_set_that_fails_to_load_fails_its_studies_once_loaded(tiny_sets):
+    calls = []
+
+    def loader(folder):
+        calls.append(folder.name)
+        raise RuntimeError("no such provider")
+
+    sets = EngineSets(set_dirs(tiny_sets), loader)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="no such provider"):
+            sets.get("dess")
+    assert calls == ["dess"]
+
+
 def test_engines_list_shows_every_set_with_its_inputs_and_status(tiny_sets):
     manifest = read_manifest(tiny_sets / "dess")
     manifest["set"] = {"status": "preview", "test_dice": {"femur": 0.9, "tibia": 0.8}, "what": "DESS alone",
@@ -188,6 +238,7 @@ def test_a_set_is_rated_ready_preview_or_not_shippable():
     effusion = rate([_score(0.7, 12.0), _score(0.7, 14.0), _score(0.7, 1.0)])
     assert effusion["median_effusion_error_pct"] == 12.0
     assert effusion["misses"] == ["median effusion-volume error 12.0 % > 10 %"]
+    assert rate([])["status"] == "not_shippable"
     poor = rate([_score(0.7, femur=0.2, tibia=0.2, patella=0.2, acl=0.3, pcl=0.3)])
     assert poor["status"] == "not_shippable" and poor["mean_dice"] < 0.85 and len(poor["misses"]) == 5
 

@@ -129,7 +129,7 @@ def set_dirs(path=None) -> dict[str, Path]:
         if missing:
             raise FileNotFoundError(f"{p / SETS_INDEX} lists sets without an engines.json: {', '.join(missing)}")
         return {n: p / n for n in names}
-    if path and not p.exists() and "/" not in str(path) and (DEFAULT_ENGINES / str(path) / "engines.json").exists():
+    if path and "/" not in str(path) and (DEFAULT_ENGINES / str(path) / "engines.json").exists():
         return {str(path): DEFAULT_ENGINES / str(path)}
     shipped = ", ".join(json.loads((DEFAULT_ENGINES / SETS_INDEX).read_text())["sets"]) \
         if (DEFAULT_ENGINES / SETS_INDEX).exists() else "none"
@@ -241,7 +241,7 @@ class EngineSets:
     @classmethod
     def of(cls, engines: Engines) -> EngineSets:
         """One set already loaded (what a caller holding a single :class:`Engines` passes)."""
-        name = engines.name or "engines"
+        engines.name = name = engines.name or "engines"
         return cls({name: None}, None, str(engines.device), engines.net_batch, {name: engines.config}, {name: engines})
 
     def choose(self, channels) -> tuple[str, list[int]]:
@@ -259,15 +259,41 @@ class EngineSets:
         if not fits:
             need = "; ".join(f"{n} needs {cfg.needs()}" for n, cfg in self.configs.items())
             raise StudyError("unsupported_contrast", f"found {', '.join(channels) or 'no series'}; engine sets: {need}")
-        return max(fits, key=lambda f: len(f[1]))  # max keeps the first of equals
+        # a net over every series (per_series) takes whatever comes: a set made for the study's series wins
+        return max(fits, key=lambda f: (not self.configs[f[0]].per_series, len(f[1])))  # the first of equals
 
     def get(self, name: str) -> Engines:
+        """The set's engines, loaded on first use; a set that failed to load fails every study
+        that needs it with the same error, without loading (hashing, building) it again."""
         with self._lock:
             if name not in self._loaded:
-                engines = self._loader(self.folders[name])
-                engines.name = name
+                try:
+                    engines = self._loader(self.folders[name])
+                    engines.name = name
+                except Exception as e:  # noqa: BLE001 - each study that needs the set says why
+                    engines = e
                 self._loaded[name] = engines
+            if isinstance(self._loaded[name], Exception):
+                raise self._loaded[name]
             return self._loaded[name]
+
+    def verify(self, backend: str) -> None:
+        """Every file ``backend`` loads, of every set, against its recorded sha256: before a run
+        starts, so a tampered or missing engine stops it in one line, not study by study."""
+        from kneebatch.outputs import sha256_file
+
+        kind = "onnx" if backend in ("onnxruntime", "tensorrt") else "safetensors"
+        for name, folder in self.folders.items():
+            if folder is None:
+                continue
+            manifest = read_manifest(folder)
+            for stage in ("coarse", "fine"):
+                file = folder / manifest[stage][kind]
+                if not file.exists():
+                    raise FileNotFoundError(f"engine set {name}: {file.name} is missing from {folder}")
+                if sha256_file(file) != manifest[stage]["sha256"][file.name]:
+                    raise ValueError(f"engine set {name}: {file.name} does not match the sha256 in its engines.json "
+                                     f"(changed or damaged); reinstall kneebatch or re-export the engines")
 
 
 def describe_sets(path=None) -> list[dict]:

@@ -57,6 +57,7 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
 
         n_workers = len(client.nthreads()) if client is not None else 1
         options = replace(options, threads=max(1, available_cores() // max(1, n_workers)))
+    options.load_sets().verify(options.backend)  # a broken set stops the run here, before any study
     kwargs = {"store_path": str(store.path)}
     if client is not None:
         from kneebatch.distributed.plugin import EngineLoader

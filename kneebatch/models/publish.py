@@ -20,9 +20,13 @@ from kneebatch.models.config import ModelConfig, build_network
 
 
 def publish(train_dir, engines_dir, training_note: dict | None = None) -> dict:
+    """Write one engine set into ``engines_dir``. Inside a folder of sets (its parent has a
+    ``sets.json``) the set joins that list, last, so ``run`` chooses it for the studies it fits."""
     import onnxruntime as ort
 
     train_dir, engines_dir = Path(train_dir), Path(engines_dir)
+    if (engines_dir / "sets.json").exists():
+        raise ValueError(f"{engines_dir} is a folder of engine sets: export into {engines_dir}/<set name>")
     engines_dir.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.load(train_dir / "model_config.json")
     shutil.copy(train_dir / "model_config.json", engines_dir / "model_config.json")
@@ -60,6 +64,12 @@ def publish(train_dir, engines_dir, training_note: dict | None = None) -> dict:
     manifest["training"] = training_note or {}
     (engines_dir / "engines.json").write_text(json.dumps(manifest, indent=1))
     _write_training_card(engines_dir, manifest)
+    index = engines_dir.parent / "sets.json"
+    if index.exists():
+        sets = json.loads(index.read_text())
+        if engines_dir.name not in sets["sets"]:
+            sets["sets"].append(engines_dir.name)
+            index.write_text(json.dumps(sets, indent=1) + "\n")
     return manifest
 
 

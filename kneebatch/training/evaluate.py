@@ -133,7 +133,9 @@ def rate(scores: list[StudyScore]) -> dict:
             misses.append(f"{name} {value:.3f} < {target}")
     if median_error is not None and median_error > MAX_MEDIAN_EFFUSION_ERROR_PCT:
         misses.append(f"median effusion-volume error {median_error:.1f} % > {MAX_MEDIAN_EFFUSION_ERROR_PCT:g} %")
-    mean_dice = float(np.mean(list(dice.values())))
+    if not scores:
+        misses.append("no study was scored")
+    mean_dice = float(np.mean(list(dice.values()))) if dice else 0.0
     status = "ready" if not misses else "preview" if mean_dice >= PREVIEW_MEAN_DICE else "not_shippable"
     return {"status": status, "test_dice": dice, "collateral_by_slices": collateral, "mean_dice": round(mean_dice, 4),
             "median_effusion_error_pct": None if median_error is None else round(median_error, 2),

@@ -60,10 +60,10 @@ def set_config(spec: SetSpec, init_from: Path | None) -> ModelConfig:
 def train_protocol(spec: SetSpec, out, n: int = 40, seed: int = 0, volume_seed: int = 3000, init_from=None,
                    minutes_coarse: float = 2.0, minutes_fine: float = 30.0, lr: float = 1e-3, threads: int | None = None,
                    workers: int = 1, device: str = "cpu", batch_size: int = 2, eval_every_fine: int = 50) -> dict:
-    from kneebatch.training.train import train
+    from kneebatch.training.train import init_folder, train
 
     out = Path(out)
-    init_from = Path(init_from) if init_from else None
+    init_from = init_folder(init_from)
     store = protocol_store(spec, out / "data", n, volume_seed, workers)
     metrics = train(store, out, minutes_coarse=minutes_coarse, minutes_fine=minutes_fine, threads=threads, seed=seed,
                     cfg=set_config(spec, init_from), init_from=init_from, lr=lr, device=device,

@@ -91,7 +91,7 @@ class Trainer:
         self.cfg = cfg or ModelConfig()
         self.label_name = label_name
         self.seed, self.jitter_mm, self.batch_size, self.lr = seed, jitter_mm, batch_size, lr
-        self.init_from = Path(init_from) if init_from else None
+        self.init_from = init_folder(init_from)
         self.label_set = label_set  # kneebatch.ingest.datasets.LabelSet: partial labels (marginal loss)
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
@@ -400,6 +400,19 @@ class Trainer:
         return _mean_scores(self.test_scores(coarse, fine))
 
 
+def init_folder(path) -> Path | None:
+    """``--init``: an engines folder, a training run's folder, or a folder of engine sets (then its
+    first set, for the shipped engines t1-t2)."""
+    if not path:
+        return None
+    path = Path(path)
+    if (path / "sets.json").exists():
+        from kneebatch.inference.engine_dir import engines_dir
+
+        return engines_dir(path)
+    return path
+
+
 def _pad_labels(y, shape):
     out = torch.zeros(tuple(shape), dtype=y.dtype)
     out[: y.shape[0], : y.shape[1], : y.shape[2]] = y
@@ -473,8 +486,9 @@ def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40
     classes (marginal loss); the nets' configuration then comes from ``init_from``."""
     if threads:
         torch.set_num_threads(threads)
-    if cfg is None and init_from is not None and (Path(init_from) / "model_config.json").exists():
-        cfg = ModelConfig.load(Path(init_from) / "model_config.json")  # fine-tuning keeps the nets' design
+    init_from = init_folder(init_from)
+    if cfg is None and init_from is not None and (init_from / "model_config.json").exists():
+        cfg = ModelConfig.load(init_from / "model_config.json")  # fine-tuning keeps the nets' design
     check_training_device(device)
     tr = Trainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed, init_from=init_from, lr=lr,
                  label_set=label_set, device=device, batch_size=batch_size)

@@ -1,0 +1,41 @@
+"""Accuracy of each protocol's engine set on held-out studies, along the user's path.
+
+Each set (engines/<set>/, trained on its protocol's synthetic studies of seeds 3000 and 4000,
+engines/TRAINING.md) segments studies of its protocol from a seed no training run uses,
+at that protocol's own geometry (the OAI's for dess-pdfs, SKM-TEA's for dess, the clinical
+preset's for pdfs and t2fs), synthesised as DICOM, converted and run with every shipped
+set, as a user would: each study must get its set. The floors are what the set scored on
+these studies, less a margin; a set rated ``ready`` must meet every target of
+kneebatch.training.evaluate.SET_TARGETS here too. (The t1-t2 set: tests/test_accuracy.py.)
+"""
+
+import json
+
+import pytest
+
+from kneebatch.inference.engine_dir import DEFAULT_ENGINES, read_manifest, set_dirs, set_status
+from kneebatch.models.engine_sets import CATALOGUE
+from kneebatch.training.evaluate import held_out_accuracy, rate
+
+HELD_OUT_SEED = 848484
+N = 2
+# per set: mean Dice floor and per-tissue floors (what these studies scored, less a margin)
+FLOORS: dict[str, dict] = json.loads("{}")
+
+SETS = [n for n in (set_dirs() if (DEFAULT_ENGINES / "sets.json").exists() else {}) if n != "t1-t2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SETS)
+def test_each_set_on_held_out_studies_of_its_protocol(name, tmp_path, key_file):
+    protocol = CATALOGUE[name].protocols[0]
+    acc = held_out_accuracy(tmp_path, protocol, N, HELD_OUT_SEED, key_file=key_file)
+    table = rate(acc.scores)
+    print(name, json.dumps({k: table[k] for k in ("mean_dice", "test_dice", "median_effusion_error_pct", "misses")}))
+    assert acc.failed == 0 and acc.engine_sets == [name] * N
+    floors = FLOORS[name]
+    assert table["mean_dice"] >= floors["mean"]
+    for tissue, floor in floors["tissues"].items():
+        assert table["test_dice"][tissue] >= floor, (tissue, table["test_dice"][tissue])
+    if set_status(read_manifest(set_dirs()[name])) == "ready":
+        assert table["misses"] == []
