@@ -1,6 +1,6 @@
 """Accuracy of the shipped engines on synthetic studies from a seed never used in training.
 
-The engines in ``engines/`` were trained on seed 1000 (see engines/TRAINING.md); these
+The t1-t2 engine set (``engines/t1-t2/``) was trained on seed 1000 (see engines/t1-t2/TRAINING.md); these
 studies come from seed 424242, rendered at clinical resolution, converted from DICOM
 and segmented by ``kneebatch run`` exactly as a user would.
 """
