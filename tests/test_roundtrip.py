@@ -70,7 +70,8 @@ def test_run_records_unsupported_contrast_for_the_oai_protocol(oai, tiny_engines
     assert (report.segmented, report.failed) == (0, 2)
     failures = read_rows(tmp_path / "out" / "failures.parquet")
     assert {f["reason"] for f in failures} == {"unsupported_contrast"}
-    assert all(f["message"].endswith("found DESS, PDFS; engines need T1 + T2FS|T2") for f in failures)
+    assert all(f["message"].endswith(f"found DESS, PDFS; engine sets: {tiny_engines.name} needs T1 + T2FS|T2")
+               for f in failures)
     assert read_rows(tmp_path / "out" / "measurements.parquet") == []
     assert all(not CohortStore(work).label_names(k) for k in CohortStore(work).study_keys())
 
