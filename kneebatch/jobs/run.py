@@ -57,14 +57,15 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
 
         n_workers = len(client.nthreads()) if client is not None else 1
         options = replace(options, threads=max(1, available_cores() // max(1, n_workers)))
-    options.load_sets().verify(options.backend)  # a broken set stops the run here, before any study
+    sets = options.load_sets()  # each set loaded when a study first needs it
+    sets.verify(options.backend)  # a broken set stops the run here, before any study
     kwargs = {"store_path": str(store.path)}
     if client is not None:
         from kneebatch.distributed.plugin import EngineLoader
 
         client.register_plugin(EngineLoader(options))
     else:
-        kwargs["engines"] = options.load_sets()
+        kwargs["engines"] = sets
     job.report.stage_seconds = dict.fromkeys(STAGES, 0.0)
     job.map(batch_fn, batches, client, "run", "segmenting studies", show_progress, **kwargs)
     return job.finish(_provenance(options, batch_size))
