@@ -264,3 +264,34 @@ def test_train_synthetic_protocol_fine_tunes_a_set_from_two_channel_engines(tiny
     first = "model.0.conv.unit0.conv.weight"
     assert two[first].shape[1] == 2
     assert torch.equal(one.state_dict()[first], two[first].sum(1, keepdim=True))
+
+
+def test_an_oai_study_as_dcm2niix_nifti_is_stored_on_its_dess_grid_as_from_dicom(tmp_path, key_file):
+    """dcm2niix's NIfTI carries no acquisition type: the DESS (0.7 mm slices, 0.36-0.46 mm in-plane)
+    must still be the study's reference grid, as it is from DICOM, so the same set sees the same grid."""
+    import os
+    import shutil as sh
+
+    from kneebatch.ingest.convert import convert
+
+    exe = sh.which("dcm2niix", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    if exe is None:
+        pytest.skip("dcm2niix is not installed (pip install dcm2niix)")
+    cohort = generate_cohort(tmp_path / "c", 1, seed=9500, protocol="oai")
+    study = json.loads((cohort / "manifest.json").read_text())["studies"][0]
+    (tmp_path / "nii").mkdir()
+    for series in study["series"].values():
+        if series["role"] == "other":  # the axial PD and the localizer: not what this test is about
+            continue
+        out = tmp_path / series["contrast"]
+        out.mkdir()
+        subprocess.run([exe, "-z", "y", "-f", "x", "-o", str(out), str(cohort / series["folder"])], check=True,
+                       capture_output=True)
+        sh.copy(out / "x.nii.gz", tmp_path / "nii" / f"case_{series['contrast']}.nii.gz")
+    for src, name in ((cohort / "dicom", "dcm.zarr"), (tmp_path / "nii", "nii.zarr")):
+        assert convert(src, tmp_path / name, key_file=key_file, show_progress=False).converted == 1
+    dcm, nii = CohortStore(tmp_path / "dcm.zarr"), CohortStore(tmp_path / "nii.zarr")
+    (kd,), (kn,) = dcm.study_keys(), nii.study_keys()
+    assert dcm.channels(kd) == nii.channels(kn) == ["DESS", "PDFS"]
+    assert dcm.grid(kd).shape == nii.grid(kn).shape and dcm.grid(kd).spacing[0] == pytest.approx(0.7, abs=1e-3)
+    assert nii.grid(kn).same_as(dcm.grid(kd), atol_mm=1e-3)

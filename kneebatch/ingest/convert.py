@@ -161,6 +161,9 @@ def _check_sagittal(grid: Grid) -> None:
         raise StudyError("not_sagittal", f"its {spacing[thick]:.2f} mm slices do not run left-right")
 
 
+THIN_SLICE_MM = 1.5  # no 2-D knee series has slices this thin (clinical 2-D: 2.5-4 mm)
+
+
 def reference_series(series: list[SeriesVolume]) -> SeriesVolume:
     """The series whose grid the study is stored on: a 3-D acquisition before 2-D ones, then
     the earlier role in ``ROLES`` (T1 first: the paper's anatomical reference), then the
@@ -169,7 +172,10 @@ def reference_series(series: list[SeriesVolume]) -> SeriesVolume:
     3-D series (DESS, 3-D GRE) are fine in every direction: resampling a 2-D series onto
     them loses nothing through-plane, the reverse would."""
     def rank(s: SeriesVolume):
-        three_d = s.info.get("acquisition_type") == "3D" or max(s.grid.spacing) < 1.5 * min(s.grid.spacing)
+        # a volume file says nothing of its acquisition: near-isotropic voxels, or slices as thin as
+        # a 3-D acquisition's (the OAI's DESS: 0.7 mm slices, 0.37 mm in-plane), are 3-D
+        three_d = s.info.get("acquisition_type") == "3D" or max(s.grid.spacing) < 1.5 * min(s.grid.spacing) \
+            or max(s.grid.spacing) <= THIN_SLICE_MM
         return (not three_d, ROLES.index(s.role), s.grid.voxel_volume_mm3)
     return min(series, key=rank)
 
