@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kneebatch.inference.engine_dir import SETS_INDEX
 from kneebatch.inference.engines import export_onnx
 from kneebatch.models.checkpoints import load_weights, sha256_file
 from kneebatch.models.config import ModelConfig, build_network
@@ -25,7 +26,7 @@ def publish(train_dir, engines_dir, training_note: dict | None = None) -> dict:
     import onnxruntime as ort
 
     train_dir, engines_dir = Path(train_dir), Path(engines_dir)
-    if (engines_dir / "sets.json").exists():
+    if (engines_dir / SETS_INDEX).exists():
         raise ValueError(f"{engines_dir} is a folder of engine sets: export into {engines_dir}/<set name>")
     engines_dir.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.load(train_dir / "model_config.json")
@@ -64,7 +65,7 @@ def publish(train_dir, engines_dir, training_note: dict | None = None) -> dict:
     manifest["training"] = training_note or {}
     (engines_dir / "engines.json").write_text(json.dumps(manifest, indent=1))
     _write_training_card(engines_dir, manifest)
-    index = engines_dir.parent / "sets.json"
+    index = engines_dir.parent / SETS_INDEX
     if index.exists():
         sets = json.loads(index.read_text())
         if engines_dir.name not in sets["sets"]:

@@ -46,19 +46,22 @@ def held_out_accuracy(root, protocol: str, n: int, seed: int, engines=None, pres
     convert(root / "cohort" / "dicom", root / "store.zarr", key_file=key_file, show_progress=False)
     report = run(root / "store.zarr", root / "out", engines_path=engines, show_progress=False, **run_options)
     scores = study_scores(root / "store.zarr", root / "cohort" / "truth")
-    names = sorted({n for sc in scores for n in sc.dice})
-    dice = {n: float(np.mean([sc.dice[n] for sc in scores if n in sc.dice])) for n in names}
-    effusion = [sc.effusion_error_pct for sc in scores if sc.effusion_error_pct is not None]
+    per_label, effusion = pooled(scores)
     rows = read_rows(root / "out" / "measurements.parquet")
-    return Accuracy(protocol, dice, effusion, [r.get("channels_used") for r in rows], report.failed,
-                    [r.get("engine_set") for r in rows], scores)
+    return Accuracy(protocol, {k: float(np.mean(v)) for k, v in per_label.items()}, effusion,
+                    [r.get("channels_used") for r in rows], report.failed, [r.get("engine_set") for r in rows], scores)
 
 
 def dice_against_truth(store_path, truth_dir) -> tuple[dict[str, list[float]], list[float]]:
     """Dice per tissue of each study's newest label map against its truth file (named by study key,
     StudyInstanceUID or case), and each study's effusion-volume error in % (studies with effusion)."""
+    return pooled(study_scores(store_path, truth_dir))
+
+
+def pooled(scores) -> tuple[dict[str, list[float]], list[float]]:
+    """Each tissue's Dice over the studies that have it, and the effusion errors of those with effusion."""
     per_label, effusion = {}, []
-    for score in study_scores(store_path, truth_dir):
+    for score in scores:
         for name, dice in score.dice.items():
             per_label.setdefault(name, []).append(dice)
         if score.effusion_error_pct is not None:

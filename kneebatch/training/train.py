@@ -405,10 +405,10 @@ def init_folder(path) -> Path | None:
     first set, for the shipped engines t1-t2)."""
     if not path:
         return None
-    path = Path(path)
-    if (path / "sets.json").exists():
-        from kneebatch.inference.engine_dir import engines_dir
+    from kneebatch.inference.engine_dir import SETS_INDEX, engines_dir
 
+    path = Path(path)
+    if (path / SETS_INDEX).exists():
         return engines_dir(path)
     return path
 
