@@ -2,12 +2,15 @@
 eager on the CPU.
 
 The CUDA path (the same buckets, CUDA graphs, float16) runs the same code with another
-``torch.compile`` mode; it has not run on a GPU here.
+``torch.compile`` mode; it ran on a lent H200 once (benchmarks/README.md, 2026-12-04), where
+its labels were not compared with eager's there: ``test_compiled_cuda_engine_labels_are_eager_fp32s``
+is that comparison, for the next lease.
 """
 
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from kneebatch.inference import segment as seg
@@ -77,3 +80,53 @@ def test_compiled_cpu_engine_equals_eager(tiny_engines):
         want, got = eager.fine(x), compiled.fine(x)
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_cuda_engine_labels_are_eager_fp32s(tiny_engines):
+    eager = load_engines(tiny_engines, "torch", device="cuda")
+    compiled = load_engines(tiny_engines, "torch-compile", device="cuda", half=True)  # CUDA graphs, fp16
+    rng = np.random.default_rng(5)
+    for shape in ((12, 48, 48), (16, 64, 48), (12, 48, 48)):  # the third replays the first's graph
+        x = torch.from_numpy(rng.normal(size=(1, 2, *shape)).astype(np.float32)).cuda()
+        want, got = eager.fine(x), compiled.fine(x)
+        assert got.shape == want.shape and torch.isfinite(got).all()
+        assert float((got.argmax(1) == want.argmax(1)).float().mean()) > 0.99
+
+
+def test_a_batch_reports_engine_loading_and_compiling_apart_from_the_per_study_stages(tiny_engines, store, tmp_path):
+    """On a GPU the one-off costs (a set's loading, CUDA start-up, a compiled engine's first call
+    per shape) outweighed 12 studies' work (benchmarks/README.md, H200): a run reports them apart."""
+    import shutil
+    import time
+
+    from kneebatch.inference.batch import STAGES, process_batch
+    from kneebatch.inference.engine_dir import EngineSets
+    from kneebatch.ingest.store import CohortStore
+
+    copy = tmp_path / "cohort.zarr"
+    shutil.copytree(store, copy)
+    keys = CohortStore(copy).study_keys()[:2]
+
+    def load_slowly(folder):  # a known loading time, as a GPU's context and weights take
+        time.sleep(0.3)
+        engines = load_engines(folder, "torch")
+        for stage in ("coarse", "fine"):  # compiled-engine bookkeeping over the eager nets
+            engine = TorchEngine.from_module(getattr(engines, stage).model)
+            engine.buckets = True
+            setattr(engines, stage, engine)
+        return engines
+
+    sets = EngineSets({"tiny": tiny_engines}, load_slowly)
+    first = process_batch(keys, str(copy), sets)
+    assert not first["failures"] and set(first["seconds"]) == set(STAGES)
+    assert 0.3 <= first["seconds"]["engines"] < 5
+    engines = sets.get("tiny")
+    compiled = engines.coarse.compile_seconds + engines.fine.compile_seconds
+    assert compiled > 0 and first["seconds"]["compile"] == pytest.approx(compiled)
+    # the same studies again: every shape has been seen, the set is loaded: no one-off cost left
+    again = process_batch(keys, str(copy), sets)
+    assert again["seconds"]["engines"] < 0.01 and again["seconds"]["compile"] == 0.0
+    assert again["seconds"]["coarse"] > 0 and again["seconds"]["fine"] > 0
+    assert [r["femur_volume_mm3"] for r in again["rows"]] == [r["femur_volume_mm3"] for r in first["rows"]]

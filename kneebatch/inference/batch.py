@@ -17,7 +17,9 @@ from kneebatch.ingest.store import CohortStore
 from kneebatch.ingest.visits import study_context
 from kneebatch.measure import measure_study
 
-STAGES = ("read", "normalize", "coarse", "fine", "paste", "write", "measure")
+# engines: loading a set (first study that needs it); compile: a compiled engine's first call
+# of each shape. Both are one-off costs per worker, kept apart from the per-study stages.
+STAGES = ("engines", "compile", "read", "normalize", "coarse", "fine", "paste", "write", "measure")
 
 
 class Loaded(NamedTuple):
@@ -30,6 +32,7 @@ class Loaded(NamedTuple):
     chosen: object  # the engines' input channels of ``image``
     used: str  # their roles, as the row records them
     engines: object  # the engine set chosen for the study's series (Engines)
+    engines_seconds: float  # loading that set, when this study was the first to need it
 
 
 def process_batch(keys: list[str], store_path: str, engines=None, xp=None, device=None) -> dict:
@@ -47,7 +50,8 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
     segment.drive`). Three threads overlap: group *i+1* is read, decompressed and moved to
     the device while the engines work on group *i*, and pasting, saving and measuring group
     *i-1* run beside both, so the engines' cores do not wait for that (mostly single-threaded)
-    work. ``seconds["read"]``: the time the engines waited for a read, not the read itself.
+    work. ``seconds["read"]``: the time the engines waited for a read, not the read itself
+    (less any engine loading, which is ``seconds["engines"]``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -99,12 +103,15 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         try:
             channels = store.channels(key)
             name, inputs = sets.choose(channels)  # unsupported_contrast
+            t = time.perf_counter()
             engines = sets.get(name)
+            engines_seconds = time.perf_counter() - t
             host, grid = store.read_image(key)
             # the one copy in: segmentation and measurement both work on the device
             image = ops.to_device(host.astype(np.float32), xp, device)
             chosen = image if inputs == list(range(image.shape[0])) else xp.stack([image[i, ...] for i in inputs])
-            return Loaded(key, channels, image, grid, chosen, "+".join(channels[i] for i in inputs), engines)
+            return Loaded(key, channels, image, grid, chosen, "+".join(channels[i] for i in inputs), engines,
+                          engines_seconds)
         except Exception as e:  # noqa: BLE001 - the study's row says why
             return key, e
 
@@ -122,7 +129,9 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
             t = time.perf_counter()
             loading, ahead = ahead, reader.submit(load_group, groups[g + 1]) if g + 1 < len(groups) else None
             loaded = loading.result()
-            seconds["read"] += time.perf_counter() - t
+            engines_seconds = sum(s.engines_seconds for s in loaded if isinstance(s, Loaded))
+            seconds["engines"] += engines_seconds
+            seconds["read"] += max(0.0, time.perf_counter() - t - engines_seconds)
             studies = [s for s in loaded if isinstance(s, Loaded)]
             for item in loaded:
                 if not isinstance(item, Loaded):
@@ -132,10 +141,16 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
             results = [None] * len(studies)
             for engines in {id(s.engines): s.engines for s in studies}.values():  # a group may mix sets
                 mine = [i for i, s in enumerate(studies) if s.engines is engines]
+                compiling = {stage: getattr(getattr(engines, stage), "compile_seconds", 0.0)
+                             for stage in ("coarse", "fine")}
                 for i, r in zip(mine, fine_stages([studies[i].chosen for i in mine], [studies[i].grid for i in mine],
                                                   engines.coarse, engines.fine, engines.config,
                                                   [infos[i] for i in mine], per_call)):
                     results[i] = r
+                for stage, before in compiling.items():  # out of the stage's time, into compile's
+                    spent = getattr(getattr(engines, stage), "compile_seconds", 0.0) - before
+                    seconds[stage] -= spent
+                    seconds["compile"] += spent
             for p in pending:
                 collect(*p)
             pending = []

@@ -8,6 +8,8 @@ same for every backend. Engines are built once per worker (see
 
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,10 @@ class TorchEngine:
         self.model = model.to(self.device, dtype).eval()
         self.forward = compile_model(self.model, self.device) if compile else self.model
         self.buckets = compile  # static shapes: a compiled graph per bucket
+        # a compiled engine's first call of each input shape compiles (and captures) its graph:
+        # a one-off cost that a run reports apart from the per-study work
+        self.compile_seconds = 0.0
+        self._shapes_seen = set()
 
     @classmethod
     def from_module(cls, model: torch.nn.Module, device: str = "cpu") -> TorchEngine:
@@ -89,6 +95,7 @@ class TorchEngine:
         self.sha256, self.device, self.dtype = "in-memory", torch.device(device), torch.float32
         self.model = self.forward = model.eval()
         self.buckets = False
+        self.compile_seconds, self._shapes_seen = 0.0, set()
         return self
 
     def input_shape(self, shape, divisor) -> tuple[int, ...]:
@@ -97,9 +104,16 @@ class TorchEngine:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.buckets and tuple(x.shape) not in self._shapes_seen
+        t = time.perf_counter()
         out = self.forward(x.to(self.device, self.dtype))
         if self.buckets and self.device.type == "cuda" and out.dtype == torch.float32:
             out = out.clone()  # a CUDA graph's output buffer is overwritten by its next replay
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._shapes_seen.add(tuple(x.shape))
+            self.compile_seconds += time.perf_counter() - t
         return out.float()
 
 
