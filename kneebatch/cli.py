@@ -377,9 +377,12 @@ def cmd_clinical(args) -> int:
     from kneebatch.clinical import pseudonymise_clinical
 
     r = pseudonymise_clinical(args.store, args.csv, args.out, key_file=args.key_file, study_column=args.study_column,
-                              subject_column=args.subject_column, drop=tuple(args.drop), keep=tuple(args.keep))
+                              subject_column=args.subject_column, drop=tuple(args.drop or ()),
+                              keep=tuple(args.keep or ()))
     keys = " and ".join(f"{c} -> {k}" for c, k in ((r.study_column, "study_key"), (r.subject_column, "subject_key")) if c)
-    print(f"{r.rows} rows -> {args.out}: {keys}; dropped {', '.join(r.dropped)}; kept {', '.join(r.kept) or 'nothing'}")
+    dropped = ", ".join(f"{c} ({r.dropped_why[c]})" for c in r.dropped)
+    kept = ", ".join(f"{c} (--keep: {', '.join(r.kept_despite[c])})" if c in r.kept_despite else c for c in r.kept)
+    print(f"{r.rows} rows -> {args.out}: {keys}; dropped {dropped}; kept {kept or 'nothing'}")
     if r.study_column:
         print(f"{r.studies_in_store} rows name a study in the store, {r.studies_not_in_store} do not")
     return 0
@@ -608,9 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the study-key secret the store was converted with (default: convert's default)")
     s.add_argument("--study-column", default=None, help="StudyInstanceUID column (default: found by name)")
     s.add_argument("--subject-column", default=None, help="PatientID column (default: found by name)")
-    s.add_argument("--drop", type=_columns, default=[], help="more columns to leave out, comma-separated")
-    s.add_argument("--keep", type=_columns, default=[],
-                   help="columns to keep although their name looks identifying (names, dates, UIDs), comma-separated")
+    s.add_argument("--drop", type=_columns, action="extend", metavar="COL",
+                   help="a column to leave out (repeatable, or comma-separated)")
+    s.add_argument("--keep", type=_columns, action="extend", metavar="COL",
+                   help="a column to keep although its name looks identifying or its values only have an "
+                        "identifier's shape (a date, e-mail, phone number, UID, long number); a column holding a "
+                        "known identifier (a value of the study or subject column, the store's UIDs and IDs) is "
+                        "refused all the same (repeatable, or comma-separated)")
     s.set_defaults(func=cmd_clinical)
 
     s = sub.add_parser("stats", help="compare measurements between groups, along a grade and over time "

@@ -11,6 +11,7 @@ REASONS = {
     "unreadable_file": "the file could not be read",
     "missing_uid": "DICOM file without StudyInstanceUID or SeriesInstanceUID",
     "not_an_image": "DICOM object without pixel data (report, plan, ...)",
+    "special_file": "a device, FIFO or socket (or a link to one): never read",
     "unnamed_volume": "a NIfTI/MetaImage file whose name does not give its contrast: name it <case>_<ROLE>.nii.gz "
                       "(ROLE: T1, T2, T2FS, PD, PDFS, DESS, GRE3D, other) or map nnU-Net suffixes with --channels",
     # studies
@@ -26,6 +27,10 @@ REASONS = {
     "inconsistent_spacing": "slices of one series differ in pixel spacing",
     "too_few_slices": "the series has too few slices to be a volume",
     "unreadable_pixels": "pixel data could not be decoded",
+    "pixel_data_length": "the pixel data's length is not Rows x Columns x frames x samples (a damaged or "
+                         "mislabelled file): read as it is, it would be measured as if it were the image",
+    "uid_collision": "one StudyInstanceUID holds two patients or two study dates, or one SeriesInstanceUID is "
+                     "in two studies (a PACS or anonymiser fault): nothing of it is merged or converted",
     "non_finite_values": "the image holds NaN or infinite values",
     "constant_image": "every voxel of the image has the same value",
     "bad_scaling": "the intensity scaling (RescaleSlope, scl_slope) is zero or not finite",

@@ -72,9 +72,11 @@ def discover(src, client=None, show_progress=None, channels=None, skip=None) -> 
     ``channels``: nnU-Net channel suffix -> role (default ``0000`` T1, ``0001`` T2); ``skip``: a
     folder not to look into (the store itself, when it lies inside the source)."""
     src = Path(src)
-    files = [str(src)] if src.is_file() else dicom.list_files(src, skip)
+    specials: list[str] = []
+    files = [str(src)] if src.is_file() else dicom.list_files(src, skip, specials)
     file_set = set(files)
-    nifti_studies = nifti.find_nifti_studies(src, channels, file_set) if src.is_dir() else {}
+    # a special file named as a case's series is recorded in that case, never read
+    nifti_studies = nifti.find_nifti_studies(src, channels, file_set | set(specials)) if src.is_dir() else {}
     nifti_files = {p for s in nifti_studies.values() for p in s.files.values()}
     unnamed = [dicom.FileProblem(f, "unnamed_volume") for f in files
                if f not in nifti_files and f.lower().endswith(nifti.VOLUME_SUFFIXES) and not nifti.is_label_file(f)]
@@ -86,12 +88,13 @@ def discover(src, client=None, show_progress=None, channels=None, skip=None) -> 
             headers.extend(part)
             advance(len({h.path for h in part}))  # files: a multi-frame file gives a header per frame
     found = [h for h in headers if isinstance(h, dicom.SliceHeader)]
-    problems = unnamed + [h for h in headers if isinstance(h, dicom.FileProblem)]
+    problems = unnamed + [dicom.FileProblem(f, "special_file") for f in specials] + [
+        h for h in headers if isinstance(h, dicom.FileProblem)]
     studies: dict = dict(dicom.group_studies(found))
     for uid, s in nifti_studies.items():
         # a case named like a DICOM study is another study: both are accounted for
         studies[uid if uid not in studies else f"{uid} (volume files)"] = s
-    return studies, len(files) + len(nifti_files) + len(unnamed), problems
+    return studies, len(files) + len(nifti_files) + len(unnamed) + len(specials), problems
 
 
 def convert_study(source, store_path: str, key: str) -> dict:
@@ -100,8 +103,12 @@ def convert_study(source, store_path: str, key: str) -> dict:
     result = {"study_key": key, "status": "failed", "reason": "", "message": "", "bytes": 0}
     try:
         store = CohortStore(store_path)
-        series = _nifti_series(source) if isinstance(source, nifti.NiftiStudy) else _dicom_series(source)
+        if isinstance(source, nifti.NiftiStudy):
+            series, left_out = _nifti_series(source), list(source.left_out)
+        else:
+            series, left_out = _dicom_series(source)
         image, grid, channels, attrs = assemble(series)
+        attrs["series"] += left_out  # series not used, each with its reason: why a T1 is missing
         attrs["source_kind"] = "nifti" if isinstance(source, nifti.NiftiStudy) else "dicom"
         attrs["n_series_in_study"] = len(getattr(source, "series", None) or source.files)
         if isinstance(source, dicom.StudyFiles):
@@ -125,9 +132,10 @@ class SeriesVolume:
     info: dict  # sequence parameters, file count, intensity scaling (no identifiers)
 
 
-def _dicom_series(study: dicom.StudyFiles) -> list[SeriesVolume]:
+def _dicom_series(study: dicom.StudyFiles) -> tuple[list[SeriesVolume], list[dict]]:
     out = []
-    for role, series in dicom.choose_series(study).items():
+    chosen, left_out = dicom.sort_series(study)
+    for role, series in chosen.items():
         hasher = hashlib.sha256()
         data, grid = dicom.read_series(series, hasher)
         check_volume(data, grid)
@@ -136,7 +144,7 @@ def _dicom_series(study: dicom.StudyFiles) -> list[SeriesVolume]:
             "repetition_time_ms": h.tr, "echo_time_ms": h.te, "inversion_time_ms": h.ti,
             "flip_angle_deg": h.flip_angle, "acquisition_type": h.acquisition_type or None,
             "n_files": len({s.path for s in series.slices}), "source_sha256": hasher.hexdigest()}))
-    return out
+    return out, left_out
 
 
 def _nifti_series(study: nifti.NiftiStudy) -> list[SeriesVolume]:
@@ -262,11 +270,18 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
             continue
         keymap.append({"study_key": k, "study_uid": "", "source_path": _text(problem.path)})
         file_failures.append(failure_row(k, "scan", StudyError(problem.reason, problem.detail or "")))
+    collided = dicom.collisions(studies)
     for uid, source in studies.items():
         k = study_key(uid, key)
         if not shard.owns(k):
             continue
         report.studies_in_shard += 1
+        if uid in collided:  # nothing of it is merged: no patient, no subject, not converted
+            keymap.append({"study_key": k, "study_uid": uid, "source_path": _text(source.source_path)})
+            file_failures.append(failure_row(k, "scan", StudyError("uid_collision", collided[uid])))
+            report.failed += 1
+            report.reasons["uid_collision"] = report.reasons.get("uid_collision", 0) + 1
+            continue
         patient = getattr(source, "patient_id", "")  # NIfTI cases have none
         keymap.append({"study_key": k, "study_uid": uid, "source_path": _text(source.source_path),
                        "patient_id": patient or None, "study_date": getattr(source, "study_date", "") or None,

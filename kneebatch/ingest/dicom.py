@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+import stat
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -125,6 +126,20 @@ class StudyFiles:
         return next((s.study_date for series in self.series.values() for s in series.slices if s.study_date), "")
 
 
+# a dataset written without preamble and file meta starts with its first element's tag: an
+# even (standard) group of the header modules, little or big endian
+_RAW_FIRST_GROUPS = {0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028}
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """From a file's first 132 bytes: the DICOM preamble and magic, or a raw dataset's first tag.
+    Anything else is never handed to the parser, which would read a large junk file whole."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    return len(head) >= 8 and (int.from_bytes(head[:2], "little") in _RAW_FIRST_GROUPS
+                               or int.from_bytes(head[:2], "big") in _RAW_FIRST_GROUPS)
+
+
 def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
     """Header of one file, or why it is not a usable DICOM image.
 
@@ -134,6 +149,9 @@ def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
     try:
         if os.path.getsize(path) == 0:
             return FileProblem(path, "not_dicom", "empty file")
+        with open(path, "rb") as f:
+            if not looks_like_dicom(f.read(132)):
+                return FileProblem(path, "not_dicom", "no DICOM preamble or dataset at its start")
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
         except InvalidDicomError:
@@ -150,7 +168,7 @@ def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
     if not study_uid or not series_uid:
         return FileProblem(path, "missing_uid")
     if not ds.get("Rows") or not ds.get("Columns"):
-        return FileProblem(path, "not_an_image", str(ds.get("Modality", "") or "no modality"))
+        return FileProblem(path, "not_an_image")  # its Modality is a header value: never quoted
     image_type = tuple(str(x).upper() for x in (ds.get("ImageType") or ()))
     header = SliceHeader(
         path=str(path),
@@ -201,9 +219,20 @@ def _is_store(folder: str) -> bool:
         return False
 
 
-def list_files(root: str | os.PathLike, skip: str | os.PathLike | None = None) -> list[str]:
+def is_special(path: str) -> bool:
+    """A device, FIFO or socket, or a link to one: reading it could block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a dangling link: read, and refused as unreadable
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def list_files(root: str | os.PathLike, skip: str | os.PathLike | None = None,
+               specials: list | None = None) -> list[str]:
     """Every file below ``root``, dangling links included (they become 'unreadable_file' rows),
-    except in kneebatch cohort stores and below ``skip``.
+    except in kneebatch cohort stores and below ``skip``. Devices, FIFOs and sockets (or links
+    to them) are left out, into ``specials`` when given.
 
     Symbolic links to directories are not followed, so link loops cannot trap the walk.
     """
@@ -214,7 +243,10 @@ def list_files(root: str | os.PathLike, skip: str | os.PathLike | None = None) -
                    and (skip is None or os.path.realpath(os.path.join(dirpath, d)) != skip)]
         for name in files:
             p = os.path.join(dirpath, name)
-            if os.path.isfile(p) or os.path.islink(p):
+            if is_special(p):
+                if specials is not None:
+                    specials.append(p)
+            elif os.path.isfile(p) or os.path.islink(p):
                 out.append(p)
     out.sort()
     return out
@@ -226,6 +258,36 @@ def group_studies(headers) -> dict[str, StudyFiles]:
         series = studies[h.study_uid].setdefault(h.series_uid, Series(h.series_uid))
         series.slices.append(h)
     return {uid: StudyFiles(uid, s) for uid, s in sorted(studies.items())}
+
+
+def collisions(studies: dict) -> dict[str, str]:
+    """Study UID -> why it cannot be trusted as one study (``uid_collision``): two PatientIDs or
+    two StudyDates under one StudyInstanceUID, a SeriesInstanceUID in two studies, or one series
+    UID over two geometries (matrix or orientation). Merged, one patient would vanish into
+    another's study; every study involved is refused instead. Counts only, never the values."""
+    out: dict[str, str] = {}
+    studies_of_series = defaultdict(set)
+    for uid, study in studies.items():
+        if not isinstance(study, StudyFiles):
+            continue
+        slices = [h for series in study.series.values() for h in series.slices]
+        patients = {h.patient_id for h in slices if h.patient_id}
+        dates = {h.study_date for h in slices if h.study_date}
+        if len(patients) > 1:
+            out[uid] = f"{len(patients)} patient IDs under one StudyInstanceUID"
+        elif len(dates) > 1:
+            out[uid] = f"{len(dates)} study dates under one StudyInstanceUID"
+        for series_uid, series in study.series.items():
+            studies_of_series[series_uid].add(uid)
+            geometries = Counter((h.rows, h.columns, tuple(np.round(h.orientation, 3)) if h.orientation else None)
+                                 for h in series.slices)
+            if sum(n >= MIN_SLICES for n in geometries.values()) > 1:
+                out.setdefault(uid, "one SeriesInstanceUID holds two stacks of different geometry")
+    for uids in studies_of_series.values():
+        if len(uids) > 1:
+            for uid in uids:
+                out.setdefault(uid, f"a SeriesInstanceUID found in {len(uids)} studies")
+    return out
 
 
 # ------------------------------------------------------------------ series roles
@@ -242,6 +304,19 @@ def is_sagittal(orientation) -> bool:
     return abs(n[0]) >= np.cos(np.radians(SAGITTAL_MAX_ANGLE_DEG))
 
 
+def impossible_geometry(h: SliceHeader) -> bool:
+    """An orientation that is missing, zero, not finite or not two orthonormal vectors, or a pixel
+    spacing that is not positive and finite: a series with one is refused, never measured (a
+    negative spacing would mirror the image; a zero orientation has no slice normal)."""
+    if h.orientation is None or h.pixel_spacing is None:
+        return True
+    o, sp = np.asarray(h.orientation, float), np.asarray(h.pixel_spacing, float)
+    if not (np.all(np.isfinite(o)) and np.all(np.isfinite(sp)) and np.all(sp > 0)):
+        return True
+    row, col = o[:3], o[3:]
+    return abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3
+
+
 def classify(series: Series) -> tuple[str | None, str]:
     """(role, why): the contrast role of a usable sagittal MR series, else None and the reason code."""
     h = series.first
@@ -252,6 +327,8 @@ def classify(series: Series) -> tuple[str | None, str]:
     if any(s.frame >= 0 and s.position is None for s in series.slices):
         # frames of a multi-frame object without PlanePositionSequence: they cannot be placed
         return None, "multiframe_no_positions"
+    if any(impossible_geometry(s) for s in series.slices):
+        return None, "bad_geometry"
     if not is_sagittal(h.orientation):
         return None, "not_sagittal"
     if len(series.slices) < MIN_SLICES:
@@ -260,7 +337,7 @@ def classify(series: Series) -> tuple[str | None, str]:
 
 
 # when no sagittal MR series is usable at all, the most telling cause names the failure
-_STUDY_CAUSES = ("too_few_slices", "not_sagittal", "not_mr")
+_STUDY_CAUSES = ("bad_geometry", "too_few_slices", "not_sagittal", "not_mr")
 
 
 def _voxels(series: Series) -> int:
@@ -271,19 +348,35 @@ def choose_series(study: StudyFiles) -> dict[str, Series]:
     """Every usable sagittal MR series by contrast role; of several with one role, the most voxels.
 
     Raises the most telling cause when no series is usable."""
+    return sort_series(study)[0]
+
+
+def sort_series(study: StudyFiles) -> tuple[dict[str, Series], list[dict]]:
+    """:func:`choose_series`'s choice, and a record of every series left out with its reason
+    code (no header values), so a study stored without its T1 says why."""
     best: dict[str, Series] = {}
-    rejected = []
+    rejected, left_out = [], []
     for series in study.series.values():
         role, why = classify(series)
         if role is None:
             rejected.append(why)
+            left_out.append({"role": None, "used": False, "reason": why, "n_files": len({s.path for s in series.slices})})
         elif role not in best or _voxels(series) > _voxels(best[role]):
+            if role in best:
+                left_out.append(_smaller(best[role], role))
             best[role] = series
+        else:
+            left_out.append(_smaller(series, role))
     if not best:
         detail = f"{len(study.series)} series; rejected: " + (", ".join(sorted(rejected)) or "none")
         cause = next((c for c in _STUDY_CAUSES if c in rejected), "no_usable_series")
         raise StudyError(cause, detail)
-    return best
+    return best, left_out
+
+
+def _smaller(series: Series, role: str) -> dict:
+    return {"role": role, "used": False, "reason": "another_series_of_the_role_has_more_voxels",
+            "n_files": len({s.path for s in series.slices})}
 
 
 def knee_side(headers) -> str | None:
@@ -401,10 +494,30 @@ def to_stored(pixels: np.ndarray, slope: float, intercept: float, z: int) -> np.
     a zero or non-finite scaling, or values a uint16 store cannot hold, are never clipped."""
     if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
         raise StudyError("bad_scaling", f"RescaleSlope {slope}, RescaleIntercept {intercept} in slice {z}")
+    if pixels.dtype.kind == "f" and not np.all(np.isfinite(pixels)):  # float pixel data: NaN would store as 0
+        raise StudyError("non_finite_values", f"slice {z}")
     values = np.rint(pixels.astype(np.float64) * slope + intercept) if (slope, intercept) != (1.0, 0.0) else pixels
     if values.size and (values.min() < 0 or values.max() > 65535):
         raise StudyError("out_of_range_values", f"values {values.min():g} to {values.max():g} in slice {z}")
     return values.astype(np.uint16)
+
+
+def check_pixel_length(ds, z: int) -> None:
+    """Uncompressed pixel data must be Rows x Columns x frames x samples x bytes long (one pad
+    byte allowed): longer data is read as if it were the image and would be measured."""
+    syntax = pydicom.uid.UID(str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or ""))
+    if "PixelData" not in ds or (syntax and syntax.is_compressed):
+        return
+    try:
+        frames = int(first_float(ds.get("NumberOfFrames")) or 1)
+        expected = int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1) or 1) \
+            * int(ds.BitsAllocated) // 8
+        length = len(ds.PixelData)
+    except Exception as e:  # an attribute missing or not a number: the decoder would fail too
+        raise StudyError("unreadable_pixels", f"{type(e).__name__} reading the pixel description of slice {z}") from e
+    if length not in (expected, expected + 1):
+        raise StudyError("pixel_data_length", f"slice {z}: {length} bytes of pixel data where the header "
+                                              f"describes {expected}")
 
 
 def _read_pixels(h: SliceHeader, z: int, hasher) -> tuple:
@@ -416,6 +529,7 @@ def _read_pixels(h: SliceHeader, z: int, hasher) -> tuple:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as e:  # pydicom raises many types on damaged files
         raise StudyError("unreadable_pixels", f"{type(e).__name__} parsing slice {z}") from e
+    check_pixel_length(ds, z)
     try:
         return ds, ds.pixel_array
     except Exception as e:  # decoders raise many types

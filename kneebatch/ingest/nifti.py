@@ -7,9 +7,10 @@ StudyInstanceUID.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -31,6 +32,7 @@ MAX_VOXELS = 400_000_000  # per volume, checked from the header before any voxel
 class NiftiStudy:
     study_uid: str  # the case name (with its folder when two folders hold one case name)
     files: dict  # role -> path
+    left_out: list = field(default_factory=list)  # series named for the case but not readable files
 
     @property
     def source_path(self) -> str:
@@ -72,22 +74,29 @@ def find_nifti_studies(root, channels: dict[str, str] | None = None, files=None)
     below ``root``)."""
     channels = NNUNET_CHANNELS if channels is None else channels
     cases: dict[tuple, dict] = defaultdict(dict)
+    unreadable: dict[tuple, list] = defaultdict(list)
     root = Path(root)
     paths = root.rglob("*") if files is None else map(Path, files)
     for path in sorted(p for p in paths if p.name.lower().endswith(VOLUME_SUFFIXES)):
         m = _PATTERN.match(path.name)
-        if not m or not path.is_file():
+        if not m or path.is_dir():
             continue
         role = _role(m["role"]) or channels.get(m["role"])
-        if role is not None:
-            cases[(m["case"], str(path.parent.relative_to(root)))][role] = str(path)
+        if role is None:
+            continue
+        case = (m["case"], str(path.parent.relative_to(root)))
+        if path.is_file():
+            cases[case][role] = str(path)
+        else:  # a device, FIFO or socket (never read: /dev/zero never ends), or a dangling link
+            reason = "special_file" if os.path.exists(path) else "unreadable_file"
+            unreadable[case].append({"role": role, "used": False, "reason": reason})
     names = defaultdict(list)
     for case, folder in cases:
         names[case].append(folder)
     out = {}
     for (case, folder), files in sorted(cases.items()):
         name = case if len(names[case]) == 1 else f"{folder}/{case}"
-        out[name] = NiftiStudy(name, files)
+        out[name] = NiftiStudy(name, files, unreadable.get((case, folder), []))
     return out
 
 
