@@ -806,6 +806,10 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader went away (| head): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the environment: a read-only or full OUT, a path that is a folder, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"kneebatch {args.command}: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\nkneebatch {args.command}: interrupted — rerun the same command to resume", file=sys.stderr)
         return 130

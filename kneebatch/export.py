@@ -63,6 +63,7 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
     if names not in ("key", "uid"):
         raise ValueError(f"--names must be key or uid, not {names!r}")
     store = CohortStore(store_path, create=False)
+    store.require_labels(name, model)
     # a folder of the user's own files is never written into: a file could share a name
     out = claim_output_dir(out, "export", {})
     keys = store.study_keys()

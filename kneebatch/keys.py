@@ -24,6 +24,9 @@ def default_key_file() -> Path:
 def load_or_create_key(path: str | os.PathLike | None = None) -> bytes:
     """Read the secret key; create one (random, mode 0600) if the file does not exist."""
     path = Path(path) if path else default_key_file()
+    if path.is_dir():
+        raise ValueError(f"study key file {path} is a folder: give the path of a file (an existing key, or where "
+                         f"a new one is to be made)")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

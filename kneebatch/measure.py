@@ -79,7 +79,8 @@ def measurement_schema() -> pa.Schema:
         _field("label_source", text, "", "segmentation (run), store (measure) or file (measure --labels)"),
         _field("label_name", text, "", "the label map's name in the store, or which name a --labels file matched"),
         _field("label_grid", text, "", "same_grid, reoriented (exact) or resampled (nearest neighbour)"),
-        _field("model_hash", text, "", "coarse+fine engine hashes that made the labels (null for imported labels)"),
+        _field("model_hash", text, "", "coarse+fine engine hashes and the engines' config hash that made the labels "
+                                        "(null for imported labels)"),
         _field("engine_set", text, "", "the engine set that segmented the study, e.g. t1-t2, dess-pdfs (null for imported "
                "labels); model_hash names its files"),
         _field("channels_used", text, "", "the series (contrast roles) the engines segmented, e.g. T1+T2FS"),

@@ -60,6 +60,8 @@ def measure_store(store_path, out, labels_dir=None, client=None, show_progress=N
     store = CohortStore(store_path, create=False)
     if labels_dir is not None and not Path(labels_dir).is_dir():
         raise FileNotFoundError(f"labels folder {labels_dir} does not exist")
+    if labels_dir is None:
+        store.require_labels(label_name, model)
     settings = {"labels": str(Path(labels_dir).resolve()) if labels_dir is not None else None,
                 "label_map": {str(k): v for k, v in (label_map or {}).items()}, "model": model,
                 "label_name": label_name}

@@ -165,7 +165,7 @@ def test_run_writes_labels_rows_and_resumes(store, tiny_engines, tmp_path):
         labels = s.read_labels(k)
         assert labels is not None and labels.shape == s.grid(k).shape and labels.dtype == np.uint8
     row = rows[0]
-    assert row["label_source"] == "segmentation" and len(row["model_hash"]) == 25
+    assert row["label_source"] == "segmentation" and len(row["model_hash"]) == 34  # coarse+fine+config
     assert len(list((tmp_path / "out" / "parts").glob("part-*.failures.arrow"))) == 2  # 2 batches
     prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert prov["backend"] == "onnxruntime" and (prov["studies"], prov["rows"], prov["failed"]) == (6, 6, 0)

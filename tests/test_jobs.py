@@ -88,7 +88,7 @@ def test_measure_resumes_and_shards_from_the_command_line(store, tmp_path, capsy
     assert (again.measured, again.already_done, again.failed) == (0, 4, 2)
     assert len(read_rows(tmp_path / "m" / "measurements.parquet")) == 4
     with pytest.raises(ValueError, match="other label_name"):
-        measure_store(work, tmp_path / "m", label_name="truth", show_progress=False)
+        measure_store(work, tmp_path / "m", label_name=segmentation_name("aaaa+bbbb"), show_progress=False)
     for i in (0, 1):
         assert main(["measure", str(work), str(tmp_path / "ms"), "--shard", f"{i}/2", "-q", "--workers", "1"]) == 0
     assert "kneebatch merge" in capsys.readouterr().out

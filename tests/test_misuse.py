@@ -158,7 +158,7 @@ def test_export_never_writes_into_a_folder_of_other_files(store, tmp_path):
     mine.mkdir()
     (mine / "k123_labels.nii.gz").write_bytes(b"my own segmentation")
     with pytest.raises(ValueError, match="not made by kneebatch"):
-        export_nifti(store, mine, name="truth", show_progress=False)
+        export_nifti(store, mine, show_progress=False)
     assert (mine / "k123_labels.nii.gz").read_bytes() == b"my own segmentation"
 
 
@@ -477,3 +477,93 @@ def test_pydicom_warnings_and_header_text_stay_off_the_console(cohort, manifest,
         (key,) = CohortStore(store).study_keys()
         assert CohortStore(store).study_attrs(key)["knee_side"] == "left"  # the header's word, not its text
         assert "SECRETNAME" not in str(CohortStore(store).study_attrs(key))
+
+
+# ---------------------------------------------------------------- issue 27: one line for every misuse
+def test_a_key_file_that_is_a_folder_is_one_line(cohort, tmp_path, capsys):
+    (tmp_path / "keys").mkdir()
+    assert main(["convert", str(cohort / "dicom"), str(tmp_path / "s.zarr"), "-q", "--key-file",
+                 str(tmp_path / "keys")]) == 2
+    assert "is a folder" in _err_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["measure", "export"])
+@pytest.mark.parametrize("choice", [["--model", "deadbeef"], ["--label-name", "trth"]], ids=["model", "label-name"])
+def test_an_unknown_model_or_label_name_is_refused_and_nothing_written(store, tmp_path, capsys, command, choice):
+    out = tmp_path / "out"
+    assert main([command, str(store), str(out), "-q", *choice]) == 2
+    line = _err_line(capsys)
+    assert "no study of the store has" in line and choice[1] in line
+    assert not out.exists()
+
+
+def test_a_read_only_out_is_one_line(store, tiny_engines, tmp_path, capsys):
+    if os.geteuid() == 0:  # root writes through a read-only mode: take a path the kernel refuses to root too
+        out = Path("/sys/kneebatch-out")
+        try:
+            out.mkdir()
+        except PermissionError:
+            pass
+        else:
+            out.rmdir()
+            pytest.skip("this machine lets root write under /sys")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out = tmp_path / "ro" / "out"
+    assert main(["run", str(store), str(out), "-q", "--engines", str(tiny_engines), "--backend", "torch"]) == 2
+    line = _err_line(capsys)
+    assert "ermission denied" in line or "not permitted" in line
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_tampered_engine_is_one_line_before_anything_is_written(store, tiny_engines, tmp_path, capsys, workers):
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines)
+    weights = engines / "fine.onnx"
+    data = bytearray(weights.read_bytes())
+    data[-64] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    assert main(["run", str(store), str(out), "-q", "--engines", str(engines), "--workers", workers]) == 2
+    assert "fine.onnx does not match the sha256" in _err_line(capsys)
+    assert not out.exists()
+
+
+def _config_edited(folder: Path) -> None:
+    import json
+
+    cfg = json.loads((folder / "model_config.json").read_text())
+    cfg["crop_margin_mm"] = cfg.get("crop_margin_mm", 10) + 7  # wider crops: other label maps
+    (folder / "model_config.json").write_text(json.dumps(cfg))
+
+
+def test_an_edited_config_is_refused_like_an_edited_engine(store, tiny_engines, tmp_path, capsys):
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines)
+    _config_edited(engines)
+    assert main(["run", str(store), str(tmp_path / "out"), "-q", "--engines", str(engines)]) == 2
+    assert "model_config.json does not match the sha256" in _err_line(capsys)
+
+
+def test_a_config_without_a_recorded_hash_still_enters_the_model_hash_and_the_settings(store, tiny_engines, tmp_path):
+    """Sets exported before the config's hash was recorded: an edit cannot be caught by a
+    check, but it changes the model hash, and an OUT made before it refuses the rerun."""
+    import json
+
+    from kneebatch.inference.engine_dir import load_engines
+    from kneebatch.jobs.run import run
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines)
+    manifest = json.loads((engines / "engines.json").read_text())
+    del manifest["config_sha256"]
+    (engines / "engines.json").write_text(json.dumps(manifest))
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    before = load_engines(engines).model_hash
+    run(work, tmp_path / "out", engines_path=engines, batch_size=6, show_progress=False)
+    _config_edited(engines)
+    after = load_engines(engines).model_hash
+    assert before.split("+")[:2] == after.split("+")[:2] and before != after  # same weights, other config
+    with pytest.raises(ValueError, match="other settings|config"):
+        run(work, tmp_path / "out", engines_path=engines, batch_size=6, show_progress=False)

@@ -62,7 +62,9 @@ class Engines:
 
     @property
     def model_hash(self) -> str:
-        return f"{self.hashes['coarse'][:12]}+{self.hashes['fine'][:12]}"
+        """Weights and config: each changes the label maps (a config sets the crop margins, the
+        patch, the input roles), so each is in the hash the rows and label maps carry."""
+        return model_hash(self.hashes["coarse"], self.hashes["fine"], self.hashes.get("config"))
 
     @property
     def label_name(self) -> str:
@@ -111,10 +113,30 @@ class InferenceOptions:
 
     def settings(self) -> dict:
         """What changes the output (recorded with it; a rerun with other settings is refused)."""
-        sets = {name: {stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")}
-                for name, manifest in ((n, read_manifest(d)) for n, d in set_dirs(self.engines).items())}
+        sets = {name: {**{stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
+                       "config": config_hash(folder, manifest)}
+                for name, folder, manifest in ((n, d, read_manifest(d)) for n, d in set_dirs(self.engines).items())}
         return {"engines": sets, "backend": self.backend, "device": self.device, "half_precision": self.half,
                 "mirror_tta": self.tta}
+
+
+def model_hash(coarse: str, fine: str, config: str | None = None) -> str:
+    return f"{coarse[:12]}+{fine[:12]}" + (f"+{config[:8]}" if config else "")
+
+
+def config_hash(folder: Path, manifest: dict | None = None) -> str:
+    """The sha256 of a set's ``model_config.json``, checked against the one its ``engines.json``
+    records (sets exported before the record existed have none to check: their hash still
+    enters the model hash and a run's settings)."""
+    from kneebatch.outputs import sha256_file
+
+    manifest = manifest or read_manifest(folder)
+    actual = sha256_file(folder / manifest["config"])
+    recorded = manifest.get("config_sha256")
+    if recorded and actual != recorded:
+        raise ValueError(f"engine set {folder.name}: {manifest['config']} does not match the sha256 in its "
+                         f"engines.json (changed or damaged); reinstall kneebatch or re-export the engines")
+    return actual
 
 
 def set_dirs(path=None) -> dict[str, Path]:
@@ -176,7 +198,7 @@ def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", t
     manifest = read_manifest(root)
     cfg = ModelConfig.load(root / manifest["config"])
     cfg.mirror_tta = cfg.mirror_tta or tta
-    built, hashes = {}, {}
+    built, hashes = {}, {"config": config_hash(root, manifest)}
     for stage in ("coarse", "fine"):
         entry = manifest[stage]
         net = cfg.coarse if stage == "coarse" else cfg.fine
@@ -287,6 +309,7 @@ class EngineSets:
             if folder is None:
                 continue
             manifest = read_manifest(folder)
+            config_hash(folder, manifest)
             for stage in ("coarse", "fine"):
                 file = folder / manifest[stage][kind]
                 if not file.exists():
@@ -307,7 +330,8 @@ def describe_sets(path=None) -> list[dict]:
         rows.append({"name": name, "status": set_status(manifest), "needs": cfg.needs(), "what": block.get("what", ""),
                      "mean_dice": sum(dice.values()) / len(dice) if dice else None,
                      "evaluated_on": block.get("evaluated_on", ""), "test_dice": dice,
-                     "model_hash": f"{manifest['coarse']['sha256'][manifest['coarse']['onnx']][:12]}+"
-                                   f"{manifest['fine']['sha256'][manifest['fine']['onnx']][:12]}",
+                     "model_hash": model_hash(manifest["coarse"]["sha256"][manifest["coarse"]["onnx"]],
+                                              manifest["fine"]["sha256"][manifest["fine"]["onnx"]],
+                                              config_hash(folder, manifest)),
                      "folder": str(folder)})
     return rows

@@ -214,6 +214,21 @@ class CohortStore:
         return sorted(p.name for p in study.iterdir()
                       if p.name != "image" and not p.name.startswith(".") and (p / "zarr.json").exists())
 
+    def require_labels(self, name: str | None = None, model: str | None = None) -> None:
+        """Refuse, before anything is written, a label map ``name`` or a ``model`` that no study
+        of the store has (a typo would otherwise measure nothing and exit 0)."""
+        if not (name or model):
+            return
+        prefix = SEGMENTATION_PREFIX + (model or "").replace("+", "-")
+        have = set()
+        for k in self.study_keys():
+            names = self.label_names(k)
+            if (name in names) if name else any(n.startswith(prefix) for n in names):
+                return
+            have.update(names)
+        what = f"a label map named {name!r}" if name else f"a segmentation of model {model!r}"
+        raise ValueError(f"no study of the store has {what}; its label maps: {', '.join(sorted(have)) or 'none'}")
+
     def segmentation(self, key: str, model: str | None = None) -> str | None:
         """The name of the newest segmentation of a study, or of the one whose model hash
         starts with ``model``; None when there is none."""

@@ -46,9 +46,6 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
     gpu_workers = type(getattr(client, "cluster", None)).__name__ == "LocalCUDACluster"
     options.check(device_here=not gpu_workers)  # dask-cuda's workers check their GPU; the client never touches CUDA
     store = CohortStore(store_path, create=False)
-    # before anything is written: missing engines stop here
-    job = Job("run", store, out, options.settings(), measurement_schema(), shard, force)
-    batches = [job.todo[i:i + batch_size] for i in range(0, len(job.todo), batch_size)]
     local = client is None or type(getattr(client, "cluster", None)).__name__ == "LocalCluster"
     if options.threads is None and options.device == "cpu" and local:  # share this machine's cores between
         # workers, no oversubscription; explicit in every setting, as the thread count can change the last bits
@@ -58,7 +55,10 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
         n_workers = len(client.nthreads()) if client is not None else 1
         options = replace(options, threads=max(1, available_cores() // max(1, n_workers)))
     sets = options.load_sets()  # each set loaded when a study first needs it
-    sets.verify(options.backend)  # a broken set stops the run here, before any study
+    # before anything is written: missing, changed or damaged engines stop here, in one line
+    sets.verify(options.backend)
+    job = Job("run", store, out, options.settings(), measurement_schema(), shard, force)
+    batches = [job.todo[i:i + batch_size] for i in range(0, len(job.todo), batch_size)]
     kwargs = {"store_path": str(store.path)}
     if client is not None:
         from kneebatch.distributed.plugin import EngineLoader

@@ -31,7 +31,8 @@ def publish(train_dir, engines_dir, training_note: dict | None = None) -> dict:
     engines_dir.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.load(train_dir / "model_config.json")
     shutil.copy(train_dir / "model_config.json", engines_dir / "model_config.json")
-    manifest = {"config": "model_config.json"}
+    # the config changes the label maps as the weights do: its hash is checked like theirs
+    manifest = {"config": "model_config.json", "config_sha256": sha256_file(engines_dir / "model_config.json")}
     for stage in ("coarse", "fine"):
         net = cfg.coarse if stage == "coarse" else cfg.fine
         weights = engines_dir / f"{stage}.safetensors"
