@@ -108,6 +108,15 @@ def test_a_series_uid_in_two_studies_fails_both(tmp_path, key_file):
     assert {failures[study_key(u, key)]["reason"] for u in (a, b)} == {"uid_collision"}
 
 
+def test_one_series_uid_over_two_geometries_is_refused(tmp_path, key_file):
+    uid, series = generate_uid(), generate_uid()
+    write_series(tmp_path / "src" / "a", uid, series_uid=series)
+    write_series(tmp_path / "src" / "b", uid, series_uid=series, orientation=[0, 1, 0, 1, 0, 0], seed=2)  # coronal
+    write_series(tmp_path / "src" / "t2", uid, contrast="T2")
+    report, failures, store, key = convert_rows(tmp_path / "src", tmp_path, key_file)
+    assert failures[study_key(uid, key)]["reason"] == "uid_collision" and store.study_keys() == []
+
+
 # ------------------------------------------------------------------ impossible geometry
 def test_pixel_data_longer_than_rows_times_columns_is_refused(tmp_path, key_file):
     uid = write_study(tmp_path / "src" / "s")
