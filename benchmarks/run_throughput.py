@@ -82,12 +82,6 @@ def _setting(setting: str, half_everywhere: bool) -> tuple[str, int, bool, bool,
     return backend, int(workers), half_everywhere or "half" in flags, "tta" in flags, net_batch, "dask-cuda" in flags
 
 
-def _precision(backend: str, device: str, half: bool) -> str:
-    if not half or backend == "onnxruntime":  # ONNX Runtime runs the float32 ONNX files
-        return "fp32"
-    return "bf16" if device == "cpu" and backend != "tensorrt" else "fp16"
-
-
 def _kneebatch(store_path, engines, out, backend, workers, device, half, tta, net_batch, dask_cuda, q):
     import onnxruntime  # noqa: F401  library imports are process start-up, outside both timings
     import torch  # noqa: F401
@@ -207,7 +201,7 @@ def main() -> None:
                 "backend": backend,
                 "workers": workers,
                 "cluster": "dask-cuda" if dask_cuda else ("local" if workers > 1 else "none"),
-                "precision": _precision(backend, args.device, half),
+                "precision": InferenceOptions(backend=backend, device=args.device, half=half).precision,
                 "mirror_tta": tta,
                 "net_batch": InferenceOptions(device=args.device, net_batch=net_batch).effective_net_batch(),
                 "studies_per_s": round(sps, 4),

@@ -166,16 +166,12 @@ def cmd_run(args) -> int:
     from kneebatch.inference.engine_dir import InferenceOptions
     from kneebatch.jobs.run import run
 
-    if args.gpus is not None and (args.device == "cpu" or args.cluster != "local"):
-        raise ValueError("--gpus runs a dask-cuda cluster on this node's GPUs: leave out --device cpu and --cluster")
-    device = "cuda" if args.gpus is not None else args.device or "cpu"
-    # on a GPU the compiled float16 engines unless told otherwise (ONNX Runtime would need onnxruntime-gpu)
-    backend = args.backend or ("torch-compile" if device == "cuda" else "onnxruntime")
-    half = args.fp16 or (args.backend is None and device == "cuda")
-    options = InferenceOptions(str(args.engines) if args.engines else None, backend, device, args.threads, half,
-                               args.tta, args.net_batch)
+    if args.gpus is not None and args.cluster != "local":
+        raise ValueError("--gpus runs a dask-cuda cluster on this node's GPUs: leave out --cluster")
+    options = InferenceOptions.resolve(args.engines, args.backend, args.device, args.threads, args.fp16 or None,
+                                       args.tta, args.net_batch, args.gpus)
     workers = args.workers
-    if workers is None and device == "cuda" and args.cluster == "local":
+    if workers is None and options.device == "cuda" and args.cluster == "local":
         workers = 1  # one process per GPU
     with _client(workers, args) as client:
         r = run(args.store, args.out, options, client=client, batch_size=args.batch_size,

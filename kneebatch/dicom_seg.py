@@ -67,6 +67,7 @@ def reference_datasets(store: CohortStore, key: str, row: dict | None) -> list[p
         raise StudyError("source_missing", f"no {attrs['reference_role']} series in its source any more")
     if any(h.frame >= 0 for h in series.slices):
         raise StudyError("unsupported", "SEG export of multi-frame (enhanced) sources is not supported yet")
+    dicom.silence_pydicom()
     datasets = [pydicom.dcmread(h.path) for h in series.slices]
     _, source = source_order(store, key)
     normal = source.direction[:, 0]

@@ -106,13 +106,10 @@ def glb_bytes(meshes: list[TissueMesh]) -> bytes:
 def render_png(meshes: list[TissueMesh], path: Path, max_faces: int = 60_000, title: str = "") -> Path:
     """A still of the meshes from the front-medial side (matplotlib; faces subsampled past
     ``max_faces`` per tissue, which a still does not show)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend chosen for the process
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
-    fig = plt.figure(figsize=(6, 6))
+    fig = Figure(figsize=(6, 6))
     ax = fig.add_subplot(projection="3d")
     light = np.array([0.4, -0.6, 0.7]) / np.linalg.norm([0.4, -0.6, 0.7])
     allv = []
@@ -138,7 +135,6 @@ def render_png(meshes: list[TissueMesh], path: Path, max_faces: int = 60_000, ti
     if title:
         ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 

@@ -88,11 +88,17 @@ def merge_rows(old: list[dict], new: list[dict], drop_keys=(), key: str = "study
 
 def write_text_atomic(path, text: str) -> Path:
     """A text file (JSON manifests) written under a temporary name and renamed into place."""
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path, data: bytes) -> Path:
+    """A file written under a temporary name of its own (two writers never share one) and
+    renamed into place: a reader sees the old file or the whole new one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

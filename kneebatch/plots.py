@@ -1,4 +1,4 @@
-"""Figures for a cohort (matplotlib, Agg: no display needed): measurements by group, along a
+"""Figures for a cohort (matplotlib Figure objects, no pyplot: no display, no global state): measurements by group, along a
 grade, over time, and a study's orthogonal slices with its label overlay. Each figure is
 written as PNG and SVG."""
 
@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # figures without pyplot: no backend chosen, no global state
+from matplotlib.lines import Line2D
 
 from kneebatch import labels as L  # noqa: E402
 
@@ -32,20 +30,20 @@ def save(fig, folder: Path, name: str) -> list[Path]:
     paths = [folder / f"{name}.png", folder / f"{name}.svg"]
     fig.savefig(paths[0], dpi=110, bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
     return paths
 
 
 def _panels(n: int, width: float = 3.2, height: float = 3.0):
     cols = min(n, 3)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     return fig, axes.ravel()[:n]
 
 
-def by_group(df: pd.DataFrame, by: str, measures: list[str], order: list) -> plt.Figure:
+def by_group(df: pd.DataFrame, by: str, measures: list[str], order: list) -> Figure:
     """Box plots with every study as a jittered point, one panel per measurement."""
     rng = np.random.default_rng(0)
     fig, axes = _panels(len(measures))
@@ -61,7 +59,7 @@ def by_group(df: pd.DataFrame, by: str, measures: list[str], order: list) -> plt
     return fig
 
 
-def along_grade(df: pd.DataFrame, grade: str, measures: list[str]) -> plt.Figure:
+def along_grade(df: pd.DataFrame, grade: str, measures: list[str]) -> Figure:
     """Each study against an ordinal grade (e.g. KL), with the mean per grade."""
     rng = np.random.default_rng(1)
     fig, axes = _panels(len(measures))
@@ -77,7 +75,7 @@ def along_grade(df: pd.DataFrame, grade: str, measures: list[str]) -> plt.Figure
     return fig
 
 
-def trajectories(df: pd.DataFrame, by: str, measures: list[str], order: list) -> plt.Figure:
+def trajectories(df: pd.DataFrame, by: str, measures: list[str], order: list) -> Figure:
     """Each subject's measurement over the years since its first visit, coloured by group."""
     fig, axes = _panels(len(measures))
     colour = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(order)}
@@ -88,7 +86,7 @@ def trajectories(df: pd.DataFrame, by: str, measures: list[str], order: list) ->
                     color=colour.get(g[by].iloc[0], "grey") if by in g else "grey")
         ax.set_xlabel("years since first visit")
         ax.set_title(nice_name(col), fontsize=9)
-    handles = [plt.Line2D([], [], color=c, marker="o", label=str(g)) for g, c in colour.items()]
+    handles = [Line2D([], [], color=c, marker="o", label=str(g)) for g, c in colour.items()]
     axes[0].legend(handles=handles, fontsize=8)
     fig.tight_layout()
     return fig
@@ -103,7 +101,7 @@ def _colour_table() -> np.ndarray:
     return table
 
 
-def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str = "") -> plt.Figure:
+def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str = "") -> Figure:
     """Sagittal, coronal and axial slices through the labelled knee's centre, the label map
     over the image, at the true aspect ratio (the store's axes: z right, y inferior, x
     posterior)."""
@@ -115,7 +113,8 @@ def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str
     views = [("sagittal", image[centre[0]], labels[centre[0]], sy / sx),
              ("coronal", image[:, :, centre[2]].T, labels[:, :, centre[2]].T, sy / sz),
              ("axial", image[:, centre[1], :], labels[:, centre[1], :], sz / sx)]
-    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.8))
+    fig = Figure(figsize=(10.5, 3.8))
+    axes = fig.subplots(1, 3)
     for ax, (name, img, lab, aspect) in zip(axes, views):
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         ax.imshow(colours[lab], aspect=aspect, interpolation="nearest")
@@ -127,7 +126,7 @@ def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str
     return fig
 
 
-def study_slices(store, key: str, label_name: str | None = None) -> plt.Figure:
+def study_slices(store, key: str, label_name: str | None = None) -> Figure:
     """:func:`slices_figure` of a study in the store (the first channel, its segmentation or
     ``label_name``)."""
     name, labels = store.chosen_labels(key, label_name)
@@ -156,7 +155,6 @@ def qc_images(store_path, out, label_name: str | None = None, show_progress=None
             else:
                 fig = study_slices(store, key, name)
                 fig.savefig(out / f"{key}.png", dpi=100, bbox_inches="tight")
-                plt.close(fig)
                 written += 1
             advance()
     return written, missing

@@ -51,7 +51,6 @@ def outliers(df: pd.DataFrame, measures: list[str]) -> pd.DataFrame:
 def _svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
-    plots.plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]
 
@@ -59,7 +58,6 @@ def _svg(fig) -> str:
 def _png_data_uri(fig, dpi: int = 80) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plots.plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

@@ -130,3 +130,28 @@ def test_a_batch_reports_engine_loading_and_compiling_apart_from_the_per_study_s
     assert again["seconds"]["engines"] < 0.01 and again["seconds"]["compile"] == 0.0
     assert again["seconds"]["coarse"] > 0 and again["seconds"]["fine"] > 0
     assert [r["femur_volume_mm3"] for r in again["rows"]] == [r["femur_volume_mm3"] for r in first["rows"]]
+
+
+def test_tensorrt_plans_are_cached_in_the_users_cache_not_the_package(tmp_path, monkeypatch):
+    """The installed package may be read-only or shared by many users' workers; two workers
+    building one plan each write a temporary file of their own and rename it whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kneebatch.inference.engine_dir import shipped_engines
+    from kneebatch.inference.tensorrt_engine import PROFILE, plan_path
+    from kneebatch.outputs import write_bytes_atomic
+
+    monkeypatch.delenv("KNEEBATCH_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    onnx = shipped_engines() / "t1-t2" / "fine.onnx"
+    path = plan_path(onnx, "ab" * 32, "NVIDIA H200", "10.9", PROFILE, True)
+    assert path.parent == tmp_path / "xdg" / "kneebatch" / "tensorrt" and onnx.parent not in path.parents
+    assert path.name.startswith("fine.NVIDIA_H200.trt10.9.abababababab.") and path.name.endswith(".fp16.plan")
+    assert plan_path(onnx, "ab" * 32, "NVIDIA H200", "10.9", PROFILE, False) != path  # precision in the name
+    monkeypatch.setenv("KNEEBATCH_CACHE", str(tmp_path / "mine"))
+    assert plan_path(onnx, "ab" * 32, "NVIDIA H200", "10.9", PROFILE, True).parent == tmp_path / "mine" / "tensorrt"
+    target = tmp_path / "plan"
+    blobs = [bytes([i]) * 200_000 for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda b: write_bytes_atomic(target, b), blobs))
+    assert target.read_bytes() in blobs and [p.name for p in tmp_path.iterdir() if p.name.startswith(".plan")] == []

@@ -343,7 +343,7 @@ def test_studies_sharing_engine_calls_get_the_labels_they_get_alone(store, tiny_
         assert not r["failures"] and len(r["rows"]) == 4
         s = CohortStore(copy)
         results[per_call] = ({row["study_key"]: row for row in r["rows"]},
-                             {k: s.read_labels(k, engines.label_name)[0] for k in keys})
+                             {k: s.read_labels(k, engines.label_name) for k in keys})
         coarse_calls[per_call] = calls
     assert coarse_calls == {1: [1, 1, 1, 1], 3: [3, 1]}
     for key in keys:
@@ -420,8 +420,11 @@ def test_drive_charges_each_study_its_own_time_and_its_share_of_the_call():
     out = seg.drive(steps, {"net": slow_net}, infos, limit=3)
     assert out == [0.0, 20.0, 40.0] and log == [0, 1, 2]
     own = [info.seconds["own"] for info in infos]
-    assert own[0] >= 0.3 and own[1] < 0.05 and 0.1 <= own[2] < 0.2  # not the studies resumed before it
-    assert all(0.025 <= info.seconds["net"] < 0.1 for info in infos)  # a third of one 0.1 s call each
+    # lower bounds only (a slow machine may add, never remove, time): each study is charged its own
+    # sleep, and a third of the one shared 0.1 s call
+    assert own[0] >= 0.3 and own[2] >= 0.1 and own[0] > own[2] > own[1]
+    nets = [info.seconds["net"] for info in infos]
+    assert min(nets) >= 0.033 and max(nets) == pytest.approx(min(nets))  # one call, shared in equal thirds
 
 
 def test_drive_retries_a_failed_shared_call_one_input_at_a_time():

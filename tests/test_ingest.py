@@ -185,7 +185,9 @@ def test_mixed_series_pick_the_sagittal_t1_and_t2(store, manifest, key_file):
         key = _key(entry["study_uid"], key_file)
         attrs = s.study_attrs(key)
         assert attrs["n_series_in_study"] == 4
-        assert [r["role"] for r in attrs["series"]] == ["T1", "T2FS"]  # axial PD and localizer left out
+        assert [r["role"] for r in attrs["series"] if r["used"]] == ["T1", "T2FS"]
+        # the axial PD and the localizer are left out, each with its reason
+        assert sorted(r["reason"] for r in attrs["series"] if not r["used"]) == ["localizer", "not_sagittal"]
         assert _series_attrs(s, key, "T1")["repetition_time_ms"] < 1000
         assert _series_attrs(s, key, "T2FS")["echo_time_ms"] >= 50
 

@@ -76,6 +76,36 @@ def test_cuda_without_cuda_is_refused_not_run_on_the_cpu(store, tmp_path, capsys
     assert "no CUDA device" in _err_line(capsys) and not (tmp_path / "o").exists()
 
 
+def test_onnxruntime_with_half_is_refused_not_recorded_as_half(store, tmp_path, capsys):
+    """ONNX Runtime runs the float32 ONNX files: --half would have been recorded (and its label
+    maps named '-half') for a float32 run."""
+    assert main(["run", str(store), str(tmp_path / "o"), "--backend", "onnxruntime", "--half"]) == 2
+    assert "ONNX Runtime runs the float32 ONNX files" in _err_line(capsys) and not (tmp_path / "o").exists()
+
+
+def test_provenance_records_what_ran_the_precision_and_a_sets_own_tta(store, tiny_engines, tmp_path):
+    import json
+
+    from kneebatch.jobs.run import run
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines)
+    manifest = json.loads((engines / "engines.json").read_text())
+    cfg = json.loads((engines / "model_config.json").read_text())
+    cfg["mirror_tta"] = True  # the set asks for TTA itself; the run's option does not
+    (engines / "model_config.json").write_text(json.dumps(cfg))
+    manifest.pop("config_sha256")
+    (engines / "engines.json").write_text(json.dumps(manifest))
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    run(work, tmp_path / "out", engines_path=engines, backend="torch", half=True, batch_size=6, show_progress=False)
+    prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert (prov["precision"], prov["half_precision"], prov["mirror_tta"]) == ("bf16", True, False)
+    assert prov["engines"]["engines"]["mirror_tta"] is True
+    names = CohortStore(work).label_names(CohortStore(work).study_keys()[0])
+    assert [n for n in names if n.startswith("labels-")][0].endswith("-tta-half")  # the label map says so too
+
+
 def test_onnxruntime_on_cuda_without_its_cuda_provider_is_refused(store, tmp_path, capsys):
     """ONNX Runtime would fall back to the CPU without a word: a run recorded as cuda must not."""
     import onnxruntime as ort

@@ -39,3 +39,32 @@ def test_the_readme_is_a_front_page_and_its_links_resolve():
     for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
             assert (doc.parent / target).exists(), (doc.name, target)
+
+
+def test_importing_kneebatch_sets_no_global_state():
+    """A library imported into someone's notebook or pipeline leaves their logging, warnings and
+    matplotlib backend as they were (kneebatch quietens pydicom when it reads DICOM, not before)."""
+    import subprocess
+    import sys
+
+    probe = """
+import importlib, logging, pkgutil, sys, warnings
+import matplotlib
+# the libraries first: their own imports add warning filters and set their loggers' levels
+for lib in ("numpy", "scipy.ndimage", "torch", "zarr", "pydicom", "nibabel", "dask", "distributed", "monai",
+            "onnx", "onnxruntime", "pyarrow", "pandas", "statsmodels.api", "skimage", "trimesh", "highdicom",
+            "rich", "safetensors", "array_api_compat", "numcodecs"):
+    importlib.import_module(lib)
+state = lambda: (list(warnings.filters), {n: logging.getLogger(n).level for n in ("pydicom", "nibabel", "distributed")},
+                 matplotlib.rcParams._get_backend_or_none(), "matplotlib.pyplot" in sys.modules)
+before = state()
+import kneebatch
+for m in pkgutil.walk_packages(kneebatch.__path__, "kneebatch."):
+    if m.name == "kneebatch.__main__":  # the command line itself
+        continue
+    importlib.import_module(m.name)
+assert state() == before, (before, state())
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

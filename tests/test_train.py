@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 
@@ -41,7 +42,8 @@ def test_train_writes_safetensors_log_metrics_and_resumes(cohort, store, tmp_pat
     out = tmp_path / "run"
     m1 = train(work, out, minutes_coarse=0.05, minutes_fine=0.05, cfg=TINY, eval_every_fine=5)
     assert m1["split"] == {"val": 1, "test": 1, "train": 4}
-    assert 0.0 <= m1["test_mean_dice"] <= 1.0 and len(m1["test_dice"]) >= 15
+    assert len(m1["test_dice"]) >= 15 and all(0.0 <= d <= 1.0 for d in m1["test_dice"].values())
+    assert m1["test_mean_dice"] == pytest.approx(float(np.mean(list(m1["test_dice"].values()))))
     for name in ("coarse.safetensors", "fine.safetensors", "model_config.json", "metrics.json", "train_log.csv",
                  "train_curves.png", "checkpoints/fine_last.safetensors"):
         assert (out / name).exists(), name

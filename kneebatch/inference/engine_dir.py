@@ -88,12 +88,36 @@ class InferenceOptions:
     tta: bool = False  # mirror test-time augmentation
     net_batch: int | None = None  # inputs per engine call (None: NET_BATCH's default for the device)
 
+    @classmethod
+    def resolve(cls, engines=None, backend: str | None = None, device: str | None = None, threads: int | None = None,
+                half: bool | None = None, tta: bool = False, net_batch: int | None = None,
+                gpus: str | None = None) -> InferenceOptions:
+        """The one place a request becomes options: ``gpus`` means CUDA; on a GPU the compiled
+        float16 engines unless a backend is named (ONNX Runtime would need onnxruntime-gpu);
+        ``half`` left unset means float16 exactly then. The result is checked and immutable."""
+        if gpus is not None and device == "cpu":
+            raise ValueError("--gpus runs a dask-cuda cluster on this node's GPUs: leave out --device cpu")
+        device = "cuda" if gpus is not None else device or "cpu"
+        chosen = backend or ("torch-compile" if device == "cuda" else "onnxruntime")
+        half = bool(half) or (half is None and backend is None and device == "cuda")
+        return cls(str(engines) if engines else None, chosen, device, threads, half, tta, net_batch)
+
+    @property
+    def precision(self) -> str:
+        """What the engines compute in (recorded with the output, as it ran)."""
+        if not self.half:
+            return "fp32"
+        return "fp16" if self.backend == "tensorrt" or self.device.startswith("cuda") else "bf16"
+
     def check(self, device_here: bool = True) -> None:
         """Refuse what cannot run. ``device_here=False``: the engines run in other processes
         (a dask-cuda cluster's workers), which check the device themselves; this process must
         not start CUDA."""
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.half and self.backend == "onnxruntime":  # it would run, and be recorded as half, in float32
+            raise ValueError("--half: ONNX Runtime runs the float32 ONNX files; for half precision use --backend "
+                             "torch, torch-compile or tensorrt")
         self.effective_net_batch()
         check_backend(self.backend, self.device if device_here else "cpu")
 
@@ -113,11 +137,15 @@ class InferenceOptions:
 
     def settings(self) -> dict:
         """What changes the output (recorded with it; a rerun with other settings is refused)."""
-        sets = {name: {**{stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
-                       "config": config_hash(folder, manifest)}
-                for name, folder, manifest in ((n, d, read_manifest(d)) for n, d in set_dirs(self.engines).items())}
+        sets = {}
+        for name, folder in set_dirs(self.engines).items():
+            manifest = read_manifest(folder)
+            cfg = ModelConfig.load(folder / manifest["config"])
+            # what runs: a set's config may ask for mirror TTA whatever the option says
+            sets[name] = {**{stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
+                          "config": config_hash(folder, manifest), "mirror_tta": self.tta or cfg.mirror_tta}
         return {"engines": sets, "backend": self.backend, "device": self.device, "half_precision": self.half,
-                "mirror_tta": self.tta}
+                "precision": self.precision, "mirror_tta": self.tta}
 
 
 def model_hash(coarse: str, fine: str, config: str | None = None) -> str:

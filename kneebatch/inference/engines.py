@@ -9,7 +9,6 @@ same for every backend. Engines are built once per worker (see
 from __future__ import annotations
 
 import time
-
 from pathlib import Path
 
 import numpy as np

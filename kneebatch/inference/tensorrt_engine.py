@@ -1,7 +1,9 @@
 """TensorRT backend (optional; needs ``tensorrt`` >= 10 and a CUDA GPU).
 
 Builds a plan from the shipped ONNX file with a dynamic-shape optimization profile,
-caches it per (GPU, TensorRT version, ONNX sha256) next to the ONNX file (git-ignored),
+caches it per (GPU, TensorRT version, ONNX sha256, profile, precision) in the user's cache
+folder (``$KNEEBATCH_CACHE``, else ``$XDG_CACHE_HOME/kneebatch``, else ``~/.cache/kneebatch``;
+never the installed package, which may be read-only or shared), written atomically,
 and runs it with ``execute_async_v3`` on torch CUDA tensors, so the pipeline around it
 is the same as for the other engines. TensorRT cannot be installed in the project's
 own build machines; this backend is written against the TensorRT 10 Python API and
@@ -11,16 +13,33 @@ is not exercised by CI.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
 
 from kneebatch.inference.engines import verify_hash
+from kneebatch.outputs import write_bytes_atomic
 
 # optimization profile over [N, C, Z, Y, X]: min / opt (a typical fine crop on the working
 # grid) / max (above segment.WHOLE_CROP_VOXELS the crop goes in windows anyway); C is the
 # ONNX file's own channel count. The max batch bounds how many inputs share a call.
 PROFILE = ((1, 2, 4, 16, 16), (1, 2, 40, 208, 208), (4, 2, 96, 512, 512))
+
+
+def cache_dir() -> Path:
+    """kneebatch's cache folder for built artefacts (TensorRT plans)."""
+    env = os.environ.get("KNEEBATCH_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kneebatch"
+
+
+def plan_path(onnx_path, sha: str, gpu: str, trt_version: str, profile, fp16: bool) -> Path:
+    """Where the plan of an ONNX file for this GPU, TensorRT, profile and precision is cached."""
+    shape_tag = hashlib.sha256(repr(profile).encode()).hexdigest()[:8]  # another profile, another plan
+    return cache_dir() / "tensorrt" / (f"{Path(onnx_path).stem}.{gpu.replace(' ', '_')}.trt{trt_version}.{sha[:12]}"
+                                       f".{shape_tag}{'.fp16' if fp16 else ''}.plan")
 
 
 class TensorRTEngine:
@@ -46,10 +65,7 @@ class TensorRTEngine:
         import tensorrt as trt
 
         sha = verify_hash(onnx_path, expected_sha256)
-        gpu = torch.cuda.get_device_name().replace(" ", "_")
-        shape_tag = hashlib.sha256(repr(profile).encode()).hexdigest()[:8]  # another profile, another plan
-        cache = Path(onnx_path).with_name(f"{Path(onnx_path).stem}.{gpu}.trt{trt.__version__}.{sha[:12]}"
-                                          f".{shape_tag}{'.fp16' if fp16 else ''}.plan")
+        cache = plan_path(onnx_path, sha, torch.cuda.get_device_name(), trt.__version__, profile, fp16)
         if cache.exists():
             return cls(cache.read_bytes(), sha)
         logger = trt.Logger(trt.Logger.WARNING)
@@ -70,9 +86,8 @@ class TensorRTEngine:
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise RuntimeError("TensorRT engine build failed")
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_bytes(bytes(plan))
-        tmp.replace(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(cache, bytes(plan))  # workers building the same plan each rename a whole file
         return cls(bytes(plan), sha)
 
     @torch.inference_mode()

@@ -28,11 +28,19 @@ from kneebatch.ingest import enhanced
 from kneebatch.ingest.roles import contrast_role
 from kneebatch.ingest.values import first_float, floats, words
 
-# pydicom's warnings and log lines quote header values (names, descriptions, UIDs): they never
-# reach the console, in the driver or in a worker; kneebatch refuses what they warn about with
-# a reason of its own
-logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+_silenced = False
+
+
+def silence_pydicom() -> None:
+    """pydicom's warnings and log lines quote header values (names, descriptions, UIDs): they
+    never reach the console, in the driver or in a worker; kneebatch refuses what they warn
+    about with a reason of its own. Done when kneebatch first reads DICOM, not on import (and
+    never undone: a reader in another thread must not see it lifted)."""
+    global _silenced
+    if not _silenced:
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+        _silenced = True
 
 HEADER_TAGS = [
     "SpecificCharacterSet", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
@@ -146,6 +154,7 @@ def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
     A multi-frame object gives a list: one header per frame (``frame`` 0..N-1), with the
     frame's geometry and MR parameters from its functional groups (:mod:`kneebatch.ingest.enhanced`).
     """
+    silence_pydicom()
     try:
         if os.path.getsize(path) == 0:
             return FileProblem(path, "not_dicom", "empty file")
@@ -502,6 +511,17 @@ def to_stored(pixels: np.ndarray, slope: float, intercept: float, z: int) -> np.
     return values.astype(np.uint16)
 
 
+def _decoder_available(syntax) -> bool:
+    """Whether pydicom has a working decoder for ``syntax`` (then a failure is the data's, not a
+    missing package's)."""
+    try:
+        from pydicom.pixels.decoders.base import get_decoder
+
+        return get_decoder(syntax).is_available
+    except Exception:  # noqa: BLE001 - a syntax pydicom has no decoder class for
+        return False
+
+
 def check_pixel_length(ds, z: int) -> None:
     """Uncompressed pixel data must be Rows x Columns x frames x samples x bytes long (one pad
     byte allowed): longer data is read as if it were the image and would be measured."""
@@ -522,6 +542,7 @@ def check_pixel_length(ds, z: int) -> None:
 
 def _read_pixels(h: SliceHeader, z: int, hasher) -> tuple:
     """(dataset, pixel array) of the file holding slice ``z``; its bytes go into ``hasher``."""
+    silence_pydicom()
     data = Path(h.path).read_bytes()
     if hasher is not None:
         hasher.update(data)
@@ -535,5 +556,5 @@ def _read_pixels(h: SliceHeader, z: int, hasher) -> tuple:
     except Exception as e:  # decoders raise many types
         syntax = pydicom.uid.UID(str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or ""))
         hint = (f"; {syntax.name} needs a decoder: pip install 'kneebatch[dicom-codecs]'"
-                if syntax and syntax.is_compressed else "")
+                if syntax and syntax.is_compressed and not _decoder_available(syntax) else "")
         raise StudyError("unreadable_pixels", f"{type(e).__name__} in slice {z}{hint}") from e

@@ -20,8 +20,6 @@ from kneebatch.errors import StudyError
 from kneebatch.geometry import Grid, affine_from_nifti, affine_to_nifti
 from kneebatch.ingest.roles import ROLES
 
-logging.getLogger("nibabel").setLevel(logging.ERROR)  # it prints the headers it repairs; kneebatch refuses them
-
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha")
 _PATTERN = re.compile(r"^(?P<case>.+)_(?P<role>[A-Za-z0-9]+)\.(nii|nii\.gz|mhd|mha)$", re.IGNORECASE)
 NNUNET_CHANNELS = {"0000": "T1", "0001": "T2"}  # nnU-Net channel suffixes, unless --channels says otherwise
@@ -112,6 +110,7 @@ def read_volume(path) -> tuple[np.ndarray, Grid]:
 def read_nifti(path) -> tuple[np.ndarray, Grid]:
     """A 3D NIfTI as ``[Z, Y, X]`` (Z = NIfTI k) with our LPS affine, in the file's voxel order."""
     try:
+        logging.getLogger("nibabel").setLevel(logging.ERROR)  # it prints the headers it repairs; kneebatch refuses them
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types on damaged files; its texts name the path
         raise StudyError("unreadable_pixels", f"{type(e).__name__} reading the NIfTI header") from None

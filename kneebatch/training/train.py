@@ -458,13 +458,11 @@ def meta_done(last: Path, minutes: float) -> bool:
 
 def write_curves(rows: list[dict], path: Path) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no backend chosen for the process
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for stage, ax in zip(("coarse", "fine"), axes):
         r = [x for x in rows if x["stage"] == stage]
         if not r:
@@ -476,7 +474,6 @@ def write_curves(rows: list[dict], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40.0, threads: int | None = None,
