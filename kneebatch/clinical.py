@@ -79,9 +79,14 @@ def find_column(columns: list[str], given: str | None, names: tuple[str, ...], w
     return next((c for c in columns if _norm(c) in {_norm(n) for n in names}), None)
 
 
+def named_identifying(column: str) -> bool:
+    """A column whose very name says it holds an identifier (a name, a birth date, an accession number...)."""
+    return _norm(column) in {_norm(c) for c in IDENTIFYING}
+
+
 def is_identifying(column: str) -> bool:
     n = _norm(column)
-    return n in {_norm(c) for c in IDENTIFYING} or "date" in n or "uid" in n
+    return named_identifying(column) or "date" in n or "uid" in n
 
 
 class IdentifiersFound(ValueError):
@@ -106,7 +111,7 @@ def _known_identifiers(store: CohortStore, records: list[dict], dropped_why: dic
         for name in KEYMAP_IDENTIFIERS:
             known.add(row.get(name))
     for column, why in dropped_why.items():
-        whole = why == REPLACED_BY_KEY or _norm(column) in {_norm(c) for c in IDENTIFYING}
+        whole = why == REPLACED_BY_KEY or named_identifying(column)
         person = _norm(column) in PERSON_NAMES
         for value in {(r.get(column) or "").strip() for r in records}:
             if whole:
@@ -177,11 +182,12 @@ def pseudonymise_clinical(store_path, clinical_csv, out, key_file=None, study_co
     report.kept = [c for c in columns if c not in report.dropped_why]
     # what is left is looked at by value; a --keep column may hold shapes, never a known identifier
     known = _known_identifiers(store, records, report.dropped_why)
+    id_columns = [[r.get(k) or "" for r in records] for k in keys if k]
     refused = {}
     for c in report.kept:
         cells = [r.get(c) or "" for r in records]
         found = kinds_in(cells, known)
-        if any(copies(cells, [r.get(k) or "" for r in records]) for k in keys if k):
+        if any(copies(cells, ids) for ids in id_columns):
             found.add(KNOWN)
         if found and (c not in keep or KNOWN in found):
             refused[c] = sorted(found)

@@ -35,6 +35,11 @@ class Loaded(NamedTuple):
     engines_seconds: float  # loading that set, when this study was the first to need it
 
 
+def _compile_seconds(engines, stage: str) -> float:
+    """A compiled engine's first-call seconds so far (0 for the backends that do not compile)."""
+    return getattr(getattr(engines, stage), "compile_seconds", 0.0)
+
+
 def process_batch(keys: list[str], store_path: str, engines=None, xp=None, device=None) -> dict:
     """Segment, save and measure a batch of studies; never raises.
 
@@ -141,14 +146,13 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
             results = [None] * len(studies)
             for engines in {id(s.engines): s.engines for s in studies}.values():  # a group may mix sets
                 mine = [i for i, s in enumerate(studies) if s.engines is engines]
-                compiling = {stage: getattr(getattr(engines, stage), "compile_seconds", 0.0)
-                             for stage in ("coarse", "fine")}
+                compiling = {stage: _compile_seconds(engines, stage) for stage in ("coarse", "fine")}
                 for i, r in zip(mine, fine_stages([studies[i].chosen for i in mine], [studies[i].grid for i in mine],
                                                   engines.coarse, engines.fine, engines.config,
                                                   [infos[i] for i in mine], per_call)):
                     results[i] = r
                 for stage, before in compiling.items():  # out of the stage's time, into compile's
-                    spent = getattr(getattr(engines, stage), "compile_seconds", 0.0) - before
+                    spent = _compile_seconds(engines, stage) - before
                     seconds[stage] -= spent
                     seconds["compile"] += spent
             for p in pending:

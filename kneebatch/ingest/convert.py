@@ -143,7 +143,7 @@ def _dicom_series(study: dicom.StudyFiles) -> tuple[list[SeriesVolume], list[dic
         out.append(SeriesVolume(role, data, grid, {
             "repetition_time_ms": h.tr, "echo_time_ms": h.te, "inversion_time_ms": h.ti,
             "flip_angle_deg": h.flip_angle, "acquisition_type": h.acquisition_type or None,
-            "n_files": len({s.path for s in series.slices}), "source_sha256": hasher.hexdigest()}))
+            "n_files": series.n_files, "source_sha256": hasher.hexdigest()}))
     return out, left_out
 
 

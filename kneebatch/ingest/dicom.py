@@ -112,6 +112,10 @@ class Series:
     def first(self) -> SliceHeader:
         return self.slices[0]
 
+    @property
+    def n_files(self) -> int:
+        return len({s.path for s in self.slices})  # a multi-frame file holds many slices
+
 
 @dataclass
 class StudyFiles:
@@ -322,8 +326,13 @@ def impossible_geometry(h: SliceHeader) -> bool:
     o, sp = np.asarray(h.orientation, float), np.asarray(h.pixel_spacing, float)
     if not (np.all(np.isfinite(o)) and np.all(np.isfinite(sp)) and np.all(sp > 0)):
         return True
-    row, col = o[:3], o[3:]
-    return abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3
+    return not orthonormal(o)
+
+
+def orthonormal(orientation) -> bool:
+    """ImageOrientationPatient as two unit vectors at a right angle (to 1e-3)."""
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    return abs(np.linalg.norm(row) - 1) <= 1e-3 and abs(np.linalg.norm(col) - 1) <= 1e-3 and abs(row @ col) <= 1e-3
 
 
 def classify(series: Series) -> tuple[str | None, str]:
@@ -369,7 +378,7 @@ def sort_series(study: StudyFiles) -> tuple[dict[str, Series], list[dict]]:
         role, why = classify(series)
         if role is None:
             rejected.append(why)
-            left_out.append({"role": None, "used": False, "reason": why, "n_files": len({s.path for s in series.slices})})
+            left_out.append({"role": None, "used": False, "reason": why, "n_files": series.n_files})
         elif role not in best or _voxels(series) > _voxels(best[role]):
             if role in best:
                 left_out.append(_smaller(best[role], role))
@@ -385,7 +394,7 @@ def sort_series(study: StudyFiles) -> tuple[dict[str, Series], list[dict]]:
 
 def _smaller(series: Series, role: str) -> dict:
     return {"role": role, "used": False, "reason": "another_series_of_the_role_has_more_voxels",
-            "n_files": len({s.path for s in series.slices})}
+            "n_files": series.n_files}
 
 
 def knee_side(headers) -> str | None:
@@ -424,7 +433,7 @@ def stack_geometry(headers: list[SliceHeader]) -> tuple[list[int], Grid]:
             raise StudyError("inconsistent_spacing", f"{h.pixel_spacing} vs {first.pixel_spacing}")
     row_dir = np.asarray(first.orientation[:3])
     col_dir = np.asarray(first.orientation[3:])
-    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 or abs(row_dir @ col_dir) > 1e-3:
+    if not orthonormal(first.orientation):
         raise StudyError("bad_geometry", "ImageOrientationPatient is not two orthonormal vectors")
     normal = slice_normal(first.orientation)
     positions = np.array([h.position for h in headers])
