@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import device, host  # noqa: E402
 
 from kneebatch.ingest.store import CohortStore  # noqa: E402
-from kneebatch.jobs.job import Job, merge  # noqa: E402
+from kneebatch.jobs.job import Job  # noqa: E402
+from kneebatch.jobs.merge import merge  # noqa: E402
 from kneebatch.jobs.shards import Shard  # noqa: E402
 from kneebatch.measure import measurement_schema  # noqa: E402
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import machine  # benchmarks/machine.py
 
 from kneebatch.distributed.cluster import dask_client
-from kneebatch.ingest.convert import convert
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.convert import convert
 from kneebatch.synth.cohort import generate_cohort
 
 

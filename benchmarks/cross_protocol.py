@@ -44,9 +44,9 @@ def pct(a, b) -> float:
 
 
 def main() -> None:
-    from kneebatch.ingest.convert import convert
+    from kneebatch.jobs.convert import convert
+    from kneebatch.jobs.measure import measure_store
     from kneebatch.jobs.run import run
-    from kneebatch.measure_store import measure_store
     from kneebatch.synth.cohort import generate_cohort
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

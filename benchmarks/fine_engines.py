@@ -49,8 +49,8 @@ def main() -> None:
 
     from kneebatch.inference.engine_dir import engines_dir, load_engines, read_manifest
     from kneebatch.inference.segment import SegmentInfo, fine_stage
-    from kneebatch.ingest.convert import convert
     from kneebatch.ingest.store import CohortStore
+    from kneebatch.jobs.convert import convert
     from kneebatch.models.preprocess import pad_to_multiple
     from kneebatch.synth.cohort import generate_cohort
 

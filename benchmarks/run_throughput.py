@@ -133,8 +133,8 @@ def _in_process(fn, *args):
 
 def main() -> None:
     from kneebatch.inference.engine_dir import DEFAULT_ENGINES, InferenceOptions
-    from kneebatch.ingest.convert import convert
     from kneebatch.ingest.store import CohortStore
+    from kneebatch.jobs.convert import convert
     from kneebatch.synth.cohort import generate_cohort
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,28 +7,23 @@ import json
 import logging
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 from kneebatch import __version__
 from kneebatch.errors import StudyError
 
 
-def _client(workers: int | None, args=None):
-    """A local Dask cluster for ``workers`` > 1 (default: one per core); in-process for 0 or 1;
-    with ``--cluster slurm``, up to ``workers`` SLURM jobs (default 4)."""
-    from kneebatch.distributed.cluster import dask_client, default_workers
+def _client(args, device: str = "cpu"):
+    """The command's Dask client (:func:`kneebatch.distributed.cluster.client_for`)."""
+    from kneebatch.distributed.cluster import client_for
 
-    if getattr(args, "gpus", None) is not None:  # run --gpus: one dask-cuda worker per GPU
-        return dask_client("cuda", gpus=args.gpus)
-    if getattr(args, "cluster", "local") == "slurm":
-        return dask_client("slurm", n_workers=workers or 4, resources=_resources(args))
-    n = default_workers() if workers is None else workers
-    return dask_client("local", n_workers=n) if n > 1 else nullcontext(None)
+    cluster = getattr(args, "cluster", "local")
+    return client_for(getattr(args, "workers", None), cluster, getattr(args, "gpus", None), device,
+                      _resources(args) if cluster == "slurm" else None)
 
 
 def _resources(args):
-    from kneebatch.jobs.slurm import Resources
+    from kneebatch.distributed.cluster import Resources
 
     return Resources(args.partition, args.account, args.time, args.mem, args.cpus_per_task, args.gpus_per_task,
                      args.setup)
@@ -115,12 +110,12 @@ def cmd_synth(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from kneebatch.ingest.convert import convert
     from kneebatch.ingest.nifti import parse_channels
+    from kneebatch.jobs.convert import convert
 
     channels = parse_channels(args.channels) if args.channels else None
 
-    with _client(args.workers, args) as client:
+    with _client(args) as client:
         r = convert(args.src, args.store, client=client, key_file=args.key_file, show_progress=not args.quiet,
                     channels=channels, shard=args.shard)
     print(f"{r.studies_found} studies found ({r.files_scanned} files, {r.files_rejected} not usable images): "
@@ -138,11 +133,11 @@ def _print_reasons(reasons: dict) -> None:
 
 
 def cmd_measure(args) -> int:
-    from kneebatch.ingest.label_import import parse_label_map
-    from kneebatch.measure_store import measure_store
+    from kneebatch.jobs.measure import measure_store
+    from kneebatch.label_sets import parse_label_map
 
     label_map = parse_label_map(args.label_map) if args.label_map else None
-    with _client(args.workers, args) as client:
+    with _client(args) as client:
         r = measure_store(args.store, args.out, labels_dir=args.labels, client=client, show_progress=not args.quiet,
                           label_map=label_map, model=args.model, label_name=args.label_name, shard=args.shard,
                           force=args.force)
@@ -166,14 +161,9 @@ def cmd_run(args) -> int:
     from kneebatch.inference.engine_dir import InferenceOptions
     from kneebatch.jobs.run import run
 
-    if args.gpus is not None and args.cluster != "local":
-        raise ValueError("--gpus runs a dask-cuda cluster on this node's GPUs: leave out --cluster")
     options = InferenceOptions.resolve(args.engines, args.backend, args.device, args.threads, args.fp16 or None,
                                        args.tta, args.net_batch, args.gpus)
-    workers = args.workers
-    if workers is None and options.device == "cuda" and args.cluster == "local":
-        workers = 1  # one process per GPU
-    with _client(workers, args) as client:
+    with _client(args, options.device) as client:
         r = run(args.store, args.out, options, client=client, batch_size=args.batch_size,
                 show_progress=not args.quiet, force=args.force, shard=args.shard)
     print(f"{r.studies} studies: {r.segmented} segmented, {r.already_done} already done, {r.failed} failed, "
@@ -190,16 +180,12 @@ def cmd_merge(args) -> int:
 
 def merge_shards(out) -> str:
     """Merge a job's (or a store's convert) shards; what was merged, in a line."""
-    from kneebatch.ingest.dicom import _is_store
-    from kneebatch.jobs.job import merge
+    from kneebatch.jobs.merge import merge
 
-    if _is_store(str(out)):
-        from kneebatch.ingest.convert import merge_store
-
-        m = merge_store(out)
+    m = merge(out)
+    if m.get("store"):
         return (f"{m['shards']} shards merged: {m['studies']} studies in the store, {m['failed']} failed -> "
                 f"{Path(out) / 'keymap.parquet'}, {Path(out) / 'failures.parquet'}")
-    m = merge(out)
     return (f"{m['shards']} shards merged: {m['rows']} rows, {m['failed']} failed, {m['carried_failures']} failed "
             f"at convert, of {m['studies']} studies -> {Path(out) / 'measurements.parquet'}")
 
@@ -232,7 +218,9 @@ def cmd_submit(argv: list[str]) -> int:
         if args.command or job_argv:
             sp.error("--resubmit OUT takes no job; the submission's own command is sent again")
         out = args.resubmit
-        r = slurm.resubmit(out)
+        from kneebatch.jobs.status import resubmit
+
+        r = resubmit(out)
         if r["resubmitted"]:
             print(f"resubmitted shards {', '.join(map(str, r['resubmitted']))} as SLURM job {r['jobs'][-1]['job_id']}")
         else:
@@ -246,17 +234,9 @@ def cmd_submit(argv: list[str]) -> int:
             sp.error("submit gives each task its --shard; use --shards N")
         job = build_parser().parse_args([args.command, *job_argv])  # the job's own errors, now, not in N tasks
         out = job.store if args.command == "convert" else job.out
-        if getattr(job, "force", False):
-            sp.error("--force starts OUT clean, which would remove the other shards' work; give a new OUT")
-        if args.command != "convert":  # the store must be there before N tasks find out it is not
-            from kneebatch.ingest.store import CohortStore
-
-            CohortStore(job.store, create=False)
-        if args.command == "convert":  # made (and its key recorded) once here, not raced by N tasks
-            from kneebatch.ingest.convert import prepare_store
-
-            prepare_store(job.src, job.store, job.key_file)
-        r = slurm.submit([args.command, *job_argv], out, args.shards or 4, _resources(args))
+        r = slurm.submit_job(args.command, job_argv, out, job.store, args.shards or 4, _resources(args),
+                             src=getattr(job, "src", None), key_file=getattr(job, "key_file", None),
+                             force=getattr(job, "force", False))
         print(f"submitted {r['shards']} shards as SLURM job {r['jobs'][0]['job_id']} ({r['script']}); "
               f"kneebatch status {out}")
     if args.wait:
@@ -291,7 +271,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_export_engines(args) -> int:
-    from kneebatch.models.publish import publish
+    from kneebatch.training.publish import publish
 
     note = {"commands": args.commands, "data": args.data, "machine": args.machine}
     manifest = publish(args.train_dir, args.engines, {k: v for k, v in note.items() if v})
@@ -300,23 +280,13 @@ def cmd_export_engines(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from kneebatch.ingest.datasets import label_set_from_map
-    from kneebatch.training.train import check_training_device, train
+    from kneebatch.training.train import check_training_device, train, training_labels
 
     check_training_device(args.device)  # before any label is imported
-
-    # a map that leaves schema labels out (or merges some) is a partial label set: marginal loss
-    label_set = label_set_from_map(args.label_map) if args.label_map else None
-    # a partial set's maps keep the data set's ids: stored under the set's name, never as 'truth'
-    args.label_name = args.label_name or (label_set.name if label_set is not None else "truth")
-    if args.labels_from is not None:
-        from kneebatch.ingest.label_import import import_dataset_labels, import_labels, parse_label_map
-
-        if label_set is not None:
-            n, missing = import_dataset_labels(args.store, args.labels_from, label_set, args.label_name)
-        else:
-            label_map = parse_label_map(args.label_map) if args.label_map else None
-            n, missing = import_labels(args.store, args.labels_from, name=args.label_name, label_map=label_map)
+    label_set, args.label_name, imported = training_labels(args.store, args.label_map, args.labels_from,
+                                                           args.label_name)
+    if imported is not None:
+        n, missing = imported
         print(f"imported {n} label maps into the store as '{args.label_name}' ({len(missing)} studies without one)")
     if label_set is not None:
         print(f"partial labels ({label_set.name}): {', '.join(label_set.class_names()[1:])}; every other tissue is "
@@ -348,20 +318,13 @@ def cmd_train_synthetic(args) -> int:
     return 0
 
 
-def _t1_t2_engines():
-    """What a protocol's set starts from: the shipped t1-t2 set (or the engines $KNEEBATCH_ENGINES names)."""
-    from kneebatch.inference.engine_dir import engines_dir, set_dirs
-
-    return engines_dir(None, "t1-t2" if "t1-t2" in set_dirs() else None)
-
-
 def _train_protocol(args) -> int:
     from kneebatch.models.engine_sets import spec_for
     from kneebatch.training.protocol import train_protocol
 
     spec = spec_for(args.protocol)
     metrics = train_protocol(spec, args.out, n=args.n, seed=args.seed, volume_seed=args.volume_seed,
-                             init_from=args.init or _t1_t2_engines(), minutes_coarse=args.minutes_coarse,
+                             init_from=args.init, minutes_coarse=args.minutes_coarse,
                              minutes_fine=args.minutes_fine, lr=args.lr, threads=args.threads, workers=args.workers or 1,
                              device=args.device, batch_size=args.batch_size)
     print(f"engine set {spec.name}: test mean Dice {metrics['test_mean_dice']:.3f}; weights, metrics and curves in "
@@ -457,24 +420,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kneebatch {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return p
 
-    def clustered(sp):
-        sp.add_argument("--cluster", default="local", choices=["local", "slurm"],
-                        help="local: worker processes on this machine (default); slurm: SLURM jobs as Dask workers "
-                             "(dask-jobqueue; up to --workers jobs, adaptive; see the SLURM options)")
-        slurm_options(sp)
 
-    def sharded(sp):
-        sp.add_argument("--shard", type=_shard, default=_shard("0/1"), metavar="i/N",
-                        help="do only shard i of N (0 <= i < N): a stable share of the studies, so N processes "
-                             "(a SLURM array) can share one store and one OUT; then 'kneebatch merge OUT'")
+def _clustered(sp) -> None:
+    sp.add_argument("--cluster", default="local", choices=["local", "slurm"],
+                    help="local: worker processes on this machine (default); slurm: SLURM jobs as Dask workers "
+                         "(dask-jobqueue; up to --workers jobs, adaptive; see the SLURM options)")
+    slurm_options(sp)
 
-    def common(sp, workers=True):
-        if workers:
-            sp.add_argument("--workers", type=_whole(0), default=None,
-                            help="parallel worker processes (default: one per core, at most 8; 1 = in-process)")
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
+def _sharded(sp) -> None:
+    sp.add_argument("--shard", type=_shard, default=_shard("0/1"), metavar="i/N",
+                    help="do only shard i of N (0 <= i < N): a stable share of the studies, so N processes "
+                         "(a SLURM array) can share one store and one OUT; then 'kneebatch merge OUT'")
+
+
+def _common(sp, workers=True) -> None:
+    if workers:
+        sp.add_argument("--workers", type=_whole(0), default=None,
+                        help="parallel worker processes (default: one per core, at most 8; 1 = in-process)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_engines(sub) -> None:
     s = sub.add_parser("engines", help="the engine sets: which series each segments, its status and accuracy")
     esub = s.add_subparsers(dest="engines_command", required=True)
     e = esub.add_parser("list", help="every engine set, in order of preference: the series it takes, ready or "
@@ -483,14 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="as JSON")
     e.set_defaults(func=cmd_engines_list)
 
+
+def _add_labels(sub) -> None:
     s = sub.add_parser("labels", help="print the label schema")
     s.add_argument("--json", action="store_true", help='as JSON: [{"id", "name", "group", "color"}, ...]')
     s.set_defaults(func=cmd_labels)
 
+
+def _add_columns(sub) -> None:
     s = sub.add_parser("columns", help="every column of measurements.parquet: type, unit, meaning")
     s.add_argument("--markdown", action="store_true", help="as the Markdown table of docs/columns.md")
     s.set_defaults(func=cmd_columns)
 
+
+def _add_synth(sub) -> None:
     s = sub.add_parser("synth", help="write a synthetic knee MRI cohort (DICOM, truth labels, clinical.csv)")
     s.add_argument("out", type=Path, help="output folder")
     s.add_argument("--n", type=_positive, default=24, help="number of studies (alternating normal / OA; default 24)")
@@ -514,9 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan each subject at these months after baseline, e.g. 0,12,24,48 (the OAI's schedule): "
                         "OA knees lose 5 %% of their cartilage thickness and gain 20 %% effusion a year, normal "
                         "knees stay (default 0: one study per subject)")
-    common(s)
+    _common(s)
     s.set_defaults(func=cmd_synth)
 
+
+def _add_convert(sub) -> None:
     s = sub.add_parser("convert", help="DICOM tree or NIfTI files -> Zarr cohort store (resumable)")
     s.add_argument("src", type=Path, help="folder with DICOM files (any layout) and/or <case>_<ROLE>.nii.gz / .mhd "
                                           "volume files (ROLE: T1, T2, T2FS, PD, PDFS, DESS, GRE3D, other)")
@@ -527,11 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key-file", type=Path, default=None,
                    help="secret key for pseudonymous study keys (default $KNEEBATCH_KEY_FILE or "
                         "~/.config/kneebatch/study.key, created if missing); keep it outside shared outputs")
-    sharded(s)
-    clustered(s)
-    common(s)
+    _sharded(s)
+    _clustered(s)
+    _common(s)
     s.set_defaults(func=cmd_convert)
 
+
+def _add_measure(sub) -> None:
     s = sub.add_parser("measure", help="volumes, cartilage thickness, intensities and QC flags -> Parquet")
     s.add_argument("store", type=Path, help="cohort store")
     s.add_argument("out", type=Path, help="output folder for measurements.parquet and failures.parquet")
@@ -548,11 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-name", default=None, help="measure another label map of the store, e.g. truth")
     s.add_argument("--force", action="store_true",
                    help="OUT was made with other settings: start it clean (only kneebatch's files go)")
-    sharded(s)
-    clustered(s)
-    common(s)
+    _sharded(s)
+    _clustered(s)
+    _common(s)
     s.set_defaults(func=cmd_measure)
 
+
+def _add_run(sub) -> None:
     s = sub.add_parser("run", help="segment (coarse-to-fine U-Nets) and measure every study of a store (resumable)")
     s.add_argument("store", type=Path, help="cohort store")
     s.add_argument("out", type=Path, help="output folder: measurements.parquet, failures.parquet, provenance.json")
@@ -582,22 +565,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="OUT was made with other engines or settings: start it clean (only kneebatch's files go)")
     s.add_argument("--threads", type=_positive, default=None, help="CPU threads per worker for the engines")
-    sharded(s)
-    clustered(s)
-    common(s)
+    _sharded(s)
+    _clustered(s)
+    _common(s)
     s.set_defaults(func=cmd_run)
 
+
+def _add_merge(sub) -> None:
     s = sub.add_parser("merge", help="gather the shards of a convert, run or measure (--shard i/N)")
     s.add_argument("out", type=Path, help="the job's output folder (a store, for convert)")
     s.set_defaults(func=cmd_merge)
 
+
+def _add_submit(sub) -> None:
     sub.add_parser("submit", help="a convert, run or measure as a SLURM array (kneebatch submit --help)",
                    add_help=False)
 
+
+def _add_status(sub) -> None:
     s = sub.add_parser("status", help="a job's shards: finished, running, failed, missing; studies and studies/s")
     s.add_argument("out", type=Path, help="the job's output folder")
     s.set_defaults(func=cmd_status)
 
+
+def _add_clinical(sub) -> None:
     s = sub.add_parser("clinical", help="a clinical CSV with its identifiers replaced by the store's study and "
                                         "subject keys -> Parquet (join it with kneebatch stats)")
     s.add_argument("store", type=Path, help="cohort store the studies were converted into")
@@ -616,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused all the same (repeatable, or comma-separated)")
     s.set_defaults(func=cmd_clinical)
 
+
+def _add_stats(sub) -> None:
     s = sub.add_parser("stats", help="compare measurements between groups, along a grade and over time "
                                      "(tables + figures)")
     s.add_argument("out", type=Path, help="output folder of kneebatch run or measure")
@@ -635,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-plots", action="store_true", help="tables only")
     s.set_defaults(func=cmd_stats)
 
+
+def _add_mesh(sub) -> None:
     s = sub.add_parser("mesh", help="3-D reconstruction of a study: a surface per tissue in patient mm -> GLB + PNG")
     s.add_argument("store", type=Path, help="cohort store")
     s.add_argument("study_key", help="the study's key (a row of measurements.parquet)")
@@ -646,13 +641,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smooth", type=int, default=10, help="Taubin smoothing iterations (0: the raw voxel surface)")
     s.set_defaults(func=cmd_mesh)
 
+
+def _add_qc(sub) -> None:
     s = sub.add_parser("qc", help="a PNG per study: orthogonal slices through the knee with the label overlay")
     s.add_argument("store", type=Path, help="cohort store")
     s.add_argument("out", type=Path, help="output folder: <key>.png")
     s.add_argument("--label-name", default=None, help="which label map (default each study's newest segmentation)")
-    common(s, workers=False)
+    _common(s, workers=False)
     s.set_defaults(func=cmd_qc)
 
+
+def _add_report(sub) -> None:
     s = sub.add_parser("report", help="one self-contained HTML file: tables, figures, QC, per-study slices and 3-D views")
     s.add_argument("out", type=Path, help="output folder of kneebatch run or measure")
     s.add_argument("--output", type=Path, default=None, help="the HTML file to write (default OUT/report.html)")
@@ -666,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "flagged and outlying studies always)")
     s.set_defaults(func=cmd_report)
 
+
+def _add_export(sub) -> None:
     s = sub.add_parser("export", help="label maps from the store as NIfTI (+ ITK-SNAP / Slicer colour tables)")
     s.add_argument("store", type=Path, help="cohort store")
     s.add_argument("out", type=Path, help="output folder: <name>_labels.nii.gz in each source's voxel order")
@@ -679,9 +680,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each image channel as <name>_<ROLE>.nii.gz (convertible again)")
     s.add_argument("--model", default=None, help="the segmentation of these engines (model hash prefix; default newest)")
     s.add_argument("--label-name", default=None, help="another label map of the store, e.g. truth")
-    common(s, workers=False)
+    _common(s, workers=False)
     s.set_defaults(func=cmd_export)
 
+
+def _add_export_engines(sub) -> None:
     s = sub.add_parser("export-engines", help="a training run -> engines folder (safetensors, ONNX, hashes)")
     s.add_argument("train_dir", type=Path, help="output folder of 'kneebatch train'")
     s.add_argument("engines", type=Path, help="engines folder to write")
@@ -690,6 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--machine", default="", help="where it was trained")
     s.set_defaults(func=cmd_export_engines)
 
+
+def _add_train(sub) -> None:
     s = sub.add_parser("train", help="coarse-to-fine training from a store with label maps (resumable)")
     s.add_argument("store", type=Path, help="cohort store whose studies carry label maps")
     s.add_argument("out", type=Path, help="output folder: weights (safetensors), config, metrics, log, curves")
@@ -718,6 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(tensors whose names and shapes match)")
     s.set_defaults(func=cmd_train)
 
+
+def _add_train_synthetic(sub) -> None:
     s = sub.add_parser("train-synthetic",
                        help="domain-randomised training on synthetic label volumes, images made on the fly (resumable)")
     s.add_argument("out", type=Path, help="output folder: weights (safetensors), config, metrics, log, curves")
@@ -746,6 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "input channels is summed over them)")
     s.set_defaults(func=cmd_train_synthetic)
 
+
+def _add_demo(sub) -> None:
     s = sub.add_parser("demo", help="synthetic normal-vs-OA cohort end to end, with a group table")
     s.add_argument("--out", type=Path, default=Path("kneebatch-demo"), help="output folder (default ./kneebatch-demo)")
     s.add_argument("--n", type=_positive, default=24, help="number of studies (default 24)")
@@ -753,9 +762,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="clinical", choices=["clinical", "small"])
     s.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     s.add_argument("--truth", action="store_true", help="measure the ground-truth labels instead of segmenting")
-    common(s)
+    _common(s)
     s.set_defaults(func=cmd_demo)
-    return p
+
+
+COMMANDS = (  # in --help's order
+    _add_engines, _add_labels, _add_columns, _add_synth, _add_convert, _add_measure, _add_run, _add_merge,
+    _add_submit, _add_status, _add_clinical, _add_stats, _add_mesh, _add_qc, _add_report, _add_export,
+    _add_export_engines, _add_train, _add_train_synthetic, _add_demo,
+)
 
 
 def _whole(minimum: int):

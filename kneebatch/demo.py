@@ -26,9 +26,9 @@ def run_demo(out: Path, n: int = 24, seed: int = 2024, preset: str = "clinical",
     from kneebatch.clinical import pseudonymise_clinical
     from kneebatch.distributed.cluster import dask_client, default_workers
     from kneebatch.findings import StatsSettings, run_stats
-    from kneebatch.ingest.convert import convert
+    from kneebatch.jobs.convert import convert
+    from kneebatch.jobs.measure import measure_store
     from kneebatch.jobs.run import run
-    from kneebatch.measure_store import measure_store
     from kneebatch.report import build_report
     from kneebatch.synth.cohort import generate_cohort
 

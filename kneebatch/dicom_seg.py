@@ -49,7 +49,6 @@ def segment_descriptions() -> list:
 def reference_datasets(store: CohortStore, key: str, row: dict | None) -> list[pydicom.Dataset]:
     """The reference series' files of a study, read again from its source (``row``: its keymap
     row, with the path), in the order of the source grid's slice axis."""
-    from kneebatch.export import source_order
 
     attrs = store.study_attrs(key)
     if attrs.get("source_kind") != "dicom":
@@ -69,7 +68,7 @@ def reference_datasets(store: CohortStore, key: str, row: dict | None) -> list[p
         raise StudyError("unsupported", "SEG export of multi-frame (enhanced) sources is not supported yet")
     dicom.silence_pydicom()
     datasets = [pydicom.dcmread(h.path) for h in series.slices]
-    _, source = source_order(store, key)
+    _, source = store.source_order(key)
     normal = source.direction[:, 0]
     datasets.sort(key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)))
     if len(datasets) != source.shape[0]:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from kneebatch import labels as L
-from kneebatch.geometry import Grid, Reorientation
 from kneebatch.ingest.label_import import study_names
 from kneebatch.ingest.nifti import write_image_nifti, write_label_nifti
 from kneebatch.ingest.store import CohortStore
@@ -32,15 +29,6 @@ def write_colour_tables(out: Path) -> list[Path]:
     paths[0].write_text("\n".join(itk) + "\n")
     paths[1].write_text("\n".join(slicer) + "\n")
     return paths
-
-
-def source_order(store: CohortStore, key: str) -> tuple[Reorientation, Grid]:
-    """How a study's stored (canonical) arrays map back to its source's voxel order, and that grid."""
-    attrs = store.study_attrs(key)
-    if "source_grid" not in attrs:  # stores written before orientation was canonical
-        return Reorientation((0, 1, 2), (False, False, False)), store.grid(key)
-    source = Grid(tuple(attrs["source_grid"]["shape_zyx"]), np.asarray(attrs["source_grid"]["affine"]))
-    return Reorientation.from_attrs(attrs["to_canonical"]), source
 
 
 FORMATS = ("nifti", "seg")
@@ -78,7 +66,7 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
                 missing.append(key)
                 advance()
                 continue
-            reorientation, source = source_order(store, key)
+            reorientation, source = store.source_order(key)
             stem = _safe_name(file_name[key])
             if format == "seg":
                 from kneebatch.dicom_seg import write_seg

@@ -87,3 +87,13 @@ def _check_schema() -> None:
 
 
 _check_schema()
+
+
+# label map names in a store: ``labels-<model hash>`` per engines that segmented a study, or a
+# set's own name (``truth``, ``oai-zib``)
+SEGMENTATION_PREFIX = "labels-"
+
+
+def segmentation_name(model_hash: str) -> str:
+    """The label map name of the engines with this model hash (``coarse12+fine12+config8``)."""
+    return SEGMENTATION_PREFIX + model_hash.replace("+", "-")

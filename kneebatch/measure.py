@@ -20,6 +20,7 @@ from kneebatch import labels as L
 from kneebatch.geometry import Grid
 from kneebatch.ingest.roles import ROLES
 from kneebatch.ingest.visits import NO_VISIT
+from kneebatch.sides import fibula_direction
 
 GROUP_TOTALS = ("bone", "cartilage", "meniscus", "ligament", "muscle")
 EXPECTED = ("femur", "tibia", "patella", "femoral_cartilage", "medial_tibial_cartilage",
@@ -31,10 +32,6 @@ FRAGMENT_CHECKED = ("femur", "tibia", "patella")
 # crop around a plate for its distances: bone farther than the thickest
 # plausible cartilage cannot be the nearest bone of a voxel that counts
 THICKNESS_MARGIN_MM = THICKNESS_PLAUSIBLE_MM[1]
-
-
-def _cartilage_plates():
-    return [label for label in L.LABELS if label.group == "cartilage"]
 
 
 def _field(name: str, type_, unit: str, doc: str, nullable: bool = True) -> pa.Field:
@@ -57,7 +54,7 @@ def measurement_schema() -> pa.Schema:
     for group in GROUP_TOTALS:
         fields += [_field(f"total_{group}_volume_mm3", f64, "mm3", f"all {group} labels together"),
                    _field(f"total_{group}_volume_ml", f64, "mL", f"all {group} labels together")]
-    for plate in _cartilage_plates():
+    for plate in L.in_group("cartilage"):
         fields += [_field(f"{plate.name}_thickness_mean_mm", f64, "mm",
                           f"{plate.name}: mean distance from its articular-surface voxels to its bone; NaN if absent"),
                    _field(f"{plate.name}_thickness_p95_mm", f64, "mm",
@@ -103,15 +100,17 @@ def columns_markdown(schema: pa.Schema | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dice(pred, truth) -> float:
+    """Dice of two boolean masks (NumPy or torch): 2|P and T| / (|P| + |T|); 0 when both are empty
+    (callers score only labels the truth holds). kneebatch's one Dice: validation, test and the
+    accuracy benchmarks all use it."""
+    return 2.0 * int((pred & truth).sum()) / max(int(pred.sum()) + int(truth.sum()), 1)
+
+
 def dice_per_label(pred, truth) -> dict[str, float]:
     """Dice of ``pred`` against ``truth`` for every label present in ``truth`` (NumPy or torch)."""
-    out = {}
-    for label in L.LABELS:
-        p, t = pred == label.id, truth == label.id
-        n_truth = int(t.sum())
-        if n_truth:
-            out[label.name] = 2.0 * int((p & t).sum()) / (int(p.sum()) + n_truth)
-    return out
+    return {label.name: dice(pred == label.id, truth == label.id) for label in L.LABELS
+            if bool((truth == label.id).any())}
 
 
 def volumes(labels, grid: Grid, counts=None) -> dict:
@@ -184,7 +183,7 @@ def study_values(labels, image, grid: Grid, channels) -> dict:
     small arrays, brought to the host in one copy by :func:`measure_study`."""
     xp = ops.namespace(labels)
     values = {"counts": ops.label_counts(labels, L.N_CLASSES)}
-    for plate in _cartilage_plates():
+    for plate in L.in_group("cartilage"):
         values[f"thickness:{plate.name}"] = _thickness(labels, grid, plate.name)
     if image is not None:
         for c, name in enumerate(channels):
@@ -226,7 +225,7 @@ def qc_flags(values: dict, row: dict) -> list[str]:
     for name in FOV_CHECKED:
         if row[f"{name}_volume_mm3"] > 0 and values[f"border:{name}"][0]:
             flags.append(f"fov_truncates:{name}")
-    for plate in _cartilage_plates():
+    for plate in L.in_group("cartilage"):
         mean = row[f"{plate.name}_thickness_mean_mm"]
         lo, hi = THICKNESS_PLAUSIBLE_MM
         if not math.isnan(mean) and not lo <= mean <= hi:
@@ -238,9 +237,6 @@ def qc_flags(values: dict, row: dict) -> list[str]:
     return flags
 
 
-SIDE_MIN_OFFSET_MM = 10.0  # the fibula's centre lies 25-40 mm lateral of the tibia's
-
-
 def knee_side_from_anatomy(values: dict, grid: Grid) -> str | None:
     """'left' or 'right': the fibula is lateral, so the side of the patient it lies on
     relative to the tibia names the knee; None when either is missing or too close."""
@@ -250,10 +246,9 @@ def knee_side_from_anatomy(values: dict, grid: Grid) -> str | None:
         if count == 0:
             return None
         centres.append(grid.index_to_world([float(i) for i in index]))
-    left_of_tibia_mm = centres[0][0] - centres[1][0]  # LPS x grows to the patient's left
-    if abs(left_of_tibia_mm) < SIDE_MIN_OFFSET_MM:
-        return None
-    return "left" if left_of_tibia_mm > 0 else "right"
+    # LPS x grows to the patient's left: a fibula to the left of the tibia is a left knee's
+    direction = fibula_direction(centres[0][0], centres[1][0])
+    return None if direction is None else ("left" if direction > 0 else "right")
 
 
 def measure_study(key: str, labels, image, grid: Grid, channels, label_source: str, extra_flags=(),
@@ -268,7 +263,7 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
     values = values_to_host(study_values(labels, image, grid, channels if image is not None else ()))
     row = {"study_key": key, **NO_VISIT, **(visit or {})}
     row.update(volumes(None, grid, values["counts"]))
-    for plate in _cartilage_plates():
+    for plate in L.in_group("cartilage"):
         mean, p95 = values[f"thickness:{plate.name}"]
         row[f"{plate.name}_thickness_mean_mm"] = float(mean)
         row[f"{plate.name}_thickness_p95_mm"] = float(p95)

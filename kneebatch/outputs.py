@@ -77,13 +77,31 @@ def read_rows(path, schema: pa.Schema | None = None) -> list[dict]:
     return pq.read_table(path, schema=schema).to_pylist()
 
 
-def merge_rows(old: list[dict], new: list[dict], drop_keys=(), key: str = "study_key") -> list[dict]:
-    """Rows by ``key``: ``new`` replaces ``old``; keys in ``drop_keys`` go. Sorted by key."""
-    merged = {r[key]: r for r in old}
-    merged.update({r[key]: r for r in new})
-    for k in drop_keys:
-        merged.pop(k, None)
-    return [merged[k] for k in sorted(merged)]
+def latest_per_key(table: pa.Table, key: str = "study_key") -> pa.Table:
+    """One row per key (the last one in the table), sorted by key."""
+    if table.num_rows == 0:
+        return table
+    order = pa.array(range(table.num_rows), pa.int64())
+    last = table.append_column("__order", order).group_by(key).aggregate([("__order", "max")])
+    return table.take(last["__order_max"]).sort_by(key)
+
+
+def read_table(path, schema: pa.Schema) -> pa.Table:
+    """A Parquet table as ``schema`` (empty when the file does not exist)."""
+    return pq.read_table(path, schema=schema) if Path(path).exists() else schema.empty_table()
+
+
+def merge_tables(tables: list[pa.Table], schema: pa.Schema, drop_keys=(), key: str = "study_key") -> pa.Table:
+    """One row per ``key`` over ``tables`` in order (a later table's row wins), sorted by key;
+    keys in ``drop_keys`` go. The one merge of every table kneebatch updates (parts, the
+    store's keymap and failures)."""
+    import pyarrow.compute as pc
+
+    merged = latest_per_key(pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]), key) \
+        if tables else schema.empty_table()
+    if drop_keys:
+        merged = merged.filter(pc.invert(pc.is_in(merged[key], value_set=pa.array(sorted(drop_keys), pa.string()))))
+    return merged
 
 
 def write_text_atomic(path, text: str) -> Path:

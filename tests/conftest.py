@@ -13,8 +13,8 @@ import torch
 
 from kneebatch.models.checkpoints import save_weights
 from kneebatch.models.config import ModelConfig, NetConfig, build_network
-from kneebatch.models.publish import publish
 from kneebatch.synth.cohort import PRESETS, generate_cohort
+from kneebatch.training.publish import publish
 
 SEED = 11
 # every study gets T2 on its own grid, extra (axial, localizer) series and shuffled files,
@@ -47,7 +47,7 @@ def key_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def store(cohort, key_file, tmp_path_factory) -> Path:
-    from kneebatch.ingest.convert import convert
+    from kneebatch.jobs.convert import convert
 
     path = tmp_path_factory.mktemp("store") / "cohort.zarr"
     report = convert(cohort / "dicom", path, key_file=key_file, show_progress=False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kneebatch.inference.batch import process_batch
-from kneebatch.ingest.convert import convert_pair
+from kneebatch.jobs.convert import convert_batch
+from kneebatch.jobs.segment import process_batch
 
 
 def crash_on(keys, store_path, engines=None, poison: str = ""):
@@ -24,8 +24,8 @@ def crash_once(keys, store_path, engines=None, victim: str = "", marker: str = "
     return process_batch(keys, store_path, engines)
 
 
-def crash_converting(pair, store_path, poison: str = ""):
+def crash_converting(pairs, store_path, poison: str = ""):
     """Dies whenever it converts the poison study (a decoder that crashes the process)."""
-    if pair[1] == poison:
+    if any(key == poison for key, _ in pairs):
         os._exit(137)
-    return convert_pair(pair, store_path)
+    return convert_batch(pairs, store_path)

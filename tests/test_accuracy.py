@@ -12,8 +12,8 @@ import pytest
 
 from kneebatch import labels as L
 from kneebatch.inference.engine_dir import DEFAULT_ENGINES
-from kneebatch.ingest.convert import convert
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.convert import convert
 from kneebatch.jobs.run import run
 from kneebatch.outputs import read_rows
 from kneebatch.synth.cohort import generate_cohort

@@ -76,13 +76,13 @@ def test_knees_at_the_anatomy_ranges_ends_meet_the_targets(accuracy):
 def test_partial_label_fine_tuning_lifts_its_labels_and_keeps_the_rest(tmp_path, key_file):
     """OAI-ZIB's four classes only, on a contrast the engines never saw (STIR): a short fine-tune
     with the marginal loss raises those classes' Dice; every other tissue stays within 0.02."""
-    from kneebatch.ingest.convert import convert
-    from kneebatch.ingest.datasets import LABEL_SETS
     from kneebatch.ingest.label_import import label_file, read_label_file
     from kneebatch.ingest.store import CohortStore
-    from kneebatch.models.publish import publish
+    from kneebatch.jobs.convert import convert
+    from kneebatch.label_sets import LABEL_SETS
     from kneebatch.outputs import read_rows
     from kneebatch.synth.cohort import generate_cohort
+    from kneebatch.training.publish import publish
     from kneebatch.training.train import train
 
     zib = LABEL_SETS["oai-zib"]

@@ -1,7 +1,7 @@
 """One code path for the whole per-study pipeline, on three array namespaces.
 
 normalize, resample, box, crop, argmax, paste, volumes, thickness, laterality and QC run
-through :func:`kneebatch.inference.batch.process_batch` on NumPy, torch CPU tensors and
+through :func:`kneebatch.jobs.segment.process_batch` on NumPy, torch CPU tensors and
 ``array_api_strict`` (which refuses anything outside the standard), with the shipped
 engines called through DLPack: the label maps and every measurement agree. On
 ``array_api_strict``'s second device (a stand-in GPU: it refuses to mix with host
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from kneebatch import ops
-from kneebatch.inference.batch import process_batch
 from kneebatch.inference.engine_dir import load_engines
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.segment import process_batch
 
 N_STUDIES = 2
 

@@ -11,8 +11,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless
 
-from kneebatch.ingest.convert import convert
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.convert import convert
 from kneebatch.keys import load_or_create_key, study_key
 from kneebatch.outputs import read_rows
 

@@ -101,9 +101,9 @@ def test_a_batch_reports_engine_loading_and_compiling_apart_from_the_per_study_s
     import shutil
     import time
 
-    from kneebatch.inference.batch import STAGES, process_batch
     from kneebatch.inference.engine_dir import EngineSets
     from kneebatch.ingest.store import CohortStore
+    from kneebatch.jobs.segment import STAGES, process_batch
 
     copy = tmp_path / "cohort.zarr"
     shutil.copytree(store, copy)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kneebatch import labels as L
-from kneebatch.ingest.convert import convert
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.convert import convert
 from kneebatch.synth import physics
 from kneebatch.synth.anatomy import BODY
 from kneebatch.synth.cohort import PRESETS, generate_cohort, plan_subject, ranges_for
@@ -207,7 +207,7 @@ def one_channel_engines(tmp_path_factory):
 
     from kneebatch.models.checkpoints import save_weights
     from kneebatch.models.config import build_network
-    from kneebatch.models.publish import publish
+    from kneebatch.training.publish import publish
     from tests.conftest import TINY
 
     cfg = replace(TINY, in_channels=1, input_roles=[], per_series=True)

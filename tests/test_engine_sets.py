@@ -16,10 +16,10 @@ from kneebatch.inference.engine_dir import EngineSets, describe_sets, load_engin
 from kneebatch.ingest.store import CohortStore
 from kneebatch.models.checkpoints import load_weights, save_weights
 from kneebatch.models.config import build_network
-from kneebatch.models.publish import publish
 from kneebatch.outputs import read_rows
 from kneebatch.synth.cohort import generate_cohort, ranges_for
 from kneebatch.training.evaluate import StudyScore, rate
+from kneebatch.training.publish import publish
 
 from .conftest import TINY
 
@@ -56,7 +56,7 @@ def tiny_sets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mixed_store(tmp_path_factory, key_file):
     """One small study of each protocol (the same knee), converted into one store; study key -> protocol."""
-    from kneebatch.ingest.convert import convert
+    from kneebatch.jobs.convert import convert
 
     root = tmp_path_factory.mktemp("mixed")
     uid_protocol = {}
@@ -121,7 +121,7 @@ def test_a_mixed_cohort_is_segmented_set_by_set_in_one_run(tiny_sets, mixed_stor
 
 
 def test_each_set_is_loaded_once_and_only_when_a_study_needs_it(tiny_sets, mixed_store, tmp_path):
-    from kneebatch.inference.batch import process_batch
+    from kneebatch.jobs.segment import process_batch
 
     store, protocol_of = mixed_store
     work = tmp_path / "store.zarr"
@@ -272,7 +272,7 @@ def test_an_oai_study_as_dcm2niix_nifti_is_stored_on_its_dess_grid_as_from_dicom
     import os
     import shutil as sh
 
-    from kneebatch.ingest.convert import convert
+    from kneebatch.jobs.convert import convert
 
     exe = sh.which("dcm2niix", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     if exe is None:
@@ -295,3 +295,30 @@ def test_an_oai_study_as_dcm2niix_nifti_is_stored_on_its_dess_grid_as_from_dicom
     assert dcm.channels(kd) == nii.channels(kn) == ["DESS", "PDFS"]
     assert dcm.grid(kd).shape == nii.grid(kn).shape and dcm.grid(kd).spacing[0] == pytest.approx(0.7, abs=1e-3)
     assert nii.grid(kn).same_as(dcm.grid(kd), atol_mm=1e-3)
+
+
+def test_a_sets_own_mirror_tta_is_what_the_settings_record(tiny_engines, tmp_path):
+    """Provenance says what ran: a set whose config asks for mirror TTA records it, whatever the
+    option; the loaded engines run with it and name their label maps by it."""
+    import shutil
+
+    from kneebatch.inference.engine_dir import InferenceOptions
+    from kneebatch.models.config import ModelConfig
+    from kneebatch.training.publish import publish
+
+    plain = InferenceOptions(engines=str(tiny_engines))
+    assert plain.settings()["engines"][tiny_engines.name]["mirror_tta"] is False
+    # a set exported with mirror TTA in its config (its own hash, so its own label maps)
+    train_dir = tmp_path / "train"
+    shutil.copytree(tiny_engines, train_dir)
+    cfg = ModelConfig.load(train_dir / "model_config.json")
+    cfg.mirror_tta = True
+    (train_dir / "model_config.json").write_text(cfg.to_json())
+    publish(train_dir, tmp_path / "tta-set")
+    options = InferenceOptions(engines=str(tmp_path / "tta-set"))
+    sets = options.load_sets()
+    recorded = options.settings(sets)
+    assert recorded["mirror_tta"] is False and recorded["engines"]["tta-set"]["mirror_tta"] is True
+    engines = sets.get("tta-set")
+    assert engines.config.mirror_tta and engines.label_name.endswith("-tta")
+    assert recorded["engines"]["tta-set"]["config"] != plain.settings()["engines"][tiny_engines.name]["config"]

@@ -312,7 +312,7 @@ def test_plain_pydicom_functional_groups_equal_single_frame(twins, monkeypatch):
 
 
 def test_discover_makes_one_series_of_the_multiframe_file(twins):
-    from kneebatch.ingest.convert import discover
+    from kneebatch.jobs.convert import discover
 
     root, volume, grid, study, series_uid, _, single = twins
     out = root / "discover" / "enhanced.dcm"

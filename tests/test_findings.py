@@ -23,8 +23,8 @@ N_SUBJECTS = 10  # alternating normal / OA
 @pytest.fixture(scope="module")
 def longitudinal(tmp_path_factory):
     """10 subjects x 4 visits: DICOM -> store -> measurements of the truth label maps."""
-    from kneebatch.ingest.convert import convert
-    from kneebatch.measure_store import measure_store
+    from kneebatch.jobs.convert import convert
+    from kneebatch.jobs.measure import measure_store
 
     root = tmp_path_factory.mktemp("longitudinal")
     generate_cohort(root / "cohort", N_SUBJECTS, seed=4242, ranges=PRESETS["small"], workers=2, visits=VISITS)

@@ -18,8 +18,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from kneebatch.cli import main
-from kneebatch.ingest.convert import convert
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.convert import convert
 from kneebatch.keys import load_or_create_key, study_key
 from kneebatch.outputs import read_rows
 

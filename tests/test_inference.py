@@ -180,7 +180,7 @@ def test_run_writes_labels_rows_and_resumes(store, tiny_engines, tmp_path):
 def test_a_study_failing_while_measured_becomes_a_failure_row(store, tiny_engines, tmp_path, monkeypatch):
     # saving and measuring run on a second thread beside the next study's segmentation:
     # an error there is still that study's failure row, and the other studies go on
-    import kneebatch.inference.batch as run_module
+    import kneebatch.jobs.segment as run_module
     from kneebatch.inference.engine_dir import load_engines
 
     work = tmp_path / "store.zarr"
@@ -203,8 +203,8 @@ def test_a_study_failing_while_measured_becomes_a_failure_row(store, tiny_engine
 
 def test_a_study_whose_sides_could_not_be_told_is_flagged(store, tiny_engines, tmp_path, monkeypatch):
     import kneebatch.inference.segment as segment_module
-    from kneebatch.inference.batch import process_batch
     from kneebatch.inference.engine_dir import load_engines
+    from kneebatch.jobs.segment import process_batch
 
     work = tmp_path / "store.zarr"
     shutil.copytree(store, work)
@@ -328,7 +328,7 @@ def test_studies_sharing_engine_calls_get_the_labels_they_get_alone(store, tiny_
     rows; and a study that breaks the net inside a shared group fails alone, with a reason."""
     import dataclasses
 
-    from kneebatch.inference.batch import process_batch
+    from kneebatch.jobs.segment import process_batch
 
     engines = load_engines(tiny_engines, "torch")
     keys = CohortStore(store).study_keys()[:4]

@@ -10,8 +10,8 @@ import pydicom
 import pytest
 
 from kneebatch.geometry import CANONICAL_LPS, Grid, resample, to_canonical
-from kneebatch.ingest.convert import convert
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.convert import convert
 from kneebatch.keys import load_or_create_key, study_key
 from kneebatch.outputs import read_rows
 from kneebatch.synth.cohort import plan_subject, render_subject
@@ -258,8 +258,9 @@ def test_nifti_pairs_convert_with_geometry_and_reject_nan(tmp_path, key_file):
 
 
 def test_metaimage_round_trip_and_training_folder_import(tmp_path, key_file):
-    from kneebatch.ingest.label_import import import_labels, parse_label_map
+    from kneebatch.ingest.label_import import import_labels
     from kneebatch.ingest.metaimage import read_metaimage, write_metaimage
+    from kneebatch.label_sets import parse_label_map
 
     # an oblique sagittal stack (its 3 mm slice axis within 30 degrees of left-right)
     direction = np.linalg.qr(np.array([[0.1, 1.0, 0.2], [0.9, 0.0, 0.3], [0.2, 0.1, -1.0]]))[0][:, [1, 0, 2]]

@@ -9,8 +9,8 @@ from kneebatch.cli import main
 from kneebatch.geometry import affine_from_nifti
 from kneebatch.ingest.nifti import write_label_nifti
 from kneebatch.ingest.store import CohortStore, segmentation_name
+from kneebatch.jobs.measure import measure_store
 from kneebatch.keys import load_or_create_key, study_key
-from kneebatch.measure_store import measure_store
 from kneebatch.outputs import FAILURE_SCHEMA, read_rows, write_rows
 
 

@@ -20,8 +20,8 @@ import pytest
 
 from kneebatch.cli import main
 from kneebatch.geometry import Grid, affine_to_nifti
-from kneebatch.ingest.convert import convert
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.convert import convert
 from kneebatch.outputs import read_rows
 from tests import faulty
 
@@ -152,8 +152,8 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(cohort, tmp_path, key_
     # each study made to take a second longer, so the interrupt lands mid-run however fast the machine;
     # Ctrl-C's default handler, as in a terminal (a shell's background job inherits SIGINT ignored)
     slowed = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
-              "import kneebatch.ingest.convert as c; pair = c.convert_pair; "
-              "c.convert_pair = lambda *a, **k: (time.sleep(1.0), pair(*a, **k))[1]; "
+              "import kneebatch.jobs.convert as c; pair = c.convert_batch; "
+              "c.convert_batch = lambda *a, **k: (time.sleep(1.0), pair(*a, **k))[1]; "
               "from kneebatch.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", slowed, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -225,7 +225,7 @@ def test_rerun_with_other_settings_refuses_and_force_starts_clean(store, tiny_en
     assert len(names) == 2 and names[1] == names[0] + "-tta"
     # an OUT of another command is refused with what it holds
     with pytest.raises(ValueError, match="holds the outputs of 'kneebatch run'"):
-        from kneebatch.measure_store import measure_store
+        from kneebatch.jobs.measure import measure_store
 
         measure_store(work, out, show_progress=False)
 
@@ -249,7 +249,7 @@ def test_two_engines_keep_two_label_maps(store, tiny_engines, tmp_path):
     from kneebatch.jobs.run import run
     from kneebatch.models.checkpoints import save_weights
     from kneebatch.models.config import build_network
-    from kneebatch.models.publish import publish
+    from kneebatch.training.publish import publish
     from tests.conftest import TINY
 
     train_dir = tmp_path / "train2"
@@ -281,7 +281,7 @@ def test_two_engines_keep_two_label_maps(store, tiny_engines, tmp_path):
 # ---------------------------------------------------------------- faults while converting
 def test_a_study_that_kills_its_convert_worker_is_recorded(cohort, tmp_path, key_file):
     from kneebatch.distributed.cluster import dask_client
-    from kneebatch.ingest.convert import discover
+    from kneebatch.jobs.convert import discover
     from kneebatch.keys import load_or_create_key, study_key
 
     studies, _, _ = discover(cohort / "dicom")
@@ -289,7 +289,7 @@ def test_a_study_that_kills_its_convert_worker_is_recorded(cohort, tmp_path, key
     store = tmp_path / "store"
     with dask_client("local", n_workers=2) as client:
         report = convert(cohort / "dicom", store, client=client, key_file=key_file, show_progress=False,
-                         study_fn=partial(faulty.crash_converting, poison=poison))
+                         batch_fn=partial(faulty.crash_converting, poison=poison))
     assert (report.converted, report.failed, report.reasons) == (5, 1, {"worker_died": 1})
     (failure,) = read_rows(store / "failures.parquet")
     assert failure["study_key"] == poison and failure["reason"] == "worker_died"

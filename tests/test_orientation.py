@@ -109,7 +109,7 @@ def paths(tmp_path_factory, key_file):
     if not (DEFAULT_ENGINES / "sets.json").exists():
         pytest.skip("no shipped engines")
     exe = _dcm2niix()
-    from kneebatch.ingest.convert import convert
+    from kneebatch.jobs.convert import convert
     from kneebatch.jobs.run import run
 
     root = tmp_path_factory.mktemp("orientation")

@@ -14,10 +14,11 @@ import torch
 
 from kneebatch import labels as L
 from kneebatch.geometry import Reorientation, affine_to_nifti
-from kneebatch.ingest.convert import convert
-from kneebatch.ingest.datasets import LABEL_SETS, label_set_from_map, parse_label_set
-from kneebatch.ingest.label_import import import_dataset_labels, label_file, read_label_file, study_names
+from kneebatch.ingest.datasets import import_dataset_labels
+from kneebatch.ingest.label_import import label_file, read_label_file, study_names
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.convert import convert
+from kneebatch.label_sets import LABEL_SETS, label_set_from_map, parse_label_set
 from kneebatch.outputs import read_rows
 from kneebatch.synth.cohort import generate_cohort
 from kneebatch.training.losses import MarginalDiceCE
@@ -166,7 +167,7 @@ def test_skm_tea_masks_found_by_scan_folder_and_read_with_their_geometry(tmp_pat
 def test_a_partial_set_is_never_measured_as_the_schema(dess_store, tmp_path):
     """OAI-ZIB's 3 is the tibia; kneebatch's 3 is the fibula: measuring the raw ids would be wrong numbers."""
     from kneebatch.errors import StudyError
-    from kneebatch.measure_store import measure_store
+    from kneebatch.jobs.measure import measure_store
 
     store = CohortStore(dess_store / "store.zarr")
     key = store.study_keys()[0]

@@ -23,9 +23,9 @@ def job(tmp_path_factory):
     """4 studies (shuffled files, extra series, T2 on its own grid): DICOM -> store, the
     generator's label maps imported as ``truth`` and measured."""
     from kneebatch.clinical import pseudonymise_clinical
-    from kneebatch.ingest.convert import convert
     from kneebatch.ingest.label_import import import_labels
-    from kneebatch.measure_store import measure_store
+    from kneebatch.jobs.convert import convert
+    from kneebatch.jobs.measure import measure_store
     from kneebatch.synth.cohort import generate_cohort
 
     root = tmp_path_factory.mktemp("report")

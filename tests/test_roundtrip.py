@@ -21,11 +21,11 @@ from kneebatch import labels as L
 from kneebatch.cli import main
 from kneebatch.export import export_nifti
 from kneebatch.geometry import Grid, affine_from_nifti, to_canonical
-from kneebatch.ingest.convert import convert
 from kneebatch.ingest.nifti import write_label_nifti
 from kneebatch.ingest.store import CohortStore
+from kneebatch.jobs.convert import convert
+from kneebatch.jobs.measure import measure_store
 from kneebatch.keys import load_or_create_key, study_key
-from kneebatch.measure_store import measure_store
 from kneebatch.outputs import read_rows
 from kneebatch.synth.cohort import PRESETS, generate_cohort
 
@@ -194,7 +194,7 @@ def test_unknown_label_ids_are_an_error_row_and_label_map_translates(segmented, 
     row = _by_key(tmp_path / "m4")[key]
     assert row["femur_volume_mm3"] == pytest.approx(300 * vv) and row["femoral_cartilage_volume_mm3"] == 0
     with pytest.raises(ValueError, match="mapped twice"):
-        from kneebatch.ingest.label_import import parse_label_map
+        from kneebatch.label_sets import parse_label_map
 
         parse_label_map("1:femur,1:tibia")
 

@@ -107,8 +107,8 @@ def test_a_jobqueue_run_on_slurm_workers_equals_the_local_run(slurm, store, tiny
 
 
 def test_an_array_convert_builds_the_store_a_local_convert_builds(slurm, cohort, key_file, tmp_path, capsys):
-    from kneebatch.ingest.convert import convert
     from kneebatch.ingest.store import CohortStore
+    from kneebatch.jobs.convert import convert
 
     convert(cohort / "dicom", tmp_path / "local.zarr", key_file=key_file, show_progress=False)
     capsys.readouterr()

@@ -56,7 +56,7 @@ def test_exported_onnx_has_no_transposed_convolution(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from kneebatch.inference.engines import export_onnx
+    from kneebatch.models.onnx_export import export_onnx
 
     cfg = ModelConfig()
     torch.manual_seed(2)
@@ -75,7 +75,7 @@ def test_instance_normed_nets_export_with_the_layers_they_need(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from kneebatch.inference.engines import export_onnx
+    from kneebatch.models.onnx_export import export_onnx
 
     cfg = ModelConfig()  # the coarse net: instance norm after each transposed convolution
     torch.manual_seed(3)

@@ -139,9 +139,9 @@ def test_partial_labels_train_with_the_marginal_loss_and_score_the_set(cohort, s
     (--init: the frozen teacher keeps what the set does not annotate); validation scores the set's classes."""
     import numpy as np
 
-    from kneebatch.ingest.datasets import LABEL_SETS
     from kneebatch.ingest.store import CohortStore
-    from kneebatch.training.train import Trainer
+    from kneebatch.label_sets import LABEL_SETS
+    from kneebatch.training.train import StoreTrainer
 
     work = tmp_path / "store.zarr"
     shutil.copytree(store, work)
@@ -159,7 +159,7 @@ def test_partial_labels_train_with_the_marginal_loss_and_score_the_set(cohort, s
     tuned = train(work, tmp_path / "tuned", minutes_coarse=0.02, minutes_fine=0.05, cfg=TINY, eval_every_fine=5,
                   label_name="zib", label_set=zib, init_from=tmp_path / "run", device=device, lr=1e-4)
     assert set(tuned["test_dice"]) <= set(zib.class_names()[1:]) and "femur" in tuned["test_dice"]
-    tr = Trainer(work, tmp_path / "run2", cfg=TINY, label_name="zib", label_set=zib)
+    tr = StoreTrainer(work, tmp_path / "run2", cfg=TINY, label_name="zib", label_set=zib)
     case = tr._load(tr.split["train"][0], keep_native=False)
     assert set(case.coarse_y.unique().tolist()) <= {0, 1, 2, 3, 4}
     assert type(tr.loss_function()).__name__ == "MarginalDiceCE"

@@ -7,7 +7,8 @@ Per-worker state belongs in a ``WorkerPlugin``; nothing here creates globals.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in workers; setting it turns off glibc's
 # dynamic mmap threshold, so every large NumPy temporary becomes a fresh mmap and is
@@ -15,6 +16,24 @@ from contextlib import contextmanager
 WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
                  # a task whose worker dies 3 times is handed back (KilledWorker) and split or recorded
                  "distributed.scheduler.allowed-failures": 2}
+
+
+@dataclass
+class Resources:
+    """What each SLURM job of a cluster or an array asks for (None: the site's default)."""
+
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None  # e.g. 02:00:00
+    mem: str | None = None  # e.g. 16G
+    cpus_per_task: int | None = None
+    gpus_per_task: int | None = None
+    setup: str = ""  # shell lines run before kneebatch in every task
+
+    def directives(self) -> list[str]:
+        pairs = [("partition", self.partition), ("account", self.account), ("time", self.time), ("mem", self.mem),
+                 ("cpus-per-task", self.cpus_per_task), ("gpus-per-task", self.gpus_per_task)]
+        return [f"#SBATCH --{name}={value}" for name, value in pairs if value not in (None, "")]
 
 
 def available_cores() -> int:
@@ -29,8 +48,45 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def worker_kind(client) -> str:
+    """Where a client's workers run: ``here`` (no client: this process), ``local`` (processes on this
+    machine sharing its cores), ``cuda`` (dask-cuda: one per GPU) or ``remote`` (a scheduler's or
+    SLURM's, each sized to its own allocation)."""
+    if client is None:
+        return "here"
+    from distributed import LocalCluster
+
+    cluster = getattr(client, "cluster", None)
+    try:
+        from dask_cuda import LocalCUDACluster
+
+        if isinstance(cluster, LocalCUDACluster):  # a LocalCluster too: asked first
+            return "cuda"
+    except ImportError:
+        pass
+    return "local" if isinstance(cluster, LocalCluster) else "remote"
+
+
 def default_workers() -> int:
     return max(1, min(available_cores(), 8))
+
+
+def client_for(workers: int | None, cluster: str = "local", gpus: str | None = None, device: str = "cpu",
+               resources: Resources | None = None):
+    """The Dask client a command runs on (a context manager): dask-cuda workers, one per GPU of
+    ``gpus``; up to ``workers`` SLURM jobs (``cluster="slurm"``, default 4); a local cluster of
+    ``workers`` processes (default one per core, at most 8; one for ``device="cuda"``: one process
+    per GPU); or none (the work runs in this process) for 0 or 1 workers."""
+    if gpus is not None:
+        if cluster != "local":
+            raise ValueError("--gpus runs a dask-cuda cluster on this node's GPUs: leave out --cluster")
+        return dask_client("cuda", gpus=gpus)
+    if cluster == "slurm":
+        return dask_client("slurm", n_workers=workers or 4, resources=resources)
+    if workers is None and device == "cuda":
+        workers = 1
+    n = default_workers() if workers is None else workers
+    return dask_client("local", n_workers=n) if n > 1 else nullcontext(None)
 
 
 @contextmanager
@@ -40,7 +96,7 @@ def dask_client(kind: str = "local", n_workers: int | None = None, threads_per_w
 
     ``kind``: ``local`` (CPU processes), ``address`` (connect to a running scheduler) or ``slurm``
     (up to ``n_workers`` SLURM jobs of one worker each, started and stopped as work needs them;
-    ``resources``: :class:`kneebatch.jobs.slurm.Resources`, the jobs' partition, time, memory,
+    ``resources``: :class:`Resources`, the jobs' partition, time, memory,
     cores, GPUs and setup lines) or ``cuda`` (dask-cuda: one worker per GPU of ``gpus``, ``all``
     or a count).
     """
@@ -123,8 +179,6 @@ def slurm_cluster(max_jobs: int, resources=None):
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise ValueError("--cluster slurm needs dask-jobqueue: pip install 'kneebatch[slurm]'") from None
-    from kneebatch.jobs.slurm import Resources
-
     r = resources or Resources()
     # what the command line does not say comes from dask's jobqueue.slurm config (cluster/jobqueue.yaml)
     cores = r.cpus_per_task or dask.config.get("jobqueue.slurm.cores", None) or 1

@@ -14,16 +14,13 @@ class EngineLoader(WorkerPlugin):
         self.options = options  # kneebatch.inference.engine_dir.InferenceOptions
 
     def setup(self, worker):
-        from dataclasses import replace
-
         import torch
 
         from kneebatch.distributed.cluster import available_cores
 
         options = self.options
         options.check()  # on this worker's own device (a dask-cuda worker sees only its GPU)
-        if options.threads is None and options.device == "cpu":  # a SLURM job's worker: its own allocation
-            options = replace(options, threads=available_cores())
+        options = options.with_cpu_threads(available_cores())  # a SLURM job's worker: its own allocation
         if options.threads:
             torch.set_num_threads(options.threads)
         setattr(worker, ATTR, options.load_sets())  # each set loaded on first use

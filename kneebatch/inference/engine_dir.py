@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -70,7 +70,7 @@ class Engines:
     def label_name(self) -> str:
         """The store's name for this engines' label maps: the model, and the settings that change
         its output (mirror TTA, half precision), so no setting overwrites another's maps."""
-        from kneebatch.ingest.store import segmentation_name
+        from kneebatch.labels import segmentation_name
 
         return segmentation_name(self.model_hash) + ("-tta" if self.config.mirror_tta else "") + (
             "-half" if self.half else "")
@@ -135,17 +135,25 @@ class InferenceOptions:
             folder, self.backend, self.device, self.threads, self.half, self.tta, self.effective_net_batch()),
             self.device, self.effective_net_batch())
 
-    def settings(self) -> dict:
-        """What changes the output (recorded with it; a rerun with other settings is refused)."""
-        sets = {}
-        for name, folder in set_dirs(self.engines).items():
-            manifest = read_manifest(folder)
-            cfg = ModelConfig.load(folder / manifest["config"])
+    def settings(self, sets: EngineSets | None = None) -> dict:
+        """What changes the output (recorded with it; a rerun with other settings is refused).
+        ``sets``: the sets these options loaded (their manifests and configs, read once)."""
+        sets = sets or self.load_sets()
+        chosen = {}
+        for name in sets.folders:
+            manifest = sets.manifests[name]
             # what runs: a set's config may ask for mirror TTA whatever the option says
-            sets[name] = {**{stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
-                          "config": config_hash(folder, manifest), "mirror_tta": self.tta or cfg.mirror_tta}
-        return {"engines": sets, "backend": self.backend, "device": self.device, "half_precision": self.half,
+            chosen[name] = {**{stage: manifest[stage]["sha256"] for stage in ("coarse", "fine")},
+                            "config": sets.config_hashes[name], "mirror_tta": self.tta or sets.configs[name].mirror_tta}
+        return {"engines": chosen, "backend": self.backend, "device": self.device, "half_precision": self.half,
                 "precision": self.precision, "mirror_tta": self.tta}
+
+    def with_cpu_threads(self, cores: int) -> InferenceOptions:
+        """The options for a CPU worker with ``cores`` to itself: ``threads`` as given, else those
+        cores (explicit in every setting, as the thread count can change the last bits of the logits)."""
+        if self.threads is not None or self.device != "cpu":
+            return self
+        return replace(self, threads=max(1, cores))
 
 
 def model_hash(coarse: str, fine: str, config: str | None = None) -> str:
@@ -225,7 +233,7 @@ def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", t
     root = engines_dir(path)
     manifest = read_manifest(root)
     cfg = ModelConfig.load(root / manifest["config"])
-    cfg.mirror_tta = cfg.mirror_tta or tta
+    cfg = replace(cfg, mirror_tta=cfg.mirror_tta or tta)  # what runs: the set's own TTA, or the option's
     built, hashes = {}, {"config": config_hash(root, manifest)}
     for stage in ("coarse", "fine"):
         entry = manifest[stage]
@@ -283,7 +291,10 @@ class EngineSets:
         import torch
 
         self.folders, self._loader = dict(folders), loader
-        self.configs = configs or {n: ModelConfig.load(d / read_manifest(d)["config"]) for n, d in self.folders.items()}
+        # each set's engines.json read once: the run's settings, provenance and checks use these
+        self.manifests = {n: read_manifest(d) for n, d in self.folders.items() if d is not None}
+        self.configs = configs or {n: ModelConfig.load(d / self.manifests[n]["config"]) for n, d in self.folders.items()}
+        self.config_hashes = {n: config_hash(d, self.manifests[n]) for n, d in self.folders.items() if d is not None}
         self._loaded: dict[str, Engines] = dict(loaded or {})
         self._lock = threading.Lock()
         self.device, self.net_batch = torch.device(device), net_batch  # every set's: the options'
@@ -336,7 +347,7 @@ class EngineSets:
         for name, folder in self.folders.items():
             if folder is None:
                 continue
-            manifest = read_manifest(folder)
+            manifest = self.manifests[name]
             config_hash(folder, manifest)
             for stage in ("coarse", "fine"):
                 file = folder / manifest[stage][kind]

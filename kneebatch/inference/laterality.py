@@ -20,11 +20,8 @@ import numpy as np
 from kneebatch import labels as L
 from kneebatch import ops
 from kneebatch.models.preprocess import pad_to_multiple
+from kneebatch.sides import SIDE_PAIRS, fibula_direction
 
-SIDE_PAIRS = (("medial_meniscus", "lateral_meniscus"),
-              ("medial_tibial_cartilage", "lateral_tibial_cartilage"),
-              ("mcl", "lcl"))
-MIN_FIBULA_OFFSET_MM = 10.0  # the fibula's axis lies 25-40 mm lateral of the notch
 FORBIDDEN = -1.0e4  # far below any logit, and finite in float16, so resampling stays finite
 
 
@@ -49,10 +46,12 @@ def lateral_side(labels, axis: int, spacing_mm: float):
     at_notch = _centre(cruciates, axis)
     if at_notch is None:  # no cruciates: the tibia's centre is close to the notch
         at_notch = _centre(labels == L.by_name("tibia").id, axis)
-    if at_fibula is None or at_notch is None or abs(at_fibula - at_notch) * spacing_mm < MIN_FIBULA_OFFSET_MM:
+    direction = fibula_direction(None if at_fibula is None else at_fibula * spacing_mm,
+                                 None if at_notch is None else at_notch * spacing_mm)
+    if direction is None:
         return None
     index = xp.astype(xp.arange(labels.shape[axis], device=ops.device_of(labels)), xp.float64)
-    return index > at_notch if at_fibula > at_notch else index < at_notch
+    return index > at_notch if direction > 0 else index < at_notch
 
 
 def keep_sides(logits, valid, axis: int, spacing_mm: float) -> bool:

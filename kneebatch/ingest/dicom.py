@@ -26,7 +26,8 @@ from kneebatch.errors import StudyError
 from kneebatch.geometry import Grid
 from kneebatch.ingest import enhanced
 from kneebatch.ingest.roles import contrast_role
-from kneebatch.ingest.values import first_float, floats, words
+from kneebatch.ingest.store import is_store
+from kneebatch.ingest.values import first_float, floats, rescale_value, words
 
 _silenced = False
 
@@ -223,15 +224,6 @@ def read_header(path: str) -> SliceHeader | list[SliceHeader] | FileProblem:
     return [replace(header, frames=len(frames), **f) for f in frames]
 
 
-def _is_store(folder: str) -> bool:
-    """A kneebatch cohort store (its files are outputs, not inputs)."""
-    try:
-        with open(os.path.join(folder, "zarr.json"), "rb") as f:
-            return b"kneebatch-cohort-store" in f.read(4096)
-    except OSError:
-        return False
-
-
 def is_special(path: str) -> bool:
     """A device, FIFO or socket, or a link to one: reading it could block or never end."""
     try:
@@ -252,7 +244,7 @@ def list_files(root: str | os.PathLike, skip: str | os.PathLike | None = None,
     out = []
     skip = os.path.realpath(skip) if skip else None
     for dirpath, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = [d for d in dirs if not _is_store(os.path.join(dirpath, d))
+        dirs[:] = [d for d in dirs if not is_store(os.path.join(dirpath, d))
                    and (skip is None or os.path.realpath(os.path.join(dirpath, d)) != skip)]
         for name in files:
             p = os.path.join(dirpath, name)
@@ -494,17 +486,6 @@ def read_series(series: Series, hasher: hashlib._Hash | None = None) -> tuple[np
             raise StudyError("unreadable_pixels", f"pixel array {pixels.shape} does not match {grid.shape[1:]}")
         volume[z] = to_stored(pixels, slope, intercept, z)
     return volume, grid
-
-
-def rescale_value(value, default: float) -> float:
-    """RescaleSlope / RescaleIntercept as a float: ``default`` when absent, NaN when unreadable
-    (then refused by :func:`to_stored`, never silently taken as the default)."""
-    if value is None or value == "":
-        return default
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def to_stored(pixels: np.ndarray, slope: float, intercept: float, z: int) -> np.ndarray:

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kneebatch.ingest.values import first_float, floats, present, words
+from kneebatch.ingest.values import first_float, floats, present, rescale_value, words
 
 # the top-level attributes the header scan needs for multi-frame objects (added to
 # kneebatch.ingest.dicom.HEADER_TAGS)
@@ -273,7 +273,6 @@ def frame_rescale(ds, frame: int) -> tuple[float, float]:
     items = (_item(ds.get("PerFrameFunctionalGroupsSequence"), frame), _item(ds.get("SharedFunctionalGroupsSequence")))
     slope = _fg(items, "PixelValueTransformationSequence", "RescaleSlope")
     intercept = _fg(items, "PixelValueTransformationSequence", "RescaleIntercept")
-    from kneebatch.ingest.dicom import rescale_value
 
     if slope is None:
         slope = ds.get("RescaleSlope")

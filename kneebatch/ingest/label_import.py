@@ -59,26 +59,6 @@ def study_names(store: CohortStore, folders: bool = False) -> dict[str, list[str
     return names
 
 
-def parse_label_map(text: str) -> dict[int, int]:
-    """``"1:femur,2:femoral_cartilage"`` -> {1: id of femur, 2: id of femoral_cartilage}."""
-    out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        src, _, name = item.partition(":")
-        try:
-            if int(src) < 0:
-                raise ValueError
-            target = 0 if name.strip() == "background" else L.by_name(name.strip()).id
-        except (KeyError, ValueError):
-            raise ValueError(f"--label-map: {item!r} is not ID:LABEL with a non-negative ID and a label of the "
-                             f"schema ('kneebatch labels' lists them) or background") from None
-        if int(src) in out:
-            raise ValueError(f"--label-map: id {int(src)} is mapped twice")
-        out[int(src)] = target
-    if text.strip() and not out:
-        raise ValueError("--label-map: no ID:LABEL pairs found")
-    return out
-
-
 def translate(labels: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
     """Label ids as kneebatch's schema: mapped by ``label_map`` (every non-zero id of the file must
     be listed), else checked; ids outside the schema or the map raise ``unknown_label_ids``."""
@@ -147,28 +127,5 @@ def import_labels(store_path, labels_dir, name: str = "labels",
             continue
         labels, how = read_label_file(path, store.grid(key), label_map)
         store.write_labels(key, labels, {"source": "import", "label_grid": how}, name=name)
-        done += 1
-    return done, missing
-
-
-def import_dataset_labels(store_path, labels_dir, label_set, name: str) -> tuple[int, list[str]]:
-    """A public data set's label files (:mod:`kneebatch.ingest.datasets`) into the store, their ids
-    kept as the set's (training maps them with the set). Returns (number imported, keys without)."""
-    from kneebatch.ingest.datasets import check_ids, dataset_label_file, oai_zib_labels
-
-    store = CohortStore(store_path, create=False)
-    done, missing = 0, []
-    for key, names in study_names(store, folders=True).items():
-        path = dataset_label_file(labels_dir, names, label_set) or label_file(labels_dir, names)
-        if path is None:
-            missing.append(key)
-            continue
-        if path.name.endswith(".segmentation_masks.mhd"):  # OAI-ZIB: no pose, the DESS's voxels
-            labels, how = oai_zib_labels(path, store, key), "oai_zib_voxels"
-        else:
-            labels, how = read_label_file(path, store.grid(key))
-        labels = check_ids(labels, label_set)
-        store.write_labels(key, labels, {"source": "import", "label_grid": how, "label_set": label_set.name,
-                                         "label_classes": [[i, list(n)] for i, n in label_set.classes]}, name=name)
         done += 1
     return done, missing

@@ -32,7 +32,8 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from kneebatch import __version__
-from kneebatch.geometry import Grid
+from kneebatch.geometry import Grid, Reorientation
+from kneebatch.labels import SEGMENTATION_PREFIX, segmentation_name  # noqa: F401 - the store's label map names
 
 FORMAT = "kneebatch-cohort-store"
 _KEY = re.compile(r"^[a-z][0-9a-f]{8,64}$")  # study keys are hex digests: never a path
@@ -40,13 +41,16 @@ FORMAT_VERSION = 2  # 2: canonical voxel order, channels by contrast role, label
 CHUNK_ZYX = (32, 128, 128)
 PARTIAL = ".partial"
 INDEX = "studies.idx"  # the store's study keys, a line each
-SEGMENTATION_PREFIX = "labels-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # label map names: never a path
 
 
-def segmentation_name(model_hash: str) -> str:
-    """The label map name of the engines with this model hash (``coarse12+fine12``)."""
-    return SEGMENTATION_PREFIX + model_hash.replace("+", "-")
+def is_store(folder) -> bool:
+    """A kneebatch cohort store (its files are outputs, never inputs)."""
+    try:
+        with open(os.path.join(folder, "zarr.json"), "rb") as f:
+            return FORMAT.encode() in f.read(4096)
+    except OSError:
+        return False
 
 
 def _compressor():
@@ -242,6 +246,14 @@ class CohortStore:
     # ---------------------------------------------------------------- reading
     def study_attrs(self, key: str) -> dict:
         return dict(zarr.open_group(str(self._dir(key)), mode="r").attrs)
+
+    def source_order(self, key: str) -> tuple[Reorientation, Grid]:
+        """How the study's stored (canonical) arrays map back to its source's voxel order, and that grid."""
+        attrs = self.study_attrs(key)
+        if "source_grid" not in attrs:  # stores written before orientation was canonical
+            return Reorientation((0, 1, 2), (False, False, False)), self.grid(key)
+        source = Grid(tuple(attrs["source_grid"]["shape_zyx"]), np.asarray(attrs["source_grid"]["affine"]))
+        return Reorientation.from_attrs(attrs["to_canonical"]), source
 
     def grid(self, key: str) -> Grid:
         return Grid.from_attrs(self._array(key, "image").attrs)

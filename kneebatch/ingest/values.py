@@ -41,3 +41,14 @@ def words(v) -> tuple:
         return ()
     items = [v] if isinstance(v, str) else list(v)
     return tuple(w.strip().upper() for item in items for w in str(item).replace("\\", " ").split() if w.strip())
+
+
+def rescale_value(value, default: float) -> float:
+    """RescaleSlope / RescaleIntercept as a float: ``default`` when absent, NaN when unreadable
+    (then refused by :func:`to_stored`, never silently taken as the default)."""
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")

@@ -27,7 +27,7 @@ from kneebatch.distributed.tasks import died_message, map_unordered, retry_alone
 from kneebatch.errors import StudyError, failure_row
 from kneebatch.jobs.parts import Parts, concat
 from kneebatch.jobs.shards import Shard
-from kneebatch.outputs import FAILURE_SCHEMA, MARKER, claim_output_dir, sha256_file, write_table_atomic, write_text_atomic
+from kneebatch.outputs import FAILURE_SCHEMA, claim_output_dir, sha256_file, write_table_atomic, write_text_atomic
 from kneebatch.progress import progress_bar
 
 FINAL = ("measurements.parquet", "failures.parquet", "provenance.json")
@@ -89,20 +89,9 @@ class Job:
             self.report.stage_seconds[k] = self.report.stage_seconds.get(k, 0.0) + v
 
     def map(self, batch_fn, batches: list, client, stage: str, label: str, show_progress=None, **kwargs) -> None:
-        """Run ``batch_fn(batch, **kwargs) -> {"keys", "rows", "failures", "seconds"}`` over the
-        batches; every result is saved as it comes. A batch that killed its worker is split,
-        and a study that kills its worker even alone becomes a ``worker_died`` row."""
-        def split_or_record(batch, exc):
-            if len(batch) > 1:
-                return None, [[item] for item in batch]
-            return retry_alone(batch, exc, lambda batch, exc: {
-                "keys": [study_key_of(batch[0])], "rows": [], "seconds": {},
-                "failures": [failure_row(study_key_of(batch[0]), stage, StudyError("worker_died", died_message(exc)))]})
-
-        with progress_bar(sum(len(b) for b in batches), label, show_progress) as advance:
-            for result in map_unordered(batch_fn, batches, client, on_error=split_or_record, **kwargs):
-                self.save(result["keys"], result["rows"], result["failures"], result.get("seconds"))
-                advance(len(result["keys"]))
+        """Run ``batch_fn`` over the batches (:func:`map_batches`), every result saved as it comes."""
+        map_batches(batch_fn, batches, client, stage, label,
+                    lambda r: self.save(r["keys"], r["rows"], r["failures"], r.get("seconds")), show_progress, **kwargs)
 
     def finish(self, provenance: dict) -> JobReport:
         """Gather (a whole job) or record this shard (one of N: ``merge`` gathers)."""
@@ -114,11 +103,37 @@ class Job:
         else:
             # every study left to do was tried in this run (failed ones too): its failures are this run's
             self.report.failed = sum(self.report.reasons.values())
-            record = {"report": {**asdict(self.report), "studies_per_s": self.report.studies_per_s},
-                      "finished_utc": _now(), "provenance": provenance}
-            (self.out / "shards").mkdir(exist_ok=True)
-            write_text_atomic(self.out / "shards" / f"{self.shard.name}.json", json.dumps(record, indent=1))
+            write_shard_record(self.out, self.shard, {**asdict(self.report), "studies_per_s": self.report.studies_per_s},
+                               provenance)
         return self.report
+
+
+def map_batches(batch_fn, batches: list, client, stage: str, label: str, save, show_progress=None, **kwargs) -> None:
+    """Run ``batch_fn(batch, **kwargs) -> {"keys", "rows", "failures", "seconds"}`` over the
+    batches (on ``client``'s workers, or here), handing every result to ``save`` as it comes. A
+    batch that killed its worker is split, and a study that kills its worker even alone becomes a
+    ``worker_died`` failure row of ``stage``: every job's one rule for a lost worker."""
+    def split_or_record(batch, exc):
+        if len(batch) > 1:
+            return None, [[item] for item in batch]
+        return retry_alone(batch, exc, lambda batch, exc: {
+            "keys": [study_key_of(batch[0])], "rows": [], "seconds": {},
+            "failures": [failure_row(study_key_of(batch[0]), stage, StudyError("worker_died", died_message(exc)))]})
+
+    with progress_bar(sum(len(b) for b in batches), label, show_progress) as advance:
+        for result in map_unordered(batch_fn, batches, client, on_error=split_or_record, **kwargs):
+            save(result)
+            advance(len(result["keys"]))
+
+
+SHARDS = "shards"  # OUT/shards (a store's STORE/shards): one record per finished shard
+
+
+def write_shard_record(out, shard: Shard, report: dict, provenance: dict | None = None) -> None:
+    """``OUT/shards/<shard>.json``: a shard has finished (``merge`` waits for all N), with its report."""
+    record = {"report": {**report, "shard": str(shard)}, "finished_utc": _now(), "provenance": provenance or {}}
+    (Path(out) / SHARDS).mkdir(exist_ok=True)
+    write_text_atomic(Path(out) / SHARDS / f"{shard.name}.json", json.dumps(record, indent=1))
 
 
 def study_key_of(item) -> str:
@@ -156,7 +171,7 @@ def gather(out: Path, parts: Parts, store, provenance: dict) -> dict:
 
 
 def shard_records(out) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / "shards").glob("shard-*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((Path(out) / SHARDS).glob("shard-*.json"))]
 
 
 def all_shards(out) -> tuple[list[dict], int]:
@@ -174,30 +189,6 @@ def all_shards(out) -> tuple[list[dict], int]:
         raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in missing)} have not finished; run or resubmit them, "
                          "then merge again")
     return records, n
-
-
-def merge(out) -> dict:
-    """``kneebatch merge OUT``: the final tables of a job run as N shards, once all N have finished."""
-    from kneebatch.ingest.store import CohortStore
-    from kneebatch.jobs.slurm import submission
-    from kneebatch.measure import measurement_schema
-
-    out = Path(out)
-    if not (out / MARKER).exists():
-        submitted = submission(out)
-        if submitted:  # submitted, and no task has started yet
-            n = submitted["shards"]
-            raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in range(n))} have not finished; "
-                             f"kneebatch status {out}")
-        raise ValueError(f"{out} holds no kneebatch job outputs")
-    marker = json.loads((out / MARKER).read_text())
-    if marker["command"] not in SHARDED:
-        raise ValueError(f"{out} holds the outputs of 'kneebatch {marker['command']}', which has no shards to merge")
-    records, n = all_shards(out)
-    store = CohortStore(marker["settings"]["store"], create=False)
-    provenance = {**records[0]["provenance"], "shards": [r["report"] for r in records]}
-    summary = gather(out, Parts(out, measurement_schema()), store, provenance)
-    return {**summary, "shards": n, "seconds": max(r["report"]["seconds"] for r in records)}
 
 
 def _now() -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kneebatch.outputs import FAILURE_SCHEMA, write_rows
+from kneebatch.outputs import FAILURE_SCHEMA, latest_per_key, write_rows
 
 FAILURES_SUFFIX = ".failures.arrow"
 
@@ -65,15 +65,6 @@ def _read(files: list[Path], schema: pa.Schema) -> pa.Table:
             tables.append(pa.ipc.open_file(source).read_all().select(schema.names))
     # one chunk per column: taking rows from 10,000 small chunks is slow
     return pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
-
-
-def latest_per_key(table: pa.Table, key: str = "study_key") -> pa.Table:
-    """One row per key (the last one in the table), sorted by key."""
-    if table.num_rows == 0:
-        return table
-    order = pa.array(range(table.num_rows), pa.int64())
-    last = table.append_column("__order", order).group_by(key).aggregate([("__order", "max")])
-    return table.take(last["__order_max"]).sort_by(key)
 
 
 def concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:

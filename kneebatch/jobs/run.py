@@ -1,6 +1,6 @@
 """``kneebatch run``: segment and measure every study of a cohort store on a Dask cluster.
 
-Tasks carry batches of study keys (:func:`kneebatch.inference.batch.process_batch`);
+Tasks carry batches of study keys (:func:`kneebatch.jobs.segment.process_batch`);
 workers hold the engines (loaded once per worker by
 :class:`kneebatch.distributed.plugin.EngineLoader`). The job skeleton
 (:mod:`kneebatch.jobs.job`) keeps a bounded number of batches in flight, saves each
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import replace
 
-from kneebatch.inference.batch import STAGES, process_batch
-from kneebatch.inference.engine_dir import InferenceOptions, read_manifest
+from kneebatch.distributed.cluster import available_cores, worker_kind
+from kneebatch.inference.engine_dir import InferenceOptions, set_status
 from kneebatch.ingest.store import CohortStore
 from kneebatch.jobs.job import Job, JobReport
+from kneebatch.jobs.segment import STAGES, process_batch
 from kneebatch.jobs.shards import Shard
 from kneebatch.measure import measurement_schema
 
@@ -43,21 +43,16 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
         options = InferenceOptions(**option_fields)
     elif option_fields:
         raise TypeError("give run() either options or its fields, not both")
-    gpu_workers = type(getattr(client, "cluster", None)).__name__ == "LocalCUDACluster"
-    options.check(device_here=not gpu_workers)  # dask-cuda's workers check their GPU; the client never touches CUDA
+    kind = worker_kind(client)
+    options.check(device_here=kind != "cuda")  # dask-cuda's workers check their GPU; the client never touches CUDA
     store = CohortStore(store_path, create=False)
-    local = client is None or type(getattr(client, "cluster", None)).__name__ == "LocalCluster"
-    if options.threads is None and options.device == "cpu" and local:  # share this machine's cores between
-        # workers, no oversubscription; explicit in every setting, as the thread count can change the last bits
-        # of the logits. Remote workers (SLURM jobs) size themselves to their allocation.
-        from kneebatch.distributed.cluster import available_cores
-
-        n_workers = len(client.nthreads()) if client is not None else 1
-        options = replace(options, threads=max(1, available_cores() // max(1, n_workers)))
+    if kind in ("here", "local"):  # this machine's cores shared between its workers, no oversubscription;
+        # remote workers (SLURM jobs) size themselves to their allocation (EngineLoader)
+        options = options.with_cpu_threads(available_cores() // (len(client.nthreads()) if client else 1))
     sets = options.load_sets()  # each set loaded when a study first needs it
     # before anything is written: missing, changed or damaged engines stop here, in one line
     sets.verify(options.backend)
-    job = Job("run", store, out, options.settings(), measurement_schema(), shard, force)
+    job = Job("run", store, out, options.settings(sets), measurement_schema(), shard, force)
     batches = [job.todo[i:i + batch_size] for i in range(0, len(job.todo), batch_size)]
     kwargs = {"store_path": str(store.path)}
     if client is not None:
@@ -68,27 +63,22 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
         kwargs["engines"] = sets
     job.report.stage_seconds = dict.fromkeys(STAGES, 0.0)
     job.map(batch_fn, batches, client, "run", "segmenting studies", show_progress, **kwargs)
-    return job.finish(_provenance(options, batch_size))
+    return job.finish(_provenance(options, sets, batch_size))
 
 
-def _provenance(options: InferenceOptions, batch_size: int) -> dict:
+def _provenance(options: InferenceOptions, sets, batch_size: int) -> dict:
     import onnxruntime
     import torch
 
-    from kneebatch.inference.engine_dir import set_dirs, set_status
-
-    sets = {}
-    for name, folder in set_dirs(options.engines).items():
-        manifest = read_manifest(folder)
-        sets[name] = {"status": set_status(manifest),
-                      "model_config": json.loads((folder / manifest["config"]).read_text())}
     return {
         "command": "run",
-        **options.settings(),
+        **options.settings(sets),
         "threads": options.threads,
         "batch_size": batch_size,
         "net_batch": options.effective_net_batch(),
-        "engine_sets": sets,
+        "engine_sets": {name: {"status": set_status(sets.manifests[name]),
+                               "model_config": json.loads((folder / sets.manifests[name]["config"]).read_text())}
+                        for name, folder in sets.folders.items()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__},
     }

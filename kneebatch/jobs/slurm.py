@@ -16,29 +16,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kneebatch.distributed.cluster import Resources
 from kneebatch.outputs import write_text_atomic
 
 SLURM_DIR = "slurm"
-
-
-@dataclass
-class Resources:
-    partition: str | None = None
-    account: str | None = None
-    time: str | None = None  # e.g. 02:00:00
-    mem: str | None = None  # e.g. 16G
-    cpus_per_task: int | None = None
-    gpus_per_task: int | None = None
-    setup: str = ""  # shell lines run before kneebatch in every task
-
-    def directives(self) -> list[str]:
-        pairs = [("partition", self.partition), ("account", self.account), ("time", self.time), ("mem", self.mem),
-                 ("cpus-per-task", self.cpus_per_task), ("gpus-per-task", self.gpus_per_task)]
-        return [f"#SBATCH --{name}={value}" for name, value in pairs if value not in (None, "")]
 
 
 def array_script(argv: list[str], shards: int, out: Path, resources: Resources) -> str:
@@ -68,30 +52,29 @@ def submit(argv: list[str], out, shards: int, resources: Resources) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "array.sbatch"
     write_text_atomic(script, array_script(argv, shards, out, resources))
-    job_id = _sbatch(script)
+    job_id = sbatch(script)
     record = {"command": argv, "shards": shards, "script": str(script.resolve()),
-              "jobs": [{"job_id": job_id, "tasks": list(range(shards)), "submitted_utc": _now()}]}
+              "jobs": [{"job_id": job_id, "tasks": list(range(shards)), "submitted_utc": now_utc()}]}
     write_text_atomic(folder / "submit.json", json.dumps(record, indent=1))
     return record
 
 
-def resubmit(out) -> dict:
-    """Submit again the shards that have no record and are not queued or running."""
-    from kneebatch.jobs.status import job_status
+def submit_job(command: str, job_argv: list[str], out, store, shards: int = 4, resources: Resources | None = None,
+               src=None, key_file=None, force: bool = False) -> dict:
+    """``kneebatch submit``: a convert, run or measure as an array of ``shards`` tasks. What every
+    task would find out too late is checked once here (``--force`` would remove the other shards'
+    work; a run's or measure's store must exist), and what the tasks would race on is made once
+    (a convert's store and the study-key secret it records)."""
+    from kneebatch.ingest.store import CohortStore
+    from kneebatch.jobs.convert import prepare_store
 
-    out = Path(out)
-    record = submission(out)
-    if record is None:
-        raise ValueError(f"{out} has no SLURM submission (slurm/submit.json)")
-    status = job_status(out)
-    if any(s["state"] == "unknown" for s in status["shards"]):
-        raise ValueError("SLURM cannot be asked which shards are still queued (squeue failed); try again")
-    again = [int(s["shard"].split("/")[0]) for s in status["shards"] if s["state"] in ("failed", "missing")]
-    if again:
-        job_id = _sbatch(Path(record["script"]), "--array=" + ",".join(map(str, again)))
-        record["jobs"].append({"job_id": job_id, "tasks": again, "submitted_utc": _now()})
-        write_text_atomic(out / SLURM_DIR / "submit.json", json.dumps(record, indent=1))
-    return {**record, "resubmitted": again}
+    if force:
+        raise ValueError("--force starts OUT clean, which would remove the other shards' work; give a new OUT")
+    if command == "convert":
+        prepare_store(src, store, key_file)
+    else:
+        CohortStore(store, create=False)
+    return submit([command, *job_argv], out, shards, resources)
 
 
 def submission(out) -> dict | None:
@@ -128,7 +111,7 @@ def wait(out, poll_s: float = 2.0, show=print) -> None:
         time.sleep(poll_s)
 
 
-def _sbatch(script: Path, *options: str) -> str:
+def sbatch(script: Path, *options: str) -> str:
     done = subprocess.run(["sbatch", "--parsable", *options, str(script)], capture_output=True, text=True)
     if done.returncode != 0:
         raise ValueError(f"sbatch refused the job: {done.stderr.strip()}")
@@ -141,5 +124,5 @@ def _need(exe: str) -> None:
                                 "and export SLURM_CONF)")
 
 
-def _now() -> str:
+def now_utc() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kneebatch.ingest.dicom import _is_store
+from kneebatch.ingest.store import is_store
 from kneebatch.jobs.job import SHARDED, shard_records
 from kneebatch.jobs.shards import Shard
-from kneebatch.jobs.slurm import queued_tasks, submission
-from kneebatch.outputs import MARKER
+from kneebatch.jobs.slurm import SLURM_DIR, now_utc, queued_tasks, sbatch, submission
+from kneebatch.outputs import MARKER, write_text_atomic
 
 
 def job_status(out) -> dict:
@@ -25,7 +25,7 @@ def job_status(out) -> dict:
         command = json.loads((out / MARKER).read_text())["command"]
         if command not in SHARDED:
             raise ValueError(f"{out} holds the outputs of 'kneebatch {command}', a command without shards")
-    elif _is_store(str(out)):
+    elif is_store(out):
         command = "convert"
     elif submit:  # submitted, no task has started yet
         command = submit["command"][0]
@@ -77,3 +77,20 @@ def print_status(status: dict) -> None:
         console.print(f"every shard has finished: kneebatch merge {status['out']}")
     elif any(s in ("failed", "missing") for s in states):
         console.print("some shards failed or never ran: resubmit them (they resume), then merge")
+
+
+def resubmit(out) -> dict:
+    """Submit again the shards that have no record and are not queued or running."""
+    out = Path(out)
+    record = submission(out)
+    if record is None:
+        raise ValueError(f"{out} has no SLURM submission (slurm/submit.json)")
+    status = job_status(out)
+    if any(s["state"] == "unknown" for s in status["shards"]):
+        raise ValueError("SLURM cannot be asked which shards are still queued (squeue failed); try again")
+    again = [int(s["shard"].split("/")[0]) for s in status["shards"] if s["state"] in ("failed", "missing")]
+    if again:
+        job_id = sbatch(Path(record["script"]), "--array=" + ",".join(map(str, again)))
+        record["jobs"].append({"job_id": job_id, "tasks": again, "submitted_utc": now_utc()})
+        write_text_atomic(out / SLURM_DIR / "submit.json", json.dumps(record, indent=1))
+    return {**record, "resubmitted": again}

@@ -287,30 +287,46 @@ def _meniscus(x, y, z, a: Anatomy, cx, radii, open_halfwidth_deg, extrusion=0.0,
 
 
 def structures(a: Anatomy) -> list[Structure]:
-    """Paint list, lowest priority first."""
-    lab = L.by_name
-    fat = a.fat_mm
-    big = (-90.0, -80.0, -400.0), (90.0, 90.0, 400.0)
-    leg = a.lower_leg()
-    tib = partial(in_tibia_frame, a=a)  # lower-leg structures are drawn in the tibia's frame
+    """Paint list, lowest priority first: soft tissue and skin, effusion, ligaments and tendon,
+    menisci, cartilage, bones."""
+    return [*_soft_tissue(a), _effusion(a), *_ligaments(a), *_menisci(a), *_cartilage(a), *_bones(a)]
+
+
+BIG = (-90.0, -80.0, -400.0), (90.0, 90.0, 400.0)  # every structure that fills the body
+THIGH = (-75.0, -70.0, -45.0), (75.0, 80.0, 400.0)
+
+
+def _up(a: Anatomy, box, pad=0.0):
+    """A box that moves with the patella (padded when the patella is tilted)."""
+    (x0, y0, z0), (x1, y1, z1) = box
     lift = a.patella_height_mm
+    return (x0 - pad, y0 - pad, z0 + lift - pad), (x1 + pad, y1 + pad, z1 + lift + pad)
 
-    def up(box, pad=0.0):  # a box that moves with the patella
-        (x0, y0, z0), (x1, y1, z1) = box
-        return (x0 - pad, y0 - pad, z0 + lift - pad), (x1 + pad, y1 + pad, z1 + lift + pad)
 
-    patella_pad = 4.0 if a.patella_tilt_deg else 0.0
+def _patella_pad(a: Anatomy) -> float:
+    return 4.0 if a.patella_tilt_deg else 0.0
+
+
+def _span(*ends, pad=6.0):
+    """The box around a structure's ends."""
+    pts = np.array([np.asarray(e, float) for e in ends])
+    return tuple(pts.min(0) - pad), tuple(pts.max(0) + pad)
+
+
+def _soft_tissue(a: Anatomy) -> list[Structure]:
+    """The body, the muscles, and the skin's layers (painted after the muscles)."""
+    lab = L.by_name
+    leg = a.lower_leg()
+    ms = a.muscle_scale
+    subcut_id = lab("subcutaneous_fat").id
 
     def body(x, y, z):
         return np.ones(x.shape, bool)
 
     def skin_layers(x, y, z):
-        """Painted after the muscles: subcutaneous fat under the skin, air outside it."""
+        """Subcutaneous fat under the skin, air outside it."""
         s = skin_sdf(x, y, z, a)
-        return np.where(s >= 0, np.uint8(AIR), np.where(s > -fat, np.uint8(subcut_id), np.uint8(0)))
-
-    subcut_id = lab("subcutaneous_fat").id
-    ms = a.muscle_scale
+        return np.where(s >= 0, np.uint8(AIR), np.where(s > -a.fat_mm, np.uint8(subcut_id), np.uint8(0)))
 
     def quadriceps(x, y, z):
         return (ellipsoid(x, y, z, (0, -20, 125), (50 * ms, 24 * ms, 80)) < 0) & (z > 48)
@@ -322,13 +338,29 @@ def structures(a: Anatomy) -> list[Structure]:
         )
         return (m < 0) & (z > 30)
 
-    @tib
+    @partial(in_tibia_frame, a=a)  # lower-leg structures are drawn in the tibia's frame
     def gastrocnemius(x, y, z):
         m = np.minimum(
             ellipsoid(x, y, z, (17, 34, -60), (19 * ms, 19 * ms, 72)),
             ellipsoid(x, y, z, (-17, 34, -62), (18 * ms, 18 * ms, 70)),
         )
         return (m < 0) & (z < 24)
+
+    calf = leg.box(((-70.0, -60.0, -400.0), (70.0, 75.0, 40.0)))
+    return [
+        Structure(BODY, BIG, body),
+        Structure(lab("quadriceps_muscle").id, THIGH, quadriceps),
+        Structure(lab("hamstring_muscle").id, THIGH, hamstrings),
+        Structure(lab("gastrocnemius_muscle").id, calf, gastrocnemius),
+        Structure(subcut_id, BIG, skin_layers),
+    ]
+
+
+def _effusion(a: Anatomy) -> Structure:
+    """The suprapatellar pouch, the posterior recess and the joint line; a Baker's cyst and the
+    fluid in a meniscal tear when the subject has them."""
+    leg = a.lower_leg()
+    lift = a.patella_height_mm
 
     def effusion(x, y, z):
         e = a.effusion_scale
@@ -346,36 +378,69 @@ def structures(a: Anatomy) -> list[Structure]:
                                       a.meniscus_tear_deg)
         return out
 
+    joint = (-45.0, -35.0, -12.0), (45.0, 50.0, 70.0 + max(lift, 0.0))
+    return Structure(L.by_name("effusion").id, joint, effusion)
+
+
+def _ligaments(a: Anatomy) -> list[Structure]:
+    """Cruciates, collaterals (the MCL in three bands) and the patellar tendon (five bands)."""
+    lab = L.by_name
+    leg = a.lower_leg()
+    lift = a.patella_height_mm
+
     def ligament(femoral_end, tibial_end, radius):
         tibial_end = leg.to_femur(tibial_end)
         return lambda x, y, z: capsule(x, y, z, femoral_end, tibial_end, radius) < 0
 
-    acl = ligament((-8, 15, 12), (-3, -6, -3), 4.0)
-    pcl = ligament((8, 2, 12), (0, 22, -6), 4.8)
-    mcl_bands = [ligament((38, 2 + o, 34), (39, 1 + o, -42), 1.6) for o in (-4, 0, 4)]
-    lcl = ligament((-38, 6, 30), (-34 + a.fibula_shift_mm[0], 14 + a.fibula_shift_mm[1], -22), 2.6)
-    tendon_bands = [ligament((o, -38, 22 + lift), (o * 0.8, -26, -30), 2.2) for o in (-8, -4, 0, 4, 8)]
+    def bands(parts):
+        return lambda x, y, z: np.logical_or.reduce([b(x, y, z) for b in parts])
 
-    def mcl(x, y, z):
-        return np.logical_or.reduce([b(x, y, z) for b in mcl_bands])
+    fibula_end = (-34 + a.fibula_shift_mm[0], 14 + a.fibula_shift_mm[1], -22)
+    mcl = bands([ligament((38, 2 + o, 34), (39, 1 + o, -42), 1.6) for o in (-4, 0, 4)])
+    tendon = bands([ligament((o, -38, 22 + lift), (o * 0.8, -26, -30), 2.2) for o in (-8, -4, 0, 4, 8)])
+    return [
+        Structure(lab("acl").id, _span((-8, 15, 12), leg.to_femur((-3, -6, -3))),
+                  ligament((-8, 15, 12), (-3, -6, -3), 4.0)),
+        Structure(lab("pcl").id, _span((8, 2, 12), leg.to_femur((0, 22, -6))), ligament((8, 2, 12), (0, 22, -6), 4.8)),
+        Structure(lab("mcl").id, _span((38, -2, 34), (38, 6, 34), leg.to_femur((39, -3, -42)),
+                                       leg.to_femur((39, 5, -42)), pad=4.0), mcl),
+        Structure(lab("lcl").id, _span((-38, 6, 30), leg.to_femur(fibula_end)), ligament((-38, 6, 30), fibula_end, 2.6)),
+        Structure(lab("patellar_tendon").id, _span((-8, -38, 22 + lift), (8, -38, 22 + lift),
+                                                   leg.to_femur((-6.4, -26, -30)), leg.to_femur((6.4, -26, -30))),
+                  tendon),
+    ]
 
-    def patellar_tendon(x, y, z):
-        return np.logical_or.reduce([b(x, y, z) for b in tendon_bands])
 
-    @tib
+def _menisci(a: Anatomy) -> list[Structure]:
+    leg = a.lower_leg()
+
+    @partial(in_tibia_frame, a=a)
     def medial_meniscus(x, y, z):
         return _meniscus(x, y, z, a, 19.0, (16.5, 21.0), 38.0, a.meniscus_extrusion_mm, a.meniscus_tear_deg)
 
-    @tib
+    @partial(in_tibia_frame, a=a)
     def lateral_meniscus(x, y, z):
         return _meniscus(x, y, z, a, -19.0, (15.0, 19.0), 22.0)
+
+    return [
+        Structure(L.by_name("medial_meniscus").id, leg.box(((0, -20, -3), (38 + a.meniscus_extrusion_mm + 2, 28, 6))),
+                  medial_meniscus),
+        Structure(L.by_name("lateral_meniscus").id, leg.box(((-36, -17, -3), (0, 25, 6))), lateral_meniscus),
+    ]
+
+
+def _cartilage(a: Anatomy) -> list[Structure]:
+    """The femoral, medial and lateral tibial and patellar plates: shells of their bones, with the
+    subject's defects cut out."""
+    lab = L.by_name
+    leg = a.lower_leg()
 
     def femoral_cartilage(x, y, z):
         region = (z < 52) & ((y < -8) | (z < 28)) & (np.abs(x) < 34)
         return _shell(femur_sdf(x, y, z, a), a.cart_femoral_mm) & region & _not_in_defect(x, y, z, a)
 
     def tibial_cartilage(cx, radii, thickness):
-        @tib
+        @partial(in_tibia_frame, a=a)
         def inside(x, y, z):
             region = (z > -3.0) & (ellipse_radius(x, y, (cx, 4.0), radii) < 1.0)
             return _shell(tibia_sdf(x, y, z, a), thickness) & region & _not_in_defect(x, y, z, a)
@@ -386,58 +451,33 @@ def structures(a: Anatomy) -> list[Structure]:
         px, py, pz = _patella_frame(x, y, z, a)
         return _shell(patella_sdf(x, y, z, a), a.cart_patellar_mm) & (py > -36) & _not_in_defect(px, py, pz, a)
 
-    thigh = (-75.0, -70.0, -45.0), (75.0, 80.0, 400.0)
-    calf = leg.box(((-70.0, -60.0, -400.0), (70.0, 75.0, 40.0)))
-    joint = (-45.0, -35.0, -12.0), (45.0, 50.0, 70.0 + max(lift, 0.0))
-
-    def span(*ends, pad=6.0):
-        pts = np.array([np.asarray(e, float) for e in ends])
-        return tuple(pts.min(0) - pad), tuple(pts.max(0) + pad)
-
-    out = [
-        Structure(BODY, big, body),
-        Structure(lab("quadriceps_muscle").id, thigh, quadriceps),
-        Structure(lab("hamstring_muscle").id, thigh, hamstrings),
-        Structure(lab("gastrocnemius_muscle").id, calf, gastrocnemius),
-        Structure(subcut_id, big, skin_layers),
-        Structure(lab("effusion").id, joint, effusion),
-        Structure(lab("acl").id, span((-8, 15, 12), leg.to_femur((-3, -6, -3))), acl),
-        Structure(lab("pcl").id, span((8, 2, 12), leg.to_femur((0, 22, -6))), pcl),
-        Structure(lab("mcl").id, span((38, -2, 34), (38, 6, 34), leg.to_femur((39, -3, -42)),
-                                      leg.to_femur((39, 5, -42)), pad=4.0), mcl),
-        Structure(lab("lcl").id, span((-38, 6, 30), leg.to_femur((-34 + a.fibula_shift_mm[0],
-                                                                   14 + a.fibula_shift_mm[1], -22))), lcl),
-        Structure(lab("patellar_tendon").id, span((-8, -38, 22 + lift), (8, -38, 22 + lift),
-                                                  leg.to_femur((-6.4, -26, -30)), leg.to_femur((6.4, -26, -30))),
-                  patellar_tendon),
-        Structure(lab("medial_meniscus").id, leg.box(((0, -20, -3), (38 + a.meniscus_extrusion_mm + 2, 28, 6))),
-                  medial_meniscus),
-        Structure(lab("lateral_meniscus").id, leg.box(((-36, -17, -3), (0, 25, 6))), lateral_meniscus),
+    return [
         Structure(lab("femoral_cartilage").id, ((-36, -32, -2), (36, 40, 54)), femoral_cartilage),
-        Structure(
-            lab("medial_tibial_cartilage").id,
-            leg.box(((2, -18, -4), (36, 26, 4))),
-            tibial_cartilage(19.0, (15.0, 19.0), a.cart_medial_tibial_mm),
-        ),
-        Structure(
-            lab("lateral_tibial_cartilage").id,
-            leg.box(((-36, -16, -4), (-2, 24, 4))),
-            tibial_cartilage(-19.0, (14.0, 18.0), a.cart_lateral_tibial_mm),
-        ),
-        Structure(lab("patellar_cartilage").id, up(((-24, -40, 18), (24, -25, 58)), patella_pad), patellar_cartilage),
+        Structure(lab("medial_tibial_cartilage").id, leg.box(((2, -18, -4), (36, 26, 4))),
+                  tibial_cartilage(19.0, (15.0, 19.0), a.cart_medial_tibial_mm)),
+        Structure(lab("lateral_tibial_cartilage").id, leg.box(((-36, -16, -4), (-2, 24, 4))),
+                  tibial_cartilage(-19.0, (14.0, 18.0), a.cart_lateral_tibial_mm)),
+        Structure(lab("patellar_cartilage").id, _up(a, ((-24, -40, 18), (24, -25, 58)), _patella_pad(a)),
+                  patellar_cartilage),
     ]
+
+
+def _bones(a: Anatomy) -> list[Structure]:
+    """Femur, tibia, fibula and patella as signed distances, their boxes grown over osteophytes."""
+    leg = a.lower_leg()
     fx, fy, fz = a.fibula_shift_mm
     bones = (
         ("femur", femur_sdf, ((-45, -35, -2), (45, 45, 400)), False),
         ("tibia", tibia_sdf, ((-45, -35, -400), (45, 40, 3)), True),
         ("fibula", fibula_sdf, ((-42 + fx, 5 + fy, -400), (-18 + fx, 30 + fy, -14 + fz)), True),
-        ("patella", patella_sdf, up(((-23, -48, 19), (23, -28, 57)), patella_pad), False),
+        ("patella", patella_sdf, _up(a, ((-23, -48, 19), (23, -28, 57)), _patella_pad(a)), False),
     )
+    out = []
     for name, fn, box, lower in bones:
         paint = partial(fn, a=a)
         if lower:
             paint, box = in_tibia_frame(paint, a), leg.box(box)
-        out.append(Structure(lab(name).id, _grow(box, a.osteophytes), paint, sdf=True))
+        out.append(Structure(L.by_name(name).id, _grow(box, a.osteophytes), paint, sdf=True))
     return out
 
 

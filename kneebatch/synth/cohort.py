@@ -179,7 +179,37 @@ def _draw_inplane(rng, ranges: ProtocolRanges):
 
 
 def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinical"]) -> SubjectPlan:
+    """One synthetic subject: who, the knee's anatomy and pose, the series acquired, the DICOM
+    identity. Every part draws from ``rng`` in this order (so a seed's cohort never changes);
+    the anatomy variation and the protocol have streams of their own."""
+    if ranges.anatomy not in ANATOMY:
+        raise ValueError(f"unknown anatomy range {ranges.anatomy!r}; choose from {', '.join(ANATOMY)}")
     rng = np.random.default_rng([seed, index])
+    group, sex, age, kl = _demographics(rng, index, ranges)
+    severity = max(kl - 1, 0) / 3.0  # 0 for KL 0-1, 1 for KL 4
+    anatomy = _anatomy(rng, group, kl, sex, age, severity)
+    # the variation's own stream: a typical cohort of a seed is the same whichever ranges exist
+    variation = draw_variation(np.random.default_rng([seed, index, 6]), ranges.anatomy, group, severity)
+    for name, value in variation.items():
+        if hasattr(anatomy, name):
+            setattr(anatomy, name, value)
+    pose, joint_centre = _pose(rng, sex, variation, ranges)
+    oblique, fov_centre, t1, t2, seriesno = _clinical_series(rng, seed, index, ranges, joint_centre, variation)
+    # the protocol's own draws come from a stream of their own, so the clinical cohort of a seed
+    # is the same whichever protocols exist
+    protocol, t1, t2 = _protocol_series(np.random.default_rng([seed, index, 5]), rng, seed, index, ranges, t1, t2,
+                                        fov_centre, oblique, pose.side)
+    extras = _extra_series(rng, seed, index, ranges, fov_centre, oblique, seriesno) \
+        if rng.random() < ranges.p_extra_series else []
+    subject_id, study_date, patient, study = _identity(rng, seed, index, sex, age)
+    return SubjectPlan(index, subject_id, group, age, sex, kl, pose.side, anatomy, pose, study["StudyInstanceUID"],
+                       study_date, str(rng.choice(VISITS)), patient, study, t1, t2, extras,
+                       shuffle_files=bool(rng.random() < ranges.p_shuffled_files), seed=(seed, index),
+                       protocol=protocol)
+
+
+def _demographics(rng, index: int, ranges: ProtocolRanges) -> tuple[str, str, int, int]:
+    """Group (every other subject has OA), sex, age and KL grade."""
     group = "OA" if index % 2 else "normal"
     sex = str(rng.choice(["F", "M"]))
     if group == "normal":
@@ -188,12 +218,13 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
     else:
         age = int(rng.integers(45, 82))
         kl = int(rng.choice([2, 3, 4], p=[0.45, 0.35, 0.2]))
-    if ranges.anatomy not in ANATOMY:
-        raise ValueError(f"unknown anatomy range {ranges.anatomy!r}; choose from {', '.join(ANATOMY)}")
     if ranges.anatomy == "extreme":  # advanced OA in every subject
         group, kl, age = "OA", 4, max(age, 55)
-    severity = max(kl - 1, 0) / 3.0  # 0 for KL 0-1, 1 for KL 4
+    return group, sex, age, kl
 
+
+def _anatomy(rng, group: str, kl: int, sex: str, age: int, severity: float) -> Anatomy:
+    """Cartilage (thinner with OA, focal defects), osteophytes from KL 2, effusion, fat and muscle."""
     cart = rng.normal(1.0, 0.07, 4)
     defects = []
     if group == "OA":
@@ -209,7 +240,7 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         for i in rng.choice(len(margins), size=min(kl + int(rng.integers(0, 2)), len(margins)), replace=False):
             osteophytes.append((*margins[int(i)], float(rng.uniform(1.5, 3.5) * (0.6 + 0.4 * severity))))
     limb = rng.uniform(0.92, 1.12)
-    anatomy = Anatomy(
+    return Anatomy(
         cart_femoral_mm=2.3 * cart[0] * (1 - 0.3 * severity),
         cart_medial_tibial_mm=2.0 * cart[1] * (1 - 0.45 * severity - rng.uniform(0, 0.08) * (group == "OA")),
         cart_lateral_tibial_mm=2.6 * cart[2] * (1 - 0.15 * severity),
@@ -223,25 +254,24 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         muscle_scale=float(rng.uniform(0.88, 1.08) - 0.002 * max(age - 50, 0)),
         meniscus_height_mm=float(rng.uniform(5.5, 7.5) * (1 - 0.2 * severity)),
     )
-    # the variation's own stream: a typical cohort of a seed is the same whichever ranges exist
-    variation = draw_variation(np.random.default_rng([seed, index, 6]), ranges.anatomy, group, severity)
-    for name, value in variation.items():
-        if hasattr(anatomy, name):
-            setattr(anatomy, name, value)
+
+
+def _pose(rng, sex: str, variation: dict, ranges: ProtocolRanges) -> tuple[Pose, np.ndarray]:
+    """The knee's size (+-20 % in all), flexion and rotation, side and place in the scanner."""
     size = (1.04 if sex == "M" else 0.95) * rng.normal(1.0, 0.035)
     if "size" in variation:  # size +-20 % in all: the variation's draw, within those bounds
         size = float(np.clip(size * variation["size"], 0.8, 1.2)) if ranges.anatomy != "extreme" else variation["size"]
     scale = size * rng.normal(1.0, 0.015, 3)
     side = str(rng.choice(["RIGHT", "LEFT"]))
     joint_centre = np.array([rng.uniform(-80, 80), rng.uniform(-15, 15), rng.uniform(-60, 60)])
-    pose = Pose(
-        rotation=_rotation(rng.uniform(-15, 0), rng.uniform(-4, 4), rng.uniform(-8, 8)),
-        scale=scale,
-        translation=joint_centre,
-        side=side,
-    )
+    pose = Pose(rotation=_rotation(rng.uniform(-15, 0), rng.uniform(-4, 4), rng.uniform(-8, 8)), scale=scale,
+                translation=joint_centre, side=side)
+    return pose, joint_centre
 
-    # acquisition
+
+def _clinical_series(rng, seed: int, index: int, ranges: ProtocolRanges, joint_centre, variation: dict):
+    """The clinical protocol's sagittal T1 and T2-FS (the T2 sometimes on a grid of its own), with
+    the obliquity, field-of-view centre and series numbers the other protocols share."""
     oblique = _rotation(rng.uniform(-3, 3), 0.0, rng.uniform(-ranges.max_oblique_deg, ranges.max_oblique_deg))
     is_3d = rng.random() < ranges.p_3d
     thickness = float(rng.uniform(*(ranges.slice_3d_mm if is_3d else ranges.slice_2d_mm)))
@@ -270,9 +300,12 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         number=next(seriesno), repetition_time_ms=round(float(rng.uniform(2500, 4500)), 1),
         echo_time_ms=round(float(rng.uniform(60, 100)), 1), acquisition="3D" if is_3d else "2D", thickness_mm=thick2,
         uid=_uid(seed, index, "t2"), scan_options=("FS",)), "T2")
-    # the protocol's own draws come from a stream of their own, so the clinical cohort of a seed
-    # is the same whichever protocols exist
-    prng = np.random.default_rng([seed, index, 5])
+    return oblique, fov_centre, t1, t2, seriesno
+
+
+def _protocol_series(prng, rng, seed: int, index: int, ranges: ProtocolRanges, t1, t2, fov_centre, oblique,
+                     side: str):
+    """The protocol (``mixed``: one drawn per subject) and its series, each at its field strength."""
     protocol = str(prng.choice(MIXED)) if ranges.protocol == "mixed" else ranges.protocol
     field_t = float(prng.choice([1.5, 3.0]))
     if protocol == "clinical":
@@ -289,26 +322,31 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         t1, t2 = _single_series(prng, protocol, t1, field_t, seed, index), None
     else:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    extras = []
-    if rng.random() < ranges.p_extra_series:
-        # an axial fat-suppressed PD series that ingest must not take for a sagittal one
-        axial = np.stack([np.array([0.0, 0.0, -1.0]), np.array([0.0, 1.0, 0.0]), np.array([1.0, 0.0, 0.0])], 1)
-        n_ax, m_ax, sp_ax = 20, 160, 0.9
-        shape = (n_ax, m_ax, m_ax)
-        spacing = np.array([3.5, sp_ax, sp_ax])
-        origin = fov_centre - axial @ ((np.asarray(shape) - 1) / 2.0 * spacing)
-        extras.append(Acquisition(Grid.from_parts(shape, spacing, origin, axial), 3.0, SeriesInfo(
-            description="AX PD FS", number=next(seriesno), repetition_time_ms=3000.0, echo_time_ms=30.0,
-            acquisition="2D", thickness_mm=3.0, uid=_uid(seed, index, "ax"), scan_options=("FS",)), "PD"))
-        # a sagittal localizer: few thick slices, must not win over the diagnostic T1
-        loc = _sagittal_grid(rng, fov_centre, replace(ranges, coverage_lr_mm=(30.0, 30.0)), 10.0, 0.0, 128, 1.2,
-                             oblique)
-        extras.append(Acquisition(loc, 10.0, SeriesInfo(
-            description="localizer", number=1, repetition_time_ms=8.6, echo_time_ms=4.0, acquisition="2D",
-            thickness_mm=10.0, uid=_uid(seed, index, "loc"), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
-            scanning_sequence=("GR",), sequence_variant=("SP",), sequence_name="*fl2d1", flip_angle_deg=20.0),
-            "T1"))
+    return protocol, t1, t2
 
+
+def _extra_series(rng, seed: int, index: int, ranges: ProtocolRanges, fov_centre, oblique, seriesno) -> list:
+    """Series ingest must leave out: an axial fat-suppressed PD, and a sagittal localizer that must
+    not win over the diagnostic T1."""
+    axial = np.stack([np.array([0.0, 0.0, -1.0]), np.array([0.0, 1.0, 0.0]), np.array([1.0, 0.0, 0.0])], 1)
+    n_ax, m_ax, sp_ax = 20, 160, 0.9
+    shape = (n_ax, m_ax, m_ax)
+    spacing = np.array([3.5, sp_ax, sp_ax])
+    origin = fov_centre - axial @ ((np.asarray(shape) - 1) / 2.0 * spacing)
+    extras = [Acquisition(Grid.from_parts(shape, spacing, origin, axial), 3.0, SeriesInfo(
+        description="AX PD FS", number=next(seriesno), repetition_time_ms=3000.0, echo_time_ms=30.0,
+        acquisition="2D", thickness_mm=3.0, uid=_uid(seed, index, "ax"), scan_options=("FS",)), "PD")]
+    loc = _sagittal_grid(rng, fov_centre, replace(ranges, coverage_lr_mm=(30.0, 30.0)), 10.0, 0.0, 128, 1.2, oblique)
+    extras.append(Acquisition(loc, 10.0, SeriesInfo(
+        description="localizer", number=1, repetition_time_ms=8.6, echo_time_ms=4.0, acquisition="2D",
+        thickness_mm=10.0, uid=_uid(seed, index, "loc"), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        scanning_sequence=("GR",), sequence_variant=("SP",), sequence_name="*fl2d1", flip_angle_deg=20.0), "T1"))
+    return extras
+
+
+def _identity(rng, seed: int, index: int, sex: str, age: int) -> tuple[str, date, dict, dict]:
+    """The DICOM identity a real study would carry (invented names, IDs, dates): what the store must
+    never let out."""
     subject_id = f"9{rng.integers(0, 10**6):06d}"
     study_date = date(2004, 1, 1) + timedelta(days=int(rng.integers(0, 3000)))
     birth = study_date - timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
@@ -319,9 +357,8 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         "PatientSex": sex,
         "PatientAge": f"{age:03d}Y",
     }
-    study_uid = _uid(seed, index, "study")
     study = {
-        "StudyInstanceUID": study_uid,
+        "StudyInstanceUID": _uid(seed, index, "study"),
         "StudyDate": study_date.strftime("%Y%m%d"),
         "StudyTime": f"{rng.integers(7, 19):02d}{rng.integers(0, 60):02d}00",
         "StudyID": f"{rng.integers(1, 10**4)}",
@@ -331,10 +368,7 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
         "FrameOfReferenceUID": _uid(seed, index, "for"),
         "StudyDescription": "MRI KNEE",
     }
-    return SubjectPlan(index, subject_id, group, age, sex, kl, side, anatomy, pose, study_uid, study_date,
-                       str(rng.choice(VISITS)), patient, study, t1, t2, extras,
-                       shuffle_files=bool(rng.random() < ranges.p_shuffled_files), seed=(seed, index),
-                       protocol=protocol)
+    return subject_id, study_date, patient, study
 
 
 # Longitudinal change of the synthetic cohort, per year since baseline (the OAI's visits are

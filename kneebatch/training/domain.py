@@ -16,9 +16,7 @@ jitter (the coarse net's box at inference varies about as much), cut by the same
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,7 +43,7 @@ class DomainTrainer(Trainer):
                  jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 1e-3, init_from=None,
                  refresh_every: int = 2, p_random: float = 0.5, p_deform: float = 0.5, device: str = "cpu"):
         # every label of the schema is in the synthetic truth: no label set
-        self._setup(out, cfg, "synthetic", seed, jitter_mm, batch_size, lr, init_from, None, device)
+        super().__init__(out, cfg, "synthetic", seed, jitter_mm, batch_size, lr, init_from, None, device)
         self.refresh_every, self.p_random, self.p_deform = refresh_every, p_random, p_deform
         self.volumes = {v.key: v for v in volumes}
         self._use_keys(sorted(self.volumes))
@@ -85,9 +83,6 @@ class DomainTrainer(Trainer):
         _log(f"rendered {sum(map(len, self.cases.values()))} images of {len(self.volumes)} label volumes "
              f"({', '.join(f'{p} {len(c)}' for p, c in self.cases.items())}) in {time.perf_counter() - t:.0f} s")
 
-    def make_fine_crops(self, coarse_model) -> None:
-        """Fine crops were cut with the cases (from the truth's box, see the module doc)."""
-
     def _refresh(self, coarse_only: bool = False) -> None:
         self._steps += 1
         if self._steps % self.refresh_every:
@@ -120,6 +115,9 @@ class DomainTrainer(Trainer):
         self.test_by_contrast = {c: _mean_scores(s) for c, s in per_contrast.items()}
         return _mean_scores(scores)
 
+    def extra_metrics(self) -> dict:
+        return {"test_dice_by_contrast": self.test_by_contrast, "held_out_contrasts": list(HELD_OUT_FAMILIES)}
+
 
 def _fixed_look(name: str, rng: np.random.Generator):
     if name == "random":
@@ -143,8 +141,4 @@ def train_domain(volumes, out, minutes_coarse: float, minutes_fine: float, threa
     tr.load()
     coarse = tr.run_stage("coarse", minutes_coarse, eval_every=100)
     fine = tr.run_stage("fine", minutes_fine, eval_every=eval_every_fine)
-    metrics = finish(tr, coarse, fine, seed, minutes_coarse, minutes_fine)
-    metrics["test_dice_by_contrast"] = tr.test_by_contrast
-    metrics["held_out_contrasts"] = list(HELD_OUT_FAMILIES)
-    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    return finish(tr, coarse, fine, seed, minutes_coarse, minutes_fine)

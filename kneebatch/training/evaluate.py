@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kneebatch.ingest.assemble import THIN_SLICE_MM  # the thinnest 2-D slices: thinner series are 3-D
+
 
 @dataclass
 class Accuracy:
@@ -36,7 +38,7 @@ class Accuracy:
 def held_out_accuracy(root, protocol: str, n: int, seed: int, engines=None, preset: str = "clinical",
                       key_file=None, ranges=None, **run_options) -> Accuracy:
     """Synthesise ``n`` studies of ``protocol`` under ``root``, convert, run, score against truth."""
-    from kneebatch.ingest.convert import convert
+    from kneebatch.jobs.convert import convert
     from kneebatch.jobs.run import run
     from kneebatch.outputs import read_rows
     from kneebatch.synth.cohort import generate_cohort
@@ -108,7 +110,6 @@ SET_TARGETS = {"femur": 0.95, "tibia": 0.95, "patella": 0.95,
                "patellar_cartilage": 0.85, "medial_meniscus": 0.80, "lateral_meniscus": 0.80, "acl": 0.80,
                "pcl": 0.80, "mcl": 0.80, "lcl": 0.80, "quadriceps_muscle": 0.90, "hamstring_muscle": 0.90,
                "gastrocnemius_muscle": 0.90, "effusion": 0.85}
-THIN_SLICE_MM = 1.5
 COLLATERAL = ("mcl", "lcl")
 MAX_MEDIAN_EFFUSION_ERROR_PCT = 10.0
 PREVIEW_MEAN_DICE = 0.85  # a set below its targets ships, marked preview, only from this mean Dice up

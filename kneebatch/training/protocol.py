@@ -29,8 +29,8 @@ TRAIN_PRESET = "train"
 def protocol_store(spec: SetSpec, data: Path, n: int, seed: int, workers: int = 1, key_file=None) -> Path:
     """``n`` synthetic studies of ``spec``'s protocols (shared between them), converted into
     ``data/store.zarr`` with their truth as the ``truth`` label maps."""
-    from kneebatch.ingest.convert import convert
     from kneebatch.ingest.label_import import import_labels
+    from kneebatch.jobs.convert import convert
     from kneebatch.synth.cohort import generate_cohort, ranges_for
 
     data.mkdir(parents=True, exist_ok=True)
@@ -57,13 +57,21 @@ def set_config(spec: SetSpec, init_from: Path | None) -> ModelConfig:
     return cfg
 
 
+def shipped_t1_t2() -> Path:
+    """What a protocol's set starts from by default: the shipped t1-t2 set (or the first set of the
+    engines $KNEEBATCH_ENGINES names, when it has no t1-t2)."""
+    from kneebatch.inference.engine_dir import engines_dir, set_dirs
+
+    return engines_dir(None, "t1-t2" if "t1-t2" in set_dirs() else None)
+
+
 def train_protocol(spec: SetSpec, out, n: int = 40, seed: int = 0, volume_seed: int = 3000, init_from=None,
                    minutes_coarse: float = 2.0, minutes_fine: float = 30.0, lr: float = 1e-3, threads: int | None = None,
                    workers: int = 1, device: str = "cpu", batch_size: int = 2, eval_every_fine: int = 50) -> dict:
     from kneebatch.training.train import init_folder, train
 
     out = Path(out)
-    init_from = init_folder(init_from)
+    init_from = init_folder(init_from or shipped_t1_t2())
     store = protocol_store(spec, out / "data", n, volume_seed, workers)
     metrics = train(store, out, minutes_coarse=minutes_coarse, minutes_fine=minutes_fine, threads=threads, seed=seed,
                     cfg=set_config(spec, init_from), init_from=init_from, lr=lr, device=device,

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from kneebatch import labels as L
 from kneebatch.errors import StudyError
-from kneebatch.measure import dice_per_label
+from kneebatch.measure import dice, dice_per_label
 from kneebatch.models.checkpoints import load_weights, save_weights
 from kneebatch.models.config import ModelConfig, build_network
 from kneebatch.models.preprocess import box_from_mask, fine_crop, normalize, pad_to_multiple, resize
@@ -47,6 +48,7 @@ class Case:
     fine_x: torch.Tensor | None = None  # [2, *working] float16
     fine_y: torch.Tensor | None = None  # [*working] uint8
     native: tuple | None = None  # for test-time evaluation: (image uint16, labels uint8, grid)
+    full: tuple | None = None  # (x, y, grid) at full resolution, until the fine crop is cut from it
     contrast: str = ""  # synthetic images: the appearance they were rendered with
 
 
@@ -64,27 +66,15 @@ def _log(msg: str) -> None:
 
 
 class Trainer:
-    def __init__(self, store_path, out, cfg: ModelConfig | None = None, label_name: str = "truth", seed: int = 0,
+    """The coarse-to-fine training loop (checkpoints, EMA, validation, test) over the cases a
+    subclass loads: :class:`StoreTrainer` from a cohort store's label maps,
+    :class:`~kneebatch.training.domain.DomainTrainer` from synthetic label volumes. The nets train
+    on ``device`` (on a GPU in bfloat16 autocast); cases and batches are made on the CPU and go
+    there one batch at a time."""
+
+    def __init__(self, out, cfg: ModelConfig | None = None, label_name: str = "truth", seed: int = 0,
                  jitter_mm: float = 10.0, batch_size: int = 2, lr: float = 2e-3, init_from=None, label_set=None,
                  device: str = "cpu"):
-        from kneebatch.ingest.store import CohortStore
-
-        self.store = CohortStore(store_path, create=False)
-        self._setup(out, cfg, label_name, seed, jitter_mm, batch_size, lr, init_from, label_set, device)
-        labelled = [k for k in self.store.study_keys() if label_name in self.store.label_names(k)]
-        keys = [k for k in labelled if self._has_inputs(k)]
-        if len(keys) < 3:
-            need = "any sagittal series" if self.cfg.per_series else \
-                " + ".join("|".join(a) for a in self.cfg.input_roles)
-            found = sorted({"+".join(self.store.channels(k)) for k in labelled}) or ["no labelled studies"]
-            raise ValueError(f"need at least 3 studies with '{label_name}' label maps and the nets' inputs ({need}); "
-                             f"found {len(keys)} (labelled studies have: {', '.join(found)})")
-        self._use_keys(keys)
-
-    def _setup(self, out, cfg, label_name, seed, jitter_mm, batch_size, lr, init_from, label_set,
-               device: str = "cpu") -> None:
-        """What every trainer holds, whatever its data. The nets train on ``device`` (on a GPU in
-        bfloat16 autocast); cases and batches are made on the CPU and go there one batch at a time."""
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = self.out / "checkpoints"
@@ -92,13 +82,21 @@ class Trainer:
         self.label_name = label_name
         self.seed, self.jitter_mm, self.batch_size, self.lr = seed, jitter_mm, batch_size, lr
         self.init_from = init_folder(init_from)
-        self.label_set = label_set  # kneebatch.ingest.datasets.LabelSet: partial labels (marginal loss)
+        self.label_set = label_set  # kneebatch.label_sets.LabelSet: partial labels (marginal loss)
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         self.log_rows: list[dict] = []
         self.device = torch.device(device)
         # bfloat16 where the GPU computes it natively (Ampere and later); float32 elsewhere
         self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+    def load(self) -> None:
+        """Fill ``self.cases`` (``train``, ``val``, ``test``) from ``self.split``."""
+        raise NotImplementedError
+
+    def extra_metrics(self) -> dict:
+        """What a subclass adds to ``metrics.json``."""
+        return {}
 
     def _on_host(self, model):
         """``model`` (on the training device) as a function of CPU tensors: validation works on the
@@ -111,49 +109,8 @@ class Trainer:
         self.split = split_keys(keys, self.seed)
         (self.out / "model_config.json").write_text(self.cfg.to_json())
 
-    # ------------------------------------------------------------------ data
-    def _has_inputs(self, key: str) -> bool:
-        try:
-            self.cfg.input_channels(self.store.channels(key))
-            return True
-        except StudyError:
-            return False
-
-    def _load(self, key: str, keep_native: bool) -> Case:
-        image, grid = self.store.read_image(key, self.cfg.input_channels(self.store.channels(key)))
-        labels = self.store.read_labels(key, self.label_name)
-        if self.label_set is not None:  # file ids -> the set's classes (0 = every unannotated label)
-            labels = self.label_set.file_to_class()[labels].astype(np.uint8)
-        x = normalize(torch.from_numpy(image.astype(np.float32)))
-        y = torch.from_numpy(labels)
-        case = Case(key, resize(x, self.cfg.coarse_shape).half(), resize(y, self.cfg.coarse_shape, labels=True))
-        case.native = (image, labels, grid) if keep_native else None
-        case._x, case._y, case._grid = x, y, grid  # dropped after the fine crop is made
-        return case
-
-    def load(self) -> None:
-        t = time.perf_counter()
-        self.cases = {part: [self._load(k, part == "test") for k in keys] for part, keys in self.split.items()}
-        _log(f"loaded {sum(map(len, self.cases.values()))} studies "
-             f"({', '.join(f'{p} {len(c)}' for p, c in self.cases.items())}) in {time.perf_counter() - t:.0f} s")
-
     def make_fine_crops(self, coarse_model) -> None:
-        from kneebatch.inference.segment import series_mean
-
-        coarse_model.eval()
-        net = self._on_host(coarse_model)
-        for part, cases in self.cases.items():
-            for case in cases:
-                with torch.inference_mode():
-                    xc, _ = pad_to_multiple(case.coarse_x.float(), self.cfg.coarse.divisor())
-                    pred = series_mean(lambda v: net(v[None])[0], xc, self.cfg).argmax(0)
-                native = tuple(case._x.shape[1:])
-                jitter = self.jitter_mm if part == "train" else 0.0
-                margin = self.cfg.crop_margin_mm + float(self.rng.uniform(-jitter, jitter))
-                box = box_from_mask(pred > 0, native, case._grid.spacing, max(margin, 2.0))
-                crop_x, case.fine_y = fine_crop(case._x, box, case._grid.spacing, self.cfg, case._y)
-                case.fine_x = crop_x.half()
-                del case._x, case._y
+        """Cut each case's fine crop (where a subclass does not cut them as it loads)."""
 
     # ------------------------------------------------------------------ batches
     def _augment(self, x: torch.Tensor, y: torch.Tensor):
@@ -217,9 +174,8 @@ class Trainer:
         merged, truth = lut[pred.long()], truth.long()
         out = {}
         for c, name in enumerate(self.label_set.class_names()[1:], start=1):
-            p, t = merged == c, truth == c
-            if bool(t.any()):
-                out[name] = 2 * int((p & t).sum()) / (int(p.sum()) + int(t.sum()))
+            if bool((truth == c).any()):
+                out[name] = dice(merged == c, truth == c)
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -247,7 +203,7 @@ class Trainer:
             x, _ = pad_to_multiple(case.coarse_x.float(), self.cfg.coarse.divisor())
             fg_pred = series_mean(lambda v: net(v[None])[0], x, self.cfg).argmax(0) > 0
             fg = case.coarse_y > 0
-            scores.append(2 * int((fg_pred & fg).sum()) / max(int(fg_pred.sum()) + int(fg.sum()), 1))
+            scores.append(dice(fg_pred, fg))
         model.train()
         return float(np.mean(scores))
 
@@ -255,7 +211,9 @@ class Trainer:
     def run_stage(self, stage: str, minutes: float, eval_every: int) -> torch.nn.Module:
         net_cfg = self.cfg.coarse if stage == "coarse" else self.cfg.fine
         model = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes).to(self.device)
-        ema = build_network(net_cfg, self.cfg.in_channels, self.cfg.n_classes).to(self.device)
+        # the weights validated and kept: an exponential average whose decay grows to 0.99 over the
+        # first steps (buffers averaged too, use_buffers: instance norm keeps none, but a net may)
+        ema = AveragedModel(model, avg_fn=_ema_step, use_buffers=True)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=1e-4)
         loss_fn = self.loss_function().to(self.device)  # the marginal loss holds its class map as a buffer
         step, elapsed, best = 0, 0.0, -1.0
@@ -264,7 +222,8 @@ class Trainer:
         if last.exists():  # resume
             state, meta = load_weights(last)
             model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
-            ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
+            ema.module.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema.")})
+            ema.n_averaged.fill_(meta["step"] + 1)
             _load_optimizer(opt, state)
             step, elapsed, best = meta["step"], meta["elapsed_s"], meta["best"]
             self.log_rows = meta.get("log", [])
@@ -272,7 +231,6 @@ class Trainer:
         else:
             if self.init_from is not None:
                 self._initialise(model, self.init_from / f"{stage}.safetensors")
-            ema.load_state_dict(model.state_dict())
         if minutes <= 0:  # this stage is not trained: the initial weights are its result
             _log(f"{stage}: not trained (0 minutes), weights as initialised")
             save_weights(final, model.state_dict(), {"stage": stage, "step": 0, "val_score": float("nan"),
@@ -319,33 +277,27 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
             opt.step()
             step += 1
-            with torch.no_grad():
-                decay = min(0.99, (1 + step) / (10 + step))
-                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
-                    if pe.is_floating_point():
-                        pe.mul_(decay).add_(pm, alpha=1 - decay)
-                    else:
-                        pe.copy_(pm)
+            ema.update_parameters(model)
             if step % eval_every == 0 or time.perf_counter() - t_start >= budget:
                 row = {"stage": stage, "step": step, "minutes": round((time.perf_counter() - t_start) / 60, 2),
                        "loss": round(float(loss.detach()), 4), "lr": lr}
                 if stage == "coarse":
-                    score = self.validate_coarse(ema)
+                    score = self.validate_coarse(ema.module)
                     row["val_foreground_dice"] = round(score, 4)
                 else:
-                    per_label = self.validate_fine(ema)
+                    per_label = self.validate_fine(ema.module)
                     score = float(np.mean(list(per_label.values())))
                     row.update({f"val_{k}": round(v, 4) for k, v in per_label.items()})
                 row["val_score"] = round(score, 4)
                 self.log_rows.append(row)
                 if score > best:
                     best = score
-                    save_weights(final, ema.state_dict(), {"stage": stage, "step": step, "val_score": score,
+                    save_weights(final, ema.module.state_dict(), {"stage": stage, "step": step, "val_score": score,
                                                            "config": json.loads(self.cfg.to_json())},
                                  dtype=torch.float16)
                 _log(f"{stage} step {step} loss {float(loss.detach()):.3f} val {score:.4f} best {best:.4f} lr {lr:.2e}")
                 state = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                         **{f"ema.{k}": v for k, v in ema.state_dict().items()}, **_optimizer_tensors(opt)}
+                         **{f"ema.{k}": v for k, v in ema.module.state_dict().items()}, **_optimizer_tensors(opt)}
                 save_weights(last, state, {"step": step, "elapsed_s": time.perf_counter() - t_start, "best": best,
                                            "minutes": minutes, "log": self.log_rows})
         best_state, _ = load_weights(final)
@@ -398,6 +350,77 @@ class Trainer:
 
     def evaluate_test(self, coarse, fine) -> dict:
         return _mean_scores(self.test_scores(coarse, fine))
+
+
+class StoreTrainer(Trainer):
+    """Training on a cohort store's studies with label maps (``label_name``), split 8:1:1 by study."""
+
+    def __init__(self, store_path, out, cfg: ModelConfig | None = None, label_name: str = "truth", **kwargs):
+        from kneebatch.ingest.store import CohortStore
+
+        super().__init__(out, cfg, label_name, **kwargs)
+        self.store = CohortStore(store_path, create=False)
+        labelled = [k for k in self.store.study_keys() if label_name in self.store.label_names(k)]
+        keys = [k for k in labelled if self._has_inputs(k)]
+        if len(keys) < 3:
+            need = "any sagittal series" if self.cfg.per_series else \
+                " + ".join("|".join(a) for a in self.cfg.input_roles)
+            found = sorted({"+".join(self.store.channels(k)) for k in labelled}) or ["no labelled studies"]
+            raise ValueError(f"need at least 3 studies with '{label_name}' label maps and the nets' inputs ({need}); "
+                             f"found {len(keys)} (labelled studies have: {', '.join(found)})")
+        self._use_keys(keys)
+
+    def _has_inputs(self, key: str) -> bool:
+        try:
+            self.cfg.input_channels(self.store.channels(key))
+            return True
+        except StudyError:
+            return False
+
+    def _load(self, key: str, keep_native: bool) -> Case:
+        image, grid = self.store.read_image(key, self.cfg.input_channels(self.store.channels(key)))
+        labels = self.store.read_labels(key, self.label_name)
+        if self.label_set is not None:  # file ids -> the set's classes (0 = every unannotated label)
+            labels = self.label_set.file_to_class()[labels].astype(np.uint8)
+        x = normalize(torch.from_numpy(image.astype(np.float32)))
+        y = torch.from_numpy(labels)
+        case = Case(key, resize(x, self.cfg.coarse_shape).half(), resize(y, self.cfg.coarse_shape, labels=True))
+        case.native = (image, labels, grid) if keep_native else None
+        case.full = (x, y, grid)  # dropped once the fine crop is cut
+        return case
+
+    def load(self) -> None:
+        t = time.perf_counter()
+        self.cases = {part: [self._load(k, part == "test") for k in keys] for part, keys in self.split.items()}
+        _log(f"loaded {sum(map(len, self.cases.values()))} studies "
+             f"({', '.join(f'{p} {len(c)}' for p, c in self.cases.items())}) in {time.perf_counter() - t:.0f} s")
+
+    def make_fine_crops(self, coarse_model) -> None:
+        """Cut each case's fine crop around the trained coarse net's box, as inference will."""
+        from kneebatch.inference.segment import series_mean
+
+        coarse_model.eval()
+        net = self._on_host(coarse_model)
+        for part, cases in self.cases.items():
+            for case in cases:
+                with torch.inference_mode():
+                    xc, _ = pad_to_multiple(case.coarse_x.float(), self.cfg.coarse.divisor())
+                    pred = series_mean(lambda v: net(v[None])[0], xc, self.cfg).argmax(0)
+                x, y, grid = case.full
+                native = tuple(x.shape[1:])
+                jitter = self.jitter_mm if part == "train" else 0.0
+                margin = self.cfg.crop_margin_mm + float(self.rng.uniform(-jitter, jitter))
+                box = box_from_mask(pred > 0, native, grid.spacing, max(margin, 2.0))
+                crop_x, case.fine_y = fine_crop(x, box, grid.spacing, self.cfg, y)
+                case.fine_x = crop_x.half()
+                case.full = None
+
+
+def _ema_step(averaged: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
+    """One EMA step (``AveragedModel``'s ``avg_fn``; its first update copies the net): decay
+    (2 + n) / (11 + n) after n updates, at most 0.99, so the early average follows the net."""
+    decay = torch.clamp((2 + n_averaged) / (11 + n_averaged), max=0.99).to(averaged.dtype)
+    return averaged * decay + current * (1 - decay)
 
 
 def init_folder(path) -> Path | None:
@@ -476,10 +499,35 @@ def write_curves(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def training_labels(store_path, label_map: str | None = None, labels_from=None,
+                    label_name: str | None = None) -> tuple:
+    """``kneebatch train``'s labels: the partial label set ``label_map`` describes (None: full
+    labels), the store's label map name to train on, and what was imported from ``labels_from``
+    (``(n, keys without)``; None when nothing was asked). A partial set's maps keep the data
+    set's ids, so they are stored under the set's name, never as ``truth``."""
+    from kneebatch.label_sets import label_set_from_map, parse_label_map
+
+    # a map that leaves schema labels out (or merges some) is a partial label set: marginal loss
+    label_set = label_set_from_map(label_map) if label_map else None
+    label_name = label_name or (label_set.name if label_set is not None else "truth")
+    imported = None
+    if labels_from is not None:
+        if label_set is not None:
+            from kneebatch.ingest.datasets import import_dataset_labels
+
+            imported = import_dataset_labels(store_path, labels_from, label_set, label_name)
+        else:
+            from kneebatch.ingest.label_import import import_labels
+
+            imported = import_labels(store_path, labels_from, name=label_name,
+                                     label_map=parse_label_map(label_map) if label_map else None)
+    return label_set, label_name, imported
+
+
 def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40.0, threads: int | None = None,
           seed: int = 0, label_name: str = "truth", eval_every_fine: int = 150, cfg: ModelConfig | None = None,
           init_from=None, lr: float = 2e-3, label_set=None, device: str = "cpu", batch_size: int = 2) -> dict:
-    """``label_set`` (:class:`kneebatch.ingest.datasets.LabelSet`): the label maps annotate only its
+    """``label_set`` (:class:`kneebatch.label_sets.LabelSet`): the label maps annotate only its
     classes (marginal loss); the nets' configuration then comes from ``init_from``."""
     if threads:
         torch.set_num_threads(threads)
@@ -487,8 +535,8 @@ def train(store_path, out, minutes_coarse: float = 4.0, minutes_fine: float = 40
     if cfg is None and init_from is not None and (init_from / "model_config.json").exists():
         cfg = ModelConfig.load(init_from / "model_config.json")  # fine-tuning keeps the nets' design
     check_training_device(device)
-    tr = Trainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed, init_from=init_from, lr=lr,
-                 label_set=label_set, device=device, batch_size=batch_size)
+    tr = StoreTrainer(store_path, out, cfg=cfg, label_name=label_name, seed=seed, init_from=init_from, lr=lr,
+                      label_set=label_set, device=device, batch_size=batch_size)
     tr.load()
     coarse = tr.run_stage("coarse", minutes_coarse, eval_every=100)
     tr.make_fine_crops(coarse)
@@ -514,7 +562,7 @@ def finish(tr: Trainer, coarse, fine, seed: int, minutes_coarse: float, minutes_
     write_curves(tr.log_rows, out / "train_curves.png")
     metrics = {"split": {k: len(v) for k, v in tr.split.items()}, "test_dice": test,
                "test_mean_dice": float(np.mean(list(test.values()))), "seed": seed,
-               "minutes": {"coarse": minutes_coarse, "fine": minutes_fine}}
+               "minutes": {"coarse": minutes_coarse, "fine": minutes_fine}, **tr.extra_metrics()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _log(f"test mean Dice {metrics['test_mean_dice']:.4f}")
     return metrics

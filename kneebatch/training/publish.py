@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from kneebatch.inference.engine_dir import SETS_INDEX
-from kneebatch.inference.engines import export_onnx
 from kneebatch.models.checkpoints import load_weights, sha256_file
 from kneebatch.models.config import ModelConfig, build_network
+from kneebatch.models.onnx_export import export_onnx
 
 
 def publish(train_dir, engines_dir, training_note: dict | None = None) -> dict:
