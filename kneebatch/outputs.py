@@ -49,12 +49,35 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
+def umask() -> int:
+    """The process's file-mode creation mask, read without changing it where the OS allows
+    (Linux: /proc/self/status), as setting it to read it would race with other threads."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _set_mode(tmp, private: bool) -> None:
+    """A temporary file (made 0600) gets the mode a plain ``open`` would give it: results are
+    shared as the umask allows; files with identifiers (the keymap) stay 0600."""
+    os.chmod(tmp, 0o600 if private else 0o666 & ~umask())
+
+
+def write_table_atomic(table: pa.Table, path: str | os.PathLike, private: bool = False) -> Path:
+    """A Parquet (or, for ``.arrow``, Arrow IPC) table written atomically; ``private``: 0600
+    whatever the umask (it holds identifiers)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        _set_mode(tmp, private)
         if path.suffix == ".arrow":  # Arrow IPC: what kneebatch writes for itself (part files), quick to read back
             feather.write_feather(table, tmp, compression="uncompressed")
         else:
@@ -115,6 +138,7 @@ def write_bytes_atomic(path, data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _set_mode(tmp, False)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

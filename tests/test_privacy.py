@@ -46,3 +46,30 @@ def test_study_keys_cannot_name_paths(store):
     for bad in ("../escape", "/etc", "k..", "K0123456789"):
         with pytest.raises(ValueError, match="not a study key"):
             s.has_study(bad)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o007])
+def test_results_follow_the_umask_and_only_the_identifiers_stay_private(cohort, tiny_engines, tmp_path, key_file,
+                                                                         mask):
+    """Colleagues in a shared project folder can read the results (as the umask allows); the keymap
+    (identifiers) and the study-key secret are the owner's alone."""
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        store, out = tmp_path / "s.zarr", tmp_path / "out"
+        key = tmp_path / "study.key"
+        assert main(["convert", str(cohort / "dicom"), str(store), "--workers", "1", "--key-file", str(key)]) == 0
+        assert main(["run", str(store), str(out), "--engines", str(tiny_engines), "--workers", "1", "-q"]) == 0
+    finally:
+        os.umask(old)
+
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    shared = 0o666 & ~mask
+    for path in (out / "measurements.parquet", out / "failures.parquet", out / "provenance.json",
+                 store / "failures.parquet", store / "visits.parquet", *sorted((out / "parts").glob("*.arrow"))):
+        assert mode(path) == shared, path.name
+    assert mode(store / "keymap.parquet") == 0o600 and mode(key) == 0o600

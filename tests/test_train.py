@@ -8,6 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from kneebatch.ingest.label_import import import_labels
+from kneebatch.ingest.store import CohortStore
 from kneebatch.measure import dice_per_label
 from kneebatch.training.train import split_keys, train
 from tests.conftest import TINY
@@ -23,6 +24,23 @@ def test_split_is_8_1_1_by_subject_and_stable():
     assert [len(split[p]) for p in ("train", "val", "test")] == [40, 5, 5]
     assert set().union(*split.values()) == set(keys)
     assert split == split_keys(list(reversed(keys)), seed=0)
+
+
+def test_split_keeps_every_visit_of_a_subject_in_one_part():
+    """4 subjects x 3 visits: no validation or test subject has a visit in training."""
+    keys = [f"k{s}{v:019x}" for s in "abcd" for v in range(3)]
+    subject = {k: f"s{k[1]}" for k in keys}
+    split = split_keys(keys, seed=0, subject_of=subject.get)
+    subjects = {part: {subject[k] for k in split[part]} for part in split}
+    assert [len(subjects[p]) for p in ("train", "val", "test")] == [2, 1, 1]
+    assert [len(split[p]) for p in ("train", "val", "test")] == [6, 3, 3]
+    assert not subjects["train"] & (subjects["val"] | subjects["test"]) and not subjects["val"] & subjects["test"]
+    assert set().union(*split.values()) == set(keys)
+    # the old study-level split would have put visits of held-out subjects in training
+    by_study = split_keys(keys, seed=0)
+    assert {subject[k] for k in by_study["train"]} & {subject[k] for k in by_study["val"] + by_study["test"]}
+    with pytest.raises(ValueError, match="at least 3 subjects"):
+        split_keys(keys[:6], seed=0, subject_of=subject.get)  # 2 subjects
 
 
 def test_dice_per_label_exact():
@@ -42,6 +60,11 @@ def test_train_writes_safetensors_log_metrics_and_resumes(cohort, store, tmp_pat
     out = tmp_path / "run"
     m1 = train(work, out, minutes_coarse=0.05, minutes_fine=0.05, cfg=TINY, eval_every_fine=5)
     assert m1["split"] == {"val": 1, "test": 1, "train": 4}
+    # the held-out studies are named (by key), and none of them is trained on
+    held = m1["held_out"]
+    assert m1["split_by"] == "subject" and len(held["val"]) == len(held["test"]) == 1
+    assert set(held["val"] + held["test"]) < set(CohortStore(work).study_keys())
+    assert json.loads((out / "metrics.json").read_text())["held_out"] == held
     assert len(m1["test_dice"]) >= 15 and all(0.0 <= d <= 1.0 for d in m1["test_dice"].values())
     assert m1["test_mean_dice"] == pytest.approx(float(np.mean(list(m1["test_dice"].values()))))
     for name in ("coarse.safetensors", "fine.safetensors", "model_config.json", "metrics.json", "train_log.csv",

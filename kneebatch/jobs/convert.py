@@ -157,7 +157,8 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
     if shard.whole:
         _add_to_keymap(store, [keymap])
     else:
-        write_table_atomic(merge_tables([keymap], KEYMAP_SCHEMA), store.path / SHARDS / f"keymap-{shard.name}.parquet")
+        write_table_atomic(merge_tables([keymap], KEYMAP_SCHEMA), store.path / SHARDS / f"keymap-{shard.name}.parquet",
+                           private=True)
 
     def save(result):
         report.converted += len(result["rows"])
@@ -194,7 +195,7 @@ def merge_store(store_path) -> dict:
 
 def _add_to_keymap(store: CohortStore, tables: list[pa.Table]) -> None:
     keymap = merge_tables([read_table(store.keymap_path, KEYMAP_SCHEMA), *tables], KEYMAP_SCHEMA)
-    write_table_atomic(keymap, store.keymap_path)
+    write_table_atomic(keymap, store.keymap_path, private=True)  # the identifiers: owner only
     write_visits(store.path, keymap.to_pylist())
 
 

@@ -52,13 +52,29 @@ class Case:
     contrast: str = ""  # synthetic images: the appearance they were rendered with
 
 
-def split_keys(keys, seed: int = 0) -> dict[str, list[str]]:
-    """Deterministic subject-level 8:1:1 split by a hash of the key."""
-    ordered = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
-    n = len(ordered)
-    n_val = max(1, round(n * 0.1))
-    n_test = max(1, round(n * 0.1))
-    return {"val": ordered[:n_val], "test": ordered[n_val:n_val + n_test], "train": ordered[n_val + n_test:]}
+def split_keys(keys, seed: int = 0, subject_of=None) -> dict[str, list[str]]:
+    """Deterministic 8:1:1 split by subject: every study of a subject (``subject_of(key)``; a study
+    whose subject is unknown is its own) lands in the same part, so no visit of a validation or
+    test subject is trained on. Subjects are ordered by a hash of their first study key (with one
+    study per subject, the order of the studies themselves); validation and test take whole
+    subjects until they hold a tenth of the studies each (at least one)."""
+    groups: dict = {}
+    for k in sorted(keys):
+        subject = subject_of(k) if subject_of is not None else None
+        groups.setdefault(subject if subject is not None else ("study", k), []).append(k)
+    if len(groups) < 3:
+        raise ValueError(f"{len(keys)} studies of {len(groups)} subjects: a split into training, validation and test "
+                         "needs studies of at least 3 subjects")
+    ordered = sorted(groups.values(), key=lambda g: hashlib.sha256(f"{seed}:{g[0]}".encode()).hexdigest())
+    n = len(keys)
+    out = {"val": [], "test": [], "train": []}
+    wanted = {"val": max(1, round(n * 0.1)), "test": max(1, round(n * 0.1))}
+    for i, group in enumerate(ordered):
+        last = i == len(ordered) - 1
+        part = next((p for p in ("val", "test") if len(out[p]) < wanted[p] and not (last and not out["train"])),
+                    "train")
+        out[part].extend(group)
+    return out
 
 
 def _log(msg: str) -> None:
@@ -105,8 +121,8 @@ class Trainer:
             return model
         return lambda v: model(v.to(self.device)).float().cpu()
 
-    def _use_keys(self, keys) -> None:
-        self.split = split_keys(keys, self.seed)
+    def _use_keys(self, keys, subject_of=None) -> None:
+        self.split = split_keys(keys, self.seed, subject_of)
         (self.out / "model_config.json").write_text(self.cfg.to_json())
 
     def make_fine_crops(self, coarse_model) -> None:
@@ -368,7 +384,9 @@ class StoreTrainer(Trainer):
             found = sorted({"+".join(self.store.channels(k)) for k in labelled}) or ["no labelled studies"]
             raise ValueError(f"need at least 3 studies with '{label_name}' label maps and the nets' inputs ({need}); "
                              f"found {len(keys)} (labelled studies have: {', '.join(found)})")
-        self._use_keys(keys)
+        from kneebatch.ingest.visits import visit_of
+
+        self._use_keys(keys, lambda k: visit_of(self.store.path, k)["subject_key"])
 
     def _has_inputs(self, key: str) -> bool:
         try:
@@ -560,7 +578,9 @@ def finish(tr: Trainer, coarse, fine, seed: int, minutes_coarse: float, minutes_
         w.writeheader()
         w.writerows(tr.log_rows)
     write_curves(tr.log_rows, out / "train_curves.png")
-    metrics = {"split": {k: len(v) for k, v in tr.split.items()}, "test_dice": test,
+    metrics = {"split": {k: len(v) for k, v in tr.split.items()}, "split_by": "subject",
+               # which studies were held out: a model is judged on studies (and subjects) it never saw
+               "held_out": {part: tr.split[part] for part in ("val", "test")}, "test_dice": test,
                "test_mean_dice": float(np.mean(list(test.values()))), "seed": seed,
                "minutes": {"coarse": minutes_coarse, "fine": minutes_fine}, **tr.extra_metrics()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
