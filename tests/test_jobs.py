@@ -159,3 +159,38 @@ def test_submit_and_merge_refuse_what_cannot_work_before_anything_is_submitted(c
     with pytest.raises(ValueError, match="does not exist"):
         convert(cohort / "dicom", tmp_path / "s.zarr", key_file=tmp_path / "other.key", show_progress=False)
     assert not (tmp_path / "other.key").exists()
+
+
+def test_status_understands_whole_runs_and_merge_names_unfinished_shards(store, tiny_engines, tmp_path, capsys):
+    """A finished run without shards is 'finished' (not '0/1 missing'); one stopped part way is
+    'unfinished' and says how to resume; merge of a submitted array names every unfinished shard."""
+    from kneebatch.jobs.slurm import progress_line
+
+    out = tmp_path / "whole"
+    run(store, out, engines_path=tiny_engines, show_progress=False)
+    [whole] = job_status(out)["shards"]
+    assert whole == {"shard": "whole", "state": "finished", "studies": 6, "saved": 6, "failed": 0}
+    assert main(["status", str(out)]) == 0
+    assert "finished: the final tables are written" in " ".join(capsys.readouterr().out.split())
+    (out / "provenance.json").unlink()  # as if stopped before gathering
+    [whole] = job_status(out)["shards"]
+    assert whole["state"] == "unfinished" and whole["saved"] == 6
+    assert main(["status", str(out)]) == 0
+    assert "rerun the same command to resume" in " ".join(capsys.readouterr().out.split())
+    assert job_status(store)["shards"][0] == {"shard": "whole", "state": "finished", "studies": 6, "saved": 6,
+                                              "failed": 0}
+    # a submitted array whose tasks have started (OUT claimed) and none finished
+    array = tmp_path / "array"
+    run(store, array, engines_path=tiny_engines, show_progress=False, shard=Shard(0, 3))
+    shutil.rmtree(array / "shards")
+    (array / "slurm").mkdir()
+    (array / "slurm" / "submit.json").write_text(json.dumps({"command": ["run"], "shards": 3, "jobs": []}))
+    with pytest.raises(ValueError, match="shards 0/3, 1/3, 2/3 have not finished"):
+        merge(array)
+    # submit --wait's live line
+    (array / "shards").mkdir()
+    (array / "shards" / "shard-00000-of-00003.json").write_text(json.dumps({"report": {
+        "shard": "0/3", "saved": 2, "already_done": 0, "studies_per_s": 0.5}}))
+    assert progress_line(array, 3, {1: "RUNNING", 2: "PENDING"}) == \
+        "1/3 shards finished (2 studies, 0.50 studies/s), 1 running, 1 pending"
+    assert progress_line(array, 3, None).endswith("SLURM's queue cannot be asked")

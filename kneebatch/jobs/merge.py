@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kneebatch.ingest.store import CohortStore, is_store
 from kneebatch.jobs.convert import merge_store
-from kneebatch.jobs.job import SHARDED, all_shards, gather
+from kneebatch.jobs.job import SHARDED, all_shards, gather, shard_records
 from kneebatch.jobs.parts import Parts
 from kneebatch.jobs.slurm import submission
 from kneebatch.measure import measurement_schema
@@ -35,6 +35,10 @@ def merge(out) -> dict:
     marker = json.loads((out / MARKER).read_text())
     if marker["command"] not in SHARDED:
         raise ValueError(f"{out} holds the outputs of 'kneebatch {marker['command']}', which has no shards to merge")
+    submitted = submission(out)
+    if submitted and not shard_records(out):  # tasks have started, none has finished
+        n = submitted["shards"]
+        raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in range(n))} have not finished; kneebatch status {out}")
     records, n = all_shards(out)
     store = CohortStore(marker["settings"]["store"], create=False)
     provenance = {**records[0]["provenance"], "shards": [r["report"] for r in records]}

@@ -101,14 +101,42 @@ def queued_tasks(record: dict) -> dict[int, str] | None:
     return states
 
 
-def wait(out, poll_s: float = 2.0, show=print) -> None:
-    """Until none of the submission's tasks is queued or running."""
+def wait(out, poll_s: float = 2.0, show=None) -> None:
+    """Until none of the submission's tasks is queued or running, with a live line of where the
+    shards stand (``show(line)``; default: stderr, rewritten in place on a terminal, a new line
+    only when it changes elsewhere)."""
     record = submission(out)
+    show = show or _status_line()
+    last = None
     while True:
         queue = queued_tasks(record)
+        line = progress_line(out, record["shards"], queue)
+        if line != last:
+            show(line)
+            last = line
         if queue is not None and not queue:
             return
         time.sleep(poll_s)
+
+
+def progress_line(out, shards: int, queue: dict | None) -> str:
+    """``3/8 shards finished (1,204 studies, 2.10 studies/s), 4 running, 1 pending``."""
+    records = [json.loads(p.read_text())["report"] for p in sorted((Path(out) / "shards").glob("shard-*.json"))]
+    states = list((queue or {}).values())
+    studies = sum(r.get("saved", 0) + r.get("already_done", 0) for r in records)
+    rate = sum(r.get("studies_per_s", 0.0) for r in records)
+    queued = "SLURM's queue cannot be asked" if queue is None else \
+        f"{states.count('RUNNING')} running, {len(states) - states.count('RUNNING')} pending"
+    return f"{len(records)}/{shards} shards finished ({studies:,} studies, {rate:.2f} studies/s), {queued}"
+
+
+def _status_line():
+    tty = sys.stderr.isatty()
+
+    def show(line: str) -> None:
+        print(("\r" + line + "\x1b[K") if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    return show
 
 
 def sbatch(script: Path, *options: str) -> str:

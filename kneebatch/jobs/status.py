@@ -32,6 +32,8 @@ def job_status(out) -> dict:
     else:
         raise ValueError(f"{out} holds no kneebatch job outputs")
     records = {Shard.parse(r["report"]["shard"]).index: r["report"] for r in shard_records(out)}
+    if not records and not submit:
+        return _whole_job(out, command)
     count = submit["shards"] if submit else max([Shard.parse(r["shard"]).count for r in records.values()] or [1])
     queue = queued_tasks(submit) if submit else None
     shards = []
@@ -57,6 +59,31 @@ def job_status(out) -> dict:
             "slurm_job": ", ".join(str(j["job_id"]) for j in submit["jobs"]) if submit else None}
 
 
+def _whole_job(out: Path, command: str) -> dict:
+    """A job run whole (no ``--shard``): finished once it wrote its final tables (a store: once it
+    has a keymap), else unfinished (running, or stopped: the same command resumes it)."""
+    from kneebatch.ingest.store import CohortStore
+    from kneebatch.jobs.parts import Parts
+    from kneebatch.measure import measurement_schema
+    from kneebatch.outputs import FAILURE_SCHEMA, read_table
+
+    whole = {"shard": "whole"}
+    if command == "convert":
+        store = CohortStore(out, create=False)
+        finished = store.keymap_path.exists()
+        whole.update(studies=len(store.study_keys()), saved=len(store.study_keys()),
+                     failed=read_table(store.failures_path, FAILURE_SCHEMA).num_rows)
+    else:
+        finished = (out / "provenance.json").exists()
+        if finished:
+            prov = json.loads((out / "provenance.json").read_text())
+            whole.update(studies=prov["studies"], saved=prov["rows"], failed=prov["failed"] + prov["carried_failures"])
+        else:
+            whole.update(saved=len(Parts(out, measurement_schema()).done_keys()))
+    whole["state"] = "finished" if finished else "unfinished"
+    return {"out": str(out), "command": command, "shards": [whole], "merged": finished, "slurm_job": None}
+
+
 def print_status(status: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -71,7 +98,12 @@ def print_status(status: dict) -> None:
     console = Console()
     console.print(table)
     states = [s["state"] for s in status["shards"]]
-    if status["merged"]:
+    if states == ["unfinished"]:
+        console.print("a job run whole (no shards), not finished: running, or stopped (rerun the same command to "
+                      "resume)")
+    elif status["merged"] and status["shards"][0]["shard"] == "whole":
+        console.print("finished: the final tables are written")
+    elif status["merged"]:
         console.print("merged: the final tables are up to date")
     elif all(s == "finished" for s in states):
         console.print(f"every shard has finished: kneebatch merge {status['out']}")
