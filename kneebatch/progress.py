@@ -30,6 +30,27 @@ def progress_bar(total: int, description: str, show: bool | None = None, unit: s
         yield advance
 
 
+@contextmanager
+def budget_bar(seconds: float, description: str, show: bool | None = None, done: float = 0.0):
+    """A bar over a time budget (training): yields ``update(elapsed_s, text)``; the text (step,
+    loss, ...) replaces the description, the bar and its time left follow the budget."""
+    show = sys.stderr.isatty() if show is None else show
+    if not show:
+        yield lambda elapsed, text="": None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TextColumn("left"),
+               TextColumn("{task.fields[left]}"))
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=seconds, completed=done, left="")
+
+        def update(elapsed, text=""):
+            left = max(0.0, seconds - elapsed)
+            bar.update(task, completed=min(elapsed, seconds), description=text or description,
+                       left=f"{int(left // 60)}:{int(left % 60):02d}")
+
+        yield update
+
+
 def progress_map(fn, items, workers: int = 1, description: str = "", show: bool | None = None):
     """``[fn(x) for x in items]`` over a process pool, in input order, with a bar."""
     items = list(items)

@@ -231,3 +231,38 @@ def test_training_on_cuda_without_a_gpu_is_refused_in_one_line(tmp_path):
 
     assert main(["train-synthetic", str(tmp_path / "run"), "--device", "cuda", "--batch-size", "8"]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_follow_the_wall_clock_between_validations(cohort, store, tmp_path, monkeypatch):
+    """Between validations the full state is saved every CHECKPOINT_EVERY_S seconds of wall clock:
+    with 0 s every step is saved (an interrupt loses nothing), with the default only the end is."""
+    import kneebatch.training.train as train_module
+
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    import_labels(work, cohort / "truth", name="truth")
+    saved = []
+    real = train_module.save_weights
+
+    def spy(path, state, metadata=None, dtype=None):
+        if path.name == "fine_last.safetensors":
+            saved.append(metadata["step"])
+        return real(path, state, metadata, dtype)
+
+    monkeypatch.setattr(train_module, "save_weights", spy)
+    monkeypatch.setattr(train_module, "CHECKPOINT_EVERY_S", 0.0)
+    train(work, tmp_path / "every", minutes_coarse=0.02, minutes_fine=0.05, cfg=TINY, eval_every_fine=10**6)
+    assert len(saved) >= 3 and saved == list(range(1, len(saved) + 1))  # every step
+    saved.clear()
+    monkeypatch.setattr(train_module, "CHECKPOINT_EVERY_S", 3600.0)
+    train(work, tmp_path / "end", minutes_coarse=0.02, minutes_fine=0.05, cfg=TINY, eval_every_fine=10**6)
+    assert len(saved) == 1  # the validation at the end of the budget
+
+
+def test_the_training_bar_shows_step_loss_and_time_left(capsys):
+    from kneebatch.progress import budget_bar
+
+    with budget_bar(600.0, "training the fine net", show=True, done=60.0) as update:
+        update(150.0, "fine net: step 40, loss 0.512, best val 0.801")
+    out = capsys.readouterr().out
+    assert "fine net: step 40, loss 0.512, best val 0.801" in out and "left 7:30" in " ".join(out.split())

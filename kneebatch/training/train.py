@@ -33,6 +33,7 @@ from kneebatch.measure import dice, dice_per_label
 from kneebatch.models.checkpoints import load_weights, save_weights
 from kneebatch.models.config import ModelConfig, build_network
 from kneebatch.models.preprocess import box_from_mask, fine_crop, normalize, pad_to_multiple, resize
+from kneebatch.progress import budget_bar
 
 # Half the fine patches are centred on these: the thin tissues, and the fibula, a few
 # sagittal slices wide, whose edge slices are mostly partial volume.
@@ -50,6 +51,9 @@ class Case:
     native: tuple | None = None  # for test-time evaluation: (image uint16, labels uint8, grid)
     full: tuple | None = None  # (x, y, grid) at full resolution, until the fine crop is cut from it
     contrast: str = ""  # synthetic images: the appearance they were rendered with
+
+
+CHECKPOINT_EVERY_S = 180.0  # wall-clock seconds between checkpoints of the full training state
 
 
 def split_keys(keys, seed: int = 0, subject_of=None) -> dict[str, list[str]]:
@@ -102,6 +106,8 @@ class Trainer:
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         self.log_rows: list[dict] = []
+        self.checkpoint_every_s = CHECKPOINT_EVERY_S
+        self.show_progress = None  # a bar on a terminal (step, loss, time left of the budget)
         self.device = torch.device(device)
         # bfloat16 where the GPU computes it natively (Ampere and later); float32 elsewhere
         self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -269,53 +275,61 @@ class Trainer:
         model.train()
         budget = minutes * 60.0
         t_start = time.perf_counter() - elapsed
-        while True:
-            elapsed = time.perf_counter() - t_start
-            if elapsed >= budget:
-                break
-            frac = elapsed / budget
-            lr = self.lr * min(1.0, (step + 1) / 30) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, y = self.coarse_batch() if stage == "coarse" else self.fine_batch()
-            x, y = x.to(self.device), y.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = model(x)
+        saved_at = time.perf_counter()
+        with budget_bar(budget, f"training the {stage} net", self.show_progress, done=elapsed) as show:
+            while True:
+                elapsed = time.perf_counter() - t_start
+                if elapsed >= budget:
+                    break
+                frac = elapsed / budget
+                lr = self.lr * min(1.0, (step + 1) / 30) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                x, y = self.coarse_batch() if stage == "coarse" else self.fine_batch()
+                x, y = x.to(self.device), y.to(self.device)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    out = model(x)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            initial = teacher(x)
+                # the losses in float32, outside autocast (which would run the marginal loss's einsum in bfloat16)
+                loss = loss_fn(out.float(), y)
                 if teacher is not None:
-                    with torch.no_grad():
-                        initial = teacher(x)
-            # the losses in float32, outside autocast (which would run the marginal loss's einsum in bfloat16)
-            loss = loss_fn(out.float(), y)
-            if teacher is not None:
-                loss = loss + keep(out.float(), initial.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-            opt.step()
-            step += 1
-            ema.update_parameters(model)
-            if step % eval_every == 0 or time.perf_counter() - t_start >= budget:
-                row = {"stage": stage, "step": step, "minutes": round((time.perf_counter() - t_start) / 60, 2),
-                       "loss": round(float(loss.detach()), 4), "lr": lr}
-                if stage == "coarse":
-                    score = self.validate_coarse(ema.module)
-                    row["val_foreground_dice"] = round(score, 4)
-                else:
-                    per_label = self.validate_fine(ema.module)
-                    score = float(np.mean(list(per_label.values())))
-                    row.update({f"val_{k}": round(v, 4) for k, v in per_label.items()})
-                row["val_score"] = round(score, 4)
-                self.log_rows.append(row)
-                if score > best:
-                    best = score
-                    save_weights(final, ema.module.state_dict(), {"stage": stage, "step": step, "val_score": score,
-                                                           "config": json.loads(self.cfg.to_json())},
-                                 dtype=torch.float16)
-                _log(f"{stage} step {step} loss {float(loss.detach()):.3f} val {score:.4f} best {best:.4f} lr {lr:.2e}")
-                state = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                         **{f"ema.{k}": v for k, v in ema.module.state_dict().items()}, **_optimizer_tensors(opt)}
-                save_weights(last, state, {"step": step, "elapsed_s": time.perf_counter() - t_start, "best": best,
-                                           "minutes": minutes, "log": self.log_rows})
+                    loss = loss + keep(out.float(), initial.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+                opt.step()
+                step += 1
+                ema.update_parameters(model)
+                evaluated = step % eval_every == 0 or time.perf_counter() - t_start >= budget
+                if evaluated:
+                    row = {"stage": stage, "step": step, "minutes": round((time.perf_counter() - t_start) / 60, 2),
+                           "loss": round(float(loss.detach()), 4), "lr": lr}
+                    if stage == "coarse":
+                        score = self.validate_coarse(ema.module)
+                        row["val_foreground_dice"] = round(score, 4)
+                    else:
+                        per_label = self.validate_fine(ema.module)
+                        score = float(np.mean(list(per_label.values())))
+                        row.update({f"val_{k}": round(v, 4) for k, v in per_label.items()})
+                    row["val_score"] = round(score, 4)
+                    self.log_rows.append(row)
+                    if score > best:
+                        best = score
+                        save_weights(final, ema.module.state_dict(), {"stage": stage, "step": step, "val_score": score,
+                                                               "config": json.loads(self.cfg.to_json())},
+                                     dtype=torch.float16)
+                    _log(f"{stage} step {step} loss {float(loss.detach()):.3f} val {score:.4f} best {best:.4f} lr {lr:.2e}")
+                # the full state, at every validation and every few minutes between: an interrupt loses at most that
+                if evaluated or time.perf_counter() - saved_at >= self.checkpoint_every_s:
+                    state = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                             **{f"ema.{k}": v for k, v in ema.module.state_dict().items()}, **_optimizer_tensors(opt)}
+                    save_weights(last, state, {"step": step, "elapsed_s": time.perf_counter() - t_start, "best": best,
+                                               "minutes": minutes, "log": self.log_rows})
+                    saved_at = time.perf_counter()
+                show(time.perf_counter() - t_start, f"{stage} net: step {step}, loss {float(loss.detach()):.3f}, "
+                                                    f"best val {max(best, 0.0):.3f}")
         best_state, _ = load_weights(final)
         model.load_state_dict(best_state)
         return model.eval()
