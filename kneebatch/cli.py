@@ -270,6 +270,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from kneebatch.evaluate import evaluate
+    from kneebatch.label_sets import parse_label_map
+
+    summary = evaluate(args.pred, args.truth, args.out, parse_label_map(args.label_map) if args.label_map else None,
+                       parse_label_map(args.truth_label_map) if args.truth_label_map else None,
+                       show_progress=not args.quiet)
+    print(f"{summary['cases']} studies scored ({len(summary['without_truth'])} without a reference file); "
+          f"mean Dice {summary['mean_dice'] if summary['mean_dice'] is not None else float('nan'):.3f}")
+    for name, t in summary["tissues"].items():
+        hd = f"{t['median_hd95_mm']:.2f} mm" if t["median_hd95_mm"] is not None else "-"
+        vol = f"{t['median_abs_volume_error_pct']:.1f} %" if t["median_abs_volume_error_pct"] is not None else "-"
+        print(f"  {name:26s} Dice {t['mean_dice']:.3f}  HD95 {hd:>9s}  |volume error| {vol:>7s}  ({t['cases']} studies)")
+    print(f"-> {Path(args.out) / 'evaluation.parquet'}, {Path(args.out) / 'summary.json'}")
+    return 0
+
+
 def cmd_export_engines(args) -> int:
     from kneebatch.training.publish import publish
 
@@ -684,6 +701,21 @@ def _add_export(sub) -> None:
     s.set_defaults(func=cmd_export)
 
 
+def _add_evaluate(sub) -> None:
+    s = sub.add_parser("evaluate", help="score label maps against reference ones: Dice, HD95, volume error per "
+                                        "study and tissue -> Parquet + summary")
+    s.add_argument("pred", type=Path, help="a folder of label files (NIfTI / MetaImage, e.g. kneebatch export's or "
+                                           "nnU-Net's) or a run / measure output folder")
+    s.add_argument("truth", type=Path, help="a folder of reference label files, named by study key, "
+                                            "StudyInstanceUID or case name (with or without _labels)")
+    s.add_argument("out", type=Path, help="output folder: evaluation.parquet, summary.json")
+    s.add_argument("--label-map", default="", help="the predictions' ids as schema labels, ID:LABEL,... "
+                                                   "(another tool's label ids)")
+    s.add_argument("--truth-label-map", default="", help="the references' ids as schema labels, ID:LABEL,...")
+    _common(s, workers=False)
+    s.set_defaults(func=cmd_evaluate)
+
+
 def _add_export_engines(sub) -> None:
     s = sub.add_parser("export-engines", help="a training run -> engines folder (safetensors, ONNX, hashes)")
     s.add_argument("train_dir", type=Path, help="output folder of 'kneebatch train'")
@@ -769,7 +801,7 @@ def _add_demo(sub) -> None:
 COMMANDS = (  # in --help's order
     _add_engines, _add_labels, _add_columns, _add_synth, _add_convert, _add_measure, _add_run, _add_merge,
     _add_submit, _add_status, _add_clinical, _add_stats, _add_mesh, _add_qc, _add_report, _add_export,
-    _add_export_engines, _add_train, _add_train_synthetic, _add_demo,
+    _add_evaluate, _add_export_engines, _add_train, _add_train_synthetic, _add_demo,
 )
 
 

@@ -19,7 +19,7 @@ LAYERS = {
     "models": ("kneebatch.models",),
     "inference": ("kneebatch.inference",),
     "analysis": ("kneebatch.measure", "kneebatch.mesh", "kneebatch.export", "kneebatch.dicom_seg", "kneebatch.plots",
-                 "kneebatch.findings", "kneebatch.report", "kneebatch.clinical"),
+                 "kneebatch.findings", "kneebatch.report", "kneebatch.clinical", "kneebatch.evaluate"),
     "distributed": ("kneebatch.distributed",),
     "jobs": ("kneebatch.jobs",),
     "training": ("kneebatch.training",),
