@@ -30,7 +30,7 @@ class Segmentation:
 
 def segment(image, affine=None, roles=("T1", "T2FS"), engines=None, backend: str = "onnxruntime",
             device: str = "cpu", threads: int | None = None, tta: bool = False, measure: bool = False,
-            nifti_affine=None) -> Segmentation:
+            nifti_affine=None, allow_low_accuracy: bool = False) -> Segmentation:
     """Segment one study given as arrays, as ``kneebatch run`` segments a stored one.
 
     ``image``: ``[C, Z, Y, X]`` (or ``[Z, Y, X]`` for one series), one channel per series, all on
@@ -40,7 +40,8 @@ def segment(image, affine=None, roles=("T1", "T2FS"), engines=None, backend: str
     (nibabel: ``img.get_fdata().transpose(2, 1, 0)``, ``img.affine``). ``roles``: each channel's
     contrast role (``T1``, ``T2FS``, ``DESS``, ``PDFS``, ...; ``kneebatch engines list`` shows which
     sets take which). ``engines``: a shipped set's name, a set's folder or a folder of sets
-    (default: the shipped sets, each study getting the one its roles fit).
+    (default: the shipped sets, each study getting the one its roles fit); engines whose recorded
+    validation Dice is below 0.5 are refused unless ``allow_low_accuracy``.
 
     The image is put in kneebatch's canonical voxel order exactly (no resampling), segmented, and
     the label map returned in the image's own voxel order. ``measure``: also the measurements
@@ -65,9 +66,11 @@ def segment(image, affine=None, roles=("T1", "T2FS"), engines=None, backend: str
                                                    float))
     reorientation = to_canonical(grid)
     canonical, canonical_grid = reorientation.apply(image.astype(np.float32), grid)
-    options = InferenceOptions.resolve(engines, backend, device, threads, None, tta)
+    options = InferenceOptions.resolve(engines, backend, device, threads, None, tta,
+                                       allow_low_accuracy=allow_low_accuracy)
     options.check()
     sets = options.load_sets()
+    sets.verify(options.backend, options.allow_low_accuracy)  # damaged, changed or useless engines: refused
     name, inputs = sets.choose(roles)
     chosen = sets.get(name)
     x = torch.from_numpy(canonical).to(chosen.device)

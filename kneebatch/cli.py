@@ -162,7 +162,7 @@ def cmd_run(args) -> int:
     from kneebatch.jobs.run import run
 
     options = InferenceOptions.resolve(args.engines, args.backend, args.device, args.threads, args.fp16 or None,
-                                       args.tta, args.net_batch, args.gpus)
+                                       args.tta, args.net_batch, args.gpus, args.allow_low_accuracy)
     with _client(args, options.device) as client:
         r = run(args.store, args.out, options, client=client, batch_size=args.batch_size,
                 show_progress=not args.quiet, force=args.force, shard=args.shard)
@@ -582,6 +582,8 @@ def _add_run(sub) -> None:
     s.add_argument("--force", action="store_true",
                    help="OUT was made with other engines or settings: start it clean (only kneebatch's files go)")
     s.add_argument("--threads", type=_positive, default=None, help="CPU threads per worker for the engines")
+    s.add_argument("--allow-low-accuracy", action="store_true",
+                   help="run engines whose recorded validation Dice is below 0.5 (refused otherwise)")
     _sharded(s)
     _clustered(s)
     _common(s)

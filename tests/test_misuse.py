@@ -597,3 +597,22 @@ def test_a_config_without_a_recorded_hash_still_enters_the_model_hash_and_the_se
     assert before.split("+")[:2] == after.split("+")[:2] and before != after  # same weights, other config
     with pytest.raises(ValueError, match="other settings|config"):
         run(work, tmp_path / "out", engines_path=engines, batch_size=6, show_progress=False)
+
+
+def test_engines_below_the_validation_floor_are_refused_unless_allowed(store, tiny_engines, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Engines exported with a useless validation Dice (the tests' random ones record 0) are refused
+    before anything is written; --allow-low-accuracy runs them."""
+    import json
+
+    import kneebatch
+
+    monkeypatch.delenv("KNEEBATCH_ALLOW_LOW_ACCURACY")
+    assert json.loads((tiny_engines / "engines.json").read_text())["fine"]["val_score"] < 0.5
+    assert main(["run", str(store), str(tmp_path / "o"), "--engines", str(tiny_engines), "--workers", "1"]) == 2
+    err = _err_line(capsys)
+    assert "validation Dice" in err and "--allow-low-accuracy" in err and not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="below 0.5"):
+        kneebatch.segment(np.ones((2, 4, 8, 8)), np.eye(4), engines=tiny_engines)
+    assert main(["run", str(store), str(tmp_path / "o"), "--engines", str(tiny_engines), "--workers", "1", "-q",
+                 "--allow-low-accuracy"]) == 0

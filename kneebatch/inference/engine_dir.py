@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -42,6 +42,14 @@ BACKENDS = ("onnxruntime", "torch", "torch-compile", "tensorrt")
 # VM, 2026-11-30: 2 or 4 gained nothing; benchmarks/README.md). GPU: 4, so the small coarse
 # volumes (32 x 64 x 64) fill more of the device per launch; chosen, not yet measured on a GPU.
 NET_BATCH = {"cpu": 1, "cuda": 4}
+# engines whose recorded validation Dice (either net's, from export-engines) is below this are refused
+# unless allowed: a run with them would fill the store and the tables with useless label maps
+MIN_VAL_DICE = 0.5
+ALLOW_LOW_ACCURACY_ENV = "KNEEBATCH_ALLOW_LOW_ACCURACY"  # "1": as --allow-low-accuracy (test fixtures)
+
+
+def _low_accuracy_allowed() -> bool:
+    return os.environ.get(ALLOW_LOW_ACCURACY_ENV, "") == "1"
 
 
 @dataclass
@@ -87,11 +95,12 @@ class InferenceOptions:
     half: bool = False  # float16 on GPUs, bfloat16 on CPUs
     tta: bool = False  # mirror test-time augmentation
     net_batch: int | None = None  # inputs per engine call (None: NET_BATCH's default for the device)
+    allow_low_accuracy: bool = field(default_factory=_low_accuracy_allowed)  # engines below MIN_VAL_DICE
 
     @classmethod
     def resolve(cls, engines=None, backend: str | None = None, device: str | None = None, threads: int | None = None,
                 half: bool | None = None, tta: bool = False, net_batch: int | None = None,
-                gpus: str | None = None) -> InferenceOptions:
+                gpus: str | None = None, allow_low_accuracy: bool = False) -> InferenceOptions:
         """The one place a request becomes options: ``gpus`` means CUDA; on a GPU the compiled
         float16 engines unless a backend is named (ONNX Runtime would need onnxruntime-gpu);
         ``half`` left unset means float16 exactly then. The result is checked and immutable."""
@@ -100,7 +109,8 @@ class InferenceOptions:
         device = "cuda" if gpus is not None else device or "cpu"
         chosen = backend or ("torch-compile" if device == "cuda" else "onnxruntime")
         half = bool(half) or (half is None and backend is None and device == "cuda")
-        return cls(str(engines) if engines else None, chosen, device, threads, half, tta, net_batch)
+        return cls(str(engines) if engines else None, chosen, device, threads, half, tta, net_batch,
+                   allow_low_accuracy or _low_accuracy_allowed())
 
     @property
     def precision(self) -> str:
@@ -338,10 +348,20 @@ class EngineSets:
                 raise self._loaded[name]
             return self._loaded[name]
 
-    def verify(self, backend: str) -> None:
-        """Every file ``backend`` loads, of every set, against its recorded sha256: before a run
-        starts, so a tampered or missing engine stops it in one line, not study by study."""
+    def verify(self, backend: str, allow_low_accuracy: bool = False) -> None:
+        """Every file ``backend`` loads, of every set, against its recorded sha256, and each set's
+        recorded validation Dice against :data:`MIN_VAL_DICE` (unless ``allow_low_accuracy``): before
+        a run starts, so a tampered, missing or useless engine stops it in one line, not study by study."""
         from kneebatch.outputs import sha256_file
+
+        for name, manifest in self.manifests.items():
+            scores = {stage: manifest[stage].get("val_score") for stage in ("coarse", "fine")}
+            low = {stage: v for stage, v in scores.items() if v is not None and v < MIN_VAL_DICE}
+            if low and not allow_low_accuracy:
+                said = ", ".join(f"{stage} {v:.3f}" for stage, v in low.items())
+                raise ValueError(f"engine set {name}: validation Dice {said} recorded at export is below "
+                                 f"{MIN_VAL_DICE}; its label maps would be useless. Train it longer, or add "
+                                 f"--allow-low-accuracy to run it anyway")
 
         kind = "onnx" if backend in ("onnxruntime", "tensorrt") else "safetensors"
         for name, folder in self.folders.items():

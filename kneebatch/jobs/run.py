@@ -51,7 +51,7 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
         options = options.with_cpu_threads(available_cores() // (len(client.nthreads()) if client else 1))
     sets = options.load_sets()  # each set loaded when a study first needs it
     # before anything is written: missing, changed or damaged engines stop here, in one line
-    sets.verify(options.backend)
+    sets.verify(options.backend, options.allow_low_accuracy)
     job = Job("run", store, out, options.settings(sets), measurement_schema(), shard, force)
     batches = [job.todo[i:i + batch_size] for i in range(0, len(job.todo), batch_size)]
     kwargs = {"store_path": str(store.path)}
