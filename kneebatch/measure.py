@@ -20,6 +20,7 @@ from kneebatch import labels as L
 from kneebatch.geometry import Grid
 from kneebatch.ingest.roles import ROLES
 from kneebatch.ingest.visits import NO_VISIT
+from kneebatch.plausibility import NORMALISER, implausible
 from kneebatch.sides import fibula_direction
 
 GROUP_TOTALS = ("bone", "cartilage", "meniscus", "ligament", "muscle")
@@ -69,7 +70,8 @@ def measurement_schema() -> pa.Schema:
         _field("spacing_y_mm", f64, "mm", "voxel spacing along y (inferior)"),
         _field("spacing_x_mm", f64, "mm", "voxel spacing along x (posterior)"),
         _field("qc_flags", pa.list_(text), "", "missing:<label>, fov_truncates:<label>, "
-               "thickness_implausible:<plate>, fragmented:<bone>, sides_unresolved"),
+               "thickness_implausible:<plate>, fragmented:<bone>, implausible:<tissue or medial/lateral pair> "
+               "(size against the patella, kneebatch.plausibility), sides_unresolved"),
         _field("qc_ok", pa.bool_(), "", "no QC flags"),
         _field("knee_side", text, "", "left / right, from the DICOM headers or the fibula"),
         _field("knee_side_source", text, "", "dicom, anatomy or null (undetermined)"),
@@ -234,6 +236,8 @@ def qc_flags(values: dict, row: dict) -> list[str]:
         largest, total = values[f"pieces:{name}"]
         if total and largest < 0.95 * total:
             flags.append(f"fragmented:{name}")
+    if f"fov_truncates:{NORMALISER}" not in flags:  # sizes relative to a whole patella only
+        flags.extend(implausible(row))
     return flags
 
 

@@ -157,3 +157,36 @@ def test_qc_flags_fragmented_bone_and_fov(ns):
     row.update({f"{p.name}_thickness_mean_mm": math.nan for p in L.in_group("cartilage")})
     flags = qc_flags(values_to_host(study_values(_as(ns, lab), None, grid, ())), row)
     assert "fragmented:tibia" in flags and "fov_truncates:patella" in flags and "fragmented:patella" not in flags
+
+
+@pytest.fixture(scope="module")
+def knees(tmp_path_factory):
+    """The truth of 6 synthetic knees of every anatomy range (a seed the reference did not use)."""
+    from kneebatch.synth.cohort import ranges_for
+    from kneebatch.training.synthesis import cached_volumes
+
+    return cached_volumes(tmp_path_factory.mktemp("knees"), 5252, 6, ranges_for("train", "clinical", "varied"))
+
+
+def test_plausibility_flags_a_shrunken_meniscus_and_no_true_knee(knees):
+    """True knees of the varied range pass; the same knee with two thirds of its medial meniscus
+    lost (what engines on an unfamiliar anatomy did) is flagged and not qc_ok."""
+    from kneebatch.plausibility import implausible
+
+    checked = 0
+    for vol in knees:
+        truth = vol.truth
+        row = measure_study(vol.key, truth, None, vol.grid, [], "truth")
+        if "fov_truncates:patella" in row["qc_flags"]:
+            continue
+        checked += 1
+        assert not [f for f in row["qc_flags"] if f.startswith("implausible")], (vol.key, row["qc_flags"])
+        shrunk = truth.copy()
+        meniscus = np.argwhere(shrunk == L.by_name("medial_meniscus").id)
+        lost = meniscus[np.random.default_rng(0).random(len(meniscus)) < 0.67]
+        shrunk[tuple(lost.T)] = 0
+        bad = measure_study(vol.key, shrunk, None, vol.grid, [], "segmentation")
+        assert "implausible:medial_meniscus" in bad["qc_flags"] and bad["qc_ok"] is False
+        assert "implausible:medial_meniscus/lateral_meniscus" in bad["qc_flags"]
+        assert implausible({**row, "patella_volume_mm3": 0.0}) == []  # no patella: nothing to compare with
+    assert checked >= 3
