@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # figures without pyplot: no backend chosen, no global state
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from kneebatch import labels as L  # noqa: E402
 
@@ -97,8 +98,11 @@ def _colour_table() -> np.ndarray:
     table = np.zeros((L.N_CLASSES, 4))
     for label in L.LABELS:
         table[label.id, :3] = [int(label.color[i:i + 2], 16) / 255 for i in (1, 3, 5)]
-        table[label.id, 3] = 0.45
+        table[label.id, 3] = OVERLAY_OPACITY
     return table
+
+
+OVERLAY_OPACITY = 0.4  # the image stays readable under the labels
 
 
 def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str = "") -> Figure:
@@ -122,7 +126,11 @@ def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    shown = sorted({int(v) for _, _, lab, _ in views for v in np.unique(lab)} - {L.BACKGROUND})
+    fig.tight_layout(rect=(0, 0.12 if shown else 0, 1, 1))
+    if shown:  # the legend: every tissue these slices show, in its colour
+        handles = [Patch(facecolor=colours[i][:3], label=L.by_id(i).name.replace("_", " ")) for i in shown]
+        fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7, frameon=False)
     return fig
 
 

@@ -190,3 +190,17 @@ def test_plausibility_flags_a_shrunken_meniscus_and_no_true_knee(knees):
         assert "implausible:medial_meniscus/lateral_meniscus" in bad["qc_flags"]
         assert implausible({**row, "patella_volume_mm3": 0.0}) == []  # no patella: nothing to compare with
     assert checked >= 3
+
+
+def test_qc_slices_carry_a_legend_of_the_tissues_they_show():
+    from kneebatch.plots import OVERLAY_OPACITY, slices_figure
+
+    lab = np.zeros((20, 24, 24), np.uint8)
+    lab[5:15, 4:12, 4:20] = L.by_name("femur").id
+    lab[5:15, 12:14, 4:20] = L.by_name("femoral_cartilage").id
+    lab[0:2, 0:2, 0:2] = L.by_name("effusion").id  # far from the centre: on none of the three slices
+    fig = slices_figure(np.random.default_rng(0).random(lab.shape), lab, (1.0, 0.5, 0.5))
+    [legend] = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["femur", "femoral cartilage"]
+    overlay = fig.axes[0].images[1].get_array()
+    assert overlay[..., 3].max() == pytest.approx(OVERLAY_OPACITY) and OVERLAY_OPACITY <= 0.45
