@@ -134,14 +134,14 @@ def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str
     return fig
 
 
-def study_slices(store, key: str, label_name: str | None = None) -> Figure:
+def study_slices(store, key: str, label_name: str | None = None, what: str | None = None) -> Figure:
     """:func:`slices_figure` of a study in the store (the first channel, its segmentation or
-    ``label_name``)."""
+    ``label_name``); ``what``: a human name for the label map in the title (an engine set's)."""
     name, labels = store.chosen_labels(key, label_name)
     if labels is None:
         raise ValueError(f"study {key} has no label map{f' named {name}' if name else ''}")
     image, grid = store.read_image(key, [0])
-    return slices_figure(image[0], labels, grid.spacing, f"{key} · {name} · {store.channels(key)[0]}")
+    return slices_figure(image[0], labels, grid.spacing, f"{key} · {what or name} · {store.channels(key)[0]}")
 
 
 def qc_images(store_path, out, label_name: str | None = None, show_progress=None) -> tuple[int, list[str]]:

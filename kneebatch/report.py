@@ -95,7 +95,10 @@ def _study_section(store, key: str, row: pd.Series, shown: list[str], glb: bytes
     image = ""
     if store is not None:
         try:
-            image = f'<img alt="slices of {key}" src="{_png_data_uri(plots.study_slices(store, key, row.get("label_name")))}">'
+            engine_set = row.get("engine_set")
+            what = f"engine set {engine_set}" if isinstance(engine_set, str) and engine_set else None
+            figure = plots.study_slices(store, key, row.get("label_name"), what)
+            image = f'<img alt="slices of {key}" src="{_png_data_uri(figure)}">'
         except Exception as e:  # a study without its label map in the store still gets its numbers
             image = f"<p class=note>no slices: {html.escape(str(e))}</p>"
     button = ""
@@ -103,6 +106,12 @@ def _study_section(store, key: str, row: pd.Series, shown: list[str], glb: bytes
         button = (f'<button class="view3d" data-study="{key}">3-D view</button>'
                   f'<script type="application/octet-stream" id="glb-{key}">{base64.b64encode(glb).decode()}</script>')
     visit = "" if pd.isna(row.get("visit_days")) else f", visit day {int(row['visit_days'])}"
+    # who the study is, from the joined clinical table (group, KL grade), and what segmented it
+    who = [f"{html.escape(str(c).replace('_', ' '))} {html.escape(str(row[c]))}"
+           for c in ("group", "kl_grade", "sex", "age") if c in row and pd.notna(row[c])]
+    if isinstance(row.get("engine_set"), str) and row.get("engine_set"):
+        who.append(f"engine set {html.escape(row['engine_set'])}")
+    visit += (" · " + ", ".join(who)) if who else ""
     return (f'<section class="study" id="study-{key}"><h3>{key}{visit}</h3>{button}'
             f"<p>QC flags: {html.escape(flags)}</p><div class=cols><table class=small>{measures}</table>{image}</div>"
             "</section>")
@@ -224,10 +233,18 @@ def build_report(out, path=None, store=None, clinical=None, by: str = "group", r
         cols = ["measure", "group", "reference_n", "reference_median", "reference_q1", "reference_q3", "group_n",
                 "group_median", "group_q1", "group_q3", "hl_shift", "hl_ci_low", "hl_ci_high", "cliffs_delta",
                 "mannwhitney_p", "mannwhitney_p_holm", "welch_p"]
-        parts.append(f"<h2>Measurements by {html.escape(by)}</h2><p class=note>Median [IQR]; Hodges-Lehmann shift "
-                     "with 95 % CI; two-sided Mann-Whitney U, Holm-adjusted over the measurements; Welch's t."
-                     f"{' One study per subject (its first visit).' if len(cross) < len(table) else ''}</p>"
-                     + _table(comparison[cols].sort_values("mannwhitney_p")))
+        ranked = comparison.sort_values("mannwhitney_p")
+        # the compact table: each measure's effect with its CI and p; the full one behind a toggle
+        compact = pd.DataFrame({"measure": ranked["measure"], "group": ranked["group"],
+                                "shift [95 % CI]": [f"{h:.3g} [{lo:.3g}, {hi:.3g}]" for h, lo, hi in
+                                                    zip(ranked["hl_shift"], ranked["hl_ci_low"], ranked["hl_ci_high"])],
+                                "Cliff's delta": ranked["cliffs_delta"], "p (Holm)": ranked["mannwhitney_p_holm"]})
+        parts.append(f"<h2>Measurements by {html.escape(by)}</h2><p class=note>Hodges-Lehmann shift of each group "
+                     "against the reference with its 95 % CI; two-sided Mann-Whitney U, Holm-adjusted over the "
+                     f"measurements.{' One study per subject (its first visit).' if len(cross) < len(table) else ''}"
+                     "</p>" + _table(compact, "compact")
+                     + "<details><summary>full table: medians [IQR], n, Welch's t</summary>"
+                     + _table(ranked[cols]) + "</details>")
         order = [g for g, _ in stats.groups(cross, by, reference)]
         parts.append('<div class="figure">' + _svg(plots.by_group(cross, by, shown, order)) + "</div>")
         if {"subject_key", "visit_days"} <= set(table) and table.groupby("subject_key")["visit_days"].nunique().max() > 1:
@@ -256,7 +273,9 @@ def build_report(out, path=None, store=None, clinical=None, by: str = "group", r
     first = list(dict.fromkeys([*odd.get("study_key", []), *flagged["study_key"]]))
     keys = list(dict.fromkeys([*first, *sorted(df["study_key"])]))[: max(study_pages, len(first))]
     with_mesh = set(keys[:meshes]) if cohort_store is not None else set()
-    rows = df.set_index("study_key", drop=False)
+    # the joined table where it has one row per study: each study's heading shows its group and KL grade
+    joined = table if "study_key" in table and table["study_key"].is_unique and len(table) == len(df) else df
+    rows = joined.set_index("study_key", drop=False)
     parts.append(f"<h2>Studies</h2><p class=note>{len(keys)} of {len(df)} studies: flagged and outlying ones first."
                  f"{' 3-D views for ' + str(len(with_mesh)) + '.' if with_mesh else ''}</p>")
     for key in keys:

@@ -202,3 +202,14 @@ def test_dicom_seg_round_trip_on_the_source_series(job, tmp_path, capsys):
             agree += (got == expected).sum()
             total += got.size
         assert agree == total, (path.name, agree / total)
+
+
+def test_report_is_readable_compact_table_full_one_behind_a_toggle_group_per_study(job, report):
+    text = report.read_text()
+    clinical = pd.read_parquet(job / "clinical.parquet")
+    assert '<table class="compact">' in text and "shift [95 % CI]" in text and "p (Holm)" in text
+    assert "<details><summary>full table" in text and "welch_p" in text.split("<details>")[1]
+    # every study's heading says its group and KL grade, from the joined clinical table
+    for key, group, kl in zip(clinical["study_key"], clinical["group"], clinical["kl_grade"]):
+        heading = text.split(f'id="study-{key}"><h3>')[1].split("</h3>")[0]
+        assert f"group {group}" in heading and f"kl grade {kl}" in heading
