@@ -400,7 +400,7 @@ def cmd_report(args) -> int:
     from kneebatch.report import build_report
 
     path = build_report(args.out, args.output, store=args.store, clinical=args.clinical, by=args.by,
-                        reference=args.reference, meshes=args.meshes, study_pages=args.studies)
+                        reference=args.reference, meshes=args.meshes, study_pages=args.studies, trend=args.trend)
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser)")
     return 0
 
@@ -678,6 +678,8 @@ def _add_report(sub) -> None:
     s.add_argument("--clinical", type=Path, default=None, help="table from kneebatch clinical: adds group tables")
     s.add_argument("--by", default="group", help="column to group by (default group)")
     s.add_argument("--reference", default=None, help="the reference group (default normal)")
+    s.add_argument("--trend", default=None, help="an ordinal clinical column (e.g. kl_grade): each measurement's "
+                                                 "Spearman rho and slope per step, with a figure")
     s.add_argument("--meshes", type=int, default=3, help="studies with an interactive 3-D view (default 3; each adds "
                                                          "~2-3 MB)")
     s.add_argument("--studies", type=int, default=200, help="studies with a section of their own (default 200; "

@@ -201,10 +201,11 @@ button.view3d{margin-bottom:6px}.scroll{overflow-x:auto;max-width:100%}
 
 
 def build_report(out, path=None, store=None, clinical=None, by: str = "group", reference=None,
-                 meshes: int = 6, study_pages: int = 200) -> Path:
+                 meshes: int = 6, study_pages: int = 200, trend: str | None = None) -> Path:
     """Write ``path`` (default ``OUT/report.html``) for the job in ``out``. ``meshes``: studies
     with a 3-D view (the outliers first, then in key order); ``study_pages``: studies with a
-    section of their own (all QC-flagged and outlying studies always get one)."""
+    section of their own (all QC-flagged and outlying studies always get one); ``trend``: an
+    ordinal column of the clinical table (e.g. ``kl_grade``) to test each measurement along."""
     from kneebatch.ingest.store import CohortStore
     from kneebatch.mesh import glb_bytes, tissue_meshes
 
@@ -250,7 +251,18 @@ def build_report(out, path=None, store=None, clinical=None, by: str = "group", r
         if {"subject_key", "visit_days"} <= set(table) and table.groupby("subject_key")["visit_days"].nunique().max() > 1:
             parts.append("<h2>Change over time</h2><div class=figure>"
                          + _svg(plots.trajectories(table, by, shown, order)) + "</div>")
-    else:
+    if clinical and trend:
+        along = stats.trend(cross, trend, measures).sort_values("spearman_p")
+        compact = pd.DataFrame({"measure": along["measure"], "n": along["n"], "Spearman rho": along["spearman_rho"],
+                                f"slope per {trend} step [95 % CI]": [
+                                    f"{b:.3g} [{lo:.3g}, {hi:.3g}]" for b, lo, hi in
+                                    zip(along["slope_per_grade"], along["slope_ci_low"], along["slope_ci_high"])],
+                                "p (Holm)": along["spearman_p_holm"]})
+        parts.append(f"<h2>Trend along {html.escape(trend)}</h2><p class=note>Spearman's rho and the least-squares "
+                     f"slope per step of {html.escape(trend)}, Holm-adjusted over the measurements.</p>"
+                     + _table(compact, "compact") + '<div class="figure">'
+                     + _svg(plots.along_grade(cross, trend, shown)) + "</div>")
+    if not (clinical and by in table and table[by].nunique() >= 2):
         summary = pd.DataFrame([{"measure": m, **stats.describe(stats.values(table, m))} for m in measures])
         parts.append("<h2>Measurements</h2>" + _table(summary))
 

@@ -213,3 +213,20 @@ def test_report_is_readable_compact_table_full_one_behind_a_toggle_group_per_stu
     for key, group, kl in zip(clinical["study_key"], clinical["group"], clinical["kl_grade"]):
         heading = text.split(f'id="study-{key}"><h3>')[1].split("</h3>")[0]
         assert f"group {group}" in heading and f"kl grade {kl}" in heading
+
+
+def test_report_trend_along_the_kl_grade(job, tmp_path):
+    from kneebatch import stats
+    from kneebatch.cli import main
+
+    path = tmp_path / "r.html"
+    assert main(["report", str(job / "out"), "--output", str(path), "--clinical", str(job / "clinical.parquet"),
+                 "--trend", "kl_grade", "--meshes", "0"]) == 0
+    text = path.read_text()
+    section = text.split("<h2>Trend along kl_grade</h2>")[1].split("<h2>")[0]
+    assert "slope per kl_grade step [95 % CI]" in section and "<svg" in section
+    # the table's first row is the measure with the smallest Spearman p, as stats computes it
+    joined = pd.read_parquet(job / "out" / "measurements.parquet").merge(pd.read_parquet(job / "clinical.parquet"),
+                                                                         on="study_key")
+    best = stats.trend(joined, "kl_grade", stats.default_measures(joined)).sort_values("spearman_p").iloc[0]["measure"]
+    assert section.split("<tbody><tr><td>")[1].split("</td>")[0] == best
