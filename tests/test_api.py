@@ -2,6 +2,8 @@
 label map, in the image's own voxel order, from kneebatch's or NIfTI's affine), the store and a
 job's results read back."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -13,12 +15,15 @@ from kneebatch.jobs.run import run
 
 @pytest.fixture(scope="module")
 def segmented(store, tiny_engines, tmp_path_factory):
-    out = tmp_path_factory.mktemp("api") / "out"
-    run(store, out, engines_path=tiny_engines, show_progress=False)
-    return out
+    """A run over a copy of the session's store (its label maps never reach the shared one)."""
+    root = tmp_path_factory.mktemp("api")
+    shutil.copytree(store, root / "store.zarr")
+    run(root / "store.zarr", root / "out", engines_path=tiny_engines, show_progress=False)
+    return root
 
 
-def test_segment_equals_run_in_any_voxel_order(store, tiny_engines, segmented):
+def test_segment_equals_run_in_any_voxel_order(tiny_engines, segmented):
+    store, segmented = segmented / "store.zarr", segmented / "out"
     s = kneebatch.open_store(store)
     results = kneebatch.read_results(segmented)
     assert len(results.measurements) == 6 and len(results.failures) == 0

@@ -79,6 +79,7 @@ def test_files_scored_with_foreign_ids_and_names(cohort, tmp_path, capsys):
 def test_a_run_folder_is_scored_from_its_store(store, cohort, tiny_engines, tmp_path):
     """The same Dice the accuracy benchmarks compute, from a run's folder; studies without a
     reference are listed, not scored."""
+    store = shutil.copytree(store, tmp_path / "store.zarr")  # the session's store keeps no label maps
     out = tmp_path / "run"
     run(store, out, engines_path=tiny_engines, show_progress=False)
     truth = tmp_path / "truth"

@@ -277,11 +277,9 @@ class Trainer:
         t_start = time.perf_counter() - elapsed
         saved_at = time.perf_counter()
         with budget_bar(budget, f"training the {stage} net", self.show_progress, done=elapsed) as show:
-            while True:
+            while True:  # until the step after which the budget is spent (that step is validated)
                 elapsed = time.perf_counter() - t_start
-                if elapsed >= budget:
-                    break
-                frac = elapsed / budget
+                frac = min(elapsed / budget, 1.0)
                 lr = self.lr * min(1.0, (step + 1) / 30) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
                 for g in opt.param_groups:
                     g["lr"] = lr
@@ -302,7 +300,9 @@ class Trainer:
                 opt.step()
                 step += 1
                 ema.update_parameters(model)
-                evaluated = step % eval_every == 0 or time.perf_counter() - t_start >= budget
+                # one reading of the clock decides both: the budget's last step is always validated
+                done = time.perf_counter() - t_start >= budget
+                evaluated = step % eval_every == 0 or done
                 if evaluated:
                     row = {"stage": stage, "step": step, "minutes": round((time.perf_counter() - t_start) / 60, 2),
                            "loss": round(float(loss.detach()), 4), "lr": lr}
@@ -330,6 +330,8 @@ class Trainer:
                     saved_at = time.perf_counter()
                 show(time.perf_counter() - t_start, f"{stage} net: step {step}, loss {float(loss.detach()):.3f}, "
                                                     f"best val {max(best, 0.0):.3f}")
+                if done:
+                    break
         best_state, _ = load_weights(final)
         model.load_state_dict(best_state)
         return model.eval()
