@@ -25,20 +25,15 @@ def merge(out) -> dict:
     out = Path(out)
     if is_store(out):
         return {**merge_store(out), "store": True}
+    submitted = submission(out)
+    if submitted and not shard_records(out):  # submitted, and no task has finished (or started) yet
+        n = submitted["shards"]
+        raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in range(n))} have not finished; kneebatch status {out}")
     if not (out / MARKER).exists():
-        submitted = submission(out)
-        if submitted:  # submitted, and no task has started yet
-            n = submitted["shards"]
-            raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in range(n))} have not finished; "
-                             f"kneebatch status {out}")
         raise ValueError(f"{out} holds no kneebatch job outputs")
     marker = json.loads((out / MARKER).read_text())
     if marker["command"] not in SHARDED:
         raise ValueError(f"{out} holds the outputs of 'kneebatch {marker['command']}', which has no shards to merge")
-    submitted = submission(out)
-    if submitted and not shard_records(out):  # tasks have started, none has finished
-        n = submitted["shards"]
-        raise ValueError(f"shards {', '.join(f'{i}/{n}' for i in range(n))} have not finished; kneebatch status {out}")
     records, n = all_shards(out)
     store = CohortStore(marker["settings"]["store"], create=False)
     provenance = {**records[0]["provenance"], "shards": [r["report"] for r in records]}

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kneebatch.distributed.cluster import Resources
+from kneebatch.jobs.job import shard_records
 from kneebatch.outputs import write_text_atomic
 
 SLURM_DIR = "slurm"
@@ -121,7 +122,7 @@ def wait(out, poll_s: float = 2.0, show=None) -> None:
 
 def progress_line(out, shards: int, queue: dict | None) -> str:
     """``3/8 shards finished (1,204 studies, 2.10 studies/s), 4 running, 1 pending``."""
-    records = [json.loads(p.read_text())["report"] for p in sorted((Path(out) / "shards").glob("shard-*.json"))]
+    records = [r["report"] for r in shard_records(out)]
     states = list((queue or {}).values())
     studies = sum(r.get("saved", 0) + r.get("already_done", 0) for r in records)
     rate = sum(r.get("studies_per_s", 0.0) for r in records)
