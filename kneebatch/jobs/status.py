@@ -71,7 +71,8 @@ def _whole_job(out: Path, command: str) -> dict:
     if command == "convert":
         store = CohortStore(out, create=False)
         finished = store.keymap_path.exists()
-        whole.update(studies=len(store.study_keys()), saved=len(store.study_keys()),
+        stored = len(store.study_keys())
+        whole.update(studies=stored, saved=stored,
                      failed=read_table(store.failures_path, FAILURE_SCHEMA).num_rows)
     else:
         finished = (out / "provenance.json").exists()
