@@ -409,7 +409,7 @@ def cmd_qc(args) -> int:
     from kneebatch.plots import qc_images
 
     n, missing = qc_images(args.store, args.out, args.label_name, show_progress=not args.quiet)
-    print(f"wrote {n} QC images (sagittal, coronal, axial slices with the labels) to {args.out}; "
+    print(f"wrote {n} QC images (sagittal, coronal, axial slices with the labels, and thickness maps) to {args.out}; "
           f"{len(missing)} studies have no label map")
     return 0
 
@@ -662,9 +662,10 @@ def _add_mesh(sub) -> None:
 
 
 def _add_qc(sub) -> None:
-    s = sub.add_parser("qc", help="a PNG per study: orthogonal slices through the knee with the label overlay")
+    s = sub.add_parser("qc", help="PNGs per study: orthogonal slices through the knee with the label overlay, "
+                                  "and the cartilage thickness maps with the OA subregions")
     s.add_argument("store", type=Path, help="cohort store")
-    s.add_argument("out", type=Path, help="output folder: <key>.png")
+    s.add_argument("out", type=Path, help="output folder: <key>.png (slices), <key>_thickness.png (maps)")
     s.add_argument("--label-name", default=None, help="which label map (default each study's newest segmentation)")
     _common(s, workers=False)
     s.set_defaults(func=cmd_qc)

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from kneebatch import __version__, ops
 from kneebatch import labels as L
+from kneebatch.cartilage_regions import REGION_DOC, REGIONS, STAT_DOC, empty_values, regional_cartilage
 from kneebatch.geometry import Grid
 from kneebatch.ingest.roles import ROLES
 from kneebatch.ingest.visits import NO_VISIT
@@ -60,6 +61,9 @@ def measurement_schema() -> pa.Schema:
                           f"{plate.name}: mean distance from its articular-surface voxels to its bone; NaN if absent"),
                    _field(f"{plate.name}_thickness_p95_mm", f64, "mm",
                           f"{plate.name}: 95th percentile of those distances; NaN if absent")]
+    for region in REGIONS:
+        fields += [_field(f"{region}_{stat}", f64, unit, f"{region} ({REGION_DOC[region]}, Wirth & Eckstein 2008): {doc}")
+                   for stat, (unit, doc) in STAT_DOC.items()]
     for label in L.LABELS:
         fields += [_field(f"{label.name}_{role.lower()}_mean", f64, "scanner units",
                           f"{label.name}: mean intensity in the {role} channel; NaN without one") for role in ROLES]
@@ -255,6 +259,27 @@ def knee_side_from_anatomy(values: dict, grid: Grid) -> str | None:
     return None if direction is None else ("left" if direction > 0 else "right")
 
 
+def knee_crop(labels, grid: Grid):
+    """The femoral and tibial plates with the bone under them, on the host, and its grid: the
+    subregion rules (sorting, hole filling, 2-D maps) run on the CPU, on a few MB."""
+    plates = labels == L.by_name("femoral_cartilage").id
+    for name in ("medial_tibial_cartilage", "lateral_tibial_cartilage"):
+        plates = plates | (labels == L.by_name(name).id)
+    margin = tuple(int(math.ceil(THICKNESS_MARGIN_MM / s)) for s in grid.spacing)
+    box = ops.bounding_box(plates, margin)
+    if box is None:
+        return None, None
+    return ops.to_host(labels[box]), grid.crop([b.start for b in box], [b.stop - b.start for b in box])
+
+
+def regional_values(labels, grid: Grid, knee_side: str | None) -> dict:
+    """The subregion columns of one label map (any namespace and device)."""
+    host, crop = knee_crop(labels, grid)
+    if host is None:
+        return empty_values()
+    return regional_cartilage(host, crop, knee_side).values
+
+
 def measure_study(key: str, labels, image, grid: Grid, channels, label_source: str, extra_flags=(),
                   knee_side: str | None = None, visit: dict | None = None) -> dict:
     """One row of ``measurements.parquet``. ``labels``/``image`` may live on any xp device (only
@@ -271,6 +296,8 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
         mean, p95 = values[f"thickness:{plate.name}"]
         row[f"{plate.name}_thickness_mean_mm"] = float(mean)
         row[f"{plate.name}_thickness_p95_mm"] = float(p95)
+    side = knee_side or knee_side_from_anatomy(values, grid)
+    row.update(regional_values(labels, grid, side))
     if image is not None:
         row.update(intensity_means(values, channels))
     row["voxel_volume_mm3"] = grid.voxel_volume_mm3
@@ -278,7 +305,6 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
     flags = [*qc_flags(values, row), *extra_flags]
     row["qc_flags"] = flags
     row["qc_ok"] = not flags
-    side = knee_side or knee_side_from_anatomy(values, grid)
     row["knee_side"] = side
     row["knee_side_source"] = None if side is None else "dicom" if knee_side else "anatomy"
     row["label_source"] = label_source

@@ -1,5 +1,5 @@
 """Figures for a cohort (matplotlib Figure objects, no pyplot: no display, no global state): measurements by group, along a
-grade, over time, and a study's orthogonal slices with its label overlay. Each figure is
+grade, over time, a study's orthogonal slices with its label overlay and its cartilage thickness maps. Each figure is
 written as PNG and SVG."""
 
 from __future__ import annotations
@@ -144,9 +144,75 @@ def study_slices(store, key: str, label_name: str | None = None, what: str | Non
     return slices_figure(image[0], labels, grid.spacing, f"{key} · {what or name} · {store.channels(key)[0]}")
 
 
+THICKNESS_RANGE_MM = (0.0, 4.0)  # colour scale of the maps: cartilage is 1-4 mm thick
+
+
+def thickness_maps_figure(maps: dict, title: str = "") -> Figure:
+    """The tibial plates seen from above and the femoral cartilage unrolled (trochlea at the top),
+    thickness in colour, denuded bone in red, each Wirth & Eckstein region outlined and named;
+    lateral to the left and medial to the right whichever the knee."""
+    from matplotlib import colormaps
+
+    from kneebatch.cartilage_regions import REGIONS
+
+    fig = Figure(figsize=(10.5, 4.2))
+    axes = fig.subplots(1, 2)
+    cmap = colormaps["viridis"].with_extremes(under="#d62728", bad="white")
+    image = None
+    for ax, part, ylabel in ((axes[0], "tibia", "posterior  ←  (mm)  →  anterior"),
+                             (axes[1], "femur", "posterior  ←  angle about the condyles  →  trochlea")):
+        tmap = maps.get(part)
+        ax.set_title(f"{part}: thickness (mm)", fontsize=9)
+        if tmap is None:
+            ax.text(0.5, 0.5, "no plates", ha="center", va="center", transform=ax.transAxes)
+            ax.axis("off")
+            continue
+        # rows of the map are the medial axis; show it across, the second axis upwards
+        # (the femur's angle grows from the trochlea to the back: flipped so the trochlea is on top)
+        shown = np.where(tmap.thickness == 0, -1.0, tmap.thickness).T
+        region = tmap.region.T
+        if part == "femur":
+            shown, region = shown[::-1], region[::-1]
+        extent = (0, shown.shape[1] * tmap.pixel[0], 0, shown.shape[0] * tmap.pixel[1])
+        image = ax.imshow(shown, origin="lower", cmap=cmap, vmin=1e-6, vmax=THICKNESS_RANGE_MM[1],
+                          extent=extent, aspect="auto" if part == "femur" else "equal", interpolation="nearest")
+        ax.contour(region, levels=np.arange(len(REGIONS)) + 0.5, colors="black", linewidths=0.6,
+                   origin="lower", extent=extent)
+        for index in np.unique(region[region >= 0]):
+            rows, cols = np.nonzero(region == index)
+            ax.text((cols.mean() + 0.5) * tmap.pixel[0], (rows.mean() + 0.5) * tmap.pixel[1], REGIONS[index],
+                    ha="center", va="center", fontsize=7, color="white")
+        ax.set_xlabel("lateral  ←  (mm)  →  medial", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if part == "femur":
+            ax.set_yticks([])
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes), shrink=0.8, extend="min")
+        bar.set_label("thickness (mm); red: denuded", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def study_thickness_maps(store, key: str, label_name: str | None = None, what: str | None = None) -> Figure:
+    """:func:`thickness_maps_figure` of a study's label map in the store."""
+    from kneebatch.cartilage_regions import regional_cartilage
+    from kneebatch.measure import knee_crop
+
+    name, labels = store.chosen_labels(key, label_name)
+    if labels is None:
+        raise ValueError(f"study {key} has no label map{f' named {name}' if name else ''}")
+    _, grid = store.read_image(key, [0])
+    host, crop = knee_crop(labels, grid)
+    maps = {} if host is None else regional_cartilage(host, crop).maps
+    return thickness_maps_figure(maps, f"{key} · {what or name} · cartilage thickness")
+
+
 def qc_images(store_path, out, label_name: str | None = None, show_progress=None) -> tuple[int, list[str]]:
-    """``kneebatch qc``: ``OUT/<key>.png`` (slices with the label overlay) for every study of the
-    store with a label map. Returns (written, keys without one)."""
+    """``kneebatch qc``: ``OUT/<key>.png`` (slices with the label overlay) and
+    ``OUT/<key>_thickness.png`` (the cartilage thickness maps with their subregions) for every
+    study of the store with a label map. Returns (written, keys without one)."""
     from kneebatch.ingest.store import CohortStore
     from kneebatch.outputs import claim_output_dir
     from kneebatch.progress import progress_bar
@@ -161,8 +227,9 @@ def qc_images(store_path, out, label_name: str | None = None, show_progress=None
             if name is None or name not in store.label_names(key):
                 missing.append(key)
             else:
-                fig = study_slices(store, key, name)
-                fig.savefig(out / f"{key}.png", dpi=100, bbox_inches="tight")
+                study_slices(store, key, name).savefig(out / f"{key}.png", dpi=100, bbox_inches="tight")
+                study_thickness_maps(store, key, name).savefig(out / f"{key}_thickness.png", dpi=100,
+                                                               bbox_inches="tight")
                 written += 1
             advance()
     return written, missing

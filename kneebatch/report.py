@@ -99,6 +99,8 @@ def _study_section(store, key: str, row: pd.Series, shown: list[str], glb: bytes
             what = f"engine set {engine_set}" if isinstance(engine_set, str) and engine_set else None
             figure = plots.study_slices(store, key, row.get("label_name"), what)
             image = f'<img alt="slices of {key}" src="{_png_data_uri(figure)}">'
+            maps = plots.study_thickness_maps(store, key, row.get("label_name"), what)
+            image += f'<img alt="cartilage thickness maps of {key}" src="{_png_data_uri(maps)}">'
         except Exception as e:  # a study without its label map in the store still gets its numbers
             image = f"<p class=note>no slices: {html.escape(str(e))}</p>"
     button = ""

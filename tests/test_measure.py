@@ -140,7 +140,7 @@ def test_measure_row_matches_schema_and_flags_missing_tissue():
     assert row["qc_ok"] is False
     assert row["knee_side"] is None and row["knee_side_source"] is None  # no fibula, no tibia: undetermined
     assert all(name.endswith(("_mm3", "_ml", "_mm", "_mean", "_flags", "_ok", "_key", "_source", "_hash", "_version",
-                              "_side", "_name", "_grid", "_used", "_days", "_set"))
+                              "_side", "_name", "_grid", "_used", "_days", "_set", "_pct"))
                for name in schema.names)
 
 

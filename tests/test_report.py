@@ -97,6 +97,24 @@ def test_qc_slices_show_the_labels_in_their_colours(job, tmp_path):
     assert paths[1].read_text().startswith("<?xml")
 
 
+def test_qc_writes_slices_and_thickness_maps_per_study(job, tmp_path, capsys):
+    from kneebatch.cartilage_regions import REGIONS
+    from kneebatch.cli import main
+    from kneebatch.ingest.store import CohortStore
+    from kneebatch.plots import study_thickness_maps
+
+    keys = _keys(job)
+    assert main(["qc", str(job / "store"), str(tmp_path / "qc"), "--label-name", "truth", "-q"]) == 0
+    assert "wrote 4 QC images" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "qc").glob("*.png")) == sorted(
+        [f"{k}.png" for k in keys] + [f"{k}_thickness.png" for k in keys])
+    # the maps name every Wirth & Eckstein region of a whole knee and colour its plates
+    figure = study_thickness_maps(CohortStore(job / "store", create=False), keys[0], "truth")
+    assert {t.get_text() for ax in figure.axes for t in ax.texts} == set(REGIONS)
+    tibia = figure.axes[0].images[0].get_array()
+    assert 1.0 < float(np.ma.median(tibia[tibia > 0])) < 3.5
+
+
 @pytest.fixture(scope="module")
 def report(job):
     from kneebatch.report import build_report
@@ -111,6 +129,7 @@ def test_report_is_self_contained_and_names_no_one(job, report):
     for needle in ('src="http', "src='http", 'href="http', "@import", "<link "):
         assert needle not in text
     assert text.count('<section class="study"') == 4
+    assert text.count('<img alt="cartilage thickness maps of') == 4
     assert text.count('type="application/octet-stream"') == 2  # two 3-D views
     clinical = pd.read_csv(job / "cohort" / "clinical.csv", dtype=str)
     for column in ("subject_id", "study_uid", "study_date"):
