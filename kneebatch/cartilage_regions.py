@@ -52,9 +52,7 @@ NEAR_AXIS_PERCENTILE = 10.0  # plate edges from robust percentiles, not single s
 THICKNESS_MAX_MM = 8.0  # as measure's plausible range: farther samples are strays
 MIN_DENUDED_MM2 = 4.0  # a 2 x 2 mm lesion; smaller holes in a map are gaps between voxel samples
 
-TIBIAL_REGIONS = tuple(f"{r}{p}" for p in ("MT", "LT") for r in ("c", "a", "p", "e", "i"))
-FEMORAL_REGIONS = ("TrF", "cMF", "pMF", "cLF", "pLF")
-REGIONS = FEMORAL_REGIONS + TIBIAL_REGIONS
+FEMORAL_REGIONS, TIBIAL_REGIONS, REGIONS = L.FEMORAL_REGIONS, L.TIBIAL_REGIONS, L.CARTILAGE_REGIONS
 
 REGION_DOC = {
     "TrF": "trochlea: femoral cartilage anterior of the trochlear notch",

@@ -43,6 +43,11 @@ LABELS: tuple[Label, ...] = (
     Label(20, "effusion", "fluid", "#00bfff"),
 )
 
+# the OA cartilage subregions measured per plate (Wirth & Eckstein 2008; kneebatch.cartilage_regions)
+FEMORAL_REGIONS = ("TrF", "cMF", "pMF", "cLF", "pLF")
+TIBIAL_REGIONS = tuple(f"{r}{p}" for p in ("MT", "LT") for r in ("c", "a", "p", "e", "i"))
+CARTILAGE_REGIONS = FEMORAL_REGIONS + TIBIAL_REGIONS
+
 BACKGROUND = 0
 N_CLASSES = 1 + max(label.id for label in LABELS)  # including background
 

@@ -17,15 +17,28 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from kneebatch import labels as L
+
 DAYS_PER_YEAR = 365.25
 Z95 = float(sps.norm.ppf(0.975))
 
 
 # ---------------------------------------------------------------- the table
+# of the OA cartilage subregions, the weight-bearing ones the OAI's endpoints are built on; the
+# other regions stay in the table for analyses that ask for them (--measures)
+DEFAULT_REGIONS = ("cMF", "cLF", "cMT", "cLT")
+
+
 def default_measures(df: pd.DataFrame) -> list[str]:
-    """Volumes in mL and mean cartilage thicknesses that vary in the cohort (an all-zero
-    tissue, e.g. one the engines never segment, tests nothing)."""
-    cols = [c for c in df.columns if c.endswith("_volume_ml") or c.endswith("_thickness_mean_mm")]
+    """Volumes in mL and mean cartilage thicknesses (per plate, and of the central subregions)
+    that vary in the cohort (an all-zero tissue, e.g. one the engines never segment, tests nothing)."""
+    def wanted(c: str) -> bool:
+        region = c.split("_", 1)[0]
+        if region in L.CARTILAGE_REGIONS:
+            return region in DEFAULT_REGIONS and c.endswith("_thickness_mean_mm")
+        return c.endswith("_volume_ml") or c.endswith("_thickness_mean_mm")
+
+    cols = [c for c in df.columns if wanted(c)]
     return [c for c in cols if pd.to_numeric(df[c], errors="coerce").nunique(dropna=True) > 1]
 
 

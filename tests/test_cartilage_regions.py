@@ -130,3 +130,15 @@ def test_one_plate_and_the_knee_side_still_give_that_plates_regions():
         else:
             assert np.isnan(values[f"{region}_thickness_mean_mm"]) and values[f"{region}_volume_mm3"] == 0
     assert values["cMF_volume_mm3"] > 0 and values["cLF_volume_mm3"] > 0
+
+
+def test_group_comparisons_take_the_weight_bearing_regions_by_default():
+    import pandas as pd
+
+    from kneebatch.stats import default_measures
+
+    df = pd.DataFrame({c: [1.0, 2.0] for c in ("femoral_cartilage_thickness_mean_mm", "effusion_volume_ml",
+                                                "cMF_thickness_mean_mm", "cLT_thickness_mean_mm",
+                                                "aMT_thickness_mean_mm", "cMF_volume_ml", "TrF_thickness_mean_mm")})
+    assert default_measures(df) == ["femoral_cartilage_thickness_mean_mm", "effusion_volume_ml",
+                                    "cMF_thickness_mean_mm", "cLT_thickness_mean_mm"]
