@@ -163,6 +163,10 @@ def cmd_run(args) -> int:
 
     options = InferenceOptions.resolve(args.engines, args.backend, args.device, args.threads, args.fp16 or None,
                                        args.tta, args.net_batch, args.gpus, args.allow_low_accuracy)
+    if args.model:
+        options = _with_model(options, args)
+    elif args.channels or args.label_map or args.axis_order != "store":
+        raise ValueError("--channels, --label-map and --axis-order describe a --model: add --model PATH")
     with _client(args, options.device) as client:
         r = run(args.store, args.out, options, client=client, batch_size=args.batch_size,
                 show_progress=not args.quiet, force=args.force, shard=args.shard)
@@ -171,6 +175,25 @@ def cmd_run(args) -> int:
     _print_reasons(r.reasons)
     _print_outputs(args, r)
     return 0
+
+
+def _with_model(options, args):
+    """The options with another tool's model in the place of the engine sets, its input channels
+    given store roles (from its dataset.json, or --channels)."""
+    from dataclasses import replace
+
+    from kneebatch.geometry import orientation_direction
+    from kneebatch.inference.nnunet import NnUNetFolder, model_roles
+    from kneebatch.ingest.roles import ROLES
+
+    if args.engines:
+        raise ValueError("give --engines or --model, not both")
+    folder = NnUNetFolder.read(args.model)
+    roles = model_roles(folder.dataset["channel_names"], ROLES, args.channels)
+    if args.axis_order != "store":
+        orientation_direction(args.axis_order)  # a bad code stops here, in one line
+    return replace(options, model=str(Path(args.model).resolve()), model_roles=tuple(roles), label_map=args.label_map,
+                   model_axis_order=args.axis_order)
 
 
 def cmd_merge(args) -> int:
@@ -584,6 +607,23 @@ def _add_run(sub) -> None:
     s.add_argument("--threads", type=_positive, default=None, help="CPU threads per worker for the engines")
     s.add_argument("--allow-low-accuracy", action="store_true",
                    help="run engines whose recorded validation Dice is below 0.5 (refused otherwise)")
+    s.add_argument("--model", default=None, metavar="DIR",
+                   help="segment with another tool's trained model instead of kneebatch's engines: an nnU-Net v2 "
+                        "model folder (dataset.json, plans.json, fold_N/checkpoint_final.pth), run through nnU-Net's "
+                        "own code in each worker, labels equal to nnUNetv2_predict's (add --tta for its default "
+                        "mirroring); pip install 'kneebatch[nnunet]' (docs/models.md)")
+    s.add_argument("--channels", default=None, metavar="0:ROLE,...",
+                   help="--model: the store role of each input channel, where dataset.json's channel_names do not "
+                        "name one (e.g. 0:DESS)")
+    s.add_argument("--label-map", default=None, metavar="ID:LABEL,...",
+                   help="--model: its label ids as kneebatch labels, where dataset.json's names are not the schema's "
+                        "or a known tool's (ID:background drops one)")
+    s.add_argument("--axis-order", default="store", metavar="store|CODE",
+                   help="--model: the voxel order it was trained in. nnU-Net reads only axis order and spacing: "
+                        "'store' (default) is kneebatch's (z right, y inferior, x posterior); a NIfTI orientation "
+                        "code such as RAS (nibabel's as_closest_canonical, TotalSegmentator) or the code of your "
+                        "training NIfTIs (nibabel.aff2axcodes) turns each study to it exactly and back "
+                        "(docs/models.md: check one study first)")
     _sharded(s)
     _clustered(s)
     _common(s)

@@ -43,6 +43,7 @@ REASONS = {
     "partial_label_set": "the label map holds a partial label set's own ids (e.g. OAI-ZIB's, imported for "
                          "training): it trains nets, it is not measured or exported as kneebatch's labels",
     "unsupported_contrast": "the engines need contrasts this study does not have",
+    "missing_role": "the model (--model) takes a series this study does not have",
     "worker_died": "the worker processing this study died every time it was tried (out of memory, crash); "
                    "recorded as poison and not retried in this run",
     "source_missing": "the study's DICOM source is not where it was converted from (exports that need it: SEG)",

@@ -183,15 +183,30 @@ class Reorientation:
         return cls(tuple(int(p) for p in attrs["permutation"]), tuple(bool(f) for f in attrs["flip"]))
 
 
-def to_canonical(grid: Grid) -> Reorientation:
-    """The axis permutation and flips that bring ``grid`` nearest to the canonical order.
+_LPS_OF = {"R": (-1.0, 0, 0), "L": (1.0, 0, 0), "A": (0, -1.0, 0), "P": (0, 1.0, 0), "S": (0, 0, 1.0),
+           "I": (0, 0, -1.0)}
+
+
+def orientation_direction(code: str) -> np.ndarray:
+    """LPS unit vectors (columns: array axes z, y, x) of the arrays that SimpleITK, and so
+    nnU-Net, reads from a NIfTI whose axes i, j, k point to the letters of ``code`` (``RAS``: what
+    nibabel's ``as_closest_canonical`` and TotalSegmentator give): the array is ``[k, j, i]``."""
+    code = code.upper()
+    if len(code) != 3 or set(code) - set(_LPS_OF) or len({"RLAPSI".index(c) // 2 for c in code}) != 3:
+        raise ValueError(f"axis order {code!r} is not three of R/L, A/P, S/I, one of each (e.g. RAS, LPS, PIR)")
+    return np.array([_LPS_OF[code[2]], _LPS_OF[code[1]], _LPS_OF[code[0]]], float).T
+
+
+def to_canonical(grid: Grid, target: np.ndarray = CANONICAL_LPS) -> Reorientation:
+    """The axis permutation and flips that bring ``grid`` nearest to the canonical order (or to
+    the order whose axes' LPS directions are the columns of ``target``).
 
     Each canonical axis takes the source axis best aligned with it (the assignment with the
     largest total alignment among the six permutations), so oblique grids stay oblique.
     """
     from itertools import permutations
 
-    cos = CANONICAL_LPS.T @ grid.direction  # [canonical axis, source axis]
+    cos = np.asarray(target).T @ grid.direction  # [canonical axis, source axis]
     best = max(permutations(range(3)), key=lambda p: sum(abs(cos[i, p[i]]) for i in range(3)))
     return Reorientation(tuple(int(p) for p in best), tuple(bool(cos[i, best[i]] < 0) for i in range(3)))
 

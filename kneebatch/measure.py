@@ -280,13 +280,44 @@ def regional_values(labels, grid: Grid, knee_side: str | None) -> dict:
     return regional_cartilage(host, crop, knee_side).values
 
 
+def _uncovered(covered) -> set[str]:
+    return {label.name for label in L.LABELS if label.id not in covered}
+
+
+def _about(flag: str, names: set[str]) -> bool:
+    """Whether a QC flag (``kind:tissue`` or ``kind:medial/lateral``) names one of ``names``."""
+    _, _, tissues = flag.partition(":")
+    return any(t in names for t in tissues.split("/"))
+
+
+def null_uncovered(row: dict, covered) -> dict:
+    """The row of a label map that holds only the ``covered`` label ids (another tool's model):
+    every number about a tissue it does not segment is null, never 0 (in place)."""
+    absent = _uncovered(covered)
+    for name in absent:
+        for col in [c for c in row if c.startswith(f"{name}_")]:
+            row[col] = None
+    for group in GROUP_TOTALS:
+        if any(label.name in absent for label in L.in_group(group)):
+            row[f"total_{group}_volume_mm3"] = row[f"total_{group}_volume_ml"] = None
+    plates = {"F": "femoral_cartilage", "MT": "medial_tibial_cartilage", "LT": "lateral_tibial_cartilage"}
+    for region in REGIONS:
+        # every region needs the tibial plates (the frame, the notch) and its own plate
+        needs = {plates["MT"], plates["LT"], plates["F" if region.endswith("F") else region[1:]]}
+        if needs & absent:
+            for stat in STAT_DOC:
+                row[f"{region}_{stat}"] = None
+    return row
+
+
 def measure_study(key: str, labels, image, grid: Grid, channels, label_source: str, extra_flags=(),
-                  knee_side: str | None = None, visit: dict | None = None) -> dict:
+                  knee_side: str | None = None, visit: dict | None = None, covered=None) -> dict:
     """One row of ``measurements.parquet``. ``labels``/``image`` may live on any xp device (only
     one vector of results comes back); ``extra_flags``: QC flags known from how the labels were
     made (segmentation); ``knee_side``: from the DICOM headers when they said, else found from
     the anatomy; ``visit``: the study's subject key and visit day
-    (:func:`kneebatch.ingest.visits.visit_of`)."""
+    (:func:`kneebatch.ingest.visits.visit_of`); ``covered``: the label ids the labels can hold
+    (another tool's model), the others' numbers null (:func:`null_uncovered`)."""
     if tuple(labels.shape) != grid.shape:
         raise ValueError(f"labels {tuple(labels.shape)} do not match grid {grid.shape}")
     values = values_to_host(study_values(labels, image, grid, channels if image is not None else ()))
@@ -303,6 +334,9 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
     row["voxel_volume_mm3"] = grid.voxel_volume_mm3
     row["spacing_z_mm"], row["spacing_y_mm"], row["spacing_x_mm"] = grid.spacing
     flags = [*qc_flags(values, row), *extra_flags]
+    if covered is not None:  # nothing is missing or implausible that the labels never hold
+        flags = [f for f in flags if not _about(f, _uncovered(covered))]
+        null_uncovered(row, covered)
     row["qc_flags"] = flags
     row["qc_ok"] = not flags
     row["knee_side"] = side

@@ -77,3 +77,23 @@ def test_resample_is_exact_on_a_shifted_grid():
     assert np.allclose(out, vol[1:6, 2:8, 3:10], atol=1e-6)
     labels = (vol * 5).astype(np.uint8)
     assert np.array_equal(resample(labels, g, shifted, order=0), labels[1:6, 2:8, 3:10])
+
+
+def test_an_orientation_code_gives_the_arrays_simpleitk_reads_from_such_a_nifti():
+    import nibabel as nib
+
+    from kneebatch.geometry import CANONICAL_LPS, Grid, affine_to_nifti, orientation_direction, to_canonical
+
+    grid = Grid.from_parts((20, 30, 40), (3.0, 0.5, 0.6), (10.0, -20.0, 30.0), CANONICAL_LPS)
+    turn = to_canonical(grid, orientation_direction("RAS"))
+    array = np.arange(20 * 30 * 40, dtype=np.int32).reshape(20, 30, 40)
+    ras, ras_grid = turn.apply(array, grid)
+    # as a NIfTI (data[i, j, k] = array[k, j, i]) the turned array is nibabel's closest canonical
+    img = nib.Nifti1Image(array.transpose(2, 1, 0), affine_to_nifti(grid.affine))
+    canonical = nib.as_closest_canonical(img)
+    assert nib.aff2axcodes(canonical.affine) == ("R", "A", "S")
+    assert np.array_equal(np.asarray(canonical.dataobj).transpose(2, 1, 0), ras)
+    assert np.allclose(affine_to_nifti(ras_grid.affine), canonical.affine)
+    assert np.array_equal(turn.invert(ras, ras_grid), array)
+    with pytest.raises(ValueError, match="one of each"):
+        orientation_direction("RRS")

@@ -96,6 +96,10 @@ class InferenceOptions:
     tta: bool = False  # mirror test-time augmentation
     net_batch: int | None = None  # inputs per engine call (None: NET_BATCH's default for the device)
     allow_low_accuracy: bool = field(default_factory=_low_accuracy_allowed)  # engines below MIN_VAL_DICE
+    model: str | None = None  # another tool's model folder (nnU-Net v2) in the place of the engine sets
+    model_roles: tuple[str, ...] | None = None  # the store role of each of its input channels
+    label_map: str | None = None  # its label ids -> kneebatch's (ID:LABEL,...), where its names do not say
+    model_axis_order: str = "store"  # the voxel order it was trained in: the store's, or e.g. RAS
 
     @classmethod
     def resolve(cls, engines=None, backend: str | None = None, device: str | None = None, threads: int | None = None,
@@ -140,7 +144,13 @@ class InferenceOptions:
         return NET_BATCH["cuda" if self.device.startswith("cuda") else "cpu"]
 
     def load_sets(self) -> EngineSets:
-        """Every set these options name (each loaded when a study first needs it)."""
+        """Every set these options name (each loaded when a study first needs it), or the one
+        external model they name (:class:`kneebatch.inference.nnunet.ModelSet`)."""
+        if self.model:
+            from kneebatch.inference.nnunet import ModelSet
+
+            return ModelSet(self.model, list(self.model_roles) if self.model_roles else None, self.label_map,
+                            self.device, self.threads, self.tta, self.model_axis_order)
         return EngineSets(set_dirs(self.engines), lambda folder: load_engines(
             folder, self.backend, self.device, self.threads, self.half, self.tta, self.effective_net_batch()),
             self.device, self.effective_net_batch())
@@ -149,6 +159,8 @@ class InferenceOptions:
         """What changes the output (recorded with it; a rerun with other settings is refused).
         ``sets``: the sets these options loaded (their manifests and configs, read once)."""
         sets = sets or self.load_sets()
+        if self.model:
+            return {**sets.settings(), "device": self.device, "mirror_tta": self.tta}
         chosen = {}
         for name in sets.folders:
             manifest = sets.manifests[name]

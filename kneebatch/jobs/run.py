@@ -70,6 +70,10 @@ def _provenance(options: InferenceOptions, sets, batch_size: int) -> dict:
     import onnxruntime
     import torch
 
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    if options.model:
+        return {"command": "run", **options.settings(sets), "threads": options.threads, "batch_size": batch_size,
+                "versions": {**versions, "nnunetv2": _dist_version("nnunetv2")}}
     return {
         "command": "run",
         **options.settings(sets),
@@ -79,6 +83,11 @@ def _provenance(options: InferenceOptions, sets, batch_size: int) -> dict:
         "engine_sets": {name: {"status": set_status(sets.manifests[name]),
                                "model_config": json.loads((folder / sets.manifests[name]["config"]).read_text())}
                         for name, folder in sets.folders.items()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "onnxruntime": onnxruntime.__version__},
+        "versions": versions,
     }
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)

@@ -40,6 +40,18 @@ def _compile_seconds(engines, stage: str) -> float:
     return getattr(getattr(engines, stage), "compile_seconds", 0.0)
 
 
+def _external_labels(model, study: Loaded, info, xp, device):
+    """An external model's label map of one study (on the study's device), or the exception."""
+    t = time.perf_counter()
+    try:
+        labels = model.segment(ops.to_host(study.chosen), study.grid)
+        return ops.to_device(labels, xp, device)
+    except Exception as e:  # noqa: BLE001 - the study's row says why
+        return e
+    finally:
+        info.seconds.update(fine=time.perf_counter() - t, paste=0.0)
+
+
 def process_batch(keys: list[str], store_path: str, engines=None, xp=None, device=None) -> dict:
     """Segment, save and measure a batch of studies; never raises.
 
@@ -67,7 +79,8 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         from kneebatch.distributed.plugin import worker_engines
 
         engines = worker_engines()
-    sets = engines if isinstance(engines, EngineSets) else EngineSets.of(engines)
+    # engine sets, or one external model standing in for them (it chooses and loads the same way)
+    sets = engines if isinstance(engines, EngineSets) or hasattr(engines, "choose") else EngineSets.of(engines)
     store = CohortStore(store_path, create=False)
     if xp is None:  # every backend takes torch tensors on its device
         xp, device = ops.torch_namespace(), sets.device
@@ -78,7 +91,8 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         failures.append(failure_row(key, "run", exc))
 
     def finish(key, result, info, image, grid, channels, used, engines):
-        labels = paste(result, info)
+        external = getattr(engines, "kind", "") == "nnunet"  # an external model gives whole label maps
+        labels = result if external else paste(result, info)
         t = time.perf_counter()
         store.write_labels(key, ops.to_host(labels), {"model_hash": engines.model_hash,
                                                        "kneebatch_version": __version__},
@@ -88,7 +102,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         # sides_unresolved: medial/lateral labels as the net gave them
         flags = ["sides_unresolved"] if info.sides_found is False else []
         row = measure_study(key, labels, image, grid, channels, "segmentation", flags,
-                            **study_context(store, key))
+                            covered=getattr(engines, "covered", None), **study_context(store, key))
         row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid",
                    channels_used=used, engine_set=engines.name)
         return row, t_write, time.perf_counter() - t
@@ -146,6 +160,10 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
             results = [None] * len(studies)
             for engines in {id(s.engines): s.engines for s in studies}.values():  # a group may mix sets
                 mine = [i for i, s in enumerate(studies) if s.engines is engines]
+                if getattr(engines, "kind", "") == "nnunet":
+                    for i in mine:
+                        results[i] = _external_labels(engines, studies[i], infos[i], xp, device)
+                    continue
                 compiling = {stage: _compile_seconds(engines, stage) for stage in ("coarse", "fine")}
                 for i, r in zip(mine, fine_stages([studies[i].chosen for i in mine], [studies[i].grid for i in mine],
                                                   engines.coarse, engines.fine, engines.config,

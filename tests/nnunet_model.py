@@ -1,0 +1,97 @@
+"""A tiny but valid nnU-Net v2 model folder, written as nnU-Net's trainer would (plans and
+dataset.json by hand, the network built by nnU-Net's own builder, a checkpoint with the keys
+nnU-Net's predictor reads) and trained for a few steps so that it predicts two tissues: bright
+voxels are "femur", middle ones "tibia" (a threshold a net learns in seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {"background": 0, "femur": 1, "tibia": 2}
+SPACING = [3.5, 1.0, 1.0]  # after transpose_forward; max/min 3.5 > 3: nnU-Net resamples z on its own
+
+
+def _architecture():
+    return {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16],
+                            "conv_op": "torch.nn.modules.conv.Conv3d",
+                            "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+                            "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+                            "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+                            "dropout_op": None, "dropout_op_kwargs": None,
+                            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
+def _plans(mirroring=True):
+    def rs(seg, order):
+        return {"is_seg": seg, "order": order, "order_z": 0, "force_separate_z": None}
+
+    cfg = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+           "patch_size": [16, 32, 32], "median_image_size_in_voxels": [40, 128, 128], "spacing": SPACING,
+           "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+           "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": rs(False, 3),
+           "resampling_fn_seg": "resample_data_or_seg_to_shape", "resampling_fn_seg_kwargs": rs(True, 1),
+           "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+           "resampling_fn_probabilities_kwargs": rs(False, 1), "architecture": _architecture(), "batch_dice": False}
+    return {"dataset_name": "Dataset990_KneeTiny", "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": SPACING, "original_median_shape_after_transp": [40, 128, 128],
+            "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 2, 1], "transpose_backward": [0, 2, 1],  # not the identity, on purpose
+            "configurations": {"3d_fullres": cfg}, "experiment_planner_used": "ExperimentPlanner",
+            "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {"0": {
+                "max": 1.0, "mean": 0.5, "median": 0.5, "min": 0.0, "percentile_00_5": 0.0,
+                "percentile_99_5": 1.0, "std": 0.25}}}
+
+
+def _train(net, steps: int, seed: int):
+    """Adam on random z-scored volumes: > 0.8 is femur, (-0.2, 0.8] tibia (smoothed noise, so
+    the classes form regions a 3x3x3 net can see)."""
+    import torch
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(steps):
+        x = ndimage.gaussian_filter(rng.normal(size=(2, 16, 32, 32)), (0, 1, 2, 2))
+        x = (x - x.mean()) / x.std()
+        y = np.where(x > 0.8, 1, np.where(x > -0.2, 2, 0))
+        out = net(torch.as_tensor(x[:, None], dtype=torch.float32))
+        loss = torch.nn.functional.cross_entropy(out, torch.as_tensor(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def write_model(root: Path, folds=(0,), channel="T1", steps: int = 60, mirroring=(0, 1, 2)) -> Path:
+    """``root/Dataset990_KneeTiny/nnUNetTrainer__nnUNetPlans__3d_fullres`` with ``folds``."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    folder = Path(root) / "Dataset990_KneeTiny" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    folder.mkdir(parents=True)
+    dataset = {"channel_names": {"0": channel}, "labels": LABELS, "numTraining": 4, "file_ending": ".nii.gz"}
+    plans = _plans()
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    for fold in folds:
+        torch.manual_seed(fold)
+        net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                     1, len(LABELS), allow_init=True, deep_supervision=False)
+        loss = _train(net, steps, seed=fold)
+        (folder / f"fold_{fold}").mkdir()
+        torch.save({"network_weights": net.state_dict(),
+                    "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": fold,
+                                  "dataset_json": dataset, "device": "cpu"},
+                    "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": mirroring,
+                    "current_epoch": steps, "logging": {"train_losses": [np.float64(loss)]}},
+                   folder / f"fold_{fold}" / "checkpoint_final.pth")
+    return folder

@@ -1,0 +1,173 @@
+"""nnU-Net v2 model folders as engines: kneebatch run --model gives the labels nnU-Net's own
+predictor gives (nnUNetv2_predict_from_modelfolder, its command line, on a NIfTI of the study),
+measures only the tissues the model segments, and refuses bad folders in one line."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nnunetv2", reason="the nnunet extra: pip install 'kneebatch[nnunet]'")
+
+from kneebatch import labels as L  # noqa: E402
+from kneebatch.inference.nnunet import NnUNetFolder, label_lut, load_checkpoint  # noqa: E402
+from kneebatch.ingest.store import CohortStore  # noqa: E402
+from kneebatch.outputs import read_rows  # noqa: E402
+from tests.nnunet_model import write_model  # noqa: E402
+
+PREDICT = Path(sys.executable).with_name("nnUNetv2_predict_from_modelfolder")
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, key_file):
+    from kneebatch.jobs.convert import convert
+    from kneebatch.synth.cohort import PRESETS, generate_cohort
+
+    root = tmp_path_factory.mktemp("nnunet-store")
+    generate_cohort(root / "cohort", 2, seed=2929, ranges=PRESETS["small"], workers=1)
+    assert convert(root / "cohort" / "dicom", root / "store.zarr", key_file=key_file, show_progress=False).converted == 2
+    return root / "store.zarr"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("nnunet-model"), folds=(0, 1))
+
+
+def _nnunet_reference(model: Path, image: np.ndarray, spacing_zyx, tmp: Path, tta: bool) -> np.ndarray:
+    """nnU-Net's own command line on a NIfTI of the image (SimpleITK: array (z, y, x), spacing reversed)."""
+    import SimpleITK as sitk
+
+    (tmp / "in").mkdir(parents=True)
+    itk = sitk.GetImageFromArray(image.astype(np.float32))
+    itk.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
+    sitk.WriteImage(itk, str(tmp / "in" / "case_0000.nii.gz"))
+    cmd = [str(PREDICT), "-i", str(tmp / "in"), "-o", str(tmp / "out"), "-m", str(model), "-f", "0", "1",
+           "-device", "cpu", "-npp", "1", "-nps", "1"] + ([] if tta else ["--disable_tta"])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp / "out" / "case.nii.gz")))
+
+
+def test_run_with_an_nnunet_folder_gives_nnunets_own_labels(small_store, model, tmp_path, capsys):
+    from kneebatch.cli import main
+
+    store_path = tmp_path / "store.zarr"
+    shutil.copytree(small_store, store_path)
+    assert main(["run", str(store_path), str(tmp_path / "out"), "--model", str(model), "--tta", "-q"]) == 0
+    assert "2 segmented" in capsys.readouterr().out
+    store = CohortStore(store_path, create=False)
+    lut = label_lut(NnUNetFolder.read(model).dataset["labels"])
+    rows = {r["study_key"]: r for r in read_rows(tmp_path / "out" / "measurements.parquet")}
+    for n, key in enumerate(store.study_keys()):
+        t1 = store.channels(key).index("T1")
+        image, grid = store.read_image(key, [t1])
+        name, ours = store.chosen_labels(key, None)
+        reference = lut[_nnunet_reference(model, image[0], grid.spacing, tmp_path / f"ref{n}", tta=True)]
+        assert ours.shape == reference.shape == grid.shape
+        assert np.array_equal(ours, reference), (key, int((ours != reference).sum()))
+        present = np.bincount(ours.ravel(), minlength=L.N_CLASSES) / ours.size
+        assert present[L.by_name("femur").id] > 0.01 and present[L.by_name("tibia").id] > 0.01
+        row = rows[key]
+        assert row["label_name"] == name and row["engine_set"].startswith("nnunet:Dataset990_KneeTiny")
+        assert row["femur_volume_mm3"] == pytest.approx(np.sum(ours == 1) * grid.voxel_volume_mm3)
+        # what the model does not segment is unknown, not absent
+        assert row["patella_volume_mm3"] is None and row["femoral_cartilage_thickness_mean_mm"] is None
+        assert row["total_bone_volume_mm3"] is None and row["cMF_thickness_mean_mm"] is None
+        assert not any(f.endswith(("patella", "cartilage", "meniscus")) for f in row["qc_flags"])
+
+
+def test_shards_of_a_process_cluster_give_nnunets_labels_too(small_store, model, tmp_path, capsys):
+    """Without mirroring (nnUNetv2_predict --disable_tta), as two shards on two worker processes
+    each, for a model trained on RAS NIfTIs: each study turned to RAS exactly and back."""
+    from kneebatch.cli import main
+    from kneebatch.geometry import orientation_direction, to_canonical
+
+    store_path = tmp_path / "store.zarr"
+    shutil.copytree(small_store, store_path)
+    for shard in ("0/2", "1/2"):
+        assert main(["run", str(store_path), str(tmp_path / "out"), "--model", str(model), "--shard", shard,
+                     "--workers", "2", "--axis-order", "RAS", "-q"]) == 0
+    assert main(["merge", str(tmp_path / "out")]) == 0
+    assert "2 rows, 0 failed" in capsys.readouterr().out
+    store = CohortStore(store_path, create=False)
+    lut = label_lut(NnUNetFolder.read(model).dataset["labels"])
+    rows = read_rows(tmp_path / "out" / "measurements.parquet")
+    assert len(rows) == 2 and all(r["label_name"].endswith("-notta") for r in rows)
+    for n, row in enumerate(rows):
+        image, grid = store.read_image(row["study_key"], [store.channels(row["study_key"]).index("T1")])
+        turn = to_canonical(grid, orientation_direction("RAS"))
+        assert not turn.is_identity
+        ras, ras_grid = turn.apply(image[0], grid)
+        predicted = _nnunet_reference(model, ras, ras_grid.spacing, tmp_path / f"ref{n}", tta=False)
+        reference = turn.invert(lut[predicted], ras_grid)
+        assert np.array_equal(store.read_labels(row["study_key"], row["label_name"]), reference)
+
+
+def test_a_study_without_the_models_series_is_a_missing_role_row(small_store, tmp_path):
+    from kneebatch.jobs.run import run
+
+    other = write_model(tmp_path / "pdfs", folds=(0,), channel="PDFS", steps=1)
+    report = run(small_store, tmp_path / "out", model=str(other), model_roles=("PDFS",))
+    assert report.failed == 2 and report.segmented == 0
+    failures = read_rows(tmp_path / "out" / "failures.parquet")
+    assert {f["reason"] for f in failures} == {"missing_role"}
+    assert all("takes PDFS" in f["message"] and "T1" in f["message"] for f in failures)
+
+
+def test_bad_model_folders_are_refused_in_one_line(small_store, model, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from kneebatch.cli import main
+
+    def refused(folder, *extra) -> str:
+        assert main(["run", str(small_store), str(tmp_path / "never"), "--model", str(folder), *extra]) != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert not (tmp_path / "never").exists()
+        return err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "not an nnU-Net v2 model folder" in refused(empty)
+
+    no_folds = tmp_path / "nofolds"
+    shutil.copytree(model, no_folds, ignore=shutil.ignore_patterns("fold_*"))
+    assert "no checkpoint_final.pth" in refused(no_folds)
+
+    unnamed = tmp_path / "unnamed"
+    shutil.copytree(model, unnamed)
+    dataset = json.loads((unnamed / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "bone_a": 1, "tibia": 2}
+    (unnamed / "dataset.json").write_text(json.dumps(dataset))
+    assert "1:bone_a" in refused(unnamed)
+    lut = label_lut(dataset["labels"], "1:femur")  # what --label-map 1:femur gives the run
+    assert lut.tolist() == [0, L.by_name("femur").id, L.by_name("tibia").id]
+    assert "femur" in refused(unnamed, "--label-map", "1:femurr")  # not a label of the schema
+
+    other_role = tmp_path / "otherrole"
+    shutil.copytree(model, other_role)
+    dataset = json.loads((model / "dataset.json").read_text())
+    dataset["channel_names"] = {"0": "MRI"}
+    (other_role / "dataset.json").write_text(json.dumps(dataset))
+    assert "--channels 0:ROLE" in refused(other_role)
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(model, pickled)
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    checkpoint["trainer"] = Path("/")  # a Python object, as some trainers store
+    torch.save(checkpoint, pickled / "fold_0" / "checkpoint_final.pth")
+    assert "loads weights only" in refused(pickled, "--channels", "0:T1")
+
+
+def test_checkpoints_with_numpy_logs_load_as_weights(model):
+    checkpoint = load_checkpoint(model / "fold_0" / "checkpoint_final.pth")
+    assert set(checkpoint) >= {"network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes"}
+    assert isinstance(checkpoint["logging"]["train_losses"][0], np.floating)
