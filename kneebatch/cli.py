@@ -185,15 +185,46 @@ def _with_model(options, args):
     from kneebatch.geometry import orientation_direction
     from kneebatch.inference.nnunet import NnUNetFolder, model_roles
     from kneebatch.ingest.roles import ROLES
+    from kneebatch.registry import resolve
 
     if args.engines:
         raise ValueError("give --engines or --model, not both")
-    folder = NnUNetFolder.read(args.model)
-    roles = model_roles(folder.dataset["channel_names"], ROLES, args.channels)
+    path, record = resolve(args.model)
+    if record is not None:  # what was recorded, unless said otherwise now
+        args.label_map = args.label_map or record["label_map"]
+        args.axis_order = args.axis_order if args.axis_order != "store" else record["axis_order"]
+    folder = NnUNetFolder.read(path)
+    roles = record["roles"] if record is not None and not args.channels else model_roles(
+        folder.dataset["channel_names"], ROLES, args.channels)
     if args.axis_order != "store":
         orientation_direction(args.axis_order)  # a bad code stops here, in one line
-    return replace(options, model=str(Path(args.model).resolve()), model_roles=tuple(roles), label_map=args.label_map,
+    return replace(options, model=str(Path(path).resolve()), model_roles=tuple(roles), label_map=args.label_map,
                    model_axis_order=args.axis_order)
+
+
+def cmd_models_add(args) -> int:
+    from kneebatch.registry import add, registry_path
+
+    record = add(args.path, args.name, args.channels, args.label_map, args.axis_order, args.replace)
+    print(f"recorded {args.name}: nnU-Net model {record['nnunet_name']}, folds {', '.join(record['folds'])}, takes "
+          f"{' + '.join(record['roles'])}, segments {len(record['tissues'])} tissues ({', '.join(record['tissues'])}), "
+          f"axis order {record['axis_order']} -> {registry_path()}")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from kneebatch.registry import records, registry_path
+
+    known = records()
+    if args.json:
+        print(json.dumps(known, indent=1))
+        return 0
+    if not known:
+        print(f"no models recorded ({registry_path()}); kneebatch models add DIR --name NAME")
+    for name, r in known.items():
+        print(f"{name}: {r['kind']} {r['nnunet_name']} · takes {' + '.join(r['roles'])} · {', '.join(r['tissues'])} · "
+              f"axis order {r['axis_order']} · {r['path']}")
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -495,6 +526,24 @@ def _add_engines(sub) -> None:
     e.set_defaults(func=cmd_engines_list)
 
 
+def _add_models(sub) -> None:
+    s = sub.add_parser("models", help="other tools' models (nnU-Net v2 folders) recorded by name, for run --model NAME")
+    msub = s.add_subparsers(dest="models_command", required=True)
+    a = msub.add_parser("add", help="record a model folder once: its kind, file hashes, inputs, labels, axis order "
+                                    "(read in place, never copied; a run by name checks the files first)")
+    a.add_argument("path", type=Path, help="the trained model folder (dataset.json, plans.json, fold_N/...)")
+    a.add_argument("--name", required=True, help="what run --model calls it")
+    a.add_argument("--channels", default=None, metavar="0:ROLE,...", help="store role of each input channel, where "
+                                                                          "dataset.json's channel_names do not say")
+    a.add_argument("--label-map", default=None, metavar="ID:LABEL,...", help="its label ids as kneebatch labels")
+    a.add_argument("--axis-order", default="store", metavar="store|CODE", help="the voxel order it was trained in")
+    a.add_argument("--replace", action="store_true", help="record it again under a name already taken")
+    a.set_defaults(func=cmd_models_add)
+    ls = msub.add_parser("list", help="the recorded models")
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    ls.set_defaults(func=cmd_models_list)
+
+
 def _add_labels(sub) -> None:
     s = sub.add_parser("labels", help="print the label schema")
     s.add_argument("--json", action="store_true", help='as JSON: [{"id", "name", "group", "color"}, ...]')
@@ -607,8 +656,9 @@ def _add_run(sub) -> None:
     s.add_argument("--threads", type=_positive, default=None, help="CPU threads per worker for the engines")
     s.add_argument("--allow-low-accuracy", action="store_true",
                    help="run engines whose recorded validation Dice is below 0.5 (refused otherwise)")
-    s.add_argument("--model", default=None, metavar="DIR",
-                   help="segment with another tool's trained model instead of kneebatch's engines: an nnU-Net v2 "
+    s.add_argument("--model", default=None, metavar="DIR|NAME",
+                   help="segment with another tool's trained model instead of kneebatch's engines (a folder, or a "
+                        "name recorded by 'kneebatch models add'): an nnU-Net v2 "
                         "model folder (dataset.json, plans.json, fold_N/checkpoint_final.pth), run through nnU-Net's "
                         "own code in each worker, labels equal to nnUNetv2_predict's (add --tta for its default "
                         "mirroring); pip install 'kneebatch[nnunet]' (docs/models.md)")
@@ -844,7 +894,7 @@ def _add_demo(sub) -> None:
 
 
 COMMANDS = (  # in --help's order
-    _add_engines, _add_labels, _add_columns, _add_synth, _add_convert, _add_measure, _add_run, _add_merge,
+    _add_engines, _add_models, _add_labels, _add_columns, _add_synth, _add_convert, _add_measure, _add_run, _add_merge,
     _add_submit, _add_status, _add_clinical, _add_stats, _add_mesh, _add_qc, _add_report, _add_export,
     _add_evaluate, _add_export_engines, _add_train, _add_train_synthetic, _add_demo,
 )

@@ -25,7 +25,7 @@ LAYERS = {
     "distributed": ("kneebatch.distributed",),
     "jobs": ("kneebatch.jobs",),
     "training": ("kneebatch.training",),
-    "apps": ("kneebatch.cli", "kneebatch.demo", "kneebatch.__main__", "kneebatch.api"),
+    "apps": ("kneebatch.cli", "kneebatch.demo", "kneebatch.__main__", "kneebatch.api", "kneebatch.registry"),
 }
 ORDER = list(LAYERS)
 # what a layer may not import although it lies below: the data layer knows no models, and inference

@@ -171,3 +171,38 @@ def test_checkpoints_with_numpy_logs_load_as_weights(model):
     checkpoint = load_checkpoint(model / "fold_0" / "checkpoint_final.pth")
     assert set(checkpoint) >= {"network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes"}
     assert isinstance(checkpoint["logging"]["train_losses"][0], np.floating)
+
+
+def test_a_model_recorded_by_name_runs_by_name_and_stops_when_its_files_change(small_store, model, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from kneebatch.cli import main
+
+    monkeypatch.setenv("KNEEBATCH_MODELS", str(tmp_path / "models.json"))
+    mine = tmp_path / "mine" / model.parent.name / model.name
+    shutil.copytree(model, mine)
+    assert main(["models", "add", str(mine), "--name", "tiny-knee", "--axis-order", "ras"]) == 0
+    said = capsys.readouterr().out
+    assert "takes T1" in said and "femur, tibia" in said and "axis order RAS" in said
+    assert main(["models", "add", str(mine), "--name", "tiny-knee"]) != 0  # taken
+    assert "--replace" in capsys.readouterr().err
+    assert main(["models", "list"]) == 0
+    assert "tiny-knee: nnunet Dataset990_KneeTiny" in capsys.readouterr().out
+
+    store_path = tmp_path / "store.zarr"
+    shutil.copytree(small_store, store_path)
+    assert main(["run", str(store_path), str(tmp_path / "out"), "--model", "tiny-knee", "--workers", "0", "-q"]) == 0
+    capsys.readouterr()
+    settings = __import__("json").loads((tmp_path / "out" / "provenance.json").read_text())
+    assert settings["model"]["axis_order"] == "RAS" and settings["model"]["roles"] == ["T1"]
+    rows = read_rows(tmp_path / "out" / "measurements.parquet")
+    assert len(rows) == 2 and all(r["femur_volume_mm3"] > 0 for r in rows)
+
+    # the folder changes under its name: the next run stops before it starts
+    torch = pytest.importorskip("torch")
+    checkpoint = torch.load(mine / "fold_1" / "checkpoint_final.pth", weights_only=False)
+    torch.save(checkpoint | {"current_epoch": 61}, mine / "fold_1" / "checkpoint_final.pth")
+    assert main(["run", str(store_path), str(tmp_path / "out2"), "--model", "tiny-knee", "-q"]) != 0
+    err = capsys.readouterr().err
+    assert "fold_1/checkpoint_final.pth changed since" in err and not (tmp_path / "out2").exists()
+    assert main(["run", str(store_path), str(tmp_path / "out3"), "--model", "no-such-model", "-q"]) != 0
+    assert "recorded models: tiny-knee" in capsys.readouterr().err
