@@ -137,11 +137,13 @@ def cmd_measure(args) -> int:
     from kneebatch.label_sets import parse_label_map
 
     label_map = parse_label_map(args.label_map) if args.label_map else None
+    per_study = _run_label_maps(args)
     with _client(args) as client:
         r = measure_store(args.store, args.out, labels_dir=args.labels, client=client, show_progress=not args.quiet,
                           label_map=label_map, model=args.model, label_name=args.label_name, shard=args.shard,
-                          force=args.force)
+                          force=args.force, per_study=per_study)
     source = (f"label files in {args.labels}" if args.labels else f"label map '{args.label_name}'" if args.label_name
+              else f"the label maps run {args.run} wrote" if per_study is not None
               else "segmentations of " + (", ".join(r.models) or "no model"))
     print(f"{r.measured} studies measured from {source}, {r.already_done} already done, {r.failed} failed, "
           f"{r.carried_failures} failed earlier (convert) in {r.seconds:.1f} s")
@@ -225,6 +227,18 @@ def cmd_models_list(args) -> int:
         print(f"{name}: {r['kind']} {r['nnunet_name']} · takes {' + '.join(r['roles'])} · {', '.join(r['tissues'])} · "
               f"axis order {r['axis_order']} · {r['path']}")
     return 0
+
+
+def _run_label_maps(args) -> dict | None:
+    """``--run OUT``: each study's label map as that run wrote it (None: not asked)."""
+    from kneebatch.outputs import label_maps_of
+
+    run_out = getattr(args, "run", None)
+    if run_out is None:
+        return None
+    if getattr(args, "label_name", None) or getattr(args, "model", None):
+        raise ValueError("--run chooses each study's label map: leave out --label-name and --model")
+    return label_maps_of(run_out)
 
 
 def cmd_merge(args) -> int:
@@ -316,7 +330,8 @@ def cmd_export(args) -> int:
     from kneebatch.export import export_nifti
 
     n, missing, used = export_nifti(args.store, args.out, name=args.label_name, model=args.model, names=args.names,
-                                    images=args.images, show_progress=not args.quiet, format=args.format)
+                                    images=args.images, show_progress=not args.quiet, format=args.format,
+                                    per_study=_run_label_maps(args))
     what = "DICOM SEG objects" if args.format == "seg" else "label maps"
     print(f"wrote {n} {what} ({', '.join(used) or 'none'}){' and their images' if args.images else ''} to "
           f"{args.out} in each source's voxel order ({len(missing)} studies have none), "
@@ -462,7 +477,9 @@ def cmd_report(args) -> int:
 def cmd_qc(args) -> int:
     from kneebatch.plots import qc_images
 
-    n, missing = qc_images(args.store, args.out, args.label_name, show_progress=not args.quiet)
+    n, missing, drawn = qc_images(args.store, args.out, args.label_name, show_progress=not args.quiet,
+                                  per_study=_run_label_maps(args))
+    print("label maps: " + ("; ".join(f"{title} for {k} studies" for title, k in drawn.items()) or "none"))
     print(f"wrote {n} QC images (sagittal, coronal, axial slices with the labels, and thickness maps) to {args.out}; "
           f"{len(missing)} studies have no label map")
     return 0
@@ -616,6 +633,8 @@ def _add_measure(sub) -> None:
     s.add_argument("--model", default=None,
                    help="measure the segmentation of these engines (a model hash prefix; default: the newest)")
     s.add_argument("--label-name", default=None, help="measure another label map of the store, e.g. truth")
+    s.add_argument("--run", type=Path, default=None, metavar="OUT",
+                   help="each study's label map as the run into OUT wrote it (its engine set's), not the newest")
     s.add_argument("--force", action="store_true",
                    help="OUT was made with other settings: start it clean (only kneebatch's files go)")
     _sharded(s)
@@ -757,6 +776,8 @@ def _add_qc(sub) -> None:
     s.add_argument("store", type=Path, help="cohort store")
     s.add_argument("out", type=Path, help="output folder: <key>.png (slices), <key>_thickness.png (maps)")
     s.add_argument("--label-name", default=None, help="which label map (default each study's newest segmentation)")
+    s.add_argument("--run", type=Path, default=None, metavar="OUT",
+                   help="each study's label map as the run into OUT wrote it (its engine set's), not the newest")
     _common(s, workers=False)
     s.set_defaults(func=cmd_qc)
 
@@ -792,6 +813,8 @@ def _add_export(sub) -> None:
                    help="also write each image channel as <name>_<ROLE>.nii.gz (convertible again)")
     s.add_argument("--model", default=None, help="the segmentation of these engines (model hash prefix; default newest)")
     s.add_argument("--label-name", default=None, help="another label map of the store, e.g. truth")
+    s.add_argument("--run", type=Path, default=None, metavar="OUT",
+                   help="each study's label map as the run into OUT wrote it (its engine set's), not the newest")
     _common(s, workers=False)
     s.set_defaults(func=cmd_export)
 

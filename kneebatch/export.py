@@ -35,13 +35,15 @@ FORMATS = ("nifti", "seg")
 
 
 def export_nifti(store_path, out, name: str | None = None, model: str | None = None, names: str = "key",
-                 images: bool = False, show_progress=None, format: str = "nifti") -> tuple[int, list[str], list[str]]:
+                 images: bool = False, show_progress=None, format: str = "nifti",
+                 per_study: dict | None = None) -> tuple[int, list[str], list[str]]:
     """``OUT/<name>_labels.nii.gz`` (and with ``images``, ``OUT/<name>_<ROLE>.nii.gz`` per channel)
     for every study with a label map, in the voxel order of the study's source (the reference
     series) so they open aligned with it. ``<name>`` is the study key, or with
     ``names="uid"`` the StudyInstanceUID / case name (identifiers: for the user's own use).
-    The label map is ``name`` (e.g. ``truth``), else the segmentation of ``model``, else the
-    newest. Returns (written, keys without a label map, the label map names used).
+    The label map is ``per_study``'s for the study (the maps a run wrote), else ``name`` (e.g.
+    ``truth``), else the segmentation of ``model``, else the newest. Returns (written, keys
+    without a label map, the label map names used).
 
     ``format="seg"``: ``OUT/<name>_seg.dcm``, a DICOM SEG on the study's source series
     (:mod:`kneebatch.dicom_seg`; the source must still be where it was converted from); a study
@@ -61,7 +63,10 @@ def export_nifti(store_path, out, name: str | None = None, model: str | None = N
     keymap = {r["study_key"]: r for r in read_rows(store.keymap_path)} if format == "seg" else {}
     with progress_bar(len(keys), "exporting label maps", show_progress) as advance:
         for key in keys:
-            label_name, labels = store.chosen_labels(key, name, model)
+            if per_study is not None and key not in per_study:
+                label_name, labels = None, None
+            else:
+                label_name, labels = store.chosen_labels(key, (per_study or {}).get(key, name), model)
             if labels is None:
                 missing.append(key)
                 advance()

@@ -109,6 +109,18 @@ def latest_per_key(table: pa.Table, key: str = "study_key") -> pa.Table:
     return table.take(last["__order_max"]).sort_by(key)
 
 
+def label_maps_of(out) -> dict[str, str]:
+    """study_key -> the label map a finished run (or measure) into ``out`` measured: what
+    ``--run OUT`` hands the downstream commands, so they use that run's labels, not the newest."""
+    path = Path(out) / "measurements.parquet"
+    if not path.exists():
+        shards = list(Path(out).glob("shards/*")) if Path(out).is_dir() else []
+        hint = f"; gather its shards first: kneebatch merge {out}" if shards else ""
+        raise FileNotFoundError(f"--run {out}: no measurements.parquet there (not a finished run's output{hint})")
+    rows = pq.read_table(path, columns=["study_key", "label_name"]).to_pylist()
+    return {r["study_key"]: r["label_name"] for r in rows if r["label_name"]}
+
+
 def read_table(path, schema: pa.Schema) -> pa.Table:
     """A Parquet table as ``schema`` (empty when the file does not exist)."""
     return pq.read_table(path, schema=schema) if Path(path).exists() else schema.empty_table()

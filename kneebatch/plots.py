@@ -209,27 +209,32 @@ def study_thickness_maps(store, key: str, label_name: str | None = None, what: s
     return thickness_maps_figure(maps, f"{key} · {what or name} · cartilage thickness")
 
 
-def qc_images(store_path, out, label_name: str | None = None, show_progress=None) -> tuple[int, list[str]]:
+def qc_images(store_path, out, label_name: str | None = None, show_progress=None,
+              per_study: dict | None = None) -> tuple[int, list[str], dict]:
     """``kneebatch qc``: ``OUT/<key>.png`` (slices with the label overlay) and
     ``OUT/<key>_thickness.png`` (the cartilage thickness maps with their subregions) for every
-    study of the store with a label map. Returns (written, keys without one)."""
+    study of the store with a label map (``per_study``'s for the study: the maps a run wrote; else
+    ``label_name``; else its newest segmentation). Returns (written, keys without one, how many
+    studies each label map drew: what the images show)."""
     from kneebatch.ingest.store import CohortStore
     from kneebatch.outputs import claim_output_dir
     from kneebatch.progress import progress_bar
 
     store = CohortStore(store_path, create=False)
     out = claim_output_dir(out, "qc", {})
-    written, missing = 0, []
+    written, missing, drawn = 0, [], {}
     keys = store.study_keys()
     with progress_bar(len(keys), "drawing QC slices", show_progress) as advance:
         for key in keys:
-            name = label_name or store.segmentation(key)
+            name = per_study.get(key) if per_study is not None else label_name or store.segmentation(key)
             if name is None or name not in store.label_names(key):
                 missing.append(key)
             else:
-                study_slices(store, key, name).savefig(out / f"{key}.png", dpi=100, bbox_inches="tight")
-                study_thickness_maps(store, key, name).savefig(out / f"{key}_thickness.png", dpi=100,
-                                                               bbox_inches="tight")
+                title = store.label_title(key, name)
+                study_slices(store, key, name, title).savefig(out / f"{key}.png", dpi=100, bbox_inches="tight")
+                study_thickness_maps(store, key, name, title).savefig(out / f"{key}_thickness.png", dpi=100,
+                                                                      bbox_inches="tight")
+                drawn[title] = drawn.get(title, 0) + 1
                 written += 1
             advance()
-    return written, missing
+    return written, missing, drawn

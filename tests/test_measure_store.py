@@ -100,3 +100,49 @@ def test_cli_help_and_errors(capsys, tmp_path):
         assert cmd in out
     assert main(["measure", str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
     assert "no cohort store" in capsys.readouterr().err
+
+
+def test_downstream_commands_use_the_label_maps_a_run_wrote_and_say_whose(store, tmp_path, capsys):
+    """Two segmentations per study, the second newer: --run OUT takes the maps that run wrote
+    (named by its engine set), not the newest; without it the newest, and qc says whose."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    work = tmp_path / "store.zarr"
+    shutil.copytree(store, work)
+    s = CohortStore(work)
+    keys = s.study_keys()[:2]
+    femur = L.by_name("femur").id
+    for key in keys:
+        shape = s.grid(key).shape
+        old, new = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+        old[:4, :8, :8] = femur  # 256 voxels
+        new[:2, :8, :8] = femur  # 128
+        s.write_labels(key, old, {"model_hash": "aaa", "engine_set": "t1-t2"}, name=segmentation_name("aaa"))
+        s.write_labels(key, new, {"model_hash": "bbb", "engine_set": "dess-pdfs"}, name=segmentation_name("bbb"))
+    run_out = tmp_path / "run-a"
+    run_out.mkdir()
+    pq.write_table(pa.table({"study_key": keys, "label_name": [segmentation_name("aaa")] * 2}),
+                   run_out / "measurements.parquet")
+
+    assert main(["measure", str(work), str(tmp_path / "m"), "--run", str(run_out), "-q"]) == 0
+    assert f"the label maps run {run_out} wrote" in capsys.readouterr().out
+    rows = {r["study_key"]: r for r in read_rows(tmp_path / "m" / "measurements.parquet")}
+    voxel = s.grid(keys[0]).voxel_volume_mm3
+    assert {k: r["femur_volume_mm3"] for k, r in rows.items()} == {k: 256 * s.grid(k).voxel_volume_mm3
+                                                                    for k in keys}
+    assert all(r["label_name"] == segmentation_name("aaa") for r in rows.values()) and voxel > 0
+    # the studies the run did not segment have no label map of it
+    failed = read_rows(tmp_path / "m" / "failures.parquet")
+    assert {f["reason"] for f in failed} == {"no_labels"} and len(failed) == len(s.study_keys()) - 2
+
+    assert main(["qc", str(work), str(tmp_path / "qc"), "-q"]) == 0  # newest
+    assert f"label maps: engine set dess-pdfs ({segmentation_name('bbb')}) for 2 studies" in capsys.readouterr().out
+    assert main(["qc", str(work), str(tmp_path / "qc2"), "--run", str(run_out), "-q"]) == 0
+    assert f"engine set t1-t2 ({segmentation_name('aaa')}) for 2 studies" in capsys.readouterr().out
+    assert main(["export", str(work), str(tmp_path / "x"), "--run", str(run_out), "-q"]) == 0
+    assert segmentation_name("aaa") in capsys.readouterr().out
+    exported = nib.load(tmp_path / "x" / f"{keys[0]}_labels.nii.gz")
+    assert int(np.sum(np.asarray(exported.dataobj) == femur)) == 256
+    assert main(["qc", str(work), str(tmp_path / "qc3"), "--run", str(tmp_path / "nothing")]) != 0
+    assert "no measurements.parquet" in capsys.readouterr().err

@@ -295,5 +295,11 @@ class CohortStore:
     def label_attrs(self, key: str, name: str) -> dict:
         return dict(self._array(key, name).attrs)
 
+    def label_title(self, key: str, name: str) -> str:
+        """A label map as a person names it: the engine set (or model) that made it, then its
+        store name (``engine set t1-t2 (seg-…)``); an imported map by its name (``truth``)."""
+        made_by = self.label_attrs(key, name).get("engine_set") if name in self.label_names(key) else None
+        return f"engine set {made_by} ({name})" if made_by else name
+
     def _array(self, key: str, name: str):
         return zarr.open_array(str(self._dir(key) / name), mode="r")

@@ -53,9 +53,10 @@ def measure_batch(jobs, store_path: str, label_map: dict | None = None) -> dict:
 
 def measure_store(store_path, out, labels_dir=None, client=None, show_progress=None, label_map=None,
                   model: str | None = None, label_name: str | None = None, shard: Shard | None = None,
-                  force: bool = False) -> JobReport:
+                  force: bool = False, per_study: dict | None = None) -> JobReport:
     """Measure every study of the store (of ``shard``): its label maps in the store (the newest
-    segmentation, or the one of ``model``, or the set ``label_name``) or the files in
+    segmentation, or the one of ``model``, or the set ``label_name``, or ``per_study``'s name for
+    each study: the maps a run wrote, :func:`kneebatch.outputs.label_maps_of`) or the files in
     ``labels_dir``. A re-run into the same ``out`` resumes; other settings are refused."""
     store = CohortStore(store_path, create=False)
     if labels_dir is not None and not Path(labels_dir).is_dir():
@@ -64,7 +65,7 @@ def measure_store(store_path, out, labels_dir=None, client=None, show_progress=N
         store.require_labels(label_name, model)
     settings = {"labels": str(Path(labels_dir).resolve()) if labels_dir is not None else None,
                 "label_map": {str(k): v for k, v in (label_map or {}).items()}, "model": model,
-                "label_name": label_name}
+                "label_name": label_name, "per_study": per_study}
     job = Job("measure", store, out, settings, measurement_schema(), shard, force)
     jobs, failures = [], []
     names = study_names(store) if labels_dir is not None else {}
@@ -80,10 +81,11 @@ def measure_store(store_path, out, labels_dir=None, client=None, show_progress=N
                 by = "study_key" if volume_stem(path).startswith(k) else "study_uid"
                 jobs.append((k, str(path), f"file named by {by}"))
             continue
-        name = label_name or store.segmentation(k, model)
+        name = per_study.get(k) if per_study is not None else label_name or store.segmentation(k, model)
         if name is None or name not in store.label_names(k):
-            failures.append(failure_row(k, "measure", StudyError("no_labels",
-                                                                 "run segmentation first, or pass --labels")))
+            failures.append(failure_row(k, "measure", StudyError("no_labels", "not segmented by that run" if per_study
+                                                                 is not None else "run segmentation first, or pass "
+                                                                                  "--labels")))
         else:
             jobs.append((k, None, name))
     if failures:

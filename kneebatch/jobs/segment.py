@@ -94,7 +94,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         external = getattr(engines, "kind", "") == "nnunet"  # an external model gives whole label maps
         labels = result if external else paste(result, info)
         t = time.perf_counter()
-        store.write_labels(key, ops.to_host(labels), {"model_hash": engines.model_hash,
+        store.write_labels(key, ops.to_host(labels), {"model_hash": engines.model_hash, "engine_set": engines.name,
                                                        "kneebatch_version": __version__},
                            name=engines.label_name)
         t_write = time.perf_counter() - t
