@@ -191,7 +191,34 @@ def test_status_understands_whole_runs_and_merge_names_unfinished_shards(store, 
     # submit --wait's live line
     (array / "shards").mkdir()
     (array / "shards" / "shard-00000-of-00003.json").write_text(json.dumps({"report": {
-        "shard": "0/3", "saved": 2, "already_done": 0, "studies_per_s": 0.5}}))
+        "shard": "0/3", "studies": 2, "saved": 2, "already_done": 0, "failed": 0, "seconds": 4.0,
+        "studies_per_s": 0.5}}))
     assert progress_line(array, 3, {1: "RUNNING", 2: "PENDING"}) == \
         "1/3 shards finished (2 studies, 0.50 studies/s), 1 running, 1 pending"
     assert progress_line(array, 3, None).endswith("SLURM's queue cannot be asked")
+    # a running shard's progress (written as each batch is saved) joins the line and the status
+    (array / "progress").mkdir()
+    (array / "progress" / "shard-00001-of-00003.json").write_text(json.dumps({
+        "shard": "1/3", "studies": 2, "saved": 1, "failed": 0, "seconds": 4.0, "studies_per_s": 0.25,
+        "updated_utc": "2026-12-05T10:00:00Z"}))
+    assert progress_line(array, 3, {1: "RUNNING", 2: "PENDING"}) == \
+        "1/3 shards finished (3 studies, 0.25 studies/s), 1 running, 1 pending"
+    running = job_status(array)["shards"][1]
+    assert running["saved"] == 1 and running["studies"] == 2 and running["studies_per_s"] == 0.25
+
+
+def test_a_running_job_saves_its_progress_as_each_batch_is_saved(store, tiny_engines, tmp_path):
+    from kneebatch.jobs.segment import process_batch
+
+    store = shutil.copytree(store, tmp_path / "store.zarr")
+    out = tmp_path / "out"
+    seen = []
+
+    def watched(keys, **kwargs):
+        record = out / "progress" / "shard-00000-of-00001.json"
+        seen.append(json.loads(record.read_text())["saved"] if record.exists() else None)
+        return process_batch(keys, **kwargs)
+
+    run(store, out, engines_path=tiny_engines, show_progress=False, batch_size=2, batch_fn=watched)
+    assert seen == [None, 2, 4]  # before each batch: what the earlier ones saved
+    assert not (out / "progress" / "shard-00000-of-00001.json").exists()  # finished: the record is gone

@@ -32,7 +32,8 @@ from kneebatch.progress import progress_bar
 
 FINAL = ("measurements.parquet", "failures.parquet", "provenance.json")
 SHARDED = ("run", "measure")  # the jobs with an OUT of their own (convert's is the store)
-OWNED = ("parts/part-*.arrow", "parts/part-*.parquet", "shards/shard-*.json", *FINAL)
+OWNED = ("parts/part-*.arrow", "parts/part-*.parquet", "shards/shard-*.json", "progress/shard-*.json", *FINAL)
+PROGRESS = "progress"  # OUT/progress/<shard>.json: how far a running shard (or whole job) has come
 
 
 @dataclass
@@ -87,6 +88,8 @@ class Job:
             self.report.reasons[f["reason"]] = self.report.reasons.get(f["reason"], 0) + 1
         for k, v in (seconds or {}).items():
             self.report.stage_seconds[k] = self.report.stage_seconds.get(k, 0.0) + v
+        self.report.seconds = time.perf_counter() - self.t0
+        write_progress(self.out, self.shard, self.report)
 
     def map(self, batch_fn, batches: list, client, stage: str, label: str, show_progress=None, **kwargs) -> None:
         """Run ``batch_fn`` over the batches (:func:`map_batches`), every result saved as it comes."""
@@ -96,6 +99,7 @@ class Job:
     def finish(self, provenance: dict) -> JobReport:
         """Gather (a whole job) or record this shard (one of N: ``merge`` gathers)."""
         self.report.seconds = time.perf_counter() - self.t0
+        (self.out / PROGRESS / f"{self.shard.name}.json").unlink(missing_ok=True)  # the record says it all now
         if self.shard.whole:
             gathered = gather(self.out, self.parts, self.store, provenance)
             self.report.failed, self.report.carried_failures = gathered["failed"], gathered["carried_failures"]
@@ -134,6 +138,28 @@ def write_shard_record(out, shard: Shard, report: dict, provenance: dict | None 
     record = {"report": {**report, "shard": str(shard)}, "finished_utc": _now(), "provenance": provenance or {}}
     (Path(out) / SHARDS).mkdir(exist_ok=True)
     write_text_atomic(Path(out) / SHARDS / f"{shard.name}.json", json.dumps(record, indent=1))
+
+
+def write_progress(out, shard: Shard, report: JobReport) -> None:
+    """``OUT/progress/<shard>.json``, rewritten as each batch is saved: ``status`` and ``submit
+    --wait`` show how far a running shard has come (studies saved, failed, studies/s)."""
+    record = {"shard": str(shard), "studies": report.studies, "saved": report.saved + report.already_done,
+              "failed": sum(report.reasons.values()), "seconds": round(report.seconds, 1),
+              "studies_per_s": report.studies_per_s, "updated_utc": _now()}
+    (Path(out) / PROGRESS).mkdir(exist_ok=True)
+    write_text_atomic(Path(out) / PROGRESS / f"{shard.name}.json", json.dumps(record))
+
+
+def progress_records(out) -> dict[int, dict]:
+    """Shard index -> the progress record of each shard (or whole job: index 0) still running."""
+    found = {}
+    for p in sorted((Path(out) / PROGRESS).glob("shard-*.json")):
+        try:
+            record = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):  # being replaced this instant
+            continue
+        found[Shard.parse(record["shard"]).index] = record
+    return found
 
 
 def study_key_of(item) -> str:

@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kneebatch.distributed.cluster import Resources
-from kneebatch.jobs.job import shard_records
+from kneebatch.jobs.job import progress_records, shard_records
+from kneebatch.jobs.shards import Shard
 from kneebatch.outputs import write_text_atomic
 
 SLURM_DIR = "slurm"
@@ -123,9 +124,12 @@ def wait(out, poll_s: float = 2.0, show=None) -> None:
 def progress_line(out, shards: int, queue: dict | None) -> str:
     """``3/8 shards finished (1,204 studies, 2.10 studies/s), 4 running, 1 pending``."""
     records = [r["report"] for r in shard_records(out)]
+    finished = {Shard.parse(r["shard"]).index for r in records}
+    running = [p for i, p in progress_records(out).items() if i not in finished]
     states = list((queue or {}).values())
-    studies = sum(r.get("saved", 0) + r.get("already_done", 0) for r in records)
-    rate = sum(r.get("studies_per_s", 0.0) for r in records)
+    # finished shards' studies and the running ones' so far; the rate of those still running now
+    studies = sum(r.get("saved", 0) + r.get("already_done", 0) for r in records) + sum(p["saved"] for p in running)
+    rate = sum(p["studies_per_s"] for p in running) if running else sum(r.get("studies_per_s", 0.0) for r in records)
     queued = "SLURM's queue cannot be asked" if queue is None else \
         f"{states.count('RUNNING')} running, {len(states) - states.count('RUNNING')} pending"
     return f"{len(records)}/{shards} shards finished ({studies:,} studies, {rate:.2f} studies/s), {queued}"

@@ -1,6 +1,7 @@
 """``kneebatch status OUT``: where a job stands, shard by shard.
 
-A shard is *finished* when its record (``OUT/shards/*.json``) exists. Of a SLURM
+A shard is *finished* when its record (``OUT/shards/*.json``) exists; one that has started saves
+its progress as it goes (``OUT/progress/*.json``: studies saved, failed, studies/s). Of a SLURM
 submission (``OUT/slurm/submit.json``), the other shards are *running* or *pending* as
 ``squeue`` reports them, and *failed* when SLURM no longer knows them (exited without a
 record: out of time or memory, cancelled, crashed). Without SLURM they are *missing*.
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 
 from kneebatch.ingest.store import is_store
-from kneebatch.jobs.job import SHARDED, shard_records
+from kneebatch.jobs.job import SHARDED, progress_records, shard_records
 from kneebatch.jobs.shards import Shard
 from kneebatch.jobs.slurm import SLURM_DIR, now_utc, queued_tasks, sbatch, submission
 from kneebatch.outputs import MARKER, write_text_atomic
@@ -36,6 +37,7 @@ def job_status(out) -> dict:
         return _whole_job(out, command)
     count = submit["shards"] if submit else max([Shard.parse(r["shard"]).count for r in records.values()] or [1])
     queue = queued_tasks(submit) if submit else None
+    progress = progress_records(out)
     shards = []
     for i in range(count):
         if i in records:
@@ -45,12 +47,12 @@ def job_status(out) -> dict:
                            "studies_per_s": r["studies_per_s"], "seconds": r["seconds"]})
         else:
             if not submit:
-                state = "missing"
+                state = "unfinished" if i in progress else "missing"  # running here, or stopped
             elif queue is None:
                 state = "unknown"  # SLURM cannot be asked from here
             else:
                 state = queue.get(i, "failed").lower()
-            shards.append({"shard": f"{i}/{count}", "state": state})
+            shards.append({"shard": f"{i}/{count}", "state": state, **_progress_of(progress.get(i))})
     final = out / ("keymap.parquet" if command == "convert" else "provenance.json")  # what merge writes last
     merged = final.exists() and all(s["state"] == "finished" for s in shards) and (
         not records or final.stat().st_mtime >= max(
@@ -80,9 +82,17 @@ def _whole_job(out: Path, command: str) -> dict:
             prov = json.loads((out / "provenance.json").read_text())
             whole.update(studies=prov["studies"], saved=prov["rows"], failed=prov["failed"] + prov["carried_failures"])
         else:
-            whole.update(saved=len(Parts(out, measurement_schema()).done_keys()))
+            whole.update(saved=len(Parts(out, measurement_schema()).done_keys()),
+                         **_progress_of(progress_records(out).get(0)))
     whole["state"] = "finished" if finished else "unfinished"
     return {"out": str(out), "command": command, "shards": [whole], "merged": finished, "slurm_job": None}
+
+
+def _progress_of(record: dict | None) -> dict:
+    """The columns a running shard's progress record fills."""
+    if record is None:
+        return {}
+    return {k: record[k] for k in ("studies", "saved", "failed", "studies_per_s", "updated_utc")}
 
 
 def print_status(status: dict) -> None:
@@ -91,11 +101,12 @@ def print_status(status: dict) -> None:
 
     table = Table(title=f"kneebatch {status['command']}: {status['out']}"
                   + (f" (SLURM job {status['slurm_job']})" if status["slurm_job"] else ""))
-    for col in ("shard", "state", "studies", "saved", "failed", "studies/s"):
+    for col in ("shard", "state", "studies", "saved", "failed", "studies/s", "last saved (UTC)"):
         table.add_column(col, justify="right" if col not in ("shard", "state") else "left")
     for s in status["shards"]:
         table.add_row(s["shard"], s["state"], *(str(s.get(k, "")) for k in ("studies", "saved", "failed")),
-                      f"{s['studies_per_s']:.2f}" if "studies_per_s" in s else "")
+                      f"{s['studies_per_s']:.2f}" if "studies_per_s" in s else "",
+                      s.get("updated_utc", "")[11:19])
     console = Console()
     console.print(table)
     states = [s["state"] for s in status["shards"]]
