@@ -452,6 +452,9 @@ def cmd_stats(args) -> int:
     print(f"{result['studies_compared']} studies{visits}, {result['measures']} measurements by {args.by}; "
           f"the {len(shown)} smallest Mann-Whitney p:")
     print(stats.markdown(shown[cols]))
+    if result["not_segmented"]:
+        print(f"not segmented by the labels' model, so not compared (null, not zero): "
+              f"{', '.join(result['not_segmented'])}")
     print(f"tables and figures: {result['dest']}")
     return 0
 

@@ -60,7 +60,8 @@ def run_stats(out, clinical=None, dest=None, settings: StatsSettings | None = No
     dest = claim_output_dir(Path(dest) if dest else Path(out) / "stats", "stats", {})
     written = []
     cross = stats.first_visits(df)  # the cross-sectional tables: one study per subject
-    summary = {"studies": len(df), "studies_compared": len(cross), "by": s.by, "measures": len(measures)}
+    summary = {"studies": len(df), "studies_compared": len(cross), "by": s.by, "measures": len(measures),
+               "not_segmented": stats.not_segmented(df)}
     cohort = stats.cohort_table(cross, s.by)
     written += stats.write_table(cohort, dest, "cohort", f"Cohort by {s.by}")
     comparison = stats.compare_groups(cross, s.by, measures, s.reference, s.adjust or None)

@@ -228,6 +228,11 @@ def build_report(out, path=None, store=None, clinical=None, by: str = "group", r
     parts = [f"<h1>kneebatch report</h1><p>{len(df)} studies measured, {len(failures)} failed · kneebatch "
              f"{__version__} · made {datetime.now(UTC):%Y-%m-%d %H:%M} UTC · from <code>{html.escape(out.name)}</code>"
              "</p><p class=note>Studies are named by their pseudonymous keys; volumes in mL, thicknesses in mm.</p>"]
+    unmeasured = stats.not_segmented(df)
+    if unmeasured:
+        made_by = ", ".join(sorted({str(s) for s in df.get("engine_set", pd.Series(dtype=str)).dropna().unique()}))
+        parts.append(f"<p class=note>Not segmented by {html.escape(made_by or 'the labels measured')}, so not measured "
+                     f"(null, not zero): {html.escape(', '.join(n.replace('_', ' ') for n in unmeasured))}.</p>")
     parts.append('<h2>3-D view</h2><p id="viewer-status">loading...</p><canvas id="viewer"></canvas>')
     cross = stats.first_visits(table)
     if clinical and by in table and table[by].nunique() >= 2:

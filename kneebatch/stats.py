@@ -42,6 +42,13 @@ def default_measures(df: pd.DataFrame) -> list[str]:
     return [c for c in cols if pd.to_numeric(df[c], errors="coerce").nunique(dropna=True) > 1]
 
 
+def not_segmented(df: pd.DataFrame) -> list[str]:
+    """Tissues no row measured (their volume null in every row): what the model that made the
+    labels does not segment (another tool's, ``run --model``), never to be read as absent."""
+    return [label.name for label in L.LABELS
+            if f"{label.name}_volume_mm3" in df and len(df) and df[f"{label.name}_volume_mm3"].isna().all()]
+
+
 def join(measurements: pd.DataFrame, clinical: pd.DataFrame | None) -> pd.DataFrame:
     """Measurement rows with their clinical columns: by ``study_key`` where the clinical table
     has one per study, else by ``subject_key`` (a table of subjects: every visit gets its row)."""

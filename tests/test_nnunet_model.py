@@ -80,6 +80,17 @@ def test_run_with_an_nnunet_folder_gives_nnunets_own_labels(small_store, model, 
         assert row["patella_volume_mm3"] is None and row["femoral_cartilage_thickness_mean_mm"] is None
         assert row["total_bone_volume_mm3"] is None and row["cMF_thickness_mean_mm"] is None
         assert not any(f.endswith(("patella", "cartilage", "meniscus")) for f in row["qc_flags"])
+    # stats and the report say which tissues the model does not segment
+    import pandas as pd
+
+    from kneebatch.report import build_report
+    from kneebatch.stats import not_segmented
+
+    unmeasured = not_segmented(pd.read_parquet(tmp_path / "out" / "measurements.parquet"))
+    assert "femur" not in unmeasured and "tibia" not in unmeasured
+    assert set(unmeasured) == {label.name for label in L.LABELS} - {"femur", "tibia"}
+    text = build_report(tmp_path / "out").read_text()
+    assert "Not segmented by nnunet:Dataset990_KneeTiny" in text and "patellar cartilage" in text
 
 
 def test_shards_of_a_process_cluster_give_nnunets_labels_too(small_store, model, tmp_path, capsys):
