@@ -68,7 +68,8 @@ def main() -> None:
 
     import SimpleITK as sitk
 
-    from kneebatch.inference.nnunet import NnUNetFolder, label_lut
+    from kneebatch.inference.external import label_lut
+    from kneebatch.inference.nnunet import NnUNetFolder
     from kneebatch.ingest.store import CohortStore
     from kneebatch.jobs.convert import convert
     from kneebatch.synth.cohort import PRESETS, generate_cohort

@@ -185,7 +185,8 @@ def _with_model(options, args):
     from dataclasses import replace
 
     from kneebatch.geometry import orientation_direction
-    from kneebatch.inference.nnunet import NnUNetFolder, model_roles
+    from kneebatch.inference.external import model_roles
+    from kneebatch.inference.model_set import declared_inputs
     from kneebatch.ingest.roles import ROLES
     from kneebatch.registry import resolve
 
@@ -195,9 +196,8 @@ def _with_model(options, args):
     if record is not None:  # what was recorded, unless said otherwise now
         args.label_map = args.label_map or record["label_map"]
         args.axis_order = args.axis_order if args.axis_order != "store" else record["axis_order"]
-    folder = NnUNetFolder.read(path)
     roles = record["roles"] if record is not None and not args.channels else model_roles(
-        folder.dataset["channel_names"], ROLES, args.channels)
+        declared_inputs(path), ROLES, args.channels)
     if args.axis_order != "store":
         orientation_direction(args.axis_order)  # a bad code stops here, in one line
     return replace(options, model=str(Path(path).resolve()), model_roles=tuple(roles), label_map=args.label_map,
@@ -208,7 +208,7 @@ def cmd_models_add(args) -> int:
     from kneebatch.registry import add, registry_path
 
     record = add(args.path, args.name, args.channels, args.label_map, args.axis_order, args.replace)
-    print(f"recorded {args.name}: nnU-Net model {record['nnunet_name']}, folds {', '.join(record['folds'])}, takes "
+    print(f"recorded {args.name}: {record['model_name']}, takes "
           f"{' + '.join(record['roles'])}, segments {len(record['tissues'])} tissues ({', '.join(record['tissues'])}), "
           f"axis order {record['axis_order']} -> {registry_path()}")
     return 0
@@ -224,7 +224,7 @@ def cmd_models_list(args) -> int:
     if not known:
         print(f"no models recorded ({registry_path()}); kneebatch models add DIR --name NAME")
     for name, r in known.items():
-        print(f"{name}: {r['kind']} {r['nnunet_name']} · takes {' + '.join(r['roles'])} · {', '.join(r['tissues'])} · "
+        print(f"{name}: {r['model_name']} · takes {' + '.join(r['roles'])} · {', '.join(r['tissues'])} · "
               f"axis order {r['axis_order']} · {r['path']}")
     return 0
 

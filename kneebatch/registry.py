@@ -40,7 +40,8 @@ def add(path, name: str, channels: str | None = None, label_map: str | None = No
     """Record the nnU-Net v2 folder ``path`` as ``name``; its labels and inputs are checked now
     (the same one-line errors a run would give)."""
     from kneebatch.geometry import orientation_direction
-    from kneebatch.inference.nnunet import NnUNetFolder, label_lut, model_roles
+    from kneebatch.inference.external import model_roles
+    from kneebatch.inference.model_set import declared_inputs, open_model
     from kneebatch.ingest.roles import ROLES
 
     if not NAME.match(name):
@@ -49,15 +50,13 @@ def add(path, name: str, channels: str | None = None, label_map: str | None = No
     if name in known and not replace:
         raise ValueError(f"a model named {name} is recorded already ({known[name]['path']}); add --replace to "
                          "record this one instead")
-    folder = NnUNetFolder.read(path)
-    roles = model_roles(folder.dataset["channel_names"], ROLES, channels)
-    lut = label_lut(folder.dataset["labels"], label_map)
+    roles = model_roles(declared_inputs(path), ROLES, channels)
     if axis_order != "store":
         orientation_direction(axis_order)
-    record = {"kind": "nnunet", "path": str(folder.path.resolve()), "nnunet_name": folder.name,
-              "folds": folder.folds, "sha256": folder.sha256(), "roles": roles, "label_map": label_map,
-              "axis_order": axis_order.upper() if axis_order != "store" else "store",
-              "tissues": sorted({L.by_id(int(v)).name for v in lut[1:] if v})}
+    model = open_model(path, roles, label_map, axis_order=axis_order)
+    record = {"kind": model.kind, "path": str(Path(path).resolve()), "model_name": model.name,
+              "sha256": model.hashes, "roles": roles, "label_map": label_map, "axis_order": model.axis_order,
+              "tissues": sorted(L.by_id(i).name for i in model.covered)}
     known[name] = record
     registry_path().parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(registry_path(), json.dumps({"models": known}, indent=1, sort_keys=True))
@@ -67,13 +66,13 @@ def add(path, name: str, channels: str | None = None, label_map: str | None = No
 def resolve(name_or_path: str) -> tuple[str, dict | None]:
     """The folder a ``--model`` names and its record (None for a folder given by path): a
     recorded model's files are checked against the record."""
-    from kneebatch.inference.nnunet import NnUNetFolder
+    from kneebatch.inference.model_set import open_model
 
     known = records()
     if name_or_path in known and not Path(name_or_path).exists():
         record = known[name_or_path]
-        folder = NnUNetFolder.read(record["path"], record["folds"])
-        changed = [f for f, h in folder.sha256().items() if record["sha256"].get(f) != h]
+        now = open_model(record["path"], record["roles"], record["label_map"]).hashes
+        changed = sorted(f for f in set(now) | set(record["sha256"]) if record["sha256"].get(f) != now.get(f))
         if changed:
             raise ValueError(f"model {name_or_path}: {', '.join(changed)} changed since 'kneebatch models add' "
                              "recorded it; record it again (--replace) if that is intended")

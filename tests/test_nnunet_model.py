@@ -15,7 +15,8 @@ import pytest
 pytest.importorskip("nnunetv2", reason="the nnunet extra: pip install 'kneebatch[nnunet]'")
 
 from kneebatch import labels as L  # noqa: E402
-from kneebatch.inference.nnunet import NnUNetFolder, label_lut, load_checkpoint  # noqa: E402
+from kneebatch.inference.external import label_lut  # noqa: E402
+from kneebatch.inference.nnunet import NnUNetFolder, load_checkpoint  # noqa: E402
 from kneebatch.ingest.store import CohortStore  # noqa: E402
 from kneebatch.outputs import read_rows  # noqa: E402
 from tests.nnunet_model import write_model  # noqa: E402
@@ -197,7 +198,7 @@ def test_a_model_recorded_by_name_runs_by_name_and_stops_when_its_files_change(s
     assert main(["models", "add", str(mine), "--name", "tiny-knee"]) != 0  # taken
     assert "--replace" in capsys.readouterr().err
     assert main(["models", "list"]) == 0
-    assert "tiny-knee: nnunet Dataset990_KneeTiny" in capsys.readouterr().out
+    assert "tiny-knee: nnunet:Dataset990_KneeTiny" in capsys.readouterr().out
 
     store_path = tmp_path / "store.zarr"
     shutil.copytree(small_store, store_path)

@@ -147,7 +147,7 @@ class InferenceOptions:
         """Every set these options name (each loaded when a study first needs it), or the one
         external model they name (:class:`kneebatch.inference.nnunet.ModelSet`)."""
         if self.model:
-            from kneebatch.inference.nnunet import ModelSet
+            from kneebatch.inference.model_set import ModelSet
 
             return ModelSet(self.model, list(self.model_roles) if self.model_roles else None, self.label_map,
                             self.device, self.threads, self.tta, self.model_axis_order)

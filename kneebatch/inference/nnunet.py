@@ -25,95 +25,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from kneebatch import labels as L
-from kneebatch.geometry import Grid, orientation_direction, to_canonical
-from kneebatch.label_sets import parse_label_map
+from kneebatch.inference.external import ExternalModel, label_lut
 
 CHECKPOINT = "checkpoint_final.pth"
-
-# names other tools give kneebatch's tissues (TotalSegmentator's MR tasks, SKM-TEA, OAI-ZIB)
-ALIASES = {
-    "femoral cartilage": "femoral_cartilage", "tibial cartilage medial": "medial_tibial_cartilage",
-    "tibial cartilage lateral": "lateral_tibial_cartilage", "medial tibial cartilage": "medial_tibial_cartilage",
-    "lateral tibial cartilage": "lateral_tibial_cartilage", "patellar cartilage": "patellar_cartilage",
-    "meniscus medial": "medial_meniscus", "meniscus lateral": "lateral_meniscus",
-    "medial meniscus": "medial_meniscus", "lateral meniscus": "lateral_meniscus",
-    "quadriceps femoris": "quadriceps_muscle", "quadriceps": "quadriceps_muscle",
-    "thigh posterior compartment": "hamstring_muscle", "hamstrings": "hamstring_muscle",
-    "gastrocnemius": "gastrocnemius_muscle", "subcutaneous fat": "subcutaneous_fat",
-    "joint effusion": "effusion", "femur bone": "femur", "tibia bone": "tibia",
-}
-
-
-def _canonical(name: str) -> str:
-    name = name.lower().replace("_", " ").replace("-", " ").strip()
-    for side in (" left", " right"):  # TotalSegmentator names both legs' muscles; a knee has one
-        name = name.removesuffix(side)
-    return " ".join(name.split())
-
-
-def label_lut(labels: dict, label_map: str | None = None) -> np.ndarray:
-    """Lookup: the model's label id -> kneebatch's, from ``dataset.json``'s ``labels`` (names of
-    the schema or of :data:`ALIASES`) or an explicit ``--label-map ID:LABEL,...`` translation.
-    An unmapped label is an error that lists every one."""
-    ids = {}
-    for name, value in labels.items():
-        if isinstance(value, (list, tuple)):
-            raise ValueError(f"nnU-Net model: label {name!r} is a region ({value}); region-based models are not "
-                             "supported")
-        ids[int(value)] = name
-    explicit = parse_label_map(label_map) if label_map else {}
-    lut = np.zeros(max(ids) + 1, np.uint8)
-    unmapped = []
-    for i, name in ids.items():
-        if i == 0:
-            continue
-        if i in explicit:
-            lut[i] = explicit[i]
-            continue
-        wanted = _canonical(name)
-        known = {_canonical(label.name): label.id for label in L.LABELS}
-        target = known.get(wanted) or (L.by_name(ALIASES[wanted]).id if wanted in ALIASES else None)
-        if target is None:
-            unmapped.append(f"{i}:{name}")
-        else:
-            lut[i] = target
-    if unmapped:
-        raise ValueError(f"nnU-Net model: labels not in kneebatch's schema: {', '.join(unmapped)}; map them with "
-                         "--label-map ID:LABEL,... ('kneebatch labels' lists the labels; ID:background drops one)")
-    return lut
-
-
-def model_roles(channel_names: dict, known_roles, channels: str | None = None) -> list[str]:
-    """The store role each input channel of the model takes: ``dataset.json``'s ``channel_names``
-    where they name a role (``T1``, ``DESS`` ...), else ``--channels 0:DESS,1:PDFS``."""
-    known = {r.upper(): r for r in known_roles}
-    n = len(channel_names)
-    given = {}
-    for item in filter(None, (s.strip() for s in (channels or "").split(","))):
-        index, _, role = item.partition(":")
-        if not index.strip().isdigit() or role.strip().upper() not in known:
-            raise ValueError(f"--channels: {item!r} is not INDEX:ROLE with a role of {', '.join(known.values())}")
-        given[int(index)] = known[role.strip().upper()]
-    if given and sorted(given) != list(range(n)):
-        raise ValueError(f"--channels names channels {sorted(given)}; the model takes {n}: 0..{n - 1}")
-    if given:
-        return [given[i] for i in range(n)]
-    roles = []
-    for i in range(n):
-        name = str(channel_names[str(i)])
-        if name.upper() not in known:
-            raise ValueError(f"nnU-Net model: input channel {i} is {name!r}, not a role of the store "
-                             f"({', '.join(known.values())}); say which with --channels {i}:ROLE")
-        roles.append(known[name.upper()])
-    return roles
-
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint's contents without running its pickle as code: tensors, containers, numbers
@@ -190,76 +110,52 @@ class NnUNetFolder:
         return out
 
 
-class NnUNetModel:
-    """A loaded nnU-Net model: ``segment`` takes a study's image and gives kneebatch labels."""
+class NnUNetModel(ExternalModel):
+    """A loaded nnU-Net model folder, run through nnU-Net's own predictor."""
 
     kind = "nnunet"
 
     def __init__(self, folder: NnUNetFolder, roles: list[str], lut: np.ndarray, device: str = "cpu",
                  tta: bool = True, tile_step_size: float = 0.5, threads: int | None = None,
                  axis_order: str = "store"):
-        self.folder, self.roles, self.lut = folder, roles, lut
-        # the voxel order the model was trained in: the store's, or a NIfTI orientation code
-        self.axis_order = axis_order if axis_order == "store" else axis_order.upper()
-        self._target = None if axis_order == "store" else orientation_direction(axis_order)
-        self.device_name, self.tta, self.tile_step_size, self.threads = device, tta, tile_step_size, threads
+        super().__init__(roles, lut, device, threads, axis_order, tta)
+        self.folder, self.tile_step_size = folder, tile_step_size
         self.hashes = folder.sha256()
         self.name = f"nnunet:{folder.name}"
         self._predictor = None
-        self._lock = threading.Lock()  # one study at a time through the predictor's network
 
-    @property
-    def model_hash(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.hashes, sort_keys=True).encode()).hexdigest()
-        return f"nnunet-{digest[:16]}"
+    @classmethod
+    def open(cls, path, roles=None, label_map=None, device="cpu", threads=None, tta=False, axis_order="store",
+             folds=None, checkpoint: str = CHECKPOINT) -> NnUNetModel:
+        folder = NnUNetFolder.read(path, folds, checkpoint)
+        roles = roles or [str(folder.dataset["channel_names"][str(i)]).upper()
+                          for i in range(len(folder.dataset["channel_names"]))]
+        return cls(folder, roles, label_lut(folder.dataset["labels"], label_map), device, tta, threads=threads,
+                   axis_order=axis_order)
 
     @property
     def label_name(self) -> str:
+        # nnU-Net mirrors by default: its maps without mirroring are the ones named apart
         return L.segmentation_name(self.model_hash) + ("" if self.tta else "-notta")
-
-    @property
-    def covered(self) -> set[int]:
-        """kneebatch label ids the model segments."""
-        return {int(v) for v in self.lut[1:] if v}
-
-    @property
-    def device(self):
-        import torch
-
-        return torch.device(self.device_name)
 
     def predictor(self):
         if self._predictor is None:
             self._predictor = build_predictor(self.folder, self.device_name, self.tta, self.tile_step_size)
         return self._predictor
 
-    def segment(self, image: np.ndarray, grid: Grid) -> np.ndarray:
-        """kneebatch labels (uint8, on ``grid``) of ``image`` ``[C, Z, Y, X]`` (the model's channels,
-        in its order) on ``grid``: brought to the model's axis order by an exact permutation and
-        flips (no resampling), segmented, and brought back."""
-        if self._target is None:
-            return self._segment(image, grid.spacing)
-        turn = to_canonical(grid, self._target)
-        turned, turned_grid = turn.apply(image, grid)
-        return turn.invert(self._segment(turned, turned_grid.spacing), turned_grid)
+    def verify(self) -> None:
+        import importlib.util
 
-    def _segment(self, image: np.ndarray, spacing_zyx) -> np.ndarray:
-        import torch
+        if importlib.util.find_spec("nnunetv2") is None:
+            raise ValueError("--model with an nnU-Net folder needs nnunetv2: pip install 'kneebatch[nnunet]' "
+                             "torch==2.13.0 (or your own torch)")
+        self.predictor()
 
-        with self._lock:
-            predictor = self.predictor()
-            before = torch.get_num_threads()
-            if self.threads:
-                torch.set_num_threads(self.threads)
-            try:
-                seg = predictor.predict_single_npy_array(np.ascontiguousarray(image, dtype=np.float32),
-                                                         {"spacing": [float(s) for s in spacing_zyx]})
-            finally:
-                torch.set_num_threads(before)
-        seg = np.asarray(seg)
-        if seg.max(initial=0) >= len(self.lut):
-            raise ValueError(f"the model predicted label {int(seg.max())}, beyond its dataset.json")
-        return self.lut[seg]
+    def describe(self) -> dict:
+        return {**super().describe(), "name": self.folder.name, "folds": self.folder.folds}
+
+    def _segment(self, image: np.ndarray, spacing_zyx: list[float]) -> np.ndarray:
+        return self.predictor().predict_single_npy_array(image, {"spacing": spacing_zyx})
 
 
 def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True, tile_step_size: float = 0.5):
@@ -305,49 +201,3 @@ def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True,
     return predictor
 
 
-class ModelSet:
-    """One external model in the place of kneebatch's engine sets (what ``run`` asks of them):
-    each study whose series have the model's roles goes to it; the model loads once per process."""
-
-    net_batch = 1
-
-    def __init__(self, path, roles: list[str] | None = None, label_map: str | None = None, device: str = "cpu",
-                 threads: int | None = None, tta: bool = False, axis_order: str = "store", folds=None,
-                 checkpoint: str = CHECKPOINT):
-        import torch
-
-        folder = NnUNetFolder.read(path, folds, checkpoint)
-        roles = roles or [str(folder.dataset["channel_names"][str(i)]).upper()
-                          for i in range(len(folder.dataset["channel_names"]))]
-        self.model = NnUNetModel(folder, roles, label_lut(folder.dataset["labels"], label_map), device, tta,
-                                 threads=threads, axis_order=axis_order)
-        self.folders = {self.model.name: folder.path}
-        self.device = torch.device(device)
-
-    def choose(self, channels) -> tuple[str, list[int]]:
-        from kneebatch.errors import StudyError
-
-        absent = [r for r in self.model.roles if r not in channels]
-        if absent:
-            raise StudyError("missing_role", f"found {', '.join(channels) or 'no series'}; the model "
-                                             f"{self.model.folder.name} takes {' + '.join(self.model.roles)}")
-        return self.model.name, [list(channels).index(r) for r in self.model.roles]
-
-    def get(self, name: str) -> NnUNetModel:
-        return self.model
-
-    def verify(self, backend: str = "", allow_low_accuracy: bool = False) -> None:
-        """nnunetv2 importable and the model's network buildable, before anything is written."""
-        import importlib.util
-
-        if importlib.util.find_spec("nnunetv2") is None:
-            raise ValueError("--model with an nnU-Net folder needs nnunetv2: pip install 'kneebatch[nnunet]' "
-                             "torch==2.13.0 (or your own torch)")
-        self.model.predictor()
-
-    def settings(self) -> dict:
-        """What changes the labels: the files, the roles, the label translation, the mirroring."""
-        m = self.model
-        return {"model": {"kind": m.kind, "name": m.folder.name, "files": m.hashes, "roles": m.roles,
-                          "folds": m.folder.folds, "label_lut": m.lut.tolist(), "mirror_tta": m.tta,
-                          "axis_order": m.axis_order}}

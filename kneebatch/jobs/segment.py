@@ -91,7 +91,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         failures.append(failure_row(key, "run", exc))
 
     def finish(key, result, info, image, grid, channels, used, engines):
-        external = getattr(engines, "kind", "") == "nnunet"  # an external model gives whole label maps
+        external = hasattr(engines, "segment")  # an external model gives whole label maps
         labels = result if external else paste(result, info)
         t = time.perf_counter()
         store.write_labels(key, ops.to_host(labels), {"model_hash": engines.model_hash, "engine_set": engines.name,
@@ -160,7 +160,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
             results = [None] * len(studies)
             for engines in {id(s.engines): s.engines for s in studies}.values():  # a group may mix sets
                 mine = [i for i, s in enumerate(studies) if s.engines is engines]
-                if getattr(engines, "kind", "") == "nnunet":
+                if hasattr(engines, "segment"):
                     for i in mine:
                         results[i] = _external_labels(engines, studies[i], infos[i], xp, device)
                     continue
