@@ -27,6 +27,11 @@ FLOORS = {
                               "patellar_cartilage": 0.89, "patellar_tendon": 0.89, "pcl": 0.80, "acl": 0.75,
                               "quadriceps_muscle": 0.95, "hamstring_muscle": 0.96, "gastrocnemius_muscle": 0.96,
                               "effusion": 0.90}},
+    # pdfs (2026-12-05): mean 0.810 on these two studies (0.859 on the 8 of benchmarks/accuracy_sets.py)
+    "pdfs": {"mean": 0.79, "max_effusion_error_pct": 10.0,
+             "tissues": {"femur": 0.97, "tibia": 0.96, "patella": 0.96, "femoral_cartilage": 0.85,
+                         "patellar_cartilage": 0.92, "patellar_tendon": 0.91, "quadriceps_muscle": 0.96,
+                         "hamstring_muscle": 0.97, "gastrocnemius_muscle": 0.97, "effusion": 0.88}},
 }
 
 SETS = [n for n in (set_dirs() if (DEFAULT_ENGINES / "sets.json").exists() else {}) if n != "t1-t2"]
