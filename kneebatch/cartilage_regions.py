@@ -313,6 +313,8 @@ def _tibia(labels, grid, axes: Frame, centroids, values, maps) -> dict:
     rules = {}
     for n, short in enumerate(present):
         on = (plate_of == n).ravel()
+        if not on.any():  # a few stray voxels that the other plate's pixels cover: no area of its own
+            continue
         other = centroids["LT" if short == "MT" else "MT"]
         other_u = None if other is None else float(axes.coords(other[None])[0, 0])
         rules[short] = _TibialRule(short, centres[on], pixel[0] * pixel[1], other_u)

@@ -75,7 +75,8 @@ def measurement_schema() -> pa.Schema:
         _field("spacing_x_mm", f64, "mm", "voxel spacing along x (posterior)"),
         _field("qc_flags", pa.list_(text), "", "missing:<label>, fov_truncates:<label>, "
                "thickness_implausible:<plate>, fragmented:<bone>, implausible:<tissue or medial/lateral pair> "
-               "(size against the patella, kneebatch.plausibility), sides_unresolved"),
+               "(size against the patella, kneebatch.plausibility), sides_unresolved, subregions_undetermined (cartilage "
+               "too scattered for the OA subregion rules: their columns are NaN)"),
         _field("qc_ok", pa.bool_(), "", "no QC flags"),
         _field("knee_side", text, "", "left / right, from the DICOM headers or the fibula"),
         _field("knee_side_source", text, "", "dicom, anatomy or null (undetermined)"),
@@ -272,12 +273,17 @@ def knee_crop(labels, grid: Grid):
     return ops.to_host(labels[box]), grid.crop([b.start for b in box], [b.stop - b.start for b in box])
 
 
-def regional_values(labels, grid: Grid, knee_side: str | None) -> dict:
-    """The subregion columns of one label map (any namespace and device)."""
+def regional_values(labels, grid: Grid, knee_side: str | None) -> dict | None:
+    """The subregion columns of one label map (any namespace and device); None when plates too
+    odd for the region rules (a few scattered voxels) left them undetermined: the row keeps its
+    other numbers and says so (``subregions_undetermined``), the study does not fail."""
     host, crop = knee_crop(labels, grid)
     if host is None:
         return empty_values()
-    return regional_cartilage(host, crop, knee_side).values
+    try:
+        return regional_cartilage(host, crop, knee_side).values
+    except (ValueError, IndexError, ZeroDivisionError, FloatingPointError):
+        return None
 
 
 def _uncovered(covered) -> set[str]:
@@ -328,12 +334,13 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
         row[f"{plate.name}_thickness_mean_mm"] = float(mean)
         row[f"{plate.name}_thickness_p95_mm"] = float(p95)
     side = knee_side or knee_side_from_anatomy(values, grid)
-    row.update(regional_values(labels, grid, side))
+    regional = regional_values(labels, grid, side)
+    row.update(empty_values() if regional is None else regional)
     if image is not None:
         row.update(intensity_means(values, channels))
     row["voxel_volume_mm3"] = grid.voxel_volume_mm3
     row["spacing_z_mm"], row["spacing_y_mm"], row["spacing_x_mm"] = grid.spacing
-    flags = [*qc_flags(values, row), *extra_flags]
+    flags = [*qc_flags(values, row), *extra_flags] + (["subregions_undetermined"] if regional is None else [])
     if covered is not None:  # nothing is missing or implausible that the labels never hold
         flags = [f for f in flags if not _about(f, _uncovered(covered))]
         null_uncovered(row, covered)
