@@ -547,11 +547,13 @@ def _add_engines(sub) -> None:
 
 
 def _add_models(sub) -> None:
-    s = sub.add_parser("models", help="other tools' models (nnU-Net v2 folders) recorded by name, for run --model NAME")
+    s = sub.add_parser("models", help="other tools' models (nnU-Net v2 folders, ONNX networks) recorded by name, for "
+                                      "run --model NAME")
     msub = s.add_subparsers(dest="models_command", required=True)
     a = msub.add_parser("add", help="record a model folder once: its kind, file hashes, inputs, labels, axis order "
                                     "(read in place, never copied; a run by name checks the files first)")
-    a.add_argument("path", type=Path, help="the trained model folder (dataset.json, plans.json, fold_N/...)")
+    a.add_argument("path", type=Path, help="the trained model folder (nnU-Net: dataset.json, plans.json, fold_N/...; "
+                                           "ONNX: model.onnx and model.json)")
     a.add_argument("--name", required=True, help="what run --model calls it")
     a.add_argument("--channels", default=None, metavar="0:ROLE,...", help="store role of each input channel, where "
                                                                           "dataset.json's channel_names do not say")

@@ -58,6 +58,18 @@ def store(cohort, key_file, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory, key_file) -> Path:
+    """Two small T1 + T2 studies (the small preset: ~1.1 mm in-plane, 2.5-4 mm slices) in a store:
+    what the tests of other tools' models run on. Tests that segment copy it first."""
+    from kneebatch.jobs.convert import convert
+
+    root = tmp_path_factory.mktemp("small-store")
+    generate_cohort(root / "cohort", 2, seed=2929, ranges=PRESETS["small"], workers=1)
+    assert convert(root / "cohort" / "dicom", root / "store.zarr", key_file=key_file, show_progress=False).converted == 2
+    return root / "store.zarr"
+
+
 def comparable(rows):
     """Table rows comparable with ==: NaN (an absent tissue's thickness) never equals itself."""
     return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]

@@ -25,17 +25,6 @@ PREDICT = Path(sys.executable).with_name("nnUNetv2_predict_from_modelfolder")
 
 
 @pytest.fixture(scope="module")
-def small_store(tmp_path_factory, key_file):
-    from kneebatch.jobs.convert import convert
-    from kneebatch.synth.cohort import PRESETS, generate_cohort
-
-    root = tmp_path_factory.mktemp("nnunet-store")
-    generate_cohort(root / "cohort", 2, seed=2929, ranges=PRESETS["small"], workers=1)
-    assert convert(root / "cohort" / "dicom", root / "store.zarr", key_file=key_file, show_progress=False).converted == 2
-    return root / "store.zarr"
-
-
-@pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("nnunet-model"), folds=(0, 1))
 

@@ -41,17 +41,6 @@ def onnx_folder(tmp_path_factory, network):
     return folder
 
 
-@pytest.fixture(scope="module")
-def small_store(tmp_path_factory, key_file):
-    from kneebatch.jobs.convert import convert
-    from kneebatch.synth.cohort import PRESETS, generate_cohort
-
-    root = tmp_path_factory.mktemp("onnx-store")
-    generate_cohort(root / "cohort", 2, seed=3131, ranges=PRESETS["small"], workers=1)
-    assert convert(root / "cohort" / "dicom", root / "store.zarr", key_file=key_file, show_progress=False).converted == 2
-    return root / "store.zarr"
-
-
 @pytest.mark.parametrize("tta", [False, True])
 def test_run_with_an_onnx_model_gives_its_torch_sources_labels(small_store, onnx_folder, network, tmp_path, tta,
                                                                 capsys):

@@ -53,6 +53,7 @@ def label_lut(labels: dict, label_map: str | None = None) -> np.ndarray:
     explicit = parse_label_map(label_map) if label_map else {}
     lut = np.zeros(max(ids) + 1, np.uint8)
     unmapped = []
+    known = {_canonical(label.name): label.id for label in L.LABELS}
     for i, name in ids.items():
         if i == 0:
             continue
@@ -60,7 +61,6 @@ def label_lut(labels: dict, label_map: str | None = None) -> np.ndarray:
             lut[i] = explicit[i]
             continue
         wanted = _canonical(name)
-        known = {_canonical(label.name): label.id for label in L.LABELS}
         target = known.get(wanted) or (L.by_name(ALIASES[wanted]).id if wanted in ALIASES else None)
         if target is None:
             unmapped.append(f"{i}:{name}")

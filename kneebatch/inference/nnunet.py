@@ -23,7 +23,6 @@ does: check one study first (docs/models.md).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from kneebatch import labels as L
 from kneebatch.inference.external import ExternalModel, label_lut
+from kneebatch.outputs import sha256_file
 
 CHECKPOINT = "checkpoint_final.pth"
 
@@ -52,10 +52,11 @@ def load_checkpoint(path: Path) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
             f"{path.name}: kneebatch loads weights only, and this checkpoint holds other Python objects "
-            f"({first[:160]}). If you trust it, re-save what inference needs: python -c \"import torch; "
-            f"c = torch.load('{path}', weights_only=False); torch.save({{k: c[k] for k in ('network_weights', "
-            f"'init_args', 'trainer_name', 'inference_allowed_mirroring_axes') if k in c}}, '{path}.weights')\" "
-            f"and name it with --checkpoint {path.name}.weights") from None
+            f"({first[:160]}). If you trust it, copy the model folder and in the copy re-save what inference "
+            f"needs over this file: python -c \"import torch; p = 'COPY/{path.parent.name}/{path.name}'; "
+            f"c = torch.load(p, weights_only=False); torch.save({{k: c[k] for k in ('network_weights', "
+            f"'init_args', 'trainer_name', 'inference_allowed_mirroring_axes') if k in c}}, p)\"; then run "
+            f"--model COPY") from None
 
 
 @dataclass
@@ -102,11 +103,7 @@ class NnUNetFolder:
     def sha256(self) -> dict[str, str]:
         out = {}
         for f in self.files:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            out[str(f.relative_to(self.path))] = h.hexdigest()
+            out[str(f.relative_to(self.path))] = sha256_file(f)
         return out
 
 

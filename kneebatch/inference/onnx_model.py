@@ -19,7 +19,6 @@ with ``--tta``, the logits resampled back to the study's grid, argmax.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from kneebatch.inference.external import ExternalModel, label_lut
+from kneebatch.outputs import sha256_file
 
 NORMALISATIONS = ("zscore", "percentile", "none")
 
@@ -69,14 +69,6 @@ class OnnxSpec:
         return spec
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def normalise(x, how: str):
     """Each channel of ``x`` ``[1, C, Z, Y, X]`` (torch) over the whole image."""
     import torch
@@ -101,7 +93,7 @@ class OnnxModel(ExternalModel):
                  threads: int | None = None, tta: bool = False, axis_order: str = "store"):
         super().__init__(roles, lut, device, threads, axis_order if axis_order != "store" else spec.axis_order, tta)
         self.spec = spec
-        self.hashes = {"model.json": _sha256(spec.folder / "model.json"), spec.onnx: _sha256(spec.folder / spec.onnx)}
+        self.hashes = {name: sha256_file(spec.folder / name) for name in ("model.json", spec.onnx)}
         self.name = f"onnx:{spec.folder.name}"
         self.network = None  # loaded on first use; any callable [N, C, z, y, x] -> logits (tensors)
 

@@ -73,7 +73,7 @@ def _provenance(options: InferenceOptions, sets, batch_size: int) -> dict:
     versions = {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
     if options.model:
         return {"command": "run", **options.settings(sets), "threads": options.threads, "batch_size": batch_size,
-                "versions": {**versions, "nnunetv2": _dist_version("nnunetv2")}}
+                "versions": {**versions, **_dist_versions("nnunetv2", "monai")}}
     return {
         "command": "run",
         **options.settings(sets),
@@ -87,7 +87,14 @@ def _provenance(options: InferenceOptions, sets, batch_size: int) -> dict:
     }
 
 
-def _dist_version(name: str) -> str:
-    from importlib.metadata import version
+def _dist_versions(*names: str) -> dict:
+    """The installed versions of these packages (an ONNX model's run has no nnunetv2 to ask)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return version(name)
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
