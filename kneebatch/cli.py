@@ -472,7 +472,8 @@ def cmd_report(args) -> int:
     from kneebatch.report import build_report
 
     path = build_report(args.out, args.output, store=args.store, clinical=args.clinical, by=args.by,
-                        reference=args.reference, meshes=args.meshes, study_pages=args.studies, trend=args.trend)
+                        reference=args.reference, meshes=args.meshes, study_pages=args.studies, trend=args.trend,
+                        outline=args.outline)
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser)")
     return 0
 
@@ -481,7 +482,7 @@ def cmd_qc(args) -> int:
     from kneebatch.plots import qc_images
 
     n, missing, drawn = qc_images(args.store, args.out, args.label_name, show_progress=not args.quiet,
-                                  per_study=_run_label_maps(args))
+                                  per_study=_run_label_maps(args), outline=args.outline)
     print("label maps: " + ("; ".join(f"{title} for {k} studies" for title, k in drawn.items()) or "none"))
     print(f"wrote {n} QC images (sagittal, coronal, axial slices with the labels, and thickness maps) to {args.out}; "
           f"{len(missing)} studies have no label map")
@@ -783,8 +784,14 @@ def _add_qc(sub) -> None:
     s.add_argument("--label-name", default=None, help="which label map (default each study's newest segmentation)")
     s.add_argument("--run", type=Path, default=None, metavar="OUT",
                    help="each study's label map as the run into OUT wrote it (its engine set's), not the newest")
+    _outline(s)
     _common(s, workers=False)
     s.set_defaults(func=cmd_qc)
+
+
+def _outline(s) -> None:
+    s.add_argument("--outline", action="store_true",
+                   help="draw each tissue's outline on the slices instead of a 40 %% transparent fill")
 
 
 def _add_report(sub) -> None:
@@ -801,6 +808,7 @@ def _add_report(sub) -> None:
                                                          "~2-3 MB)")
     s.add_argument("--studies", type=int, default=200, help="studies with a section of their own (default 200; "
                                                             "flagged and outlying studies always)")
+    _outline(s)
     s.set_defaults(func=cmd_report)
 
 

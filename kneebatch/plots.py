@@ -105,14 +105,31 @@ def _colour_table() -> np.ndarray:
 OVERLAY_OPACITY = 0.4  # the image stays readable under the labels
 
 
-def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str = "") -> Figure:
+def outlines(labels: np.ndarray) -> np.ndarray:
+    """``labels`` kept only on each region's edge (a pixel with a differently labelled
+    4-neighbour), 0 elsewhere: the image stays visible inside every tissue."""
+    edge = np.zeros(labels.shape, bool)
+    for axis in (0, 1):
+        step = np.diff(labels, axis=axis) != 0
+        lo = [slice(None)] * 2
+        hi = [slice(None)] * 2
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        edge[tuple(lo)] |= step
+        edge[tuple(hi)] |= step
+    return np.where(edge, labels, 0)
+
+
+def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str = "",
+                  outline: bool = False) -> Figure:
     """Sagittal, coronal and axial slices through the labelled knee's centre, the label map
     over the image, at the true aspect ratio (the store's axes: z right, y inferior, x
-    posterior)."""
+    posterior). ``outline``: each tissue's edge, opaque, instead of a 40 % fill."""
     fg = np.argwhere(labels > 0)
     centre = fg.mean(0).round().astype(int) if fg.size else np.array(labels.shape) // 2
     lo, hi = np.percentile(image, [1, 99.5]) if image.size else (0, 1)
     colours = _colour_table()
+    if outline:
+        colours[1:, 3] = 1.0
     sz, sy, sx = map(float, spacing_zyx)
     views = [("sagittal", image[centre[0]], labels[centre[0]], sy / sx),
              ("coronal", image[:, :, centre[2]].T, labels[:, :, centre[2]].T, sy / sz),
@@ -121,7 +138,7 @@ def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str
     axes = fig.subplots(1, 3)
     for ax, (name, img, lab, aspect) in zip(axes, views):
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
-        ax.imshow(colours[lab], aspect=aspect, interpolation="nearest")
+        ax.imshow(colours[outlines(lab) if outline else lab], aspect=aspect, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     if title:
@@ -134,14 +151,16 @@ def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str
     return fig
 
 
-def study_slices(store, key: str, label_name: str | None = None, what: str | None = None) -> Figure:
+def study_slices(store, key: str, label_name: str | None = None, what: str | None = None,
+                 outline: bool = False) -> Figure:
     """:func:`slices_figure` of a study in the store (the first channel, its segmentation or
     ``label_name``); ``what``: a human name for the label map in the title (an engine set's)."""
     name, labels = store.chosen_labels(key, label_name)
     if labels is None:
         raise ValueError(f"study {key} has no label map{f' named {name}' if name else ''}")
     image, grid = store.read_image(key, [0])
-    return slices_figure(image[0], labels, grid.spacing, f"{key} · {what or name} · {store.channels(key)[0]}")
+    title = f"{key} · {what or name} · {store.channels(key)[0]}"
+    return slices_figure(image[0], labels, grid.spacing, title, outline)
 
 
 THICKNESS_RANGE_MM = (0.0, 4.0)  # colour scale of the maps: cartilage is 1-4 mm thick
@@ -210,7 +229,7 @@ def study_thickness_maps(store, key: str, label_name: str | None = None, what: s
 
 
 def qc_images(store_path, out, label_name: str | None = None, show_progress=None,
-              per_study: dict | None = None) -> tuple[int, list[str], dict]:
+              per_study: dict | None = None, outline: bool = False) -> tuple[int, list[str], dict]:
     """``kneebatch qc``: ``OUT/<key>.png`` (slices with the label overlay) and
     ``OUT/<key>_thickness.png`` (the cartilage thickness maps with their subregions) for every
     study of the store with a label map (``per_study``'s for the study: the maps a run wrote; else
@@ -231,7 +250,8 @@ def qc_images(store_path, out, label_name: str | None = None, show_progress=None
                 missing.append(key)
             else:
                 title = store.label_title(key, name)
-                study_slices(store, key, name, title).savefig(out / f"{key}.png", dpi=100, bbox_inches="tight")
+                study_slices(store, key, name, title, outline).savefig(out / f"{key}.png", dpi=100,
+                                                                       bbox_inches="tight")
                 study_thickness_maps(store, key, name, title).savefig(out / f"{key}_thickness.png", dpi=100,
                                                                       bbox_inches="tight")
                 drawn[title] = drawn.get(title, 0) + 1

@@ -88,7 +88,8 @@ def store_of(out: Path) -> Path | None:
     return None
 
 
-def _study_section(store, key: str, row: pd.Series, shown: list[str], glb: bytes | None) -> str:
+def _study_section(store, key: str, row: pd.Series, shown: list[str], glb: bytes | None,
+                   outline: bool = False) -> str:
     measures = "".join(f"<tr><td>{html.escape(plots.nice_name(m))}</td><td>{row[m]:.3g}</td></tr>"
                        for m in shown if m in row and pd.notna(row[m]))
     flags = ", ".join(row["qc_flags"]) if "qc_flags" in row and len(row["qc_flags"]) else "none"
@@ -97,7 +98,7 @@ def _study_section(store, key: str, row: pd.Series, shown: list[str], glb: bytes
         try:
             engine_set = row.get("engine_set")
             what = f"engine set {engine_set}" if isinstance(engine_set, str) and engine_set else None
-            figure = plots.study_slices(store, key, row.get("label_name"), what)
+            figure = plots.study_slices(store, key, row.get("label_name"), what, outline)
             image = f'<img alt="slices of {key}" src="{_png_data_uri(figure)}">'
             maps = plots.study_thickness_maps(store, key, row.get("label_name"), what)
             image += f'<img alt="cartilage thickness maps of {key}" src="{_png_data_uri(maps)}">'
@@ -157,6 +158,38 @@ VIEWER_JS = r"""
     for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
     return bytes.buffer;
   }
+  // one tick box per tissue, in its colour (the legend); what is hidden stays hidden across
+  // studies, and report.html#hide=femur,tibia opens with those hidden
+  const panel = document.getElementById("tissues");
+  const hidden = new Set(decodeURIComponent(location.hash.replace(/^#hide=/, "")).split(",").filter((t) => t));
+  function toggles(root) {
+    panel.textContent = "";
+    const meshes = [];
+    root.traverse((o) => { if (o.isMesh && o.material && o.material.name) meshes.push(o); });
+    function record() {
+      document.body.dataset.shown = meshes.filter((m) => m.visible).map((m) => m.material.name).join(",");
+    }
+    meshes.forEach((m) => {
+      const tissue = m.material.name;
+      const label = document.createElement("label");
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.dataset.tissue = tissue;
+      box.checked = !hidden.has(tissue);
+      m.visible = box.checked;
+      box.addEventListener("change", () => {
+        m.visible = box.checked;
+        if (box.checked) hidden.delete(tissue); else hidden.add(tissue);
+        record();
+      });
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.background = "#" + m.material.color.getHexString(THREE.SRGBColorSpace);
+      label.append(box, swatch, tissue.replace(/_/g, " "));
+      panel.append(label);
+    });
+    record();
+  }
   function show(key) {
     const data = document.getElementById("glb-" + key);
     if (!data) return;
@@ -172,7 +205,8 @@ VIEWER_JS = r"""
       camera.near = size / 100; camera.far = size * 10;
       camera.updateProjectionMatrix();
       controls.update();
-      status.textContent = "study " + key + ": drag to turn, scroll to zoom";
+      toggles(current);
+      status.textContent = "study " + key + ": drag to turn, scroll to zoom; tick the tissues to show";
       renderer.render(scene, camera);
       document.body.dataset.viewer = "ready";
       document.body.dataset.study = key;
@@ -195,7 +229,9 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 
 color:#222}h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
 h3{font-size:14px;font-family:monospace}table{border-collapse:collapse;margin:8px 0;font-size:12px}
 td,th{border:1px solid #ddd;padding:3px 6px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-#viewer{width:100%;height:520px;display:block;border:1px solid #ccc;background:#f7f7f7}.figure svg{max-width:100%;height:auto}
+#viewer{width:100%;height:520px;display:block;border:1px solid #ccc;background:#f7f7f7}
+#tissues{display:flex;flex-wrap:wrap;gap:4px 14px;margin:6px 0;font-size:12px}#tissues label{white-space:nowrap}
+.swatch{display:inline-block;width:11px;height:11px;margin:0 4px 0 2px;border:1px solid #888;vertical-align:-1px}.figure svg{max-width:100%;height:auto}
 .cols{display:flex;gap:16px;align-items:flex-start;flex-wrap:wrap}.cols img{max-width:720px;width:100%}
 .note{color:#666}.study{border-top:1px solid #eee;padding-top:6px}.small td{font-size:11px}
 button.view3d{margin-bottom:6px}.scroll{overflow-x:auto;max-width:100%}
@@ -203,11 +239,12 @@ button.view3d{margin-bottom:6px}.scroll{overflow-x:auto;max-width:100%}
 
 
 def build_report(out, path=None, store=None, clinical=None, by: str = "group", reference=None,
-                 meshes: int = 6, study_pages: int = 200, trend: str | None = None) -> Path:
+                 meshes: int = 6, study_pages: int = 200, trend: str | None = None, outline: bool = False) -> Path:
     """Write ``path`` (default ``OUT/report.html``) for the job in ``out``. ``meshes``: studies
     with a 3-D view (the outliers first, then in key order); ``study_pages``: studies with a
     section of their own (all QC-flagged and outlying studies always get one); ``trend``: an
-    ordinal column of the clinical table (e.g. ``kl_grade``) to test each measurement along."""
+    ordinal column of the clinical table (e.g. ``kl_grade``) to test each measurement along;
+    ``outline``: the slices show each tissue's outline rather than a transparent fill."""
     from kneebatch.ingest.store import CohortStore
     from kneebatch.mesh import glb_bytes, tissue_meshes
 
@@ -233,7 +270,7 @@ def build_report(out, path=None, store=None, clinical=None, by: str = "group", r
         made_by = ", ".join(sorted({str(s) for s in df.get("engine_set", pd.Series(dtype=str)).dropna().unique()}))
         parts.append(f"<p class=note>Not segmented by {html.escape(made_by or 'the labels measured')}, so not measured "
                      f"(null, not zero): {html.escape(', '.join(n.replace('_', ' ') for n in unmeasured))}.</p>")
-    parts.append('<h2>3-D view</h2><p id="viewer-status">loading...</p><canvas id="viewer"></canvas>')
+    parts.append('<h2>3-D view</h2><p id="viewer-status">loading...</p><canvas id="viewer"></canvas><div id="tissues"></div>')
     cross = stats.first_visits(table)
     if clinical and by in table and table[by].nunique() >= 2:
         parts.append(f"<h2>Cohort by {html.escape(by)}</h2>" + _table(stats.cohort_table(cross, by)))
@@ -304,7 +341,7 @@ def build_report(out, path=None, store=None, clinical=None, by: str = "group", r
             if labels is not None:
                 names = [lab.name for lab in L.LABELS if lab.group != "fat"]  # the joint, not the skin
                 glb = glb_bytes(tissue_meshes(labels, cohort_store.grid(key), step=3, bulky_step=6, names=names))
-        parts.append(_study_section(cohort_store, key, rows.loc[key], shown, glb))
+        parts.append(_study_section(cohort_store, key, rows.loc[key], shown, glb, outline))
 
     three = (ASSETS / "three.bundle.min.js").read_text()
     document = ("<!DOCTYPE html>\n<!-- kneebatch report -->\n<html lang=en><head><meta charset=utf-8>"

@@ -204,3 +204,21 @@ def test_qc_slices_carry_a_legend_of_the_tissues_they_show():
     assert [t.get_text() for t in legend.get_texts()] == ["femur", "femoral cartilage"]
     overlay = fig.axes[0].images[1].get_array()
     assert overlay[..., 3].max() == pytest.approx(OVERLAY_OPACITY) and OVERLAY_OPACITY <= 0.45
+
+
+def test_qc_outlines_keep_each_tissue_edge_and_clear_its_inside():
+    from kneebatch.plots import outlines, slices_figure
+
+    lab = np.zeros((6, 7), np.uint8)
+    lab[1:5, 1:6] = 3
+    lab[2:4, 4:6] = 5
+    edge = outlines(lab)
+    assert edge[2, 2] == 0 and edge[3, 3] == 3  # inside 3; 3 beside 5
+    assert edge[1, 1] == 3 and edge[0, 1] == 0  # its rim is labelled, the background beside it is not
+    assert edge[2, 4] == 5 and edge[2, 5] == 5 and (edge[edge > 0] == lab[edge > 0]).all()
+    assert (edge > 0).sum() == 18
+    block = np.zeros((20, 24, 24), np.uint8)
+    block[5:15, 4:12, 4:20] = L.by_name("femur").id
+    fig = slices_figure(np.random.default_rng(0).random(block.shape), block, (1.0, 0.5, 0.5), outline=True)
+    overlay = fig.axes[0].images[1].get_array()
+    assert overlay[8, 12, 3] == 0 and overlay[4, 12, 3] == 1.0  # the inside clear, the edge opaque

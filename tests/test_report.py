@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -161,11 +162,19 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
              "--window-size=1200,900"]
     url = report.resolve().as_uri()
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
-    body = dom.stdout[dom.stdout.index("<body"):][:300]
+    body = re.search(r"<body[^>]*>", dom.stdout).group(0)
     assert 'data-viewer="ready"' in body, (body, dom.stderr[-2000:])
     assert "data-error" not in body, body
     assert "Uncaught" not in dom.stderr
     assert "<table" in dom.stdout and "Cohort by group" in dom.stdout
+    # the tissue tick boxes: one per tissue of the 3-D view, all shown; #hide= opens with some hidden
+    boxes = re.findall(r'<input type="checkbox" data-tissue="(\w+)"', dom.stdout)
+    shown = re.search(r'<body[^>]*data-shown="([\w,]*)"', dom.stdout).group(1).split(",")
+    assert len(boxes) >= 8 and sorted(shown) == sorted(boxes) and {"femur", "tibia", "patella"} <= set(boxes)
+    hidden = subprocess.run([CHROMIUM, *flags, "--dump-dom", url + "#hide=femur,tibia"], capture_output=True,
+                            text=True, timeout=180)
+    shown_now = re.search(r'<body[^>]*data-shown="([\w,]*)"', hidden.stdout).group(1).split(",")
+    assert sorted(shown_now) == sorted(set(boxes) - {"femur", "tibia"})
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
     pixels = np.asarray(Image.open(shot).convert("RGB"), float)
