@@ -462,7 +462,13 @@ def cmd_stats(args) -> int:
 def cmd_mesh(args) -> int:
     from kneebatch.mesh import mesh_study
 
-    r = mesh_study(args.store, args.study_key, args.out, label_name=args.label_name, step=args.step,
+    per_study = _run_label_maps(args)
+    label_name = args.label_name
+    if per_study is not None:
+        if args.study_key not in per_study:
+            raise ValueError(f"--run {args.run}: study {args.study_key} has no row there")
+        label_name = per_study[args.study_key]
+    r = mesh_study(args.store, args.study_key, args.out, label_name=label_name, step=args.step,
                    smooth=args.smooth, tissues=args.tissues)
     print(f"{len(r['tissues'])} tissues ({r['faces']:,} triangles, from {r['label_name']}) -> {r['glb']}, {r['png']}")
     return 0
@@ -769,6 +775,8 @@ def _add_mesh(sub) -> None:
     s.add_argument("study_key", help="the study's key (a row of measurements.parquet)")
     s.add_argument("out", type=Path, help="output folder: <key>.glb (glTF binary, opens in any 3-D viewer) and <key>.png")
     s.add_argument("--label-name", default=None, help="which label map (default the newest segmentation), e.g. truth")
+    s.add_argument("--run", type=Path, default=None, metavar="OUT",
+                   help="the study's label map as the run into OUT wrote it (its engine set's), not the newest")
     s.add_argument("--tissues", type=_columns, default=None, help="only these labels, comma-separated (kneebatch labels)")
     s.add_argument("--step", type=_positive, default=1, help="marching-cubes step in voxels (2: ~4x fewer triangles, "
                                                              "thin tissues lose volume)")

@@ -21,7 +21,7 @@ from kneebatch.cartilage_regions import REGION_DOC, REGIONS, STAT_DOC, empty_val
 from kneebatch.geometry import Grid
 from kneebatch.ingest.roles import ROLES
 from kneebatch.ingest.visits import NO_VISIT
-from kneebatch.plausibility import NORMALISER, implausible
+from kneebatch.plausibility import NORMALISER, implausible, uncertain
 from kneebatch.sides import fibula_direction
 
 GROUP_TOTALS = ("bone", "cartilage", "meniscus", "ligament", "muscle")
@@ -30,7 +30,13 @@ EXPECTED = ("femur", "tibia", "patella", "femoral_cartilage", "medial_tibial_car
 FOV_CHECKED = ("patella", "femoral_cartilage", "medial_meniscus", "lateral_meniscus")
 THICKNESS_PLAUSIBLE_MM = (0.3, 8.0)
 THICKNESS_HIGH_PERCENTILE = 95  # the "thick end" of a plate: robust, unlike the maximum
-FRAGMENT_CHECKED = ("femur", "tibia", "patella")
+# the share of a tissue its largest piece must hold. Bones, and the tissues whose truth is one
+# piece in every synthetic knee of the varied range (benchmarks/plausibility_reference.py: the
+# smallest share over 40 knees 0.977); not the menisci, MCL, ACL or effusion, whose horns,
+# fibres or pockets come apart at 3-4 mm slices in true knees too (shares down to 0.14-0.74)
+FRAGMENT_LIMITS = {"femur": 0.95, "tibia": 0.95, "patella": 0.95, "pcl": 0.9, "patellar_tendon": 0.9,
+                   "medial_tibial_cartilage": 0.9, "lateral_tibial_cartilage": 0.9, "patellar_cartilage": 0.9}
+FRAGMENT_CHECKED = tuple(FRAGMENT_LIMITS)
 # crop around a plate for its distances: bone farther than the thickest
 # plausible cartilage cannot be the nearest bone of a voxel that counts
 THICKNESS_MARGIN_MM = THICKNESS_PLAUSIBLE_MM[1]
@@ -67,6 +73,10 @@ def measurement_schema() -> pa.Schema:
     for label in L.LABELS:
         fields += [_field(f"{label.name}_{role.lower()}_mean", f64, "scanner units",
                           f"{label.name}: mean intensity in the {role} channel; NaN without one") for role in ROLES]
+    fields += [_field(f"{label.name}_confidence", f64, "probability",
+                      f"{label.name}: the engines' mean probability of it over the voxels they labelled it "
+                      "(kneebatch.inference.segment.confidence); null for imported labels and other tools' models")
+               for label in L.LABELS if label.id != L.BACKGROUND]
     text = pa.string()
     fields += [
         _field("voxel_volume_mm3", f64, "mm3", "voxel volume of the label map (the store's grid)"),
@@ -74,8 +84,10 @@ def measurement_schema() -> pa.Schema:
         _field("spacing_y_mm", f64, "mm", "voxel spacing along y (inferior)"),
         _field("spacing_x_mm", f64, "mm", "voxel spacing along x (posterior)"),
         _field("qc_flags", pa.list_(text), "", "missing:<label>, fov_truncates:<label>, "
-               "thickness_implausible:<plate>, fragmented:<bone>, implausible:<tissue or medial/lateral pair> "
-               "(size against the patella, kneebatch.plausibility), sides_unresolved, subregions_undetermined (cartilage "
+               "thickness_implausible:<plate>, fragmented:<tissue> (its largest piece too small a share), "
+               "implausible:<tissue or medial/lateral pair> "
+               "(size against the patella, kneebatch.plausibility), uncertain:<tissue> (the engines' confidence far "
+               "below that on their held-out studies), sides_unresolved, subregions_undetermined (cartilage "
                "too scattered for the OA subregion rules: their columns are NaN)"),
         _field("qc_ok", pa.bool_(), "", "no QC flags"),
         _field("knee_side", text, "", "left / right, from the DICOM headers or the fibula"),
@@ -185,11 +197,13 @@ def _fragment_sizes(mask):
                      xp.sum(xp.astype(mask, xp.int64))])
 
 
-def study_values(labels, image, grid: Grid, channels) -> dict:
+def study_values(labels, image, grid: Grid, channels, confidence=None) -> dict:
     """Every number a row needs, reduced where ``labels`` live (any namespace and device):
     small arrays, brought to the host in one copy by :func:`measure_study`."""
     xp = ops.namespace(labels)
     values = {"counts": ops.label_counts(labels, L.N_CLASSES)}
+    if confidence is not None:
+        values["confidence"] = confidence
     for plate in L.in_group("cartilage"):
         values[f"thickness:{plate.name}"] = _thickness(labels, grid, plate.name)
     if image is not None:
@@ -239,7 +253,7 @@ def qc_flags(values: dict, row: dict) -> list[str]:
             flags.append(f"thickness_implausible:{plate.name}")
     for name in FRAGMENT_CHECKED:
         largest, total = values[f"pieces:{name}"]
-        if total and largest < 0.95 * total:
+        if total and largest < FRAGMENT_LIMITS[name] * total:
             flags.append(f"fragmented:{name}")
     if f"fov_truncates:{NORMALISER}" not in flags:  # sizes relative to a whole patella only
         flags.extend(implausible(row))
@@ -316,17 +330,28 @@ def null_uncovered(row: dict, covered) -> dict:
     return row
 
 
+def confidence_by_tissue(confidence, counts) -> dict:
+    """``{tissue: confidence}`` from the host copy of the per-label vector (None where none was
+    given or the label map has no such voxel: the confidence is of the working grid, the counts
+    of the map)."""
+    return {label.name: None if confidence is None or not counts[label.id] or math.isnan(confidence[label.id])
+            else float(confidence[label.id]) for label in L.LABELS if label.id != L.BACKGROUND}
+
+
 def measure_study(key: str, labels, image, grid: Grid, channels, label_source: str, extra_flags=(),
-                  knee_side: str | None = None, visit: dict | None = None, covered=None) -> dict:
+                  knee_side: str | None = None, visit: dict | None = None, covered=None, confidence=None,
+                  confidence_reference: dict | None = None) -> dict:
     """One row of ``measurements.parquet``. ``labels``/``image`` may live on any xp device (only
     one vector of results comes back); ``extra_flags``: QC flags known from how the labels were
     made (segmentation); ``knee_side``: from the DICOM headers when they said, else found from
     the anatomy; ``visit``: the study's subject key and visit day
     (:func:`kneebatch.ingest.visits.visit_of`); ``covered``: the label ids the labels can hold
-    (another tool's model), the others' numbers null (:func:`null_uncovered`)."""
+    (another tool's model), the others' numbers null (:func:`null_uncovered`); ``confidence``: the
+    engines' per label (:func:`kneebatch.inference.segment.confidence`), flagged against
+    ``confidence_reference`` (:func:`kneebatch.plausibility.uncertain`)."""
     if tuple(labels.shape) != grid.shape:
         raise ValueError(f"labels {tuple(labels.shape)} do not match grid {grid.shape}")
-    values = values_to_host(study_values(labels, image, grid, channels if image is not None else ()))
+    values = values_to_host(study_values(labels, image, grid, channels if image is not None else (), confidence))
     row = {"study_key": key, **NO_VISIT, **(visit or {})}
     row.update(volumes(None, grid, values["counts"]))
     for plate in L.in_group("cartilage"):
@@ -340,7 +365,10 @@ def measure_study(key: str, labels, image, grid: Grid, channels, label_source: s
         row.update(intensity_means(values, channels))
     row["voxel_volume_mm3"] = grid.voxel_volume_mm3
     row["spacing_z_mm"], row["spacing_y_mm"], row["spacing_x_mm"] = grid.spacing
-    flags = [*qc_flags(values, row), *extra_flags] + (["subregions_undetermined"] if regional is None else [])
+    by_tissue = confidence_by_tissue(values.get("confidence"), values["counts"])
+    row.update({f"{name}_confidence": value for name, value in by_tissue.items()})
+    flags = [*qc_flags(values, row), *uncertain(by_tissue, confidence_reference), *extra_flags] + (
+        ["subregions_undetermined"] if regional is None else [])
     if covered is not None:  # nothing is missing or implausible that the labels never hold
         flags = [f for f in flags if not _about(f, _uncovered(covered))]
         null_uncovered(row, covered)

@@ -8,11 +8,19 @@ computes them). Beyond :data:`MAX_ROBUST_Z` the row gets ``implausible:<tissue>`
 ``implausible:<medial>/<lateral>``) and ``qc_ok`` is False: a meniscus at a third of its size is a
 segmentation to look at, not a measurement to pool. The collateral ligaments are not checked:
 the field of view often cuts them, so their imaged size says little.
+
+Size alone cannot tell a segmentation that lost 40 % of a meniscus from a small real one: the
+varied anatomy (OA, meniscal tears) holds true menisci that far below the median. The engines
+can: their confidence in a tissue (the mean probability of the winning label over the voxels
+it wins, :func:`kneebatch.inference.segment.confidence`) drops when an image is unlike what
+they learned from. :func:`uncertain` compares it with the set's own held-out studies.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 NORMALISER = "patella"
 MAX_ROBUST_Z = 3.5  # Iglewicz and Hoaglin's outlier limit for the modified z-score
@@ -22,21 +30,12 @@ PAIRS = (("medial_meniscus", "lateral_meniscus"), ("medial_tibial_cartilage", "l
 CHECKED = ("medial_meniscus", "lateral_meniscus", "acl", "pcl", "patellar_tendon", "femoral_cartilage",
            "medial_tibial_cartilage", "lateral_tibial_cartilage", "patellar_cartilage")
 # median and MAD of log(volume / patella volume), and of log(medial / lateral), over the truth of the
-# 29 of 40 synthetic subjects whose patella the field of view does not cut (train preset, varied anatomy,
-# seed 5150; benchmarks/plausibility_reference.py, 2026-12-05)
+# synthetic subjects whose patella the field of view does not cut (train preset, varied anatomy;
+# written by benchmarks/plausibility_reference.py --write, with how it was made)
+REFERENCE_FILE = Path(__file__).parent / "assets" / "plausibility_reference.json"
 REFERENCE: dict[str, tuple[float, float]] = {
-    "medial_meniscus": (-2.1821, 0.1337),
-    "lateral_meniscus": (-2.7482, 0.1192),
-    "acl": (-2.7034, 0.1026),
-    "pcl": (-2.2845, 0.075),
-    "patellar_tendon": (-1.0079, 0.0741),
-    "femoral_cartilage": (0.4151, 0.0988),
-    "medial_tibial_cartilage": (-2.0268, 0.192),
-    "lateral_tibial_cartilage": (-1.7677, 0.0338),
-    "patellar_cartilage": (-0.9719, 0.1176),
-    "medial_meniscus/lateral_meniscus": (0.5154, 0.1157),
-    "medial_tibial_cartilage/lateral_tibial_cartilage": (-0.2525, 0.1642),
-}
+    name: (entry["median"], entry["mad"])
+    for name, entry in json.loads(REFERENCE_FILE.read_text())["log_ratio"].items() if name in CHECKED or "/" in name}
 
 
 def robust_z(value: float, median: float, mad: float) -> float:
@@ -61,3 +60,25 @@ def implausible(row: dict) -> list[str]:
                                                             *REFERENCE[f"{a}/{b}"])) > MAX_ROBUST_Z:
             flags.append(f"implausible:{a}/{b}")
     return flags
+
+
+def uncertain(confidence: dict, reference: dict | None) -> list[str]:
+    """``uncertain:<tissue>`` for each tissue whose confidence is below its engine set's reference
+    (median and MAD over held-out studies of the set's protocol) by more than
+    :data:`MAX_ROBUST_Z`; nothing without a reference (another tool's model, an unrated set)."""
+    flags = []
+    for name, value in confidence.items():
+        if reference and name in reference and value is not None and not math.isnan(value):
+            median, mad = reference[name]
+            if (value - median) / max(1.4826 * mad, MIN_CONFIDENCE_SPREAD) < -MAX_ROBUST_Z:
+                flags.append(f"uncertain:{name}")
+    return flags
+
+
+# of the confidence, the least spread a reference is taken to have: its MAD over a dozen studies
+# underrates the spread of the tissues held-out studies agree on to a few thousandths. Measured with
+# t1-t2 (2026-12-05): 8 typical held-out studies (seed 777002), 0.01 flagged a thin-cartilage and a
+# cut-quadriceps study (Dice 0.90, 0.93) and 0.015 none; 8 varied-anatomy studies (seed 777001), on
+# which the engines lose up to 78 % of a meniscus: 0.015 flags 7, with 24 of the 26 tissues under
+# 0.7 Dice; the eighth's worst tissue is a half-size MCL the engines are sure of (0.963)
+MIN_CONFIDENCE_SPREAD = 0.015

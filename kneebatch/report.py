@@ -231,7 +231,8 @@ h3{font-size:14px;font-family:monospace}table{border-collapse:collapse;margin:8p
 td,th{border:1px solid #ddd;padding:3px 6px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 #viewer{width:100%;height:520px;display:block;border:1px solid #ccc;background:#f7f7f7}
 #tissues{display:flex;flex-wrap:wrap;gap:4px 14px;margin:6px 0;font-size:12px}#tissues label{white-space:nowrap}
-.swatch{display:inline-block;width:11px;height:11px;margin:0 4px 0 2px;border:1px solid #888;vertical-align:-1px}.figure svg{max-width:100%;height:auto}
+.swatch{display:inline-block;width:11px;height:11px;margin:0 4px 0 2px;border:1px solid #888;vertical-align:-1px}
+.figure svg{max-width:100%;height:auto}
 .cols{display:flex;gap:16px;align-items:flex-start;flex-wrap:wrap}.cols img{max-width:720px;width:100%}
 .note{color:#666}.study{border-top:1px solid #eee;padding-top:6px}.small td{font-size:11px}
 button.view3d{margin-bottom:6px}.scroll{overflow-x:auto;max-width:100%}

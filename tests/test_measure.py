@@ -140,7 +140,7 @@ def test_measure_row_matches_schema_and_flags_missing_tissue():
     assert row["qc_ok"] is False
     assert row["knee_side"] is None and row["knee_side_source"] is None  # no fibula, no tibia: undetermined
     assert all(name.endswith(("_mm3", "_ml", "_mm", "_mean", "_flags", "_ok", "_key", "_source", "_hash", "_version",
-                              "_side", "_name", "_grid", "_used", "_days", "_set", "_pct"))
+                              "_side", "_name", "_grid", "_used", "_days", "_set", "_pct", "_confidence"))
                for name in schema.names)
 
 
@@ -222,3 +222,48 @@ def test_qc_outlines_keep_each_tissue_edge_and_clear_its_inside():
     fig = slices_figure(np.random.default_rng(0).random(block.shape), block, (1.0, 0.5, 0.5), outline=True)
     overlay = fig.axes[0].images[1].get_array()
     assert overlay[8, 12, 3] == 0 and overlay[4, 12, 3] == 1.0  # the inside clear, the edge opaque
+
+
+@pytest.mark.parametrize("xp_name", ["numpy", "torch", "array_api_strict"])
+def test_confidence_is_the_mean_winning_probability_per_label(xp_name):
+    """The engines' confidence per label, on any namespace, equals a softmax written out by hand
+    over the voxels each label wins (NaN for a label that wins none)."""
+    import array_api_strict as xps
+
+    from kneebatch import ops
+    from kneebatch.inference.segment import confidence
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, (4, 5, 6, 7)).astype(np.float32)
+    logits[3] -= 50  # label 3 never wins
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(0)) / np.exp(z - z.max(0)).sum(0)
+    win, top = p.argmax(0), p.max(0)
+    want = [top[win == k].mean() for k in range(3)]
+    xp = {"numpy": np, "torch": ops.torch_namespace(), "array_api_strict": xps}[xp_name]
+    got = ops.to_host(confidence(xp.asarray(logits), (5, 6, 7)))
+    assert got[:3] == pytest.approx(want, rel=1e-12) and math.isnan(got[3])
+    padded = np.concatenate([logits, np.zeros((4, 5, 6, 2), np.float32)], axis=3)  # a net's padded output
+    assert ops.to_host(confidence(xp.asarray(padded), (5, 6, 7)))[:3] == pytest.approx(want, rel=1e-12)
+
+
+def test_a_tissue_the_engines_are_unsure_of_is_flagged_against_their_reference():
+    from kneebatch.plausibility import uncertain
+
+    lab = np.zeros((20, 20, 20), np.uint8)
+    lab[2:10, 2:18, 2:18] = L.by_name("femur").id
+    lab[10:13, 2:18, 2:18] = L.by_name("femoral_cartilage").id
+    grid = _grid(lab.shape, (1.0, 1.0, 1.0))
+    conf = np.full(L.N_CLASSES, np.nan)
+    conf[L.by_name("femur").id], conf[L.by_name("femoral_cartilage").id] = 0.99, 0.88
+    conf[L.by_name("tibia").id] = 0.5  # won voxels on the working grid, none on the study's: no column value
+    reference = {"femur": [0.992, 0.002], "femoral_cartilage": [0.95, 0.006], "tibia": [0.99, 0.002]}
+    row = measure_study("k0", lab, None, grid, [], "segmentation", confidence=conf, confidence_reference=reference)
+    assert row["femur_confidence"] == 0.99 and row["femoral_cartilage_confidence"] == 0.88
+    assert row["tibia_confidence"] is None
+    assert "uncertain:femoral_cartilage" in row["qc_flags"] and "uncertain:femur" not in row["qc_flags"]
+    # (0.88 - 0.95) / (1.4826 x 0.006) = -7.9; femur: -0.67
+    assert uncertain({"femoral_cartilage": 0.94}, reference) == []  # -1.1: within the held-out spread
+    assert uncertain({"femoral_cartilage": 0.5}, None) == []  # no reference (an unrated set, another tool's model)
+    plain = measure_study("k0", lab, None, grid, [], "store")  # imported labels: no confidence, no flag
+    assert plain["femur_confidence"] is None and not [f for f in plain["qc_flags"] if f.startswith("uncertain")]

@@ -80,6 +80,11 @@ def test_mesh_cli(job, tmp_path, capsys):
     assert (tmp_path / "m" / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["mesh", str(job / "store"), "k" + "0" * 20, str(tmp_path / "n")]) != 0
     assert "no study" in capsys.readouterr().err
+    # --run: the label map the measure into out used (truth), not the store's newest
+    assert main(["mesh", str(job / "store"), key, str(tmp_path / "r"), "--run", str(job / "out"), "--tissues", "femur"]) == 0
+    assert "1 tissues" in (said := capsys.readouterr().out) and "from truth" in said
+    assert main(["mesh", str(job / "store"), "k" + "0" * 20, str(tmp_path / "s"), "--run", str(job / "out")]) == 2
+    assert "has no row there" in capsys.readouterr().err
 
 
 def test_qc_slices_show_the_labels_in_their_colours(job, tmp_path):

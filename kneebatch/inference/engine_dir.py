@@ -62,6 +62,9 @@ class Engines:
     half: bool = False
     net_batch: int = 1  # same-shape inputs per engine call; studies are taken this many at a time
     name: str = ""  # the engine set's name (its folder's)
+    # per tissue: median and MAD of its confidence on held-out studies like those the set was
+    # rated on (engines.json, set.confidence; benchmarks/confidence_reference.py); None: not recorded
+    confidence_reference: dict | None = None
 
     @property
     def device(self):
@@ -275,7 +278,8 @@ def load_engines(path=None, backend: str = "onnxruntime", device: str = "cpu", t
                               dtype=half_dtype(device) if half else torch.float32, compile=backend == "torch-compile",
                               expected_sha256=entry["sha256"][entry["safetensors"]])
         built[stage], hashes[stage] = eng, eng.sha256
-    return Engines(built["coarse"], built["fine"], cfg, backend, hashes, half, net_batch, root.name)
+    return Engines(built["coarse"], built["fine"], cfg, backend, hashes, half, net_batch, root.name,
+                   manifest.get("set", {}).get("confidence"))
 
 
 def check_backend(backend: str, device: str) -> None:

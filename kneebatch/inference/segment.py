@@ -35,11 +35,28 @@ class SegmentInfo:
     box: tuple = ()
     working_shape: tuple = ()
     sides_found: bool | None = None  # medial/lateral rule applied (None: switched off)
+    confidence: object = None  # per label: the nets' mean probability of it where they chose it (:func:`confidence`)
     seconds: dict = field(default_factory=dict)
     suspended: float = 0.0  # seconds spent waiting for other studies' and the nets' work (:func:`drive`)
 
 
 channel_argmax = ops.channel_argmax
+
+
+def confidence(logits, valid=None):
+    """Per label (``[K]``, float64): the mean softmax probability of the winning label over the
+    working voxels it wins, NaN where it wins none. Engines that know a knee are sure of most of
+    each tissue; on an image unlike their training they are not, and a tissue they then
+    under-segment has a low mean where its size alone can still look like a small real one.
+    One channel at a time: no ``K x`` copy of the logits."""
+    xp = ops.namespace(logits)
+    valid = tuple(int(s) for s in (valid or logits.shape[1:]))
+    x = logits[:, :valid[0], :valid[1], :valid[2]]
+    top = xp.astype(xp.max(x, axis=0), xp.float64)  # float64: every namespace gives the same means
+    total = xp.zeros(top.shape, dtype=xp.float64, device=ops.device_of(x))
+    for k in range(x.shape[0]):
+        total += xp.exp(xp.astype(x[k, ...], xp.float64) - top)
+    return ops.label_means(ops.channel_argmax(x), 1.0 / total, int(x.shape[0]))
 
 
 def upsample_argmax(logits, out_shape, valid=None):
@@ -422,6 +439,7 @@ def paste(result: FineResult, info: SegmentInfo):
         info.sides_found = keep_sides(result.logits, result.valid, *result.left_right)
     labels = xp.zeros(result.native_shape, dtype=xp.uint8, device=ops.device_of(result.logits))
     labels[result.box] = upsample_argmax(result.logits, result.crop_shape, result.valid)
+    info.confidence = confidence(result.logits, result.valid)
     ops.synchronize(labels)
     info.seconds["paste"] = time.perf_counter() - t
     return labels

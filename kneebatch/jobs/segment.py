@@ -102,7 +102,9 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         # sides_unresolved: medial/lateral labels as the net gave them
         flags = ["sides_unresolved"] if info.sides_found is False else []
         row = measure_study(key, labels, image, grid, channels, "segmentation", flags,
-                            covered=getattr(engines, "covered", None), **study_context(store, key))
+                            covered=getattr(engines, "covered", None), confidence=info.confidence,
+                            confidence_reference=getattr(engines, "confidence_reference", None),
+                            **study_context(store, key))
         row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid",
                    channels_used=used, engine_set=engines.name)
         return row, t_write, time.perf_counter() - t
