@@ -207,3 +207,47 @@ def test_a_model_recorded_by_name_runs_by_name_and_stops_when_its_files_change(s
     assert "fold_1/checkpoint_final.pth changed since" in err and not (tmp_path / "out2").exists()
     assert main(["run", str(store_path), str(tmp_path / "out3"), "--model", "no-such-model", "-q"]) != 0
     assert "recorded models: tiny-knee" in capsys.readouterr().err
+
+
+def test_a_cascade_runs_both_stages_as_nnunet_does(small_store, tmp_path, capsys):
+    """--model on a cascade's second stage (3d_cascade_fullres) runs its first stage (3d_lowres)
+    too: the labels equal nnUNetv2_predict_from_modelfolder on the first stage, then on the
+    second with -prev_stage_predictions, as nnU-Net's documentation runs a cascade."""
+    import SimpleITK as sitk
+
+    from kneebatch.cli import main
+    from tests.nnunet_model import write_cascade
+
+    second = write_cascade(tmp_path / "models", folds=(0,), steps=40)
+    first = second.with_name("nnUNetTrainer__nnUNetPlans__3d_lowres")
+    store_path = tmp_path / "store.zarr"
+    shutil.copytree(small_store, store_path)
+    assert main(["run", str(store_path), str(tmp_path / "out"), "--model", str(second), "-q"]) == 0
+    assert "2 segmented" in capsys.readouterr().out
+    store = CohortStore(store_path, create=False)
+    lut = label_lut(NnUNetFolder.read(second).dataset["labels"])
+    for n, key in enumerate(store.study_keys()):
+        image, grid = store.read_image(key, [store.channels(key).index("T1")])
+        work = tmp_path / f"ref{n}"
+        (work / "in").mkdir(parents=True)
+        itk = sitk.GetImageFromArray(image[0].astype(np.float32))
+        itk.SetSpacing(tuple(float(s) for s in reversed(grid.spacing)))
+        sitk.WriteImage(itk, str(work / "in" / "case_0000.nii.gz"))
+        common = ["-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]
+        for stage, out, extra in ((first, "low", []), (second, "out", ["-prev_stage_predictions", str(work / "low")])):
+            done = subprocess.run([str(PREDICT), "-i", str(work / "in"), "-o", str(work / out), "-m", str(stage),
+                                   *common, *extra], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-2000:]
+        reference = lut[sitk.GetArrayFromImage(sitk.ReadImage(str(work / "out" / "case.nii.gz")))]
+        low = lut[sitk.GetArrayFromImage(sitk.ReadImage(str(work / "low" / "case.nii.gz")))]
+        _, ours = store.chosen_labels(key, None)
+        assert np.array_equal(ours, reference), (key, int((ours != reference).sum()))
+        assert not np.array_equal(reference, low)  # the second stage changed the first's labels
+        assert len(np.unique(ours)) == 3
+    rows = read_rows(tmp_path / "out" / "measurements.parquet")
+    assert {r["engine_set"] for r in rows} == {"nnunet:Dataset990_KneeTiny/nnUNetTrainer__nnUNetPlans__3d_cascade_fullres"}
+    # without its first stage beside it, the second is refused in one line
+    shutil.rmtree(first)
+    assert main(["run", str(store_path), str(tmp_path / "out2"), "--model", str(second), "-q"]) == 2
+    assert "its first stage nnUNetTrainer__nnUNetPlans__3d_lowres must be next to it" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()

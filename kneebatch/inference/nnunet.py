@@ -13,7 +13,10 @@ Differences from nnU-Net's own loading, on purpose:
 
 - checkpoints are read with ``torch.load(weights_only=True)`` (tensors, containers, numbers and
   NumPy scalars only), never unpickled as code;
-- the network is built once per worker and each fold's weights are kept, as nnU-Net does.
+- the network is built once per worker and each fold's weights are kept, as nnU-Net does;
+- a cascade runs whole: the folder of its second stage (``3d_cascade_fullres``) brings the first
+  (``3d_lowres``, beside it as nnU-Net's trainer leaves it), whose labels go into the second on
+  the study's grid, as ``nnUNetv2_predict -prev_stage_predictions`` takes them from files.
 
 The image goes in as the store holds it (``[C, Z, Y, X]``, spacing ``(z, y, x)``): exactly what
 nnU-Net's SimpleITK reader gives for the NIfTI ``kneebatch export`` writes of the study. A
@@ -69,6 +72,7 @@ class NnUNetFolder:
     folds: list[str]
     checkpoint: str
     files: list[Path] = field(default_factory=list)
+    previous: NnUNetFolder | None = None  # a cascade's first stage
 
     @classmethod
     def read(cls, path, folds=None, checkpoint: str = CHECKPOINT) -> NnUNetFolder:
@@ -93,7 +97,21 @@ class NnUNetFolder:
             raise ValueError(f"{path}: no {checkpoint} in fold_{', fold_'.join(absent or ['N'])} (folds with one: "
                              f"{', '.join(found) or 'none'})")
         files = [path / "dataset.json", path / "plans.json"] + [path / f"fold_{f}" / checkpoint for f in use]
-        return cls(path, dataset, plans, use, checkpoint, files)
+        return cls(path, dataset, plans, use, checkpoint, files, cls._previous_stage(path, plans, folds, checkpoint))
+
+    @classmethod
+    def _previous_stage(cls, path: Path, plans: dict, folds, checkpoint: str) -> NnUNetFolder | None:
+        """The first stage of a cascade, from the folder nnU-Net names ``<Trainer>__<Plans>__<stage>``
+        next to this one (None: not a cascade)."""
+        trainer, _, configuration = path.name.rpartition("__")
+        previous = plans["configurations"].get(configuration, {}).get("previous_stage")
+        if previous is None:
+            return None
+        first = path.parent / f"{trainer}__{previous}"
+        if not first.is_dir():
+            raise ValueError(f"{path.name} is the second stage of a cascade: its first stage {first.name} must be "
+                             f"next to it in {path.parent} (nnU-Net's results layout)")
+        return cls.read(first, folds, checkpoint)
 
     @property
     def name(self) -> str:
@@ -104,6 +122,8 @@ class NnUNetFolder:
         out = {}
         for f in self.files:
             out[str(f.relative_to(self.path))] = sha256_file(f)
+        if self.previous is not None:
+            out.update({f"{self.previous.path.name}/{k}": v for k, v in self.previous.sha256().items()})
         return out
 
 
@@ -120,6 +140,9 @@ class NnUNetModel(ExternalModel):
         self.hashes = folder.sha256()
         self.name = f"nnunet:{folder.name}"
         self._predictor = None
+        # a cascade's first stage: the same inputs, its own labels never leave this model
+        self.previous = None if folder.previous is None else NnUNetModel(
+            folder.previous, roles, lut, device, tta, tile_step_size, threads, axis_order)
 
     @classmethod
     def open(cls, path, roles=None, label_map=None, device="cpu", threads=None, tta=False, axis_order="store",
@@ -147,12 +170,19 @@ class NnUNetModel(ExternalModel):
             raise ValueError("--model with an nnU-Net folder needs nnunetv2: pip install 'kneebatch[nnunet]' "
                              "torch==2.13.0 (or your own torch)")
         self.predictor()
+        if self.previous is not None:
+            self.previous.predictor()
 
     def describe(self) -> dict:
-        return {**super().describe(), "name": self.folder.name, "folds": self.folder.folds}
+        first = {} if self.previous is None else {"previous_stage": self.folder.previous.name}
+        return {**super().describe(), "name": self.folder.name, "folds": self.folder.folds, **first}
 
     def _segment(self, image: np.ndarray, spacing_zyx: list[float]) -> np.ndarray:
-        return self.predictor().predict_single_npy_array(image, {"spacing": spacing_zyx})
+        first = None if self.previous is None else self.previous._segment(image, spacing_zyx)
+        if first is not None:  # as nnU-Net reads a previous stage's file: [1, z, y, x], float32
+            first = first[None].astype(np.float32)
+        return self.predictor().predict_single_npy_array(image, {"spacing": spacing_zyx},
+                                                         segmentation_previous_stage=first)
 
 
 def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True, tile_step_size: float = 0.5):
@@ -173,9 +203,6 @@ def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True,
     config = plans_manager.get_configuration(configuration)
     if len(config.patch_size) != 3:
         raise ValueError(f"{folder.name}: configuration {configuration} is 2-D; kneebatch runs 3-D models")
-    if config.previous_stage_name is not None:
-        raise ValueError(f"{folder.name}: configuration {configuration} is a cascade stage (after "
-                         f"{config.previous_stage_name}); cascades are not supported yet")
     n_in = determine_num_input_channels(plans_manager, config, folder.dataset)
     n_out = plans_manager.get_label_manager(folder.dataset).num_segmentation_heads
     trainer = recursive_find_trainer_class_by_name(first["trainer_name"])
