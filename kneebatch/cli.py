@@ -692,7 +692,9 @@ def _add_run(sub) -> None:
                         "name recorded by 'kneebatch models add'): an nnU-Net v2 "
                         "model folder (dataset.json, plans.json, fold_N/checkpoint_final.pth), run through nnU-Net's "
                         "own code in each worker, labels equal to nnUNetv2_predict's (add --tta for its default "
-                        "mirroring); pip install 'kneebatch[nnunet]' (docs/models.md)")
+                        "mirroring; a cascade's second stage brings its first); a MONAI bundle (configs/, models/model.pt), "
+                        "run by its own evaluator; or an ONNX network with model.json. pip install "
+                        "'kneebatch[nnunet]' or 'kneebatch[bundle]' (docs/models.md)")
     s.add_argument("--channels", default=None, metavar="0:ROLE,...",
                    help="--model: the store role of each input channel, where dataset.json's channel_names do not "
                         "name one (e.g. 0:DESS)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kneebatch.inference.external import ExternalModel
+from kneebatch.inference.monai_bundle import MonaiBundle, declared_channels
 from kneebatch.inference.nnunet import NnUNetFolder, NnUNetModel
 from kneebatch.inference.onnx_model import OnnxModel, OnnxSpec
 
@@ -12,8 +13,10 @@ from kneebatch.inference.onnx_model import OnnxModel, OnnxSpec
 def open_model(path, roles: list[str] | None = None, label_map: str | None = None, device: str = "cpu",
                threads: int | None = None, tta: bool = False, axis_order: str = "store") -> ExternalModel:
     """The model in folder ``path``, whichever kind: an nnU-Net v2 folder (``dataset.json`` +
-    ``plans.json``) or an ONNX network with its ``model.json``."""
+    ``plans.json``), an ONNX network with its ``model.json``, or a MONAI bundle (``configs/``)."""
     path = Path(path)
+    if (path / "configs").is_dir():
+        return MonaiBundle.open(path, roles, label_map, device, threads, tta, axis_order)
     if (path / "model.json").is_file():
         return OnnxModel.open(path, roles, label_map, device, threads, tta, axis_order)
     return NnUNetModel.open(path, roles, label_map, device, threads, tta, axis_order)
@@ -22,6 +25,8 @@ def open_model(path, roles: list[str] | None = None, label_map: str | None = Non
 def declared_inputs(path) -> dict:
     """``{index: name}`` of a model folder's input channels, as it declares them."""
     path = Path(path)
+    if (path / "configs").is_dir():
+        return declared_channels(path)
     if (path / "model.json").is_file():
         return {str(i): r for i, r in enumerate(OnnxSpec.read(path).input_roles)}
     return NnUNetFolder.read(path).dataset["channel_names"]
