@@ -106,6 +106,31 @@ def test_a_jobqueue_run_on_slurm_workers_equals_the_local_run(slurm, store, tiny
     assert prov["threads"] is None  # each worker took its SLURM allocation's cores
 
 
+def test_an_array_run_with_another_tools_model_equals_the_local_run(slurm, small_store, tmp_path, capsys):
+    """--model with an nnU-Net folder as a two-shard SLURM array: the same rows and label maps as
+    one local run of it (the store's maps are named by the model's hash: one map per study)."""
+    pytest.importorskip("nnunetv2", reason="the nnunet extra: pip install 'kneebatch[nnunet]'")
+    from kneebatch.ingest.store import CohortStore
+    from tests.nnunet_model import write_model
+
+    model = write_model(tmp_path / "model", folds=(0,), steps=30)
+    local_store, array_store = tmp_path / "local.zarr", tmp_path / "array.zarr"
+    shutil.copytree(small_store, local_store)
+    shutil.copytree(small_store, array_store)
+    assert main(["run", str(local_store), str(tmp_path / "local"), "--model", str(model), "-q"]) == 0
+    out = tmp_path / "array"
+    assert main(["submit", "run", str(array_store), str(out), "--model", str(model), "--workers", "1", "--threads", "1",
+                 "--slurm", "--shards", "2", "--wait"]) == 0
+    assert "2 shards merged: 2 rows, 0 failed" in capsys.readouterr().out
+    rows = read_rows(out / "measurements.parquet")
+    assert comparable(rows) == comparable(read_rows(tmp_path / "local" / "measurements.parquet"))
+    local, array = CohortStore(local_store, create=False), CohortStore(array_store, create=False)
+    for row in rows:
+        assert row["engine_set"].startswith("nnunet:") and row["femur_volume_mm3"] > 0
+        assert (array.read_labels(row["study_key"], row["label_name"])
+                == local.read_labels(row["study_key"], row["label_name"])).all()
+
+
 def test_an_array_convert_builds_the_store_a_local_convert_builds(slurm, cohort, key_file, tmp_path, capsys):
     from kneebatch.ingest.store import CohortStore
     from kneebatch.jobs.convert import convert
