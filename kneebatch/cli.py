@@ -193,15 +193,16 @@ def _with_model(options, args):
     if args.engines:
         raise ValueError("give --engines or --model, not both")
     path, record = resolve(args.model)
+    label_map, axis_order = args.label_map, args.axis_order
     if record is not None:  # what was recorded, unless said otherwise now
-        args.label_map = args.label_map or record["label_map"]
-        args.axis_order = args.axis_order if args.axis_order != "store" else record["axis_order"]
+        label_map = label_map or record["label_map"]
+        axis_order = axis_order if axis_order != "store" else record["axis_order"]
     roles = record["roles"] if record is not None and not args.channels else model_roles(
         declared_inputs(path), ROLES, args.channels)
-    if args.axis_order != "store":
-        orientation_direction(args.axis_order)  # a bad code stops here, in one line
-    return replace(options, model=str(Path(path).resolve()), model_roles=tuple(roles), label_map=args.label_map,
-                   model_axis_order=args.axis_order)
+    if axis_order != "store":
+        orientation_direction(axis_order)  # a bad code stops here, in one line
+    return replace(options, model=str(Path(path).resolve()), model_roles=tuple(roles), label_map=label_map,
+                   model_axis_order=axis_order)
 
 
 def cmd_models_add(args) -> int:
