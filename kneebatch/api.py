@@ -77,12 +77,10 @@ def segment(image, affine=None, roles=("T1", "T2FS"), engines=None, backend: str
     labels, info = run_engines(x[inputs], canonical_grid, chosen.coarse, chosen.fine, chosen.config)
     row = None
     if measure:
-        from kneebatch.measure import measure_study
+        from kneebatch.jobs.segment import segmentation_row
 
-        row = measure_study("api", labels, x, canonical_grid, roles, "segmentation",
-                            ["sides_unresolved"] if info.sides_found is False else [], confidence=info.confidence,
-                            confidence_reference=chosen.confidence_reference)
-        row.update(model_hash=chosen.model_hash, engine_set=name, channels_used="+".join(roles[i] for i in inputs))
+        row = segmentation_row("api", labels, x, canonical_grid, roles, info, chosen,
+                               "+".join(roles[i] for i in inputs))
     labels = reorientation.invert(labels.cpu().numpy() if hasattr(labels, "cpu") else np.asarray(labels), grid)
     return Segmentation(labels.astype(np.uint8), grid, name, chosen.model_hash, [roles[i] for i in inputs], row)
 

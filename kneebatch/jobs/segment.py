@@ -52,6 +52,20 @@ def _external_labels(model, study: Loaded, info, xp, device):
         info.seconds.update(fine=time.perf_counter() - t, paste=0.0)
 
 
+def segmentation_row(key: str, labels, image, grid, channels, info, engines, used: str, **context) -> dict:
+    """The measurements row of the label map ``engines`` (an engine set, or another tool's model)
+    just made of a study: its QC flags (``sides_unresolved``: the medial/lateral labels left as
+    the net gave them; the engines' confidence against their reference), the tissues a model
+    does not segment null, and what made the labels."""
+    flags = ["sides_unresolved"] if info.sides_found is False else []
+    row = measure_study(key, labels, image, grid, channels, "segmentation", flags,
+                        covered=getattr(engines, "covered", None), confidence=info.confidence,
+                        confidence_reference=getattr(engines, "confidence_reference", None), **context)
+    row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid",
+               channels_used=used, engine_set=engines.name)
+    return row
+
+
 def process_batch(keys: list[str], store_path: str, engines=None, xp=None, device=None) -> dict:
     """Segment, save and measure a batch of studies; never raises.
 
@@ -99,14 +113,7 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
                            name=engines.label_name)
         t_write = time.perf_counter() - t
         t = time.perf_counter()
-        # sides_unresolved: medial/lateral labels as the net gave them
-        flags = ["sides_unresolved"] if info.sides_found is False else []
-        row = measure_study(key, labels, image, grid, channels, "segmentation", flags,
-                            covered=getattr(engines, "covered", None), confidence=info.confidence,
-                            confidence_reference=getattr(engines, "confidence_reference", None),
-                            **study_context(store, key))
-        row.update(model_hash=engines.model_hash, label_name=engines.label_name, label_grid="same_grid",
-                   channels_used=used, engine_set=engines.name)
+        row = segmentation_row(key, labels, image, grid, channels, info, engines, used, **study_context(store, key))
         return row, t_write, time.perf_counter() - t
 
     def collect(key, future, info):
