@@ -15,9 +15,7 @@ engines list``, the provenance and the docs read. Records go to benchmarks/resul
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import machine  # benchmarks/machine.py
@@ -27,27 +25,13 @@ HELD_OUT_SEED = 626262  # no training run or test uses it
 
 
 def main() -> None:
-    from kneebatch.inference.engine_dir import DEFAULT_ENGINES, set_dirs
     from kneebatch.models.engine_sets import CATALOGUE
-    from kneebatch.training.evaluate import held_out_accuracy, rate
+    from kneebatch.training.evaluate import rate
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", type=Path, default=DEFAULT_ENGINES, help="folder of engine sets")
-    ap.add_argument("--sets", nargs="+", default=None, help="sets to rate (default: every set in the folder)")
-    ap.add_argument("--n", type=int, default=4, help="held-out studies per set")
-    ap.add_argument("--seed", type=int, default=HELD_OUT_SEED)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--write", action="store_true", help="write each set's table and status into its engines.json")
-    ap.add_argument("--out", type=Path, default=ROOT / "results")
-    args = ap.parse_args()
-
-    folders = set_dirs(args.engines)
+    args = machine.engine_set_arguments(
+        __doc__, 4, HELD_OUT_SEED, "write each set's table and status into its engines.json", ROOT / "results")
     records = {}
-    for name in args.sets or list(folders):
-        protocol = CATALOGUE[name].protocols[0]
-        with tempfile.TemporaryDirectory(prefix=f"kneebatch-set-{name}-") as work:
-            acc = held_out_accuracy(work, protocol, args.n, args.seed, engines=str(args.engines),
-                                    key_file=Path(work) / "k.key", threads=args.threads)
+    for name, folder, protocol, acc, _ in machine.held_out_per_set(args):
         table = rate(acc.scores)
         wrong = [s for s in acc.engine_sets if s != name]
         record = {**table, "protocol": protocol, "engine_sets": acc.engine_sets, "failed": acc.failed,
@@ -58,7 +42,7 @@ def main() -> None:
               f"{table['median_effusion_error_pct']} %, misses: {'; '.join(table['misses']) or 'none'}"
               + (f"; segmented by other sets: {wrong}" if wrong else ""), flush=True)
         if args.write and not wrong and not acc.failed:
-            path = folders[name] / "engines.json"
+            path = folder / "engines.json"
             manifest = json.loads(path.read_text())
             manifest["set"] = {"name": name, "what": CATALOGUE[name].what, **{k: record[k] for k in (
                 "status", "test_dice", "collateral_by_slices", "mean_dice", "median_effusion_error_pct", "misses",

@@ -15,9 +15,7 @@ to benchmarks/results/.
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import machine  # benchmarks/machine.py
@@ -29,29 +27,10 @@ REFERENCE_SEED = 909090  # no training run, rating or test uses it
 
 def main() -> None:
     from kneebatch import labels as L
-    from kneebatch.inference.engine_dir import DEFAULT_ENGINES, set_dirs
-    from kneebatch.models.engine_sets import CATALOGUE
-    from kneebatch.outputs import read_rows
-    from kneebatch.training.evaluate import held_out_accuracy
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", type=Path, default=DEFAULT_ENGINES, help="folder of engine sets")
-    ap.add_argument("--sets", nargs="+", default=None, help="sets to measure (default: every set in the folder)")
-    ap.add_argument("--n", type=int, default=12, help="held-out studies per set")
-    ap.add_argument("--seed", type=int, default=REFERENCE_SEED)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--write", action="store_true", help="write each set's reference into its engines.json")
-    ap.add_argument("--out", type=Path, default=ROOT / "results")
-    args = ap.parse_args()
-
-    folders = set_dirs(args.engines)
+    args = machine.engine_set_arguments(
+        __doc__, 12, REFERENCE_SEED, "write each set's reference into its engines.json", ROOT / "results")
     records = {}
-    for name in args.sets or list(folders):
-        protocol = CATALOGUE[name].protocols[0]
-        with tempfile.TemporaryDirectory(prefix=f"kneebatch-confidence-{name}-") as work:
-            acc = held_out_accuracy(work, protocol, args.n, args.seed, engines=str(args.engines),
-                                    key_file=Path(work) / "k.key", threads=args.threads)
-            rows = read_rows(Path(work) / "out" / "measurements.parquet")
+    for name, folder, protocol, acc, rows in machine.held_out_per_set(args):
         wrong = [s for s in acc.engine_sets if s != name]
         reference = {}
         for label in L.LABELS:
@@ -70,7 +49,7 @@ def main() -> None:
               + ", ".join(f"{k} {m:.3f} ({d:.3f})" for k, (m, d) in reference.items())
               + (f"; segmented by other sets: {wrong}" if wrong else ""), flush=True)
         if args.write and not wrong and not acc.failed:
-            path = folders[name] / "engines.json"
+            path = folder / "engines.json"
             manifest = json.loads(path.read_text())
             manifest.setdefault("set", {"name": name})["confidence"] = reference
             manifest["set"]["confidence_evaluated_on"] = (f"{len(rows)} held-out {protocol} studies (seed {args.seed}), "
