@@ -239,7 +239,7 @@ def _run_label_maps(args) -> dict | None:
         return None
     if getattr(args, "label_name", None) or getattr(args, "model", None):
         raise ValueError("--run chooses each study's label map: leave out --label-name and --model")
-    return label_maps_of(run_out)
+    return label_maps_of(run_out, getattr(args, "store", None))
 
 
 def cmd_merge(args) -> int:
@@ -347,6 +347,10 @@ def cmd_evaluate(args) -> int:
     summary = evaluate(args.pred, args.truth, args.out, parse_label_map(args.label_map) if args.label_map else None,
                        parse_label_map(args.truth_label_map) if args.truth_label_map else None,
                        show_progress=not args.quiet)
+    if not summary["cases"]:
+        raise ValueError(f"no prediction in {args.pred} has a reference file in {args.truth} of the same name: name "
+                         "both alike (kneebatch export --names uid for truth named by StudyInstanceUID), or give the "
+                         "run's OUT, whose store knows each study's names")
     print(f"{summary['cases']} studies scored ({len(summary['without_truth'])} without a reference file); "
           f"mean Dice {summary['mean_dice'] if summary['mean_dice'] is not None else float('nan'):.3f}")
     for name, t in summary["tissues"].items():
@@ -811,7 +815,7 @@ def _add_report(sub) -> None:
     s.add_argument("--output", type=Path, default=None, help="the HTML file to write (default OUT/report.html)")
     s.add_argument("--store", type=Path, default=None, help="the cohort store (default: the one OUT was made from)")
     s.add_argument("--clinical", type=Path, default=None, help="table from kneebatch clinical: adds group tables")
-    s.add_argument("--by", default="group", help="column to group by (default group)")
+    s.add_argument("--by", default=None, help="column to group by (default group, where the clinical table has one)")
     s.add_argument("--reference", default=None, help="the reference group (default normal)")
     s.add_argument("--trend", default=None, help="an ordinal clinical column (e.g. kl_grade): each measurement's "
                                                  "Spearman rho and slope per step, with a figure")

@@ -109,9 +109,14 @@ def latest_per_key(table: pa.Table, key: str = "study_key") -> pa.Table:
     return table.take(last["__order_max"]).sort_by(key)
 
 
-def label_maps_of(out) -> dict[str, str]:
+def label_maps_of(out, store=None) -> dict[str, str]:
     """study_key -> the label map a finished run (or measure) into ``out`` measured: what
-    ``--run OUT`` hands the downstream commands, so they use that run's labels, not the newest."""
+    ``--run OUT`` hands the downstream commands, so they use that run's labels, not the newest.
+    ``store``: the store they read, refused when the run was made from another one."""
+    made_from = store_of(out)
+    if store is not None and made_from and Path(made_from).resolve() != Path(store).resolve():
+        raise ValueError(f"--run {out} was made from the store {made_from}, not {store}: give that store, or "
+                         "the run made from this one")
     path = Path(out) / "measurements.parquet"
     if not path.exists():
         shards = list(Path(out).glob("shards/*")) if Path(out).is_dir() else []
@@ -119,6 +124,15 @@ def label_maps_of(out) -> dict[str, str]:
         raise FileNotFoundError(f"--run {out}: no measurements.parquet there (not a finished run's output{hint})")
     rows = pq.read_table(path, columns=["study_key", "label_name"]).to_pylist()
     return {r["study_key"]: r["label_name"] for r in rows if r["label_name"]}
+
+
+def store_of(out) -> Path | None:
+    """The store a run or measure into ``out`` read (recorded in its output folder's marker)."""
+    try:
+        store = json.loads((Path(out) / MARKER).read_text()).get("settings", {}).get("store")
+    except (OSError, ValueError):
+        return None
+    return Path(store) if store else None
 
 
 def read_table(path, schema: pa.Schema) -> pa.Table:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure  # figures without pyplot: no backend chosen, no global state
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -105,18 +106,35 @@ def _colour_table() -> np.ndarray:
 OVERLAY_OPACITY = 0.4  # the image stays readable under the labels
 
 
-def outlines(labels: np.ndarray) -> np.ndarray:
-    """``labels`` kept only on each region's edge (a pixel with a differently labelled
-    4-neighbour), 0 elsewhere: the image stays visible inside every tissue."""
+def edges(labels: np.ndarray) -> np.ndarray:
+    """Pixels with a differently labelled 4-neighbour."""
     edge = np.zeros(labels.shape, bool)
     for axis in (0, 1):
-        step = np.diff(labels, axis=axis) != 0
         lo = [slice(None)] * 2
         hi = [slice(None)] * 2
         lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        step = labels[tuple(lo)] != labels[tuple(hi)]
         edge[tuple(lo)] |= step
         edge[tuple(hi)] |= step
-    return np.where(edge, labels, 0)
+    return edge
+
+
+def region_borders(region: np.ndarray, pixel) -> list:
+    """Line segments (in the map's mm, ``region[row, col]`` at ``(col, row) * pixel``) along the
+    pixel edges where two different regions meet (``-1``, off the plate, borders nothing)."""
+    px, py = pixel
+    segments = []
+    rows, cols = np.nonzero((region[:, :-1] != region[:, 1:]) & (region[:, :-1] >= 0) & (region[:, 1:] >= 0))
+    segments += [[((c + 1) * px, r * py), ((c + 1) * px, (r + 1) * py)] for r, c in zip(rows, cols)]
+    rows, cols = np.nonzero((region[:-1] != region[1:]) & (region[:-1] >= 0) & (region[1:] >= 0))
+    segments += [[(c * px, (r + 1) * py), ((c + 1) * px, (r + 1) * py)] for r, c in zip(rows, cols)]
+    return segments
+
+
+def outlines(labels: np.ndarray) -> np.ndarray:
+    """``labels`` kept only on each region's edge (a pixel with a differently labelled
+    4-neighbour), 0 elsewhere: the image stays visible inside every tissue."""
+    return np.where(edges(labels), labels, 0)
 
 
 def slices_figure(image: np.ndarray, labels: np.ndarray, spacing_zyx, title: str = "",
@@ -195,8 +213,8 @@ def thickness_maps_figure(maps: dict, title: str = "") -> Figure:
         extent = (0, shown.shape[1] * tmap.pixel[0], 0, shown.shape[0] * tmap.pixel[1])
         image = ax.imshow(shown, origin="lower", cmap=cmap, vmin=1e-6, vmax=THICKNESS_RANGE_MM[1],
                           extent=extent, aspect="auto" if part == "femur" else "equal", interpolation="nearest")
-        ax.contour(region, levels=np.arange(len(REGIONS)) + 0.5, colors="black", linewidths=0.6,
-                   origin="lower", extent=extent)
+        # the borders between regions, on the pixels' edges: every pixel keeps its colour
+        ax.add_collection(LineCollection(region_borders(region, tmap.pixel), colors="black", linewidths=0.8))
         for index in np.unique(region[region >= 0]):
             rows, cols = np.nonzero(region == index)
             ax.text((cols.mean() + 0.5) * tmap.pixel[0], (rows.mean() + 0.5) * tmap.pixel[1], REGIONS[index],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +22,7 @@ import pandas as pd
 from kneebatch import __version__, plots, stats
 from kneebatch import labels as L
 from kneebatch.findings import KEY_MEASURES
-from kneebatch.outputs import MARKER, write_text_atomic
+from kneebatch.outputs import store_of, write_text_atomic
 
 ASSETS = Path(__file__).parent / "assets"
 ROBUST_Z = 3.5  # |0.6745 (x - median) / MAD| above this is an outlier (Iglewicz & Hoaglin 1993)
@@ -77,15 +76,6 @@ def _table(df: pd.DataFrame, cls: str = "") -> str:
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
             "</table></div>")
-
-
-def store_of(out: Path) -> Path | None:
-    """The store a run or measure read (recorded in its output folder's marker)."""
-    marker = out / MARKER
-    if marker.exists():
-        store = json.loads(marker.read_text()).get("settings", {}).get("store")
-        return Path(store) if store else None
-    return None
 
 
 def _study_section(store, key: str, row: pd.Series, shown: list[str], glb: bytes | None,
@@ -239,7 +229,7 @@ button.view3d{margin-bottom:6px}.scroll{overflow-x:auto;max-width:100%}
 """
 
 
-def build_report(out, path=None, store=None, clinical=None, by: str = "group", reference=None,
+def build_report(out, path=None, store=None, clinical=None, by: str | None = None, reference=None,
                  meshes: int = 6, study_pages: int = 200, trend: str | None = None, outline: bool = False) -> Path:
     """Write ``path`` (default ``OUT/report.html``) for the job in ``out``. ``meshes``: studies
     with a 3-D view (the outliers first, then in key order); ``study_pages``: studies with a
@@ -260,6 +250,10 @@ def build_report(out, path=None, store=None, clinical=None, by: str = "group", r
     store_path = Path(store) if store else store_of(out)
     cohort_store = CohortStore(store_path, create=False) if store_path and store_path.exists() else None
     table = stats.join(df, pd.read_parquet(clinical) if clinical else None)
+    if by is not None and by not in table:  # asked for by name: a typo is no silent omission
+        raise ValueError(f"--by {by}: no such column in the measurements or the clinical table"
+                         f"{'' if clinical else ' (give --clinical for its columns)'}")
+    by = by or "group"
     measures = stats.default_measures(table)
     shown = [m for m in KEY_MEASURES if m in table] or measures[:6]
 

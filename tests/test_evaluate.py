@@ -74,6 +74,12 @@ def test_files_scored_with_foreign_ids_and_names(cohort, tmp_path, capsys):
     assert by[(moved, "tibia")]["dice"] == 1.0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["cases"] == 2 and summary["tissues"]["tibia"]["mean_dice"] == 1.0
+    # names that match nothing (an export named by study key against truth named by UID) stop with a hint
+    (pred_dir / first[0].name).rename(pred_dir / "k0000.nii.gz")
+    (pred_dir / first[1].name).unlink()
+    assert main(["evaluate", str(pred_dir), str(truth_dir), str(tmp_path / "ev2"), "--label-map", "1:femur,2:tibia",
+                 "-q"]) == 2
+    assert "has a reference file" in capsys.readouterr().err
 
 
 def test_a_run_folder_is_scored_from_its_store(store, cohort, tiny_engines, tmp_path):

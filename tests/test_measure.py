@@ -267,3 +267,12 @@ def test_a_tissue_the_engines_are_unsure_of_is_flagged_against_their_reference()
     assert uncertain({"femoral_cartilage": 0.5}, None) == []  # no reference (an unrated set, another tool's model)
     plain = measure_study("k0", lab, None, grid, [], "store")  # imported labels: no confidence, no flag
     assert plain["femur_confidence"] is None and not [f for f in plain["qc_flags"] if f.startswith("uncertain")]
+
+
+def test_thickness_map_regions_are_bordered_on_pixel_edges_between_regions_only():
+    from kneebatch.plots import region_borders
+
+    region = np.array([[0, 0, 1], [-1, 1, 1]])  # rows along y, columns along x; -1 off the plate
+    segments = region_borders(region, (1.0, 2.0))
+    assert sorted(segments) == sorted([[(2.0, 0.0), (2.0, 2.0)],  # between (0,1) and (0,2)
+                                       [(1.0, 2.0), (2.0, 2.0)]])  # between (0,1) and (1,1); none at -1

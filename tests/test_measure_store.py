@@ -1,4 +1,6 @@
+import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -146,3 +148,10 @@ def test_downstream_commands_use_the_label_maps_a_run_wrote_and_say_whose(store,
     assert int(np.sum(np.asarray(exported.dataobj) == femur)) == 256
     assert main(["qc", str(work), str(tmp_path / "qc3"), "--run", str(tmp_path / "nothing")]) != 0
     assert "no measurements.parquet" in capsys.readouterr().err
+    # a run made from another store is refused, not silently matched to nothing
+    (run_out / ".kneebatch.json").write_text(json.dumps({"command": "run", "settings": {"store": str(store)}}))
+    for command in (["qc", str(work), str(tmp_path / "qc4")], ["export", str(work), str(tmp_path / "x2")],
+                    ["measure", str(work), str(tmp_path / "m2")]):
+        assert main([*command, "--run", str(run_out), "-q"]) == 2
+        assert f"was made from the store {store}, not {work}" in capsys.readouterr().err
+        assert not Path(command[2]).exists()

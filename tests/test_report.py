@@ -263,3 +263,14 @@ def test_report_trend_along_the_kl_grade(job, tmp_path):
                                                                          on="study_key")
     best = stats.trend(joined, "kl_grade", stats.default_measures(joined)).sort_values("spearman_p").iloc[0]["measure"]
     assert section.split("<tbody><tr><td>")[1].split("</td>")[0] == best
+
+
+def test_report_refuses_a_grouping_column_it_does_not_have(job, tmp_path, capsys):
+    from kneebatch.cli import main
+
+    path = tmp_path / "r.html"
+    assert main(["report", str(job / "out"), "--output", str(path), "--clinical", str(job / "clinical.parquet"),
+                 "--by", "site", "--meshes", "0"]) == 2
+    assert "--by site: no such column" in capsys.readouterr().err and not path.exists()
+    assert main(["report", str(job / "out"), "--output", str(path), "--by", "kl_grade", "--meshes", "0"]) == 2
+    assert "give --clinical for its columns" in capsys.readouterr().err
