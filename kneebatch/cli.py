@@ -820,7 +820,7 @@ def _add_report(sub) -> None:
     s.add_argument("--trend", default=None, help="an ordinal clinical column (e.g. kl_grade): each measurement's "
                                                  "Spearman rho and slope per step, with a figure")
     s.add_argument("--meshes", type=int, default=3, help="studies with an interactive 3-D view (default 3; each adds "
-                                                         "~2-3 MB)")
+                                                         "0.3-3 MB, by image size)")
     s.add_argument("--studies", type=int, default=200, help="studies with a section of their own (default 200; "
                                                             "flagged and outlying studies always)")
     _outline(s)

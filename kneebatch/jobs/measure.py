@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from kneebatch import labels as L
 from kneebatch.errors import StudyError, failure_row
 from kneebatch.ingest.label_import import label_file, read_label_file, study_names
 from kneebatch.ingest.nifti import volume_stem
@@ -24,22 +27,37 @@ from kneebatch.measure import measure_study, measurement_schema
 BATCH = 8  # studies per task and per part file
 
 
+def _confidence_vector(by_tissue: dict | None):
+    """The engines' confidence a label map carries (run wrote it), as the per-label vector
+    :func:`kneebatch.measure.measure_study` takes; None for maps without one."""
+    if not by_tissue:
+        return None
+    vector = np.full(L.N_CLASSES, np.nan)
+    for name, value in by_tissue.items():
+        if value is not None:
+            vector[L.by_name(name).id] = value
+    return vector
+
+
 def measure_one(job, store_path: str, label_map: dict | None = None) -> dict:
     """Measure one study; never raises. Returns ``{"row": ...}`` or ``{"failure": ...}``."""
     key, label_path, label_name = job
     store = CohortStore(store_path, create=False)
     try:
         image, grid = store.read_image(key)
+        made = {}
         if label_path is not None:
             labels, how = read_label_file(label_path, grid, label_map)
-            source, model_hash = "file", None
+            source = "file"
         else:
             labels, how = store.read_schema_labels(key, label_name), "same_grid"
-            model_hash = store.label_attrs(key, label_name).get("model_hash")
+            made = store.label_attrs(key, label_name)
             source = "store"
         row = measure_study(key, labels.astype("uint8"), image, grid, store.channels(key), source,
-                            **study_context(store, key))
-        row.update(model_hash=model_hash, label_name=label_name, label_grid=how)
+                            covered=made.get("covered"), confidence=_confidence_vector(made.get("confidence")),
+                            confidence_reference=made.get("confidence_reference"), **study_context(store, key))
+        row.update(model_hash=made.get("model_hash"), engine_set=made.get("engine_set"), label_name=label_name,
+                   label_grid=how)
         return {"row": row}
     except Exception as e:  # one bad study never stops a run
         return {"failure": failure_row(key, "measure", e)}

@@ -66,6 +66,17 @@ def segmentation_row(key: str, labels, image, grid, channels, info, engines, use
     return row
 
 
+def label_attrs(row: dict, engines) -> dict:
+    """What a label map carries in the store besides its voxels: what made it, and what ``measure``
+    needs to give its row the flags and nulls ``run`` gave (the engines' confidence and its
+    reference, the tissues another tool's model segments)."""
+    covered = getattr(engines, "covered", None)
+    return {"model_hash": engines.model_hash, "engine_set": engines.name, "kneebatch_version": __version__,
+            "confidence": {k.removesuffix("_confidence"): v for k, v in row.items() if k.endswith("_confidence")},
+            "confidence_reference": getattr(engines, "confidence_reference", None),
+            "covered": None if covered is None else sorted(int(i) for i in covered)}
+
+
 def process_batch(keys: list[str], store_path: str, engines=None, xp=None, device=None) -> dict:
     """Segment, save and measure a batch of studies; never raises.
 
@@ -108,13 +119,11 @@ def process_batch(keys: list[str], store_path: str, engines=None, xp=None, devic
         external = hasattr(engines, "segment")  # an external model gives whole label maps
         labels = result if external else paste(result, info)
         t = time.perf_counter()
-        store.write_labels(key, ops.to_host(labels), {"model_hash": engines.model_hash, "engine_set": engines.name,
-                                                       "kneebatch_version": __version__},
-                           name=engines.label_name)
-        t_write = time.perf_counter() - t
-        t = time.perf_counter()
         row = segmentation_row(key, labels, image, grid, channels, info, engines, used, **study_context(store, key))
-        return row, t_write, time.perf_counter() - t
+        t_measure = time.perf_counter() - t
+        t = time.perf_counter()
+        store.write_labels(key, ops.to_host(labels), label_attrs(row, engines), name=engines.label_name)
+        return row, time.perf_counter() - t, t_measure
 
     def collect(key, future, info):
         try:
