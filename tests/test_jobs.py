@@ -170,7 +170,11 @@ def test_status_understands_whole_runs_and_merge_names_unfinished_shards(store, 
     out = tmp_path / "whole"
     run(store, out, engines_path=tiny_engines, show_progress=False)
     [whole] = job_status(out)["shards"]
-    assert whole == {"shard": "whole", "state": "finished", "studies": 6, "saved": 6, "failed": 0}
+    prov = json.loads((out / "provenance.json").read_text())
+    assert whole == {"shard": "whole", "state": "finished", "studies": 6, "saved": 6, "failed": 0,
+                     "studies_per_s": prov["studies_per_s"], "updated_utc": prov["created_utc"]}
+    assert prov["studies_per_s"] == pytest.approx(6 / prov["seconds"], rel=0.05) and prov["studies_per_s"] > 0
+    assert not (out / "progress").exists()  # its record gone, the folder too
     assert main(["status", str(out)]) == 0
     assert "finished: the final tables are written" in " ".join(capsys.readouterr().out.split())
     (out / "provenance.json").unlink()  # as if stopped before gathering

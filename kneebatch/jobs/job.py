@@ -100,8 +100,13 @@ class Job:
         """Gather (a whole job) or record this shard (one of N: ``merge`` gathers)."""
         self.report.seconds = time.perf_counter() - self.t0
         (self.out / PROGRESS / f"{self.shard.name}.json").unlink(missing_ok=True)  # the record says it all now
+        try:
+            (self.out / PROGRESS).rmdir()  # only when no other shard's record is left in it
+        except OSError:
+            pass
         if self.shard.whole:
-            gathered = gather(self.out, self.parts, self.store, provenance)
+            timing = {"seconds": round(self.report.seconds, 1), "studies_per_s": round(self.report.studies_per_s, 3)}
+            gathered = gather(self.out, self.parts, self.store, {**provenance, **timing})
             self.report.failed, self.report.carried_failures = gathered["failed"], gathered["carried_failures"]
             self.report.models = gathered["models"]
         else:

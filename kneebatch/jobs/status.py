@@ -80,7 +80,8 @@ def _whole_job(out: Path, command: str) -> dict:
         finished = (out / "provenance.json").exists()
         if finished:
             prov = json.loads((out / "provenance.json").read_text())
-            whole.update(studies=prov["studies"], saved=prov["rows"], failed=prov["failed"] + prov["carried_failures"])
+            whole.update(studies=prov["studies"], saved=prov["rows"], failed=prov["failed"] + prov["carried_failures"],
+                         studies_per_s=prov.get("studies_per_s"), updated_utc=prov.get("created_utc"))
         else:
             whole.update(saved=len(Parts(out, measurement_schema()).done_keys()),
                          **_progress_of(progress_records(out).get(0)))
