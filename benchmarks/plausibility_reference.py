@@ -43,12 +43,16 @@ def main() -> None:
     checked = (*CHECKED, "mcl", "lcl")  # the collaterals too, to show why they are not checked
     logs = {name: [] for name in (*checked, *(f"{a}/{b}" for a, b in PAIRS))}
     shares = {label.name: [] for label in L.LABELS if label.id != L.BACKGROUND}
+    thickness = {plate.name: [] for plate in L.in_group("cartilage")}
     for vol in volumes:
         for name in shares:
             largest, total = (int(v) for v in _fragment_sizes(vol.truth == L.by_name(name).id))
             if total:
                 shares[name].append(largest / total)
         row = measure_study(vol.key, vol.truth, None, vol.grid, [], "truth")
+        for plate in thickness:
+            if row[f"{plate}_thickness_mean_mm"] == row[f"{plate}_thickness_mean_mm"]:  # not NaN
+                thickness[plate].append(row[f"{plate}_thickness_mean_mm"])
         if f"fov_truncates:{NORMALISER}" in row["qc_flags"]:
             continue  # a patella cut by the field of view normalises nothing
         ref = row[f"{NORMALISER}_volume_mm3"]
@@ -70,8 +74,12 @@ def main() -> None:
     record = {"made_by": f"benchmarks/plausibility_reference.py --n {args.n} --seed {args.seed}",
               "what": "truth of synthetic knees (train preset, varied anatomy) whose patella the field of view does not "
                       "cut: median, MAD, min, max of log(volume / patella volume) and of log(medial / lateral); and "
-                      "each tissue's share of voxels in its largest piece (all knees)",
-              "n": args.n, "seed": args.seed, "normaliser": NORMALISER, "log_ratio": table, "largest_piece_share": pieces}
+                      "each tissue's share of voxels in its largest piece and each plate's mean thickness (all knees)",
+              "n": args.n, "seed": args.seed, "normaliser": NORMALISER, "log_ratio": table, "largest_piece_share": pieces,
+              "thickness_mean_mm": {name: {"median": round(float(np.median(v)), 4),
+                                           "mad": round(float(np.median(np.abs(np.subtract(v, np.median(v))))), 4),
+                                           "min": round(min(v), 3), "max": round(max(v), 3), "n": len(v)}
+                                    for name, v in thickness.items() if v}}
     print(json.dumps(record, indent=1))
     if args.write:
         REFERENCE_FILE.write_text(json.dumps(record, indent=1) + "\n")

@@ -33,9 +33,13 @@ CHECKED = ("medial_meniscus", "lateral_meniscus", "acl", "pcl", "patellar_tendon
 # synthetic subjects whose patella the field of view does not cut (train preset, varied anatomy;
 # written by benchmarks/plausibility_reference.py --write, with how it was made)
 REFERENCE_FILE = Path(__file__).parent / "assets" / "plausibility_reference.json"
+_RECORD = json.loads(REFERENCE_FILE.read_text())
 REFERENCE: dict[str, tuple[float, float]] = {
-    name: (entry["median"], entry["mad"])
-    for name, entry in json.loads(REFERENCE_FILE.read_text())["log_ratio"].items() if name in CHECKED or "/" in name}
+    name: (entry["median"], entry["mad"]) for name, entry in _RECORD["log_ratio"].items() if name in CHECKED or "/" in name}
+# each plate's mean thickness (mm) over the same knees, all of them (thickness needs no normaliser)
+THICKNESS_REFERENCE: dict[str, tuple[float, float]] = {
+    name: (entry["median"], entry["mad"]) for name, entry in _RECORD.get("thickness_mean_mm", {}).items()}
+MIN_THICKNESS_SPREAD_MM = 0.15  # a voxel's worth of blur does not flag a plate
 
 
 def robust_z(value: float, median: float, mad: float) -> float:
@@ -82,3 +86,12 @@ def uncertain(confidence: dict, reference: dict | None) -> list[str]:
 # which the engines lose up to 78 % of a meniscus: 0.015 flags 7, with 24 of the 26 tissues under
 # 0.7 Dice; the eighth's worst tissue is a half-size MCL the engines are sure of (0.963)
 MIN_CONFIDENCE_SPREAD = 0.015
+
+
+def thickness_outlier(plate: str, mean_mm: float) -> bool:
+    """A plate's mean thickness beyond :data:`MAX_ROBUST_Z` of the reference knees' (thinner or
+    thicker: cartilage segmented as a sliver, or spilling into the joint)."""
+    if plate not in THICKNESS_REFERENCE or math.isnan(mean_mm):
+        return False
+    median, mad = THICKNESS_REFERENCE[plate]
+    return abs(mean_mm - median) / max(1.4826 * mad, MIN_THICKNESS_SPREAD_MM) > MAX_ROBUST_Z

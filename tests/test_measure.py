@@ -180,7 +180,8 @@ def test_plausibility_flags_a_shrunken_meniscus_and_no_true_knee(knees):
         if "fov_truncates:patella" in row["qc_flags"]:
             continue
         checked += 1
-        assert not [f for f in row["qc_flags"] if f.startswith("implausible")], (vol.key, row["qc_flags"])
+        assert not [f for f in row["qc_flags"] if f.startswith(("implausible", "thickness", "fragmented"))], \
+            (vol.key, row["qc_flags"])
         shrunk = truth.copy()
         meniscus = np.argwhere(shrunk == L.by_name("medial_meniscus").id)
         lost = meniscus[np.random.default_rng(0).random(len(meniscus)) < 0.67]
@@ -276,3 +277,14 @@ def test_thickness_map_regions_are_bordered_on_pixel_edges_between_regions_only(
     segments = region_borders(region, (1.0, 2.0))
     assert sorted(segments) == sorted([[(2.0, 0.0), (2.0, 2.0)],  # between (0,1) and (0,2)
                                        [(1.0, 2.0), (2.0, 2.0)]])  # between (0,1) and (1,1); none at -1
+
+
+def test_a_plate_far_thinner_or_thicker_than_the_reference_knees_is_flagged():
+    from kneebatch.plausibility import THICKNESS_REFERENCE, thickness_outlier
+
+    median, mad = THICKNESS_REFERENCE["femoral_cartilage"]
+    assert 1.5 < median < 2.5 and mad > 0
+    assert not thickness_outlier("femoral_cartilage", median + 0.5)
+    assert thickness_outlier("femoral_cartilage", 0.8)  # a sliver: within 0.3-8 mm, yet no knee's
+    assert thickness_outlier("femoral_cartilage", 4.5)
+    assert not thickness_outlier("femoral_cartilage", float("nan")) and not thickness_outlier("femur", 9.0)
