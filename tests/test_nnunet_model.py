@@ -251,3 +251,24 @@ def test_a_cascade_runs_both_stages_as_nnunet_does(small_store, tmp_path, capsys
     assert main(["run", str(store_path), str(tmp_path / "out2"), "--model", str(second), "-q"]) == 2
     assert "its first stage nnUNetTrainer__nnUNetPlans__3d_lowres must be next to it" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_variant_trainer_is_found_past_a_module_that_cannot_import(monkeypatch):
+    """nnunetv2's optional architectures (Primus imports timm, then torchvision) may not import with
+    the torch at hand: the trainer a model names (TotalSegmentator's nnUNetTrainerNoMirroring,
+    nnUNetTrainer_2000epochs_NoMirroring) is still found."""
+    import importlib
+
+    from kneebatch.inference.nnunet import find_trainer
+
+    real = importlib.import_module
+
+    def broken(name, *args, **kwargs):
+        if "primus" in name or "variants.benchmarking" in name:
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    for name in ("nnUNetTrainer", "nnUNetTrainerNoMirroring", "nnUNetTrainer_2000epochs_NoMirroring"):
+        assert find_trainer(name).__name__ == name
+    assert find_trainer("NoSuchTrainer") is None

@@ -185,6 +185,32 @@ class NnUNetModel(ExternalModel):
                                                          segmentation_previous_stage=first)
 
 
+def find_trainer(name: str):
+    """nnU-Net's trainer class ``name`` from ``nnunetv2.training.nnUNetTrainer`` and below, as
+    nnU-Net's own search finds it, except that a module which fails to import is skipped, not
+    fatal: nnunetv2 ships trainers for optional architectures (Primus imports timm, which imports
+    torchvision), and a torchvision built for another torch stops nnU-Net's search before it
+    reaches variants such as ``nnUNetTrainerNoMirroring`` (TotalSegmentator's)."""
+    import importlib
+    import pkgutil
+
+    import nnunetv2.training.nnUNetTrainer as package
+
+    try:
+        return getattr(importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer"), name)
+    except AttributeError:
+        pass
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".", onerror=lambda _: None):
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:  # an optional architecture's dependency missing or broken
+            continue
+        found = getattr(module, name, None)
+        if isinstance(found, type):
+            return found
+    return None
+
+
 def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True, tile_step_size: float = 0.5):
     """nnU-Net's predictor for the folder, as ``initialize_from_trained_model_folder`` builds it,
     but with the checkpoints read as weights only."""
@@ -192,7 +218,6 @@ def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True,
 
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -205,7 +230,7 @@ def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True,
         raise ValueError(f"{folder.name}: configuration {configuration} is 2-D; kneebatch runs 3-D models")
     n_in = determine_num_input_channels(plans_manager, config, folder.dataset)
     n_out = plans_manager.get_label_manager(folder.dataset).num_segmentation_heads
-    trainer = recursive_find_trainer_class_by_name(first["trainer_name"])
+    trainer = find_trainer(first["trainer_name"])
     if trainer is None:
         raise ValueError(f"{folder.name}: trainer class {first['trainer_name']} is not in nnunetv2 (a custom trainer "
                          "must be importable: see nnU-Net's share-models-with-custom-trainers)")
