@@ -42,8 +42,10 @@ THICKNESS_REFERENCE: dict[str, tuple[float, float]] = {
 MIN_THICKNESS_SPREAD_MM = 0.15  # a voxel's worth of blur does not flag a plate
 
 
-def robust_z(value: float, median: float, mad: float) -> float:
-    return (value - median) / max(1.4826 * mad, MIN_SPREAD)
+def robust_z(value: float, median: float, mad: float, min_spread: float = MIN_SPREAD) -> float:
+    """(value - median) over the reference's spread (1.4826 MAD, a standard deviation's worth),
+    taken as at least ``min_spread``."""
+    return (value - median) / max(1.4826 * mad, min_spread)
 
 
 def implausible(row: dict) -> list[str]:
@@ -73,8 +75,7 @@ def uncertain(confidence: dict, reference: dict | None) -> list[str]:
     flags = []
     for name, value in confidence.items():
         if reference and name in reference and value is not None and not math.isnan(value):
-            median, mad = reference[name]
-            if (value - median) / max(1.4826 * mad, MIN_CONFIDENCE_SPREAD) < -MAX_ROBUST_Z:
+            if robust_z(value, *reference[name], MIN_CONFIDENCE_SPREAD) < -MAX_ROBUST_Z:
                 flags.append(f"uncertain:{name}")
     return flags
 
@@ -93,5 +94,4 @@ def thickness_outlier(plate: str, mean_mm: float) -> bool:
     thicker: cartilage segmented as a sliver, or spilling into the joint)."""
     if plate not in THICKNESS_REFERENCE or math.isnan(mean_mm):
         return False
-    median, mad = THICKNESS_REFERENCE[plate]
-    return abs(mean_mm - median) / max(1.4826 * mad, MIN_THICKNESS_SPREAD_MM) > MAX_ROBUST_Z
+    return abs(robust_z(mean_mm, *THICKNESS_REFERENCE[plate], MIN_THICKNESS_SPREAD_MM)) > MAX_ROBUST_Z

@@ -9,6 +9,7 @@ opens a folder of either kind and stands it where ``run`` expects engine sets.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -144,6 +145,14 @@ class ExternalModel:
         return turn.invert(self._labels(turned, turned_grid.spacing), turned_grid)
 
     def _labels(self, image: np.ndarray, spacing_zyx) -> np.ndarray:
+        with self._exclusive():
+            seg = np.asarray(self._segment(np.ascontiguousarray(image, dtype=np.float32),
+                                           [float(s) for s in spacing_zyx]))
+        return self._translated(seg)
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """One study at a time through the network, on the model's threads (restored after)."""
         import torch
 
         with self._lock:
@@ -151,11 +160,13 @@ class ExternalModel:
             if self.threads:
                 torch.set_num_threads(self.threads)
             try:
-                seg = np.asarray(self._segment(np.ascontiguousarray(image, dtype=np.float32),
-                                               [float(s) for s in spacing_zyx]))
+                yield
             finally:
                 torch.set_num_threads(before)
-        if seg.max(initial=0) >= len(self.lut):
+
+    def _translated(self, seg: np.ndarray) -> np.ndarray:
+        """The model's label ids as kneebatch's; an id it does not declare is an error."""
+        if seg.max(initial=0) >= len(self.lut) or seg.min(initial=0) < 0:
             raise ValueError(f"the model predicted label {int(seg.max())}, beyond its labels")
         return self.lut[seg]
 

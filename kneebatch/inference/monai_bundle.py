@@ -122,28 +122,20 @@ class MonaiBundle(ExternalModel):
 
     def segment(self, image: np.ndarray, grid) -> np.ndarray:
         """The bundle's labels of the study on its grid (it orients and resamples itself)."""
-        import torch
-
-        with self._lock:
+        with self._exclusive():
             evaluator = self.evaluator()
             self._reader.study = study_nifti(image, grid)
-            before = torch.get_num_threads()
-            if self.threads:
-                torch.set_num_threads(self.threads)
             try:
                 evaluator.run()
                 pred = evaluator.state.output[0]["pred"]
             finally:
-                torch.set_num_threads(before)
                 self._reader.study = None
         seg = np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred)
         seg = np.rint(seg[0]).astype(np.int64).transpose(2, 1, 0)  # [1, i, j, k] -> (z, y, x)
         if seg.shape != grid.shape:
             raise ValueError(f"the bundle gave labels of shape {seg.shape} for a study of {grid.shape}: its "
                              "postprocessing must invert its preprocessing (Invertd)")
-        if seg.max(initial=0) >= len(self.lut) or seg.min(initial=0) < 0:
-            raise ValueError(f"the bundle predicted label {int(seg.max())}, beyond its labels")
-        return self.lut[seg]
+        return self._translated(seg)
 
 
 def build_evaluator(folder: Path, bundle: dict, device: str = "cpu"):
