@@ -15,6 +15,7 @@ truth on that protocol's own grid. Records go to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -28,12 +29,15 @@ MEASURES = ("effusion_volume_mm3", "femoral_cartilage_thickness_mean_mm", "media
             "lateral_tibial_cartilage_thickness_mean_mm", "patellar_cartilage_thickness_mean_mm")
 
 
-def by_uid(store, table) -> dict:
+def by_knee(store, cohort, table) -> dict:
+    """Rows by the knee's index in the seed: each protocol's scan of a knee is a study of its own
+    (UIDs of its own), so the synth manifest says which knee a study is."""
     from kneebatch.ingest.store import CohortStore
     from kneebatch.outputs import read_rows
 
+    index = {s["study_uid"]: s["index"] for s in json.loads((cohort / "manifest.json").read_text())["studies"]}
     uid = {r["study_key"]: r["study_uid"] for r in read_rows(CohortStore(store).keymap_path)}
-    return {uid[r["study_key"]]: r for r in read_rows(table)}
+    return {index[uid[r["study_key"]]]: r for r in read_rows(table)}
 
 
 def pct(a, b) -> float:
@@ -69,8 +73,8 @@ def main() -> None:
             convert(root / "cohort" / "dicom", store, key_file=work / "k.key", show_progress=False)
             run(store, root / "run", engines_path=args.engines, show_progress=False)
             measure_store(store, root / "truth", labels_dir=root / "cohort" / "truth", show_progress=False)
-            seg[protocol] = by_uid(store, root / "run" / "measurements.parquet")
-            truth[protocol] = by_uid(store, root / "truth" / "measurements.parquet")
+            seg[protocol] = by_knee(store, root / "cohort", root / "run" / "measurements.parquet")
+            truth[protocol] = by_knee(store, root / "cohort", root / "truth" / "measurements.parquet")
             sets[protocol] = sorted({r["engine_set"] for r in seg[protocol].values()})
             print(f"{protocol}: {len(seg[protocol])} of {args.n} segmented by {sets[protocol]}", flush=True)
     table = {}

@@ -121,6 +121,9 @@ def cmd_convert(args) -> int:
     print(f"{r.studies_found} studies found ({r.files_scanned} files, {r.files_rejected} not usable images): "
           f"{r.converted} converted, {r.already_done} already in the store, {r.failed} failed "
           f"in {r.seconds:.1f} s ({r.studies_per_s:.2f} studies/s, {r.mb_per_s:.1f} MB/s)")
+    if r.already_from_elsewhere:
+        print(f"  {r.already_from_elsewhere} of those already in the store came from another folder: the same "
+              "StudyInstanceUIDs were converted before, so they were not read again")
     _print_reasons(r.reasons)
     if r.failed:
         print(f"  reasons per study: {Path(args.store) / 'failures.parquet'}")

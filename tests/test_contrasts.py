@@ -1,6 +1,7 @@
 """Physics contrasts, synthetic protocols, images synthesised for training, one-model inference."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -95,6 +96,33 @@ def test_mixed_draws_each_protocol_and_keeps_the_clinical_stream():
             assert np.array_equal(same.t1.grid.affine, p.t1.grid.affine) and same.study_uid == p.study_uid
     single = [p for p in plans if p.protocol in ("skmtea", "pdfs", "t2fs")]
     assert single and all(p.t2 is None and len(p.series()) == 1 + len(p.extras) for p in single)
+
+
+def test_one_knee_in_two_protocols_is_two_studies_of_one_subject(protocol_stores, tmp_path, key_file):
+    """A seed draws the same knees in every protocol; each protocol's scan is a study of its own
+    (UIDs of its own), so one store holds them all, and a mixed cohort's scan equals the protocol's."""
+    from kneebatch.outputs import read_rows
+
+    plans = {p: plan_subject(31, 0, ranges_for("small", p)) for p in ("clinical", "oai", "pdfs")}
+    uids = {p: {plan.study_uid, plan.study["FrameOfReferenceUID"], *(a.series.uid for a in plan.series())}
+            for p, plan in plans.items()}
+    assert len(uids["clinical"] | uids["oai"] | uids["pdfs"]) == sum(len(u) for u in uids.values())
+    assert plans["clinical"].patient == plans["pdfs"].patient  # the OAI's series draw on the identity's stream
+    mixed = next(plan_subject(31, i, ranges_for("small", "mixed")) for i in range(40)
+                 if plan_subject(31, i, ranges_for("small", "mixed")).protocol == "pdfs")
+    assert mixed.study_uid == plan_subject(31, mixed.index, ranges_for("small", "pdfs")).study_uid
+    for protocol in ("clinical", "pdfs"):
+        report = convert(protocol_stores / protocol / "dicom", tmp_path / "both.zarr", key_file=key_file,
+                         show_progress=False)
+        assert (report.converted, report.already_done) == (2, 0)
+    keymap = read_rows(CohortStore(tmp_path / "both.zarr").keymap_path)
+    assert len(keymap) == 4 and len({r["subject_key"] for r in keymap}) == 2  # two knees, each in two protocols
+    shutil.copytree(protocol_stores / "pdfs" / "dicom", tmp_path / "copy")  # the same studies in another folder
+    for folder, elsewhere in ((protocol_stores / "pdfs" / "dicom", 0), (tmp_path / "copy", 2)):
+        report = convert(folder, tmp_path / "both.zarr", key_file=key_file, show_progress=False)
+        assert (report.converted, report.already_done, report.already_from_elsewhere) == (0, 2, elsewhere)
+    sources = {r["source_path"] for r in read_rows(CohortStore(tmp_path / "both.zarr").keymap_path)}
+    assert not any(str(tmp_path / "copy") in s for s in sources)  # the keymap names the files converted
 
 
 def test_skmtea_and_oai_geometry():

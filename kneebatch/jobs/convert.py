@@ -38,6 +38,7 @@ class ConvertReport:
     studies_in_shard: int = 0  # of those, this shard's (all, without --shard)
     converted: int = 0
     already_done: int = 0
+    already_from_elsewhere: int = 0  # of those, stored from another folder (same StudyInstanceUID)
     failed: int = 0
     files_scanned: int = 0
     files_rejected: int = 0  # not usable DICOM images: a failure row each (stage "scan")
@@ -135,6 +136,7 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
             keymap.append({"study_key": k, "study_uid": "", "source_path": _text(problem.path)})
             failures.append(failure_row(k, "scan", StudyError(problem.reason, problem.detail or "")))
     collided = dicom.collisions(studies)
+    stored_from = {r["study_key"]: r["source_path"] for r in read_table(store.keymap_path, KEYMAP_SCHEMA).to_pylist()}
     for uid, source in studies.items():
         k = study_key(uid, key)
         if not shard.owns(k):
@@ -145,13 +147,19 @@ def convert(src, store_path, client=None, key_file=None, show_progress=None, cha
             failures.append(failure_row(k, "scan", StudyError("uid_collision", collided[uid])))
             report.fail("uid_collision")
             continue
+        done = store.has_study(k)
+        if done:
+            report.already_done += 1
+        if done and k in stored_from:
+            # a study is its UID: another folder's copy (or a regenerated cohort) is not read again,
+            # and its keymap row keeps the files it was converted from
+            report.already_from_elsewhere += not _under(stored_from[k], src)
+            continue
         patient = getattr(source, "patient_id", "")  # NIfTI cases have none
         keymap.append({"study_key": k, "study_uid": uid, "source_path": _text(source.source_path),
                        "patient_id": patient or None, "study_date": getattr(source, "study_date", "") or None,
                        "subject_key": subject_key(patient, key) if patient else None})
-        if store.has_study(k):
-            report.already_done += 1
-        else:
+        if not done:
             todo.append((k, source))
     keymap = pa.Table.from_pylist(keymap, KEYMAP_SCHEMA)
     if shard.whole:
@@ -228,6 +236,10 @@ def prepare_store(src, store_path, key_file=None) -> tuple[CohortStore, bytes]:
     key = load_or_create_key(key_path)
     store.check_key(key_fingerprint(key))
     return store, key
+
+
+def _under(path: str, folder: Path) -> bool:
+    return path == _text(str(folder)) or path.startswith(_text(str(folder)) + os.sep)
 
 
 def _text(path: str) -> str:

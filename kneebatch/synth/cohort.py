@@ -147,6 +147,24 @@ def _uid(seed, index, what) -> str:
     return generate_uid(prefix=UID_ROOT, entropy_srcs=[str(seed), str(index), what])
 
 
+def _in_protocol(plan: SubjectPlan) -> SubjectPlan:
+    """The plan with UIDs of its own protocol: the same knee scanned in another protocol is another
+    study (one store can hold both); the clinical protocol keeps the UIDs it always had."""
+    if plan.protocol == "clinical":
+        return plan
+
+    def uid(old: str) -> str:
+        return generate_uid(prefix=UID_ROOT, entropy_srcs=[old, plan.protocol])
+
+    def series(acq: Acquisition | None) -> Acquisition | None:
+        return None if acq is None else replace(acq, series=replace(acq.series, uid=uid(acq.series.uid)))
+
+    study = {**plan.study, "StudyInstanceUID": uid(plan.study["StudyInstanceUID"]),
+             "FrameOfReferenceUID": uid(plan.study["FrameOfReferenceUID"])}
+    return replace(plan, study=study, study_uid=study["StudyInstanceUID"], t1=series(plan.t1), t2=series(plan.t2),
+                   extras=[series(a) for a in plan.extras])
+
+
 def _rotation(ax_deg: float, ay_deg: float, az_deg: float) -> np.ndarray:
     a, b, c = np.radians([ax_deg, ay_deg, az_deg])
     rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
@@ -202,10 +220,10 @@ def plan_subject(seed: int, index: int, ranges: ProtocolRanges = PRESETS["clinic
     extras = _extra_series(rng, seed, index, ranges, fov_centre, oblique, seriesno) \
         if rng.random() < ranges.p_extra_series else []
     subject_id, study_date, patient, study = _identity(rng, seed, index, sex, age)
-    return SubjectPlan(index, subject_id, group, age, sex, kl, pose.side, anatomy, pose, study["StudyInstanceUID"],
-                       study_date, str(rng.choice(VISITS)), patient, study, t1, t2, extras,
-                       shuffle_files=bool(rng.random() < ranges.p_shuffled_files), seed=(seed, index),
-                       protocol=protocol)
+    return _in_protocol(SubjectPlan(
+        index, subject_id, group, age, sex, kl, pose.side, anatomy, pose, study["StudyInstanceUID"], study_date,
+        str(rng.choice(VISITS)), patient, study, t1, t2, extras,
+        shuffle_files=bool(rng.random() < ranges.p_shuffled_files), seed=(seed, index), protocol=protocol))
 
 
 def _demographics(rng, index: int, ranges: ProtocolRanges) -> tuple[str, str, int, int]:
@@ -410,11 +428,11 @@ def plan_visit(plan: SubjectPlan, months: int) -> SubjectPlan:
     study_uid = _uid(seed, index, f"study-m{months}")
     study = {**plan.study, "StudyInstanceUID": study_uid, "StudyDate": day.strftime("%Y%m%d"),
              "AccessionNumber": f"A{rng.integers(0, 10**8):08d}", "FrameOfReferenceUID": _uid(seed, index, f"for-m{months}")}
-    return replace(plan, age=age, anatomy=anatomy, pose=pose, study_uid=study_uid, study_date=day,
-                   visit=f"{months:02d}m", patient={**plan.patient, "PatientAge": f"{age:03d}Y"}, study=study,
-                   t1=renamed(plan.t1, "t1"), t2=renamed(plan.t2, "t2"),
-                   extras=[renamed(a, f"x{i}") for i, a in enumerate(plan.extras)],
-                   seed=(seed, index, months))  # its own image noise
+    return _in_protocol(replace(
+        plan, age=age, anatomy=anatomy, pose=pose, study_uid=study_uid, study_date=day, visit=f"{months:02d}m",
+        patient={**plan.patient, "PatientAge": f"{age:03d}Y"}, study=study, t1=renamed(plan.t1, "t1"),
+        t2=renamed(plan.t2, "t2"), extras=[renamed(a, f"x{i}") for i, a in enumerate(plan.extras)],
+        seed=(seed, index, months)))  # its own image noise
 
 
 def _oai_series(rng, seed, index, centre, ranges: ProtocolRanges, oblique, side: str):
