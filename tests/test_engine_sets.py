@@ -111,6 +111,7 @@ def test_a_mixed_cohort_is_segmented_set_by_set_in_one_run(tiny_sets, mixed_stor
     assert list(provenance["engine_sets"]) == list(ROLES)
     assert set(provenance["engines"]) == set(ROLES)
     assert provenance["engine_sets"]["dess"]["model_config"]["input_roles"] == [["DESS"]]
+    assert provenance["studies_per_engine_set"] == {s: list(got.values()).count(s) for s in set(got.values())}
 
     # --engines SET (one set's folder) forces it: the OAI study gets DESS alone, the others fail
     forced = run(work, tmp_path / "forced", engines_path=tiny_sets / "dess", show_progress=False, threads=1)

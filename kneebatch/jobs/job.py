@@ -187,6 +187,9 @@ def gather(out: Path, parts: Parts, store, provenance: dict) -> dict:
     models = rows["model_hash"].unique().drop_null().to_pylist() if "model_hash" in rows.column_names else []
     summary = {"studies": len(keys), "rows": rows.num_rows, "failed": failures.num_rows,
                "carried_failures": carried.num_rows, "models": sorted(models)}
+    if "engine_set" in rows.column_names:  # the sets studies got (engine_sets lists every set offered)
+        summary["studies_per_engine_set"] = {r["values"]: r["counts"]
+                                             for r in pc.value_counts(rows["engine_set"].drop_null()).to_pylist()}
     write_text_atomic(out / "provenance.json", json.dumps({
         "kneebatch_version": __version__,
         "created_utc": _now(),
