@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 
@@ -11,7 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 @contextmanager
 def progress_bar(total: int, description: str, show: bool | None = None, unit: str = "studies"):
-    """Yields ``advance(n=1)``. Shows a rate in ``unit``/s."""
+    """Yields ``advance(n=1)``. Shows a rate in ``unit``/s: done over the time since the bar began
+    (results come in batches, so a rate between two arrivals would jump to thousands per second)."""
     show = sys.stderr.isatty() if show is None else show
     if not show:
         yield lambda n=1: None
@@ -20,14 +22,23 @@ def progress_bar(total: int, description: str, show: bool | None = None, unit: s
                TextColumn("[cyan]{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(description, total=total, rate="")
+        t0, done = time.monotonic(), 0
 
         def advance(n=1):
-            bar.advance(task, n)
-            speed = bar.tasks[task].speed
-            if speed:
-                bar.update(task, rate=f"{speed:.2f} {unit}/s")
+            nonlocal done
+            done += n
+            bar.update(task, advance=n, rate=rate_text(done, time.monotonic() - t0, unit))
 
         yield advance
+
+
+def rate_text(done: int, seconds: float, unit: str) -> str:
+    """``0.42 studies/s``, or ``95 s each`` when slower than one a minute; empty before anything
+    is done."""
+    if done <= 0 or seconds <= 0:
+        return ""
+    rate = done / seconds
+    return f"{rate:.2f} {unit}/s" if rate >= 1 / 60 else f"{seconds / done:.0f} s each"
 
 
 @contextmanager

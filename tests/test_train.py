@@ -1,6 +1,7 @@
 """Coarse-to-fine training mechanics on a few small studies with tiny networks (seconds)."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -266,3 +267,20 @@ def test_the_training_bar_shows_step_loss_and_time_left(capsys):
         update(150.0, "fine net: step 40, loss 0.512, best val 0.801")
     out = capsys.readouterr().out
     assert "fine net: step 40, loss 0.512, best val 0.801" in out and "left 7:30" in " ".join(out.split())
+
+
+def test_progress_rates_are_averages_since_the_bar_began(capsys, monkeypatch):
+    """Results arrive in batches: the rate is what was done over the time since the start, never
+    the burst between two arrivals; nothing is shown before the first result."""
+    from kneebatch import progress
+
+    assert progress.rate_text(0, 10.0, "studies") == ""
+    assert progress.rate_text(4, 10.0, "studies") == "0.40 studies/s"
+    assert progress.rate_text(2, 190.0, "studies") == "95 s each"
+    clock = iter([100.0, 110.0, 110.001])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    with progress.progress_bar(8, "segmenting studies", show=True) as advance:
+        advance(4)  # 10 s after the start
+        advance(4)  # a millisecond later: 8 in 10 s, not 4,000/s
+    out = " ".join(capsys.readouterr().out.split())
+    assert "0.80 studies/s" in out and not re.search(r"\d{2,}\.\d\d studies/s", out)
