@@ -189,13 +189,14 @@ def _with_model(options, args):
 
     from kneebatch.geometry import orientation_direction
     from kneebatch.inference.external import model_roles
-    from kneebatch.inference.model_set import declared_inputs
+    from kneebatch.inference.model_set import check_backend_for, declared_inputs
     from kneebatch.ingest.roles import ROLES
     from kneebatch.registry import resolve
 
     if args.engines:
         raise ValueError("give --engines or --model, not both")
     path, record = resolve(args.model)
+    check_backend_for(path, args.backend or "torch")
     label_map, axis_order = args.label_map, args.axis_order
     if record is not None:  # what was recorded, unless said otherwise now
         label_map = label_map or record["label_map"]
@@ -205,7 +206,7 @@ def _with_model(options, args):
     if axis_order != "store":
         orientation_direction(axis_order)  # a bad code stops here, in one line
     return replace(options, model=str(Path(path).resolve()), model_roles=tuple(roles), label_map=label_map,
-                   model_axis_order=axis_order)
+                   model_axis_order=axis_order, model_backend=getattr(args, "backend", None) or "torch")
 
 
 def cmd_models_add(args) -> int:
@@ -674,7 +675,10 @@ def _add_run(sub) -> None:
     s.add_argument("--backend", default=None, choices=["onnxruntime", "torch", "torch-compile", "tensorrt"],
                    help="inference backend (default: onnxruntime on a CPU; torch-compile with --half on a GPU). "
                         "torch-compile pads crops to a few static sizes and compiles each once per worker (~20 s "
-                        "each on a CPU), then runs 1.15-1.3x ONNX Runtime's speed: worth it for large cohorts")
+                        "each on a CPU), then runs 1.15-1.3x ONNX Runtime's speed: worth it for large cohorts. "
+                        "With an nnU-Net --model: torch (default) is nnU-Net's own predictor, its labels exactly; "
+                        "onnxruntime or torch-compile run its network on batches of tiles (--net-batch per call, "
+                        "default 8): equal but for near-ties, and faster (docs/models.md)")
     s.add_argument("--device", default=None, choices=["cpu", "cuda"], help="torch device for the pipeline (default cpu)")
     s.add_argument("--gpus", default=None, metavar="all|N",
                    help="a dask-cuda cluster: one worker per GPU of this node (all, or the first N visible), engines "

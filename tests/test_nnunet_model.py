@@ -4,6 +4,7 @@ measures only the tissues the model segments, and refuses bad folders in one lin
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -272,3 +273,51 @@ def test_a_variant_trainer_is_found_past_a_module_that_cannot_import(monkeypatch
     for name in ("nnUNetTrainer", "nnUNetTrainerNoMirroring", "nnUNetTrainer_2000epochs_NoMirroring"):
         assert find_trainer(name).__name__ == name
     assert find_trainer("NoSuchTrainer") is None
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch-compile"])
+def test_fast_backends_give_nnunets_labels_but_for_near_ties(small_store, model, backend):
+    """The network on batches of tiles (ONNX Runtime, or compiled), mirrored copies in the same
+    calls: every voxel agrees with nnU-Net's own predictor but where its two best classes are
+    within rounding of a tie; a last, short batch is padded to full."""
+    from kneebatch.inference.nnunet import NnUNetModel
+
+    store = CohortStore(small_store, create=False)
+    exact = NnUNetModel.open(model, tta=True)
+    fast = NnUNetModel.open(model, tta=True, backend=backend, tiles_per_call=5)
+    assert fast.label_name == exact.label_name + f"-{backend}" and fast.describe()["backend"] == backend
+    agree = total = 0
+    for key in store.study_keys():
+        image, grid = store.read_image(key, [store.channels(key).index("T1")])
+        spacing = [float(s) for s in grid.spacing]
+        seg, probabilities = exact.predictor().predict_single_npy_array(image, {"spacing": spacing},
+                                                                         save_or_return_probabilities=True)
+        ours = fast._segment(image, spacing)
+        assert ours.shape == seg.shape == grid.shape
+        top2 = np.sort(probabilities, axis=0)[-2:]
+        differ = ours != seg
+        assert np.all(top2[1][differ] - top2[0][differ] < 1e-3)  # only near-ties
+        assert len(np.unique(seg)) == 3
+        agree, total = agree + int((~differ).sum()), total + seg.size
+    assert agree / total >= 0.9999
+
+
+def test_the_backend_of_a_model_run_is_named_and_other_kinds_refuse_one(small_store, model, tmp_path, capsys):
+    from kneebatch.cli import main
+
+    store_path = tmp_path / "store.zarr"
+    shutil.copytree(small_store, store_path)
+    assert main(["run", str(store_path), str(tmp_path / "out"), "--model", str(model), "--backend", "onnxruntime",
+                 "--net-batch", "4", "-q"]) == 0
+    rows = read_rows(tmp_path / "out" / "measurements.parquet")
+    assert len(rows) == 2 and all(r["label_name"].endswith("-notta-onnxruntime") for r in rows)
+    provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert provenance["model"]["backend"] == "onnxruntime" and provenance["model"]["tiles_per_call"] == 4
+    onnx_model = tmp_path / "onnx-model"
+    onnx_model.mkdir()
+    (onnx_model / "model.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["run", str(store_path), str(tmp_path / "out2"), "--model", str(onnx_model), "--backend",
+                 "onnxruntime", "-q"]) == 2
+    assert "this onnx model runs as its own tool runs it" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()

@@ -103,6 +103,7 @@ class InferenceOptions:
     model_roles: tuple[str, ...] | None = None  # the store role of each of its input channels
     label_map: str | None = None  # its label ids -> kneebatch's (ID:LABEL,...), where its names do not say
     model_axis_order: str = "store"  # the voxel order it was trained in: the store's, or e.g. RAS
+    model_backend: str = "torch"  # an nnU-Net model's network: its own predictor, or a fast backend
 
     @classmethod
     def resolve(cls, engines=None, backend: str | None = None, device: str | None = None, threads: int | None = None,
@@ -153,7 +154,8 @@ class InferenceOptions:
             from kneebatch.inference.model_set import ModelSet
 
             return ModelSet(self.model, list(self.model_roles) if self.model_roles else None, self.label_map,
-                            self.device, self.threads, self.tta, self.model_axis_order)
+                            self.device, self.threads, self.tta, self.model_axis_order, self.model_backend,
+                            self.net_batch)
         return EngineSets(set_dirs(self.engines), lambda folder: load_engines(
             folder, self.backend, self.device, self.threads, self.half, self.tta, self.effective_net_batch()),
             self.device, self.effective_net_batch())

@@ -6,28 +6,45 @@ from pathlib import Path
 
 from kneebatch.inference.external import ExternalModel
 from kneebatch.inference.monai_bundle import MonaiBundle, declared_channels
-from kneebatch.inference.nnunet import NnUNetFolder, NnUNetModel
+from kneebatch.inference.nnunet import EXACT, TILES_PER_CALL, NnUNetFolder, NnUNetModel
 from kneebatch.inference.onnx_model import OnnxModel, OnnxSpec
 
 
-def open_model(path, roles: list[str] | None = None, label_map: str | None = None, device: str = "cpu",
-               threads: int | None = None, tta: bool = False, axis_order: str = "store") -> ExternalModel:
-    """The model in folder ``path``, whichever kind: an nnU-Net v2 folder (``dataset.json`` +
-    ``plans.json``), an ONNX network with its ``model.json``, or a MONAI bundle (``configs/``)."""
+def model_kind(path) -> str:
+    """``monai`` (a bundle: ``configs/``), ``onnx`` (``model.json``) or ``nnunet`` (the rest: an
+    nnU-Net v2 folder, checked as it is read)."""
     path = Path(path)
-    if (path / "configs").is_dir():
+    return "monai" if (path / "configs").is_dir() else "onnx" if (path / "model.json").is_file() else "nnunet"
+
+
+def check_backend_for(path, backend: str) -> None:
+    """Only an nnU-Net model's network runs on another backend; the others run as their tool runs them."""
+    if backend != EXACT and model_kind(path) != "nnunet":
+        raise ValueError(f"--backend {backend} runs an nnU-Net model's network faster; this {model_kind(path)} model "
+                         "runs as its own tool runs it: leave --backend out")
+
+
+def open_model(path, roles: list[str] | None = None, label_map: str | None = None, device: str = "cpu",
+               threads: int | None = None, tta: bool = False, axis_order: str = "store", backend: str = EXACT,
+               tiles_per_call: int | None = None) -> ExternalModel:
+    """The model in folder ``path``, whichever kind (:func:`model_kind`). ``backend``: how an
+    nnU-Net model's network runs."""
+    check_backend_for(path, backend)
+    kind = model_kind(path)
+    if kind == "monai":
         return MonaiBundle.open(path, roles, label_map, device, threads, tta, axis_order)
-    if (path / "model.json").is_file():
+    if kind == "onnx":
         return OnnxModel.open(path, roles, label_map, device, threads, tta, axis_order)
-    return NnUNetModel.open(path, roles, label_map, device, threads, tta, axis_order)
+    return NnUNetModel.open(path, roles, label_map, device, threads, tta, axis_order, backend=backend,
+                            tiles_per_call=tiles_per_call or TILES_PER_CALL)
 
 
 def declared_inputs(path) -> dict:
     """``{index: name}`` of a model folder's input channels, as it declares them."""
-    path = Path(path)
-    if (path / "configs").is_dir():
+    kind = model_kind(path)
+    if kind == "monai":
         return declared_channels(path)
-    if (path / "model.json").is_file():
+    if kind == "onnx":
         return {str(i): r for i, r in enumerate(OnnxSpec.read(path).input_roles)}
     return NnUNetFolder.read(path).dataset["channel_names"]
 
@@ -39,10 +56,11 @@ class ModelSet:
     net_batch = 1
 
     def __init__(self, path, roles: list[str] | None = None, label_map: str | None = None, device: str = "cpu",
-                 threads: int | None = None, tta: bool = False, axis_order: str = "store"):
+                 threads: int | None = None, tta: bool = False, axis_order: str = "store", backend: str = EXACT,
+                 tiles_per_call: int | None = None):
         import torch
 
-        self.model = open_model(path, roles, label_map, device, threads, tta, axis_order)
+        self.model = open_model(path, roles, label_map, device, threads, tta, axis_order, backend, tiles_per_call)
         self.folders = {self.model.name: Path(path)}
         self.device = torch.device(device)
 

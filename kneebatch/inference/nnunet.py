@@ -22,6 +22,10 @@ The image goes in as the store holds it (``[C, Z, Y, X]``, spacing ``(z, y, x)``
 nnU-Net's SimpleITK reader gives for the NIfTI ``kneebatch export`` writes of the study. A
 model trained on images in another axis order sees its training order only if the store's
 does: check one study first (docs/models.md).
+
+``backend`` other than ``torch`` (nnU-Net's own predictor, its labels exactly): the same
+predictor with its network run on batches of tiles through ONNX Runtime or a compiled network
+(:mod:`kneebatch.inference.nnunet_fast`), equal but for near-ties, and faster.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from kneebatch.inference.external import ExternalModel, label_lut
 from kneebatch.outputs import sha256_file
 
 CHECKPOINT = "checkpoint_final.pth"
+EXACT = "torch"  # nnU-Net's own predictor, unchanged
+BACKENDS = (EXACT, "onnxruntime", "torch-compile")
+TILES_PER_CALL = 8  # network inputs per call of a fast backend (tiles and their mirrored copies)
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint's contents without running its pickle as code: tensors, containers, numbers
@@ -134,33 +141,41 @@ class NnUNetModel(ExternalModel):
 
     def __init__(self, folder: NnUNetFolder, roles: list[str], lut: np.ndarray, device: str = "cpu",
                  tta: bool = True, tile_step_size: float = 0.5, threads: int | None = None,
-                 axis_order: str = "store"):
+                 axis_order: str = "store", backend: str = EXACT, tiles_per_call: int = TILES_PER_CALL):
         super().__init__(roles, lut, device, threads, axis_order, tta)
-        self.folder, self.tile_step_size = folder, tile_step_size
+        if backend not in BACKENDS:
+            raise ValueError(f"--backend {backend} for an nnU-Net model: choose {', '.join(BACKENDS)} "
+                             f"({EXACT}: nnU-Net's own predictor, its labels exactly)")
+        self.folder, self.tile_step_size, self.backend = folder, tile_step_size, backend
+        self.tiles_per_call = tiles_per_call
         self.hashes = folder.sha256()
         self.name = f"nnunet:{folder.name}"
         self._predictor = None
         # a cascade's first stage: the same inputs, its own labels never leave this model
         self.previous = None if folder.previous is None else NnUNetModel(
-            folder.previous, roles, lut, device, tta, tile_step_size, threads, axis_order)
+            folder.previous, roles, lut, device, tta, tile_step_size, threads, axis_order, backend, tiles_per_call)
 
     @classmethod
     def open(cls, path, roles=None, label_map=None, device="cpu", threads=None, tta=False, axis_order="store",
-             folds=None, checkpoint: str = CHECKPOINT) -> NnUNetModel:
+             folds=None, checkpoint: str = CHECKPOINT, backend: str = EXACT,
+             tiles_per_call: int = TILES_PER_CALL) -> NnUNetModel:
         folder = NnUNetFolder.read(path, folds, checkpoint)
         roles = roles or [str(folder.dataset["channel_names"][str(i)]).upper()
                           for i in range(len(folder.dataset["channel_names"]))]
         return cls(folder, roles, label_lut(folder.dataset["labels"], label_map), device, tta, threads=threads,
-                   axis_order=axis_order)
+                   axis_order=axis_order, backend=backend, tiles_per_call=tiles_per_call)
 
     @property
     def label_name(self) -> str:
-        # nnU-Net mirrors by default: its maps without mirroring are the ones named apart
-        return L.segmentation_name(self.model_hash) + ("" if self.tta else "-notta")
+        # nnU-Net mirrors by default: its maps without mirroring are the ones named apart; a fast
+        # backend's maps (equal but for near-ties) are named apart from the exact ones
+        return L.segmentation_name(self.model_hash) + ("" if self.tta else "-notta") + (
+            "" if self.backend == EXACT else f"-{self.backend}")
 
     def predictor(self):
         if self._predictor is None:
-            self._predictor = build_predictor(self.folder, self.device_name, self.tta, self.tile_step_size)
+            self._predictor = build_predictor(self.folder, self.device_name, self.tta, self.tile_step_size,
+                                              self.backend, self.tiles_per_call, self.threads)
         return self._predictor
 
     def verify(self) -> None:
@@ -175,7 +190,9 @@ class NnUNetModel(ExternalModel):
 
     def describe(self) -> dict:
         first = {} if self.previous is None else {"previous_stage": self.folder.previous.name}
-        return {**super().describe(), "name": self.folder.name, "folds": self.folder.folds, **first}
+        fast = {} if self.backend == EXACT else {"tiles_per_call": self.tiles_per_call}
+        return {**super().describe(), "name": self.folder.name, "folds": self.folder.folds, "backend": self.backend,
+                **fast, **first}
 
     def _segment(self, image: np.ndarray, spacing_zyx: list[float]) -> np.ndarray:
         first = None if self.previous is None else self.previous._segment(image, spacing_zyx)
@@ -211,9 +228,11 @@ def find_trainer(name: str):
     return None
 
 
-def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True, tile_step_size: float = 0.5):
+def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True, tile_step_size: float = 0.5,
+                    backend: str = EXACT, tiles_per_call: int = TILES_PER_CALL, threads: int | None = None):
     """nnU-Net's predictor for the folder, as ``initialize_from_trained_model_folder`` builds it,
-    but with the checkpoints read as weights only."""
+    but with the checkpoints read as weights only; with a fast ``backend``, its network runs
+    batched tiles there (:mod:`kneebatch.inference.nnunet_fast`)."""
     import inspect
 
     import torch
@@ -242,9 +261,15 @@ def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True,
                                                      enable_deep_supervision=False)
     parameters = [c["network_weights"] for c in checkpoints]
     network.load_state_dict(parameters[0])
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=tta,
-                                perform_everything_on_device=device != "cpu", device=torch.device(device),
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    settings = dict(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=tta,
+                    perform_everything_on_device=device != "cpu", device=torch.device(device), verbose=False,
+                    verbose_preprocessing=False, allow_tqdm=False)
+    if backend == EXACT:
+        predictor = nnUNetPredictor(**settings)
+    else:
+        from kneebatch.inference.nnunet_fast import BatchedPredictor
+
+        predictor = BatchedPredictor(backend, tiles_per_call, threads, **settings)
     predictor.manual_initialization(network, plans_manager, config, parameters, folder.dataset, first["trainer_name"],
                                     first.get("inference_allowed_mirroring_axes"))
     return predictor
