@@ -90,8 +90,9 @@ def _train(net, steps: int, seed: int, previous_stage: bool = False):
 
 
 def write_model(root: Path, folds=(0,), channel="T1", steps: int = 60, mirroring=(0, 1, 2),
-                configuration: str = "3d_fullres", plans: dict | None = None) -> Path:
-    """``root/Dataset990_KneeTiny/nnUNetTrainer__nnUNetPlans__<configuration>`` with ``folds``."""
+                configuration: str = "3d_fullres", plans: dict | None = None, features=None) -> Path:
+    """``root/Dataset990_KneeTiny/nnUNetTrainer__nnUNetPlans__<configuration>`` with ``folds``;
+    ``features``: the three stages' widths (default 4, 8, 16)."""
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
@@ -99,6 +100,8 @@ def write_model(root: Path, folds=(0,), channel="T1", steps: int = 60, mirroring
     folder.mkdir(parents=True)
     dataset = {"channel_names": {"0": channel}, "labels": LABELS, "numTraining": 4, "file_ending": ".nii.gz"}
     plans = plans or _plans()
+    if features is not None:
+        plans["configurations"][configuration]["architecture"]["arch_kwargs"]["features_per_stage"] = list(features)
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     config = plans["configurations"][configuration]
