@@ -28,7 +28,7 @@ from kneebatch.ingest.label_import import label_file, labels_onto, read_label_fi
 from kneebatch.ingest.nifti import VOLUME_SUFFIXES, read_volume, volume_stem
 from kneebatch.ingest.store import CohortStore
 from kneebatch.measure import dice
-from kneebatch.outputs import MARKER, claim_output_dir, write_table_atomic, write_text_atomic
+from kneebatch.outputs import MARKER, claim_output_dir, store_of, write_table_atomic, write_text_atomic
 from kneebatch.progress import progress_bar
 
 EVALUATION_SCHEMA = pa.schema([
@@ -88,11 +88,11 @@ def _pairs_from_files(pred_dir: Path, truth_dir: Path):
 
 
 def _job_store(out: Path) -> CohortStore:
-    marker = json.loads((out / MARKER).read_text())
-    if marker["command"] not in ("run", "measure") or "store" not in marker["settings"]:
-        raise ValueError(f"{out} holds the outputs of 'kneebatch {marker['command']}'; give a run or measure folder "
+    store = store_of(out)
+    if store is None:
+        raise ValueError(f"{out} holds kneebatch outputs that name no store; give a run or measure folder "
                          "or a folder of label files")
-    return CohortStore(marker["settings"]["store"], create=False)
+    return CohortStore(store, create=False)
 
 
 def evaluate(pred, truth_dir, out, label_map: dict | None = None, truth_label_map: dict | None = None,
