@@ -41,10 +41,11 @@ def _canonical(name: str) -> str:
     return " ".join(name.split())
 
 
-def label_lut(labels: dict, label_map: str | None = None) -> np.ndarray:
+def label_lut(labels: dict, label_map: str | None = None, others_background: bool = False) -> np.ndarray:
     """Lookup: the model's label id -> kneebatch's, from ``dataset.json``'s ``labels`` (names of
     the schema or of :data:`ALIASES`) or an explicit ``--label-map ID:LABEL,...`` translation.
-    An unmapped label is an error that lists every one."""
+    An unmapped label is an error that lists every one, or (``others_background``: a whole-body
+    model, most of whose structures are not the knee's) background."""
     ids = {}
     for name, value in labels.items():
         if isinstance(value, (list, tuple)):
@@ -67,7 +68,7 @@ def label_lut(labels: dict, label_map: str | None = None) -> np.ndarray:
             unmapped.append(f"{i}:{name}")
         else:
             lut[i] = target
-    if unmapped:
+    if unmapped and not others_background:
         raise ValueError(f"model: labels not in kneebatch's schema: {', '.join(unmapped)}; map them with "
                          "--label-map ID:LABEL,... ('kneebatch labels' lists the labels; ID:background drops one)")
     return lut

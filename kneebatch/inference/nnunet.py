@@ -162,8 +162,13 @@ class NnUNetModel(ExternalModel):
         folder = NnUNetFolder.read(path, folds, checkpoint)
         roles = roles or [str(folder.dataset["channel_names"][str(i)]).upper()
                           for i in range(len(folder.dataset["channel_names"]))]
-        return cls(folder, roles, label_lut(folder.dataset["labels"], label_map), device, tta, threads=threads,
+        return cls(folder, roles, cls.labels_of(folder, label_map), device, tta, threads=threads,
                    axis_order=axis_order, backend=backend, tiles_per_call=tiles_per_call)
+
+    @staticmethod
+    def labels_of(folder: NnUNetFolder, label_map: str | None) -> np.ndarray:
+        """The model's label ids as kneebatch's (:func:`~kneebatch.inference.external.label_lut`)."""
+        return label_lut(folder.dataset["labels"], label_map)
 
     @property
     def label_name(self) -> str:
