@@ -226,3 +226,14 @@ def test_a_running_job_saves_its_progress_as_each_batch_is_saved(store, tiny_eng
     run(store, out, engines_path=tiny_engines, show_progress=False, batch_size=2, batch_fn=watched)
     assert seen == [None, 2, 4]  # before each batch: what the earlier ones saved
     assert not (out / "progress" / "shard-00000-of-00001.json").exists()  # finished: the record is gone
+
+
+def test_tasks_are_an_even_share_per_worker():
+    from kneebatch.jobs.run import even_batches
+
+    keys = [f"k{i}" for i in range(6)]
+    assert [len(b) for b in even_batches(keys, 4, 2)] == [3, 3]
+    assert [len(b) for b in even_batches(keys, 4, 1)] == [4, 2]
+    assert [len(b) for b in even_batches(keys * 4, 4, 2)] == [4] * 6  # a cohort: batch_size rules
+    assert [len(b) for b in even_batches(keys[:1], 4, 8)] == [1]
+    assert sum(even_batches(keys * 4, 4, 3), []) == keys * 4  # every study once, in order

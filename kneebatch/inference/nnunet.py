@@ -30,6 +30,8 @@ predictor with its network run on batches of tiles through ONNX Runtime or a com
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,14 +271,16 @@ def build_predictor(folder: NnUNetFolder, device: str = "cpu", tta: bool = True,
     settings = dict(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=tta,
                     perform_everything_on_device=device != "cpu", device=torch.device(device), verbose=False,
                     verbose_preprocessing=False, allow_tqdm=False)
-    if backend == EXACT:
-        predictor = nnUNetPredictor(**settings)
-    else:
-        from kneebatch.inference.nnunet_fast import BatchedPredictor
+    # nnU-Net prints its device notes to stdout (a worker's log is no place for them)
+    with contextlib.redirect_stdout(io.StringIO()):
+        if backend == EXACT:
+            predictor = nnUNetPredictor(**settings)
+        else:
+            from kneebatch.inference.nnunet_fast import BatchedPredictor
 
-        predictor = BatchedPredictor(backend, tiles_per_call, threads, **settings)
-    predictor.manual_initialization(network, plans_manager, config, parameters, folder.dataset, first["trainer_name"],
-                                    first.get("inference_allowed_mirroring_axes"))
+            predictor = BatchedPredictor(backend, tiles_per_call, threads, **settings)
+        predictor.manual_initialization(network, plans_manager, config, parameters, folder.dataset,
+                                        first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
     return predictor
 
 

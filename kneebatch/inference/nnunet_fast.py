@@ -15,6 +15,7 @@ import contextlib
 import copy
 import io
 import itertools
+import warnings
 
 import numpy as np
 import torch
@@ -135,7 +136,8 @@ def onnx_runner(network, shape: tuple, device, threads: int | None):
 
     buffer = io.BytesIO()
     example = torch.zeros(shape, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on instance norm's training mode: inference only here
         torch.onnx.export(network, example, buffer, input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}}, opset_version=17, dynamo=False)
     options = ort.SessionOptions()

@@ -53,7 +53,7 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
     # before anything is written: missing, changed or damaged engines stop here, in one line
     sets.verify(options.backend, options.allow_low_accuracy)
     job = Job("run", store, out, options.settings(sets), measurement_schema(), shard, force)
-    batches = [job.todo[i:i + batch_size] for i in range(0, len(job.todo), batch_size)]
+    batches = even_batches(job.todo, batch_size, len(client.nthreads()) if client else 1)
     kwargs = {"store_path": str(store.path)}
     if client is not None:
         from kneebatch.distributed.plugin import EngineLoader
@@ -64,6 +64,13 @@ def run(store_path, out, options: InferenceOptions | None = None, client=None, b
     job.report.stage_seconds = dict.fromkeys(STAGES, 0.0)
     job.map(batch_fn, batches, client, "run", "segmenting studies", show_progress, **kwargs)
     return job.finish(_provenance(options, sets, batch_size))
+
+
+def even_batches(keys: list, batch_size: int, workers: int) -> list[list]:
+    """Tasks of at most ``batch_size`` studies, and no more than an even share per worker, so
+    that a small cohort keeps every worker busy: 6 studies on 2 workers are 3 + 3, not 4 + 2."""
+    size = max(1, min(batch_size, -(-len(keys) // max(1, workers))))
+    return [keys[i:i + size] for i in range(0, len(keys), size)]
 
 
 def _provenance(options: InferenceOptions, sets, batch_size: int) -> dict:
