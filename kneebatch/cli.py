@@ -689,7 +689,9 @@ def _add_run(sub) -> None:
     s.add_argument("--tta", action="store_true",
                    help="mirror test-time augmentation: the fine net also sees each crop mirrored left-right and "
                         "the logits are averaged (as nnU-Net does; more accurate, twice the fine net's time)")
-    s.add_argument("--batch-size", type=_positive, default=4, help="studies per task (default 4)")
+    s.add_argument("--batch-size", type=_positive, default=4,
+                   help="studies per task, at most (default 4; fewer when the cohort is small, so that every "
+                        "worker gets an even share)")
     s.add_argument("--net-batch", type=_positive, default=None, metavar="N",
                    help="same-shape inputs per engine call: studies go through the engines N at a time and their "
                         "coarse volumes, fine crops of one size, mirror copies (--tta) share calls (default: 1 on the "
