@@ -718,8 +718,8 @@ def _add_run(sub) -> None:
     s.add_argument("--axis-order", default="store", metavar="store|CODE",
                    help="--model: the voxel order it was trained in. nnU-Net reads only axis order and spacing: "
                         "'store' (default) is kneebatch's (z right, y inferior, x posterior); a NIfTI orientation "
-                        "code such as RAS (nibabel's as_closest_canonical, TotalSegmentator) or the code of your "
-                        "training NIfTIs (nibabel.aff2axcodes) turns each study to it exactly and back "
+                        "code such as RAS (nibabel's as_closest_canonical; a TotalSegmentator task does it itself) "
+                        "or the code of your training NIfTIs (nibabel.aff2axcodes) turns each study to it exactly and back "
                         "(docs/models.md: check one study first)")
     _sharded(s)
     _clustered(s)
