@@ -89,7 +89,7 @@ def test_a_totalsegmentator_task_gives_totalsegmentators_own_labels(small_store,
 def test_the_task_table_is_totalsegmentators():
     config = pytest.importorskip("totalsegmentator.map_tasks_config",
                                  reason="pip install --no-deps TotalSegmentator==2.18.0 dicom2nifti")
-    from kneebatch.inference.totalseg import TASKS
+    from kneebatch.inference.totalseg import DATASETS, TASKS
 
     theirs = {}
     for name, task in config.TASK_CONFIGS.items():
@@ -97,6 +97,10 @@ def test_the_task_table_is_totalsegmentators():
             ids = mode["task_id"] if isinstance(mode["task_id"], list) else [mode["task_id"]]
             for i in ids:
                 theirs.setdefault(i, (name, mode.get("resample")))
+    source = Path(config.__file__).read_text()  # where it names the folders it downloads into
+    assert set(DATASETS) == set(TASKS)
+    for i, name in DATASETS.items():
+        assert f"Dataset{i}_{name}" in source, i
     for i, task in TASKS.items():
         assert theirs[i][1] == task.spacing_mm, i
         assert theirs[i][0].removesuffix("_mr") == task.name.removesuffix("_mr") or theirs[i][0] == task.name, i
@@ -110,3 +114,14 @@ def test_totalsegmentator_folders_refuse_an_axis_order(small_store, weights, tmp
                  "--axis-order", "LPS", "-q"]) == 2
     assert "TotalSegmentator turns every image to RAS itself" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_is_totalsegmentators_only_by_its_dataset_name(tmp_path):
+    """A group's own Dataset851 is a plain nnU-Net model, not TotalSegmentator's task."""
+    from kneebatch.inference.totalseg import task_of
+
+    trained = "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    assert task_of(tmp_path / TASK / trained).name == "total_mr"
+    assert task_of(tmp_path / "Dataset851_MyKnees" / trained) is None
+    assert task_of(tmp_path / "Dataset297_TotalSegmentator_total_3mm_1559subj_v204" / trained).spacing_mm == 3.0
+    assert task_of(tmp_path / "Dataset123_Knee" / trained) is None

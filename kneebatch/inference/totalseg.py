@@ -53,6 +53,19 @@ TOTALSEG_FOLDS = (0,)  # TotalSegmentator runs fold 0 of every task (its DEFAULT
 AUXILIARY = {304}  # tasks whose auxiliary labels TotalSegmentator deletes (not run here: say so)
 
 
+# the dataset folders TotalSegmentator 2.18 downloads them into: a folder is its task's only by
+# these names, so that a group's own DatasetNNN with one of those ids stays a plain nnU-Net model
+DATASETS = {
+    291: "TotalSegmentator_part1_organs_1559subj", 292: "TotalSegmentator_part2_vertebrae_1532subj",
+    293: "TotalSegmentator_part3_cardiac_1559subj", 294: "TotalSegmentator_part4_muscles_1559subj",
+    295: "TotalSegmentator_part5_ribs_1559subj", 297: "TotalSegmentator_total_3mm_1559subj",
+    298: "TotalSegmentator_total_6mm_1559subj", 304: "appendicular_bones_ext_1559subj",
+    850: "TotalSegMRI_part1_organs_1088subj", 851: "TotalSegMRI_part2_muscles_1088subj",
+    852: "TotalSegMRI_total_3mm_1088subj", 853: "TotalSegMRI_total_6mm_1088subj",
+    855: "TotalSegMRI_appendicular_bones_1088subj", 857: "TotalSegMRI_thigh_shoulder_1088subj",
+}
+
+
 def dataset_id(path) -> int | None:
     """nnU-Net's dataset id of a trained model folder (``DatasetNNN_…/<Trainer>__<Plans>__<conf>``)."""
     found = re.match(r"Dataset(\d{3})_", Path(path).resolve().parent.name)
@@ -60,8 +73,12 @@ def dataset_id(path) -> int | None:
 
 
 def task_of(path) -> Task | None:
-    """The TotalSegmentator task whose weights the folder holds (by its dataset id), or None."""
-    return TASKS.get(dataset_id(path))
+    """The TotalSegmentator task whose weights the folder holds (by its dataset folder's name), or None."""
+    name = Path(path).resolve().parent.name
+    found = re.match(r"Dataset(\d{3})_(.+)$", name)
+    if not found or DATASETS.get(int(found.group(1))) != found.group(2).removesuffix("_v204"):
+        return None
+    return TASKS.get(int(found.group(1)))
 
 
 class TotalSegmentatorModel(NnUNetModel):
