@@ -32,6 +32,11 @@ FLOORS = {
              "tissues": {"femur": 0.97, "tibia": 0.96, "patella": 0.96, "femoral_cartilage": 0.85,
                          "patellar_cartilage": 0.92, "patellar_tendon": 0.91, "quadriceps_muscle": 0.96,
                          "hamstring_muscle": 0.97, "gastrocnemius_muscle": 0.97, "effusion": 0.88}},
+    # t2fs (2026-12-06): mean 0.866 on these two studies (0.865 on the 8 of benchmarks/accuracy_sets.py)
+    "t2fs": {"mean": 0.84, "max_effusion_error_pct": 10.0,
+             "tissues": {"femur": 0.96, "tibia": 0.95, "patella": 0.95, "femoral_cartilage": 0.73,
+                         "patellar_cartilage": 0.83, "patellar_tendon": 0.90, "pcl": 0.85, "quadriceps_muscle": 0.90,
+                         "hamstring_muscle": 0.94, "gastrocnemius_muscle": 0.94, "effusion": 0.91}},
 }
 
 SETS = [n for n in (set_dirs() if (DEFAULT_ENGINES / "sets.json").exists() else {}) if n != "t1-t2"]
