@@ -8,7 +8,7 @@ from kneebatch.inference.external import ExternalModel
 from kneebatch.inference.monai_bundle import MonaiBundle, declared_channels
 from kneebatch.inference.nnunet import EXACT, TILES_PER_CALL, NnUNetFolder, NnUNetModel
 from kneebatch.inference.onnx_model import OnnxModel, OnnxSpec
-from kneebatch.inference.totalseg import TOTALSEG_FOLDS, TotalSegmentatorModel, task_of
+from kneebatch.inference.totalseg import TotalSegmentatorModel, task_of
 
 
 def model_kind(path) -> str:
@@ -38,10 +38,9 @@ def open_model(path, roles: list[str] | None = None, label_map: str | None = Non
         return OnnxModel.open(path, roles, label_map, device, threads, tta, axis_order)
     # a TotalSegmentator task's weights run inside TotalSegmentator's own steps (its axis order,
     # its fold 0)
-    totalseg = task_of(path) is not None
-    return (TotalSegmentatorModel if totalseg else NnUNetModel).open(
-        path, roles, label_map, device, threads, tta, axis_order, folds=TOTALSEG_FOLDS if totalseg else None,
-        backend=backend, tiles_per_call=tiles_per_call or TILES_PER_CALL)
+    return (TotalSegmentatorModel if task_of(path) is not None else NnUNetModel).open(
+        path, roles, label_map, device, threads, tta, axis_order, backend=backend,
+        tiles_per_call=tiles_per_call or TILES_PER_CALL)
 
 
 def declared_inputs(path) -> dict:

@@ -140,6 +140,7 @@ class NnUNetModel(ExternalModel):
     """A loaded nnU-Net model folder, run through nnU-Net's own predictor."""
 
     kind = "nnunet"
+    default_folds: tuple | None = None  # every fold found, ensembled as nnUNetv2_predict does
 
     def __init__(self, folder: NnUNetFolder, roles: list[str], lut: np.ndarray, device: str = "cpu",
                  tta: bool = True, tile_step_size: float = 0.5, threads: int | None = None,
@@ -161,7 +162,7 @@ class NnUNetModel(ExternalModel):
     def open(cls, path, roles=None, label_map=None, device="cpu", threads=None, tta=False, axis_order="store",
              folds=None, checkpoint: str = CHECKPOINT, backend: str = EXACT,
              tiles_per_call: int = TILES_PER_CALL) -> NnUNetModel:
-        folder = NnUNetFolder.read(path, folds, checkpoint)
+        folder = NnUNetFolder.read(path, folds if folds is not None else cls.default_folds, checkpoint)
         roles = roles or [str(folder.dataset["channel_names"][str(i)]).upper()
                           for i in range(len(folder.dataset["channel_names"]))]
         return cls(folder, roles, cls.labels_of(folder, label_map), device, tta, threads=threads,

@@ -49,8 +49,7 @@ TASKS = {
     304: _task("appendicular_bones", 1.5), 855: _task("appendicular_bones_mr", 1.5),
     857: _task("thigh_shoulder_muscles_mr", 1.5),
 }
-TOTALSEG_FOLDS = (0,)  # TotalSegmentator runs fold 0 of every task (its DEFAULT_CONFIG)
-AUXILIARY = {304}  # tasks whose auxiliary labels TotalSegmentator deletes (not run here: say so)
+AUXILIARY = {"appendicular_bones"}  # tasks whose auxiliary labels TotalSegmentator deletes (not run here: say so)
 
 
 # the dataset folders TotalSegmentator 2.18 downloads them into: a folder is its task's only by
@@ -66,16 +65,10 @@ DATASETS = {
 }
 
 
-def dataset_id(path) -> int | None:
-    """nnU-Net's dataset id of a trained model folder (``DatasetNNN_…/<Trainer>__<Plans>__<conf>``)."""
-    found = re.match(r"Dataset(\d{3})_", Path(path).resolve().parent.name)
-    return int(found.group(1)) if found else None
-
-
 def task_of(path) -> Task | None:
-    """The TotalSegmentator task whose weights the folder holds (by its dataset folder's name), or None."""
-    name = Path(path).resolve().parent.name
-    found = re.match(r"Dataset(\d{3})_(.+)$", name)
+    """The TotalSegmentator task whose weights the trained model folder holds (by its dataset
+    folder's name, ``DatasetNNN_…/<Trainer>__<Plans>__<conf>``), or None."""
+    found = re.match(r"Dataset(\d{3})_(.+)$", Path(path).resolve().parent.name)
     if not found or DATASETS.get(int(found.group(1))) != found.group(2).removesuffix("_v204"):
         return None
     return TASKS.get(int(found.group(1)))
@@ -85,13 +78,14 @@ class TotalSegmentatorModel(NnUNetModel):
     """A TotalSegmentator task folder: nnU-Net's predictor inside TotalSegmentator's steps."""
 
     kind = "totalsegmentator"
+    default_folds = (0,)  # TotalSegmentator runs fold 0 of every task (its DEFAULT_CONFIG)
 
     def __init__(self, folder: NnUNetFolder, *args, **kwargs):
         task = task_of(folder.path)
         if task is None:
-            raise ValueError(f"{folder.name} is not a TotalSegmentator task's folder (Dataset{{id}}_… of "
-                             f"{', '.join(map(str, sorted(TASKS)))})")
-        if dataset_id(folder.path) in AUXILIARY:
+            raise ValueError(f"{folder.name} is not a TotalSegmentator task's folder (the dataset folders it "
+                             f"downloads: {', '.join(f'Dataset{i}_{n}' for i, n in sorted(DATASETS.items()))})")
+        if task.name in AUXILIARY:
             raise ValueError(f"{folder.name}: TotalSegmentator deletes this task's auxiliary labels after predicting; "
                              "kneebatch does not run that step yet")
         kwargs["tile_step_size"] = task.tile_step
