@@ -11,7 +11,10 @@ IEEE Trans Med Imaging 2008;27:737-744):
   the same for LT;
 - the femoral condyles have a central, weight-bearing region (cMF, cLF) from the trochlear
   notch to 60 % of the way to the posterior end of the condyle's cartilage, and a posterior
-  region (pMF, pLF) beyond; cartilage anterior of the notch is the trochlea (TrF).
+  region (pMF, pLF) beyond; cartilage anterior of the notch is the trochlea (TrF). The central
+  region is also reported in three medio-lateral thirds of equal width (ecMF, ccMF, icMF and
+  the same for LF: external, central, internal, the internal third towards the notch), as the
+  OAI's analyses read it; the thirds add up to cMF / cLF.
 
 A label map has no landmarks, so the frame and the notch come from the labels: medial points
 from the lateral to the medial tibial plate (or, with a plate missing, from the knee side),
@@ -53,11 +56,15 @@ THICKNESS_MAX_MM = 8.0  # as measure's plausible range: farther samples are stra
 MIN_DENUDED_MM2 = 4.0  # a 2 x 2 mm lesion; smaller holes in a map are gaps between voxel samples
 
 FEMORAL_REGIONS, TIBIAL_REGIONS, REGIONS = L.FEMORAL_REGIONS, L.TIBIAL_REGIONS, L.CARTILAGE_REGIONS
+THIRDS = L.CENTRAL_FEMUR_THIRDS
 
 REGION_DOC = {
     "TrF": "trochlea: femoral cartilage anterior of the trochlear notch",
     "cMF": "central (weight-bearing) medial femur", "pMF": "posterior medial femur",
     "cLF": "central (weight-bearing) lateral femur", "pLF": "posterior lateral femur",
+    **{f"{t}c{c}F": f"{third} third of the central {condyle} femur"
+       for c, condyle in (("M", "medial"), ("L", "lateral"))
+       for t, third in (("e", "external"), ("c", "central"), ("i", "internal (towards the notch)"))},
     **{f"{r}{p}": f"{where} {plate} tibia" for p, plate in (("MT", "medial"), ("LT", "lateral"))
        for r, where in (("c", "central"), ("a", "anterior"), ("p", "posterior"), ("e", "external"), ("i", "internal"))},
 }
@@ -93,13 +100,18 @@ class Frame:
 class ThicknessMap:
     """One 2-D map: ``thickness`` mm (NaN off the plate, 0 where denuded), ``region`` index into
     :data:`REGIONS` (-1 off the plate), each pixel's area on the bone (mm2), the axes' names and
-    pixel sizes (mm, or degrees)."""
+    pixel sizes (mm, or degrees); ``thirds``: the central femur's thirds (-1 elsewhere)."""
 
     thickness: np.ndarray
     region: np.ndarray
     area_mm2: np.ndarray
     axes: tuple[str, str]
     pixel: tuple[float, float]
+    thirds: np.ndarray | None = None
+
+    def finest(self) -> np.ndarray:
+        """Each pixel's smallest region: a third of c?F where it has one."""
+        return self.region if self.thirds is None else np.where(self.thirds >= 0, self.thirds, self.region)
 
 
 @dataclass
@@ -234,12 +246,20 @@ class _TibialRule:
 
 
 class _FemoralRule:
-    """TrF anterior of each condyle's notch, c?F to 60 % of the way to its posterior end, p?F beyond."""
+    """TrF anterior of each condyle's notch, c?F to 60 % of the way to its posterior end, p?F
+    beyond; c?F's thirds of equal medio-lateral width (``every``: the plate's voxels)."""
 
-    def __init__(self, split_u: float, notch_v: dict, posterior_v: dict):
+    def __init__(self, split_u: float, notch_v: dict, posterior_v: dict, every: np.ndarray):
         self.split_u, self.notch_v, self.cut_v = split_u, notch_v, {}
         for side in ("M", "L"):
             self.cut_v[side] = notch_v[side] - CENTRAL_FEMUR_SHARE * (notch_v[side] - posterior_v[side])
+        regions = self.assign(every)
+        self.third_cuts = {}
+        for side in ("M", "L"):
+            u = every[regions == REGIONS.index(f"c{side}F"), 0]
+            if len(u):
+                lo, hi = np.percentile(u, [EDGE_PERCENTILE, 100 - EDGE_PERCENTILE])
+                self.third_cuts[side] = (lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3)
 
     def assign(self, uva: np.ndarray) -> np.ndarray:
         u, v = uva[:, 0], uva[:, 1]
@@ -250,13 +270,27 @@ class _FemoralRule:
         out = np.where(v >= cut, np.where(medial, REGIONS.index("cMF"), REGIONS.index("cLF")), out)
         return np.where(v > notch, REGIONS.index("TrF"), out)
 
+    def thirds(self, uva: np.ndarray, regions: np.ndarray) -> np.ndarray:
+        """The third of c?F each point of ``regions`` (its :meth:`assign`) lies in, -1 outside c?F.
+        u grows medially: the medial condyle's external third is its highest u, the lateral's its lowest."""
+        out = np.full(len(uva), -1, dtype=np.int64)
+        for side, order in (("M", "ice"), ("L", "eci")):
+            mine = regions == REGIONS.index(f"c{side}F")
+            if side not in self.third_cuts or not mine.any():
+                continue
+            which = np.searchsorted(np.asarray(self.third_cuts[side]), uva[mine, 0], side="right")
+            out[mine] = np.array([REGIONS.index(f"{t}c{side}F") for t in order])[which]
+        return out
 
-def _stats(values: dict, tmap: ThicknessMap, names) -> None:
+
+def _stats(values: dict, tmap: ThicknessMap, names, region: np.ndarray | None = None) -> None:
     """Denuded share of each region's area; thickness over its covered area (area-weighted mean)
     without the plate's one-pixel rim, where the surface turns to the bone and a pixel sees the
-    edge, not the plate (the whole covered area when a region is all rim)."""
-    thickness, region, area = tmap.thickness, tmap.region, tmap.area_mm2
-    inner = ndimage.binary_erosion(region >= 0)
+    edge, not the plate (the whole covered area when a region is all rim). ``region``: another
+    division of the map's plate than its own (the central femur's thirds)."""
+    thickness, area = tmap.thickness, tmap.area_mm2
+    inner = ndimage.binary_erosion(tmap.region >= 0)
+    region = tmap.region if region is None else region
     for name in names:
         mine = region == REGIONS.index(name)
         if not mine.any():
@@ -343,8 +377,11 @@ def _femur(labels, grid, axes: Frame, centroids, tibial_rules, values, maps) -> 
         notch_v[side] = float(rule.high[1])  # the plate's anterior edge
         on_side = every[(every[:, 0] >= split_u) == (side == "M")]
         posterior_v[side] = float(np.percentile(on_side[:, 1], EDGE_PERCENTILE)) if len(on_side) else notch_v[side]
-    rule = _FemoralRule(split_u, notch_v, posterior_v)
-    _volumes(values, rule.assign(every), grid.voxel_volume_mm3)
+    rule = _FemoralRule(split_u, notch_v, posterior_v, every)
+    regions = rule.assign(every)
+    thirds = rule.thirds(every, regions)
+    _volumes(values, regions, grid.voxel_volume_mm3)
+    _volumes(values, thirds[thirds >= 0], grid.voxel_volume_mm3)
 
     uvs = axes.coords(points)
     centre = every[:, 1:].mean(axis=0)  # inside the condyles: the cartilage wraps around them
@@ -360,9 +397,12 @@ def _femur(labels, grid, axes: Frame, centroids, tibial_rules, values, maps) -> 
     ua = np.stack([uvs[:, 0], angle], axis=1)
     lo, shape = _grid_for(ua, pixel)
     picked = _rasterise(ua, thick, pixel, lo, shape)
-    thickness, region = _gather(thick, picked, np.nan), _gather(rule.assign(uvs), picked, -1)
+    surface_regions = rule.assign(uvs)
+    thickness, region = _gather(thick, picked, np.nan), _gather(surface_regions, picked, -1)
+    third = _gather(rule.thirds(uvs, surface_regions), picked, -1)
     # a pixel's area on the bone: its width times the arc its angle spans at its sample's radius
     area = pu * np.radians(pixel[1]) * _gather(np.hypot(rel[:, 0], rel[:, 1]) - thick, picked, 0.0)
-    _fill(thickness, region, [[REGIONS.index(r) for r in FEMORAL_REGIONS]], pu * arc, area)
-    maps["femur"] = ThicknessMap(thickness, region, area, ("medial (mm)", "angle (deg)"), pixel)
+    _fill(thickness, region, [[REGIONS.index(r) for r in FEMORAL_REGIONS]], pu * arc, area, third)
+    maps["femur"] = ThicknessMap(thickness, region, area, ("medial (mm)", "angle (deg)"), pixel, third)
     _stats(values, maps["femur"], FEMORAL_REGIONS)
+    _stats(values, maps["femur"], THIRDS, region=third)

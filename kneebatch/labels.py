@@ -45,8 +45,10 @@ LABELS: tuple[Label, ...] = (
 
 # the OA cartilage subregions measured per plate (Wirth & Eckstein 2008; kneebatch.cartilage_regions)
 FEMORAL_REGIONS = ("TrF", "cMF", "pMF", "cLF", "pLF")
+# the weight-bearing femur's external, central and internal thirds (within cMF / cLF)
+CENTRAL_FEMUR_THIRDS = tuple(f"{t}c{c}F" for c in ("M", "L") for t in ("e", "c", "i"))
 TIBIAL_REGIONS = tuple(f"{r}{p}" for p in ("MT", "LT") for r in ("c", "a", "p", "e", "i"))
-CARTILAGE_REGIONS = FEMORAL_REGIONS + TIBIAL_REGIONS
+CARTILAGE_REGIONS = FEMORAL_REGIONS + CENTRAL_FEMUR_THIRDS + TIBIAL_REGIONS
 
 BACKGROUND = 0
 N_CLASSES = 1 + max(label.id for label in LABELS)  # including background

@@ -186,7 +186,8 @@ THICKNESS_RANGE_MM = (0.0, 4.0)  # colour scale of the maps: cartilage is 1-4 mm
 
 def thickness_maps_figure(maps: dict, title: str = "") -> Figure:
     """The tibial plates seen from above and the femoral cartilage unrolled (trochlea at the top),
-    thickness in colour, denuded bone in red, each Wirth & Eckstein region outlined and named;
+    thickness in colour, denuded bone in red, each Wirth & Eckstein region outlined and named
+    (the weight-bearing femur in its thirds);
     lateral to the left and medial to the right whichever the knee."""
     from matplotlib import colormaps
 
@@ -207,7 +208,7 @@ def thickness_maps_figure(maps: dict, title: str = "") -> Figure:
         # rows of the map are the medial axis; show it across, the second axis upwards
         # (the femur's angle grows from the trochlea to the back: flipped so the trochlea is on top)
         shown = np.where(tmap.thickness == 0, -1.0, tmap.thickness).T
-        region = tmap.region.T
+        region = tmap.finest().T
         if part == "femur":
             shown, region = shown[::-1], region[::-1]
         extent = (0, shown.shape[1] * tmap.pixel[0], 0, shown.shape[0] * tmap.pixel[1])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kneebatch import labels as L
-from kneebatch.cartilage_regions import FEMORAL_REGIONS, REGIONS, TIBIAL_REGIONS, regional_cartilage
+from kneebatch.cartilage_regions import FEMORAL_REGIONS, REGIONS, THIRDS, TIBIAL_REGIONS, regional_cartilage
 from kneebatch.geometry import Grid
 from kneebatch.synth.anatomy import Anatomy
 from kneebatch.synth.render import Pose, render_labels
@@ -50,6 +50,8 @@ def test_regions_of_a_knee_with_known_thickness(side, direction, spacing):
         assert abs(values[f"{region}_thickness_mean_mm"] - truth[region[1:]]) < 0.2, region
     for region in FEMORAL_REGIONS:
         assert abs(values[f"{region}_thickness_mean_mm"] - a.cart_femoral_mm) < 0.25, region
+    for region in THIRDS:  # the outer thirds reach up the condyles' steep sides: a voxel surface there reads less
+        assert abs(values[f"{region}_thickness_mean_mm"] - a.cart_femoral_mm) < 0.3, region
     for region in REGIONS:
         assert values[f"{region}_denuded_area_pct"] == 0.0, region
         assert values[f"{region}_thickness_min_mm"] <= values[f"{region}_thickness_mean_mm"] \
@@ -67,6 +69,12 @@ def test_regions_of_a_knee_with_known_thickness(side, direction, spacing):
         assert 0.17 < share < 0.23, (plate, share)
     # the weight-bearing femur (notch to 60 %) is larger than the posterior condyle beyond it
     assert values["cMF_volume_mm3"] > values["pMF_volume_mm3"] > 0
+    # its thirds add up to it; they are of equal width, and the condyle's cartilage curves up
+    # its sides, so the middle third lies flattest and holds least
+    for condyle in "ML":
+        parts = [values[f"{t}c{condyle}F_volume_mm3"] for t in "eci"]
+        assert sum(parts) == pytest.approx(values[f"c{condyle}F_volume_mm3"], rel=1e-12)
+        assert all(0.15 < p / sum(parts) < 0.55 for p in parts) and parts[1] == min(parts), (condyle, parts)
 
 
 # canonical knee mm: x medial, y posterior, z superior (kneebatch.synth.anatomy)
@@ -142,3 +150,24 @@ def test_group_comparisons_take_the_weight_bearing_regions_by_default():
                                                 "aMT_thickness_mean_mm", "cMF_volume_ml", "TrF_thickness_mean_mm")})
     assert default_measures(df) == ["femoral_cartilage_thickness_mean_mm", "effusion_volume_ml",
                                     "cMF_thickness_mean_mm", "cLT_thickness_mean_mm"]
+
+
+@pytest.mark.parametrize("side", ["RIGHT", "LEFT"])
+def test_central_femur_thirds_are_external_central_internal(side):
+    """Defects in the weight-bearing region on the outer side of each condyle and in the middle
+    of the medial one: each in its third and nowhere else (a mix-up of medial and lateral, or of
+    external and internal, would put the outer ones in the internal thirds)."""
+    # canonical mm: the medial condyle spans x 6-34, the lateral -34 to -6; their cartilage faces
+    # the tibia about y 4, its lowest 0.75 mm above the joint line at x = 20, 2 mm at 26 (where the
+    # surface still faces the tibia enough for the unrolled map to see a hole)
+    defects = {"ecMF": (27.0, 4.0, 3.6, 3.0), "ccMF": (20.0, 4.0, 1.5, 2.5), "ecLF": (-26.0, 4.0, 3.1, 3.0)}
+    labels, grid = knee(Anatomy(cart_defects=list(defects.values())), side)
+    values = regional_cartilage(labels, grid).values
+    for region in THIRDS:
+        pct = values[f"{region}_denuded_area_pct"]
+        if region in defects:
+            assert 1.0 < pct < 10.0, (region, pct)
+        else:
+            assert pct == 0.0, (region, pct)
+    assert values["cMF_denuded_area_pct"] > values["cLF_denuded_area_pct"] > 0.5
+    assert all(values[f"{r}_denuded_area_pct"] == 0.0 for r in TIBIAL_REGIONS + ("TrF", "pMF", "pLF"))
