@@ -13,8 +13,10 @@ IEEE Trans Med Imaging 2008;27:737-744):
   notch to 60 % of the way to the posterior end of the condyle's cartilage, and a posterior
   region (pMF, pLF) beyond; cartilage anterior of the notch is the trochlea (TrF). The central
   region is also reported in three medio-lateral thirds of equal width (ecMF, ccMF, icMF and
-  the same for LF: external, central, internal, the internal third towards the notch), as the
-  OAI's analyses read it; the thirds add up to cMF / cLF.
+  the same for LF: external, central, internal, the internal third towards the notch); the
+  thirds add up to cMF / cLF. The width is the central region's cartilage's (2nd to 98th
+  percentile of its voxels' medio-lateral positions), cut once per condyle: implementations
+  that cut each antero-posterior position by its own width differ where a condyle narrows.
 
 A label map has no landmarks, so the frame and the notch come from the labels: medial points
 from the lateral to the medial tibial plate (or, with a plate missing, from the knee side),
@@ -253,10 +255,10 @@ class _FemoralRule:
         self.split_u, self.notch_v, self.cut_v = split_u, notch_v, {}
         for side in ("M", "L"):
             self.cut_v[side] = notch_v[side] - CENTRAL_FEMUR_SHARE * (notch_v[side] - posterior_v[side])
-        regions = self.assign(every)
+        self.voxel_regions = self.assign(every)
         self.third_cuts = {}
         for side in ("M", "L"):
-            u = every[regions == REGIONS.index(f"c{side}F"), 0]
+            u = every[self.voxel_regions == REGIONS.index(f"c{side}F"), 0]
             if len(u):
                 lo, hi = np.percentile(u, [EDGE_PERCENTILE, 100 - EDGE_PERCENTILE])
                 self.third_cuts[side] = (lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3)
@@ -378,7 +380,7 @@ def _femur(labels, grid, axes: Frame, centroids, tibial_rules, values, maps) -> 
         on_side = every[(every[:, 0] >= split_u) == (side == "M")]
         posterior_v[side] = float(np.percentile(on_side[:, 1], EDGE_PERCENTILE)) if len(on_side) else notch_v[side]
     rule = _FemoralRule(split_u, notch_v, posterior_v, every)
-    regions = rule.assign(every)
+    regions = rule.voxel_regions
     thirds = rule.thirds(every, regions)
     _volumes(values, regions, grid.voxel_volume_mm3)
     _volumes(values, thirds[thirds >= 0], grid.voxel_volume_mm3)
@@ -397,12 +399,13 @@ def _femur(labels, grid, axes: Frame, centroids, tibial_rules, values, maps) -> 
     ua = np.stack([uvs[:, 0], angle], axis=1)
     lo, shape = _grid_for(ua, pixel)
     picked = _rasterise(ua, thick, pixel, lo, shape)
-    surface_regions = rule.assign(uvs)
-    thickness, region = _gather(thick, picked, np.nan), _gather(surface_regions, picked, -1)
-    third = _gather(rule.thirds(uvs, surface_regions), picked, -1)
+    thickness, region = _gather(thick, picked, np.nan), _gather(rule.assign(uvs), picked, -1)
     # a pixel's area on the bone: its width times the arc its angle spans at its sample's radius
     area = pu * np.radians(pixel[1]) * _gather(np.hypot(rel[:, 0], rel[:, 1]) - thick, picked, 0.0)
-    _fill(thickness, region, [[REGIONS.index(r) for r in FEMORAL_REGIONS]], pu * arc, area, third)
+    _fill(thickness, region, [[REGIONS.index(r) for r in FEMORAL_REGIONS]], pu * arc, area)
+    # the thirds by each pixel's own medio-lateral position (a filled hole straddling a cut is split there)
+    centres = lo + (np.argwhere(np.ones(shape, bool)) + 0.5) * np.asarray(pixel)
+    third = rule.thirds(centres, region.ravel()).reshape(shape)
     maps["femur"] = ThicknessMap(thickness, region, area, ("medial (mm)", "angle (deg)"), pixel, third)
     _stats(values, maps["femur"], FEMORAL_REGIONS)
     _stats(values, maps["femur"], THIRDS, region=third)

@@ -118,6 +118,14 @@ def test_maps_are_the_plates_seen_from_above_and_unrolled():
     assert set(np.unique(tibia.region[covered])) == {REGIONS.index(r) for r in TIBIAL_REGIONS}
     assert set(np.unique(femur.region[femur.region >= 0])) == {REGIONS.index(r) for r in FEMORAL_REGIONS}
     assert np.nanmedian(femur.thickness) == pytest.approx(2.3, abs=0.25)
+    # the weight-bearing femur's thirds: equal widths side by side, internal towards the notch
+    u = np.arange(femur.region.shape[0])[:, None] * np.ones(femur.region.shape[1])
+    for condyle, outward in (("M", 1), ("L", -1)):
+        width = {t: np.ptp(u[femur.thirds == REGIONS.index(f"{t}c{condyle}F")]) for t in "eci"}
+        whole = np.ptp(u[femur.region == REGIONS.index(f"c{condyle}F")])
+        assert width["c"] == pytest.approx(whole / 3, abs=2), (condyle, width, whole)
+        middle = {t: outward * u[femur.thirds == REGIONS.index(f"{t}c{condyle}F")].mean() for t in "eci"}
+        assert middle["i"] < middle["c"] < middle["e"], (condyle, middle)
 
 
 def test_without_tibial_plates_or_a_knee_side_there_are_no_regions():
