@@ -216,6 +216,11 @@ def _fill(thickness: np.ndarray, region: np.ndarray, groups, pixel_mm2: float, *
         thickness[small] = thickness[ni[small], nj[small]]
 
 
+def _pixel_centres(lo, shape, pixel) -> np.ndarray:
+    """``(N, 2)`` map coordinates of every pixel's centre, in row-major order."""
+    return lo + (np.argwhere(np.ones(shape, bool)) + 0.5) * np.asarray(pixel)
+
+
 def _grid_for(uv: np.ndarray, pixel):
     lo = uv.min(axis=0) - np.asarray(pixel)
     shape = tuple(int(n) for n in np.ceil((uv.max(axis=0) - lo) / np.asarray(pixel)) + 2)
@@ -344,7 +349,7 @@ def _tibia(labels, grid, axes: Frame, centroids, values, maps) -> dict:
     picked = _rasterise(uv_all, thick, pixel, lo, shape)
     thickness, plate_of = _gather(thick, picked, np.nan), _gather(plate_tags, picked, -1)
     _fill(thickness, plate_of, [[n] for n in range(len(present))], pixel[0] * pixel[1])
-    centres = lo + (np.argwhere(np.ones(shape, bool)) + 0.5) * np.asarray(pixel)
+    centres = _pixel_centres(lo, shape, pixel)
     region = np.full(shape, -1, dtype=np.int64)
     rules = {}
     for n, short in enumerate(present):
@@ -404,7 +409,7 @@ def _femur(labels, grid, axes: Frame, centroids, tibial_rules, values, maps) -> 
     area = pu * np.radians(pixel[1]) * _gather(np.hypot(rel[:, 0], rel[:, 1]) - thick, picked, 0.0)
     _fill(thickness, region, [[REGIONS.index(r) for r in FEMORAL_REGIONS]], pu * arc, area)
     # the thirds by each pixel's own medio-lateral position (a filled hole straddling a cut is split there)
-    centres = lo + (np.argwhere(np.ones(shape, bool)) + 0.5) * np.asarray(pixel)
+    centres = _pixel_centres(lo, shape, pixel)
     third = rule.thirds(centres, region.ravel()).reshape(shape)
     maps["femur"] = ThicknessMap(thickness, region, area, ("medial (mm)", "angle (deg)"), pixel, third)
     _stats(values, maps["femur"], FEMORAL_REGIONS)
